@@ -1,0 +1,174 @@
+"""The one batch structure every model reads, and the vectorized loader that builds it.
+
+A :class:`Batch` holds the request's own features, its labels, and its history (the last ``n`` rows of the
+same user strictly before the request time, from :class:`~sampletok.data.history.HistoryIndex`). Models
+declare nothing special: they read the parts they need. Building a batch is a handful of NumPy gathers,
+no per-sample Python.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from sampletok.data.history import HistoryIndex
+from sampletok.data.prepare import PreparedDataset
+from sampletok.schema import FeatureField, FieldType, Schema
+
+
+@dataclass
+class FeatureLayout:
+    """Column order of the batch tensors, derived from the schema and the fitted vocabularies."""
+
+    cat_fields: list[FeatureField]  # categorical and bucketized numerics
+    multi_fields: list[FeatureField]
+    num_fields: list[FeatureField]
+    vocab_sizes: dict[str, int]
+    task_labels: list[str]
+    all_labels: list[str]
+    seq_cat: list[str]  # sequence fields that are categorical (first one is the item id)
+    seq_multi: list[str]
+    multi_len: int
+    groups: dict[str, str]
+
+    @classmethod
+    def from_dataset(cls, ds: PreparedDataset) -> "FeatureLayout":
+        s: Schema = ds.schema
+        cat = [f for f in s.features if f.type != FieldType.multi_categorical and f.is_categorical_like]
+        multi = [f for f in s.features if f.type == FieldType.multi_categorical]
+        num = [f for f in s.features if not f.is_categorical_like]
+        seq = s.sequence.fields if s.sequence else []
+        return cls(
+            cat_fields=cat, multi_fields=multi, num_fields=num,
+            vocab_sizes={f.name: ds.vocab_size(f.name) for f in s.features if f.is_categorical_like},
+            task_labels=s.task_labels, all_labels=s.label_names,
+            seq_cat=[f for f in seq if s.field(f).type == FieldType.categorical],
+            seq_multi=[f for f in seq if s.field(f).type == FieldType.multi_categorical],
+            multi_len=max([f.max_len for f in multi], default=1),
+            groups={f.name: f.group for f in s.features},
+        )
+
+    @property
+    def n_fields(self) -> int:
+        return len(self.cat_fields) + len(self.multi_fields) + len(self.num_fields)
+
+    @property
+    def field_names(self) -> list[str]:
+        """Order of field tokens produced by :class:`~sampletok.nn.embedding.FeatureEmbedding`."""
+        return [f.name for f in self.cat_fields + self.multi_fields + self.num_fields]
+
+
+@dataclass
+class Batch:
+    """Tensors of one batch. Shapes: B requests, F_c categorical, F_m multi (padded to L_m), F_n numeric,
+    n history positions (right-aligned, most recent last), S_c/S_m sequence fields, Y task labels, A all labels."""
+
+    cat: torch.Tensor  # [B, F_c] int64
+    multi: torch.Tensor  # [B, F_m, L_m] int64
+    num: torch.Tensor  # [B, F_n] float32
+    labels: torch.Tensor  # [B, Y] float32
+    hist_cat: torch.Tensor  # [B, n, S_c] int64 (0 where padded)
+    hist_multi: torch.Tensor  # [B, n, S_m, L_m] int64
+    hist_mask: torch.Tensor  # [B, n] bool
+    hist_gap: torch.Tensor  # [B, n] float32 seconds between history row and request
+    hist_rows: torch.Tensor  # [B, n] int64 dataset row ids, -1 where padded
+    hist_labels: torch.Tensor  # [B, n, A] float32, 0 where not yet known
+    hist_label_mask: torch.Tensor  # [B, n, A] bool
+    user: torch.Tensor  # [B] int64 user key (GAUC groups)
+    ts: torch.Tensor  # [B] int64 request time
+    rows: torch.Tensor  # [B] int64 dataset row ids of the requests
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+    def __len__(self) -> int:
+        return self.cat.shape[0]
+
+
+class BatchLoader:
+    """Iterates batches over a set of request rows.
+
+    Args:
+        ds: the prepared dataset (every row may be history, whatever its split).
+        rows: request row ids (e.g. ``ds.rows("train")``).
+        hist_len: history positions per request (0 disables history).
+        shuffle/seed: a fresh permutation per epoch from ``seed + epoch`` (resumable).
+    """
+
+    def __init__(self, ds: PreparedDataset, rows: np.ndarray, batch_size: int = 1024, hist_len: int | None = None,
+                 shuffle: bool = False, seed: int = 0, index: HistoryIndex | None = None,
+                 layout: FeatureLayout | None = None):
+        self.ds, self.rows = ds, np.asarray(rows, dtype=np.int64)
+        self.layout = layout or FeatureLayout.from_dataset(ds)
+        s = ds.schema
+        self.hist_len = hist_len if hist_len is not None else (s.sequence.max_len if s.sequence else 0)
+        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+        self.index = index or history_index(ds)
+        lay = self.layout
+        n = ds.n_rows
+        # stacked column matrices over all rows: one gather per batch instead of one per field
+        self._cat = _stack([ds.col(f"cat__{f.name}") for f in lay.cat_fields], (n, 0), np.int32)
+        self._num = _stack([ds.col(f"num__{f.name}") for f in lay.num_fields], (n, 0), np.float32)
+        self._multi = np.zeros((n, len(lay.multi_fields), lay.multi_len), dtype=np.int32)
+        for i, f in enumerate(lay.multi_fields):
+            m = np.asarray(ds.col(f"multi__{f.name}"))
+            self._multi[:, i, : m.shape[1]] = m
+        self._labels = _stack([ds.col(f"label__{l}") for l in lay.task_labels], (n, 0), np.float32)
+        self._all_labels = _stack([ds.col(f"label__{l}") for l in lay.all_labels], (n, 0), np.float32)
+        cat_pos = {f.name: i for i, f in enumerate(lay.cat_fields)}
+        multi_pos = {f.name: i for i, f in enumerate(lay.multi_fields)}
+        self._seq_cat_idx = np.array([cat_pos[f] for f in lay.seq_cat], dtype=np.int64)
+        self._seq_multi_idx = np.array([multi_pos[f] for f in lay.seq_multi], dtype=np.int64)
+        self._user = np.asarray(ds.col("_user_key"))
+        self._ts = np.asarray(ds.col("_ts"))
+
+    def __len__(self) -> int:
+        return (len(self.rows) + self.batch_size - 1) // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        rows = self.rows
+        if self.shuffle:
+            rows = rows[np.random.default_rng(self.seed * 100_003 + self.epoch).permutation(len(rows))]
+        for start in range(0, len(rows), self.batch_size):
+            yield self.build(rows[start:start + self.batch_size])
+
+    def build(self, rows: np.ndarray) -> Batch:
+        """The batch for the given request rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        users, ts = self._user[rows], self._ts[rows]
+        n = self.hist_len
+        h = self.index.fetch(users, ts, n)
+        safe = np.where(h.mask, h.rows, 0)
+        hist_cat = self._cat[safe][:, :, self._seq_cat_idx] * h.mask[:, :, None]
+        hist_multi = self._multi[safe][:, :, self._seq_multi_idx] * h.mask[:, :, None, None]
+        hist_labels = self._all_labels[safe] * h.label_mask
+        t = torch.from_numpy
+        return Batch(
+            cat=t(self._cat[rows].astype(np.int64)), multi=t(self._multi[rows].astype(np.int64)),
+            num=t(self._num[rows]), labels=t(self._labels[rows]),
+            hist_cat=t(hist_cat.astype(np.int64)), hist_multi=t(hist_multi.astype(np.int64)),
+            hist_mask=t(h.mask), hist_gap=t(h.gap), hist_rows=t(h.rows),
+            hist_labels=t(hist_labels.astype(np.float32)), hist_label_mask=t(h.label_mask),
+            user=t(users.astype(np.int64)), ts=t(ts.astype(np.int64)), rows=t(rows),
+        )
+
+
+def history_index(ds: PreparedDataset) -> HistoryIndex:
+    """The history index over every row of a prepared dataset (cached on the dataset object)."""
+    cached = getattr(ds, "_history_index", None)
+    if cached is None:
+        delays = [l.delay for l in ds.schema.labels]
+        cached = HistoryIndex(np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts")), delays)
+        ds._history_index = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def _stack(cols: list[np.ndarray], empty_shape: tuple[int, int], dtype) -> np.ndarray:
+    if not cols:
+        return np.zeros(empty_shape, dtype=dtype)
+    return np.stack([np.asarray(c, dtype=dtype) for c in cols], axis=1)

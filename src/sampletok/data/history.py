@@ -1,0 +1,130 @@
+"""The leakage-safe history index: the only way any model or tokenizer sees the past.
+
+Rows are sorted once by (user, timestamp, row id) into a CSR layout. ``fetch`` answers, for a batch of
+requests ``(user, request_ts)``, the row ids of the user's last ``n`` rows with ``ts < request_ts`` (strict:
+an event at the same second is never visible), right-aligned (most recent last), with a mask, the time gaps
+and a per-label availability mask (a label with delay ``d`` is visible only when ``ts + d < request_ts``).
+
+The fast path is one ``np.searchsorted`` over a composite (user, ts) key plus one gather; ``fetch_reference``
+is the plain per-request loop it is property-tested against.
+
+Example:
+    >>> import numpy as np
+    >>> idx = HistoryIndex(user=np.array([0, 0, 1, 0]), ts=np.array([10, 20, 5, 20]))
+    >>> h = idx.fetch(np.array([0]), np.array([20]), n=3)
+    >>> h.rows.tolist(), h.mask.tolist()
+    ([[-1, -1, 0]], [[False, False, True]])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class History:
+    """Result of :meth:`HistoryIndex.fetch` for B requests and length n (right-aligned, most recent last)."""
+
+    rows: np.ndarray  # [B, n] int64 row ids, -1 where padded
+    mask: np.ndarray  # [B, n] bool, True where a real past row
+    gap: np.ndarray  # [B, n] float32 request_ts - ts(row), 0 where padded
+    label_mask: np.ndarray  # [B, n, n_labels] bool, True where that label was known before the request
+    length: np.ndarray  # [B] int64 number of real rows
+
+
+class HistoryIndex:
+    """Per-user CSR over time-sorted rows.
+
+    Args:
+        user: [N] integer user key per row (any ints; equality is all that matters).
+        ts: [N] int64 timestamps.
+        label_delay: per-label availability delays (same unit as ts); labels of a past row are visible to a
+            request at t only when ``ts + delay < t``.
+    """
+
+    def __init__(self, user: np.ndarray, ts: np.ndarray, label_delay: list[int] | np.ndarray | None = None):
+        user = np.asarray(user, dtype=np.int64)
+        ts = np.asarray(ts, dtype=np.int64)
+        if user.shape != ts.shape or user.ndim != 1:
+            raise ValueError("user and ts must be 1-d arrays of the same length")
+        self.n_rows = len(ts)
+        # stable sort by (user, ts); ties keep row order
+        self.order = np.lexsort((np.arange(self.n_rows), ts, user)).astype(np.int64)
+        self.sorted_user = user[self.order]
+        self.sorted_ts = ts[self.order]
+        self.ts = ts
+        self.label_delay = np.asarray(label_delay if label_delay is not None else [], dtype=np.int64)
+        # composite key (user rank, ts) → one sorted int64 array, so a batch of lookups is one searchsorted
+        self._users, self._user_rank = np.unique(self.sorted_user, return_inverse=True)
+        self._ts_min = int(ts.min()) if self.n_rows else 0
+        ts_span = (int(ts.max()) - self._ts_min + 2) if self.n_rows else 2
+        if (len(self._users) + 1) * ts_span >= 2**62:
+            raise ValueError("timestamp span × users too large for the composite key; rescale timestamps")
+        self._span = ts_span
+        self._key = self._user_rank.astype(np.int64) * ts_span + (self.sorted_ts - self._ts_min)
+        starts = np.flatnonzero(np.r_[True, self.sorted_user[1:] != self.sorted_user[:-1]]) if self.n_rows else \
+            np.zeros(0, dtype=np.int64)
+        self._user_start = starts
+
+    def _positions(self, users: np.ndarray, request_ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start of the user's segment, end = first position with ts >= request_ts), in sorted order."""
+        users = np.asarray(users, dtype=np.int64)
+        request_ts = np.asarray(request_ts, dtype=np.int64)
+        rank = np.searchsorted(self._users, users)
+        rank_c = np.minimum(rank, max(len(self._users) - 1, 0))
+        known = (rank < len(self._users)) & (self._users[rank_c] == users) if len(self._users) else \
+            np.zeros(len(users), dtype=bool)
+        rel = np.clip(request_ts - self._ts_min, 0, self._span - 1)
+        end = np.searchsorted(self._key, rank_c * self._span + rel, side="left")
+        start = self._user_start[rank_c] if len(self._users) else np.zeros(len(users), dtype=np.int64)
+        end = np.where(known, end, start)
+        return start, end
+
+    def fetch(self, users: np.ndarray, request_ts: np.ndarray, n: int) -> History:
+        """Last ``n`` rows of each user strictly before each request time."""
+        start, end = self._positions(users, request_ts)
+        length = np.minimum(end - start, n)
+        b = len(end)
+        # position j of the output (0..n-1) holds sorted index end - n + j when that is >= end - length
+        offs = np.arange(n, dtype=np.int64) - n
+        idx = end[:, None] + offs[None, :]
+        mask = offs[None, :] >= -length[:, None]
+        safe = np.where(mask, idx, 0)
+        rows = np.where(mask, self.order[safe] if self.n_rows else -1, -1)
+        row_ts = np.where(mask, self.sorted_ts[safe] if self.n_rows else 0, 0)
+        req = np.asarray(request_ts, dtype=np.int64)[:, None]
+        gap = np.where(mask, req - row_ts, 0).astype(np.float32)
+        if len(self.label_delay):
+            label_mask = mask[:, :, None] & (row_ts[:, :, None] + self.label_delay[None, None, :] < req[:, :, None])
+        else:
+            label_mask = np.zeros((b, n, 0), dtype=bool)
+        return History(rows=rows, mask=mask, gap=gap, label_mask=label_mask, length=length)
+
+    def count_before(self, users: np.ndarray, request_ts: np.ndarray) -> np.ndarray:
+        """How many rows each user has strictly before each request time."""
+        start, end = self._positions(users, request_ts)
+        return end - start
+
+
+def fetch_reference(user: np.ndarray, ts: np.ndarray, label_delay: list[int], users: np.ndarray,
+                    request_ts: np.ndarray, n: int) -> History:
+    """Plain, obviously-correct loop over requests (the reference the fast path is tested against)."""
+    user, ts = np.asarray(user), np.asarray(ts)
+    b, n_labels = len(users), len(label_delay)
+    rows = np.full((b, n), -1, dtype=np.int64)
+    mask = np.zeros((b, n), dtype=bool)
+    gap = np.zeros((b, n), dtype=np.float32)
+    label_mask = np.zeros((b, n, n_labels), dtype=bool)
+    length = np.zeros(b, dtype=np.int64)
+    for i, (u, t) in enumerate(zip(users, request_ts)):
+        past = [r for r in range(len(ts)) if user[r] == u and ts[r] < t]
+        past.sort(key=lambda r: (ts[r], r))
+        past = past[-n:] if n else []
+        length[i] = len(past)
+        for j, r in enumerate(past):
+            k = n - len(past) + j
+            rows[i, k], mask[i, k], gap[i, k] = r, True, t - ts[r]
+            for lab, d in enumerate(label_delay):
+                label_mask[i, k, lab] = ts[r] + d < t
+    return History(rows=rows, mask=mask, gap=gap, label_mask=label_mask, length=length)

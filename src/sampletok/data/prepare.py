@@ -1,0 +1,510 @@
+"""Chunked encoding of a raw-sample log into a memory-mapped :class:`PreparedDataset`.
+
+Three streaming passes over the source, each holding one chunk at a time (plus per-row keys of 17 bytes):
+
+1. *scan*: user key, timestamp, instance id → time-ordered split and dense user codes;
+2. *fit*: vocabularies (frequency-ordered, 0 = padding, last = OOV) and numeric statistics, on the training
+   window only;
+3. *encode*: every column into ``.npy`` files opened with ``np.lib.format.open_memmap``.
+
+Everything is written to a temporary directory that is renamed into place at the end, so a crash never leaves a
+half-written dataset. Re-preparation is skipped when the source, schema and split are unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sampletok.data.sources.files import RawChunk, RawSource
+from sampletok.errors import DataError
+from sampletok.schema import FeatureField, FieldType, Schema
+
+PREP_VERSION = 1
+SPLIT_NAMES = ("train", "valid", "test")
+_MAX_BUCKET_SAMPLE = 1_000_000
+
+
+class SplitSpec(BaseModel):
+    """Time-ordered split. Either fractions of rows after a stable sort by timestamp (ties keep file order), or
+    explicit timestamp cut points ``[valid_start, test_start]``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    train: float = Field(0.8, gt=0)
+    valid: float = Field(0.1, ge=0)
+    test: float = Field(0.1, ge=0)
+    cut_ts: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _sum(self) -> "SplitSpec":
+        if self.cut_ts is None and not math.isclose(self.train + self.valid + self.test, 1.0, abs_tol=1e-6):
+            raise ValueError("train + valid + test must be 1")
+        if self.cut_ts is not None and self.cut_ts[0] > self.cut_ts[1]:
+            raise ValueError("cut_ts must be increasing")
+        return self
+
+
+def assign_splits(ts: np.ndarray, spec: SplitSpec) -> np.ndarray:
+    """Split code per row (0 train, 1 valid, 2 test), by time only."""
+    n = len(ts)
+    out = np.empty(n, dtype=np.int8)
+    if spec.cut_ts is not None:
+        out[:] = 0
+        out[ts >= spec.cut_ts[0]] = 1
+        out[ts >= spec.cut_ts[1]] = 2
+        return out
+    order = np.argsort(ts, kind="stable")
+    n_train = int(round(n * spec.train))
+    n_valid = int(round(n * spec.valid))
+    out[order[:n_train]] = 0
+    out[order[n_train:n_train + n_valid]] = 1
+    out[order[n_train + n_valid:]] = 2
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- column typing
+def _where(chunk: RawChunk, mask: np.ndarray) -> int:
+    """1-based row (within the chunk's origin) of the first True in mask."""
+    return chunk.first_row + int(np.flatnonzero(mask)[0])
+
+
+def parse_timestamp(chunk: RawChunk, column: str, unit: str) -> np.ndarray:
+    s = chunk.frame.get_column(column)
+    if s.null_count():
+        raise DataError(chunk.origin, "null timestamp", column, _where(chunk, s.is_null().to_numpy()))
+    if s.dtype == pl.Utf8:
+        as_int = s.cast(pl.Int64, strict=False)
+        if as_int.null_count() == 0:
+            return as_int.to_numpy()
+        parsed = s.str.to_datetime(strict=False, time_unit="ms")
+        bad = parsed.is_null().to_numpy() & as_int.is_null().to_numpy()
+        if bad.any():
+            row = _where(chunk, bad)
+            raise DataError(chunk.origin, f"unparseable timestamp {s[int(np.flatnonzero(bad)[0])]!r}", column, row)
+        ms = parsed.dt.epoch("ms").to_numpy()
+        return ms if unit == "ms" else ms // 1000
+    if s.dtype in (pl.Datetime, pl.Date) or isinstance(s.dtype, pl.Datetime):
+        ms = s.cast(pl.Datetime("ms")).dt.epoch("ms").to_numpy()
+        return ms if unit == "ms" else ms // 1000
+    if s.dtype.is_float():
+        arr = s.to_numpy()
+        bad = ~np.isfinite(arr) | (arr != np.floor(arr))
+        if bad.any():
+            raise DataError(chunk.origin, f"timestamp {arr[bad][0]!r} is not a whole number", column, _where(chunk, bad))
+        return arr.astype(np.int64)
+    if s.dtype.is_integer():
+        return s.cast(pl.Int64).to_numpy()
+    raise DataError(chunk.origin, f"timestamp has unsupported type {s.dtype}", column)
+
+
+def as_float(chunk: RawChunk, column: str, *, allow_null: bool = False) -> np.ndarray:
+    """Column as float64; a cell that is not a number is an error naming its row."""
+    s = chunk.frame.get_column(column)
+    if s.dtype == pl.Boolean:
+        s = s.cast(pl.Int8)
+    if s.dtype == pl.Utf8:
+        cast = s.str.strip_chars().cast(pl.Float64, strict=False)
+        bad = (cast.is_null() & s.is_not_null()).to_numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(chunk.origin, f"expected a number, got {s[i]!r}", column, chunk.first_row + i)
+        s = cast
+    elif not s.dtype.is_numeric():
+        raise DataError(chunk.origin, f"expected a number, column has type {s.dtype}", column)
+    if s.null_count() and not allow_null:
+        raise DataError(chunk.origin, "missing value", column, _where(chunk, s.is_null().to_numpy()))
+    return s.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+
+
+def as_str(chunk: RawChunk, column: str) -> pl.Series:
+    s = chunk.frame.get_column(column)
+    if s.dtype.is_float():
+        # 3.0 → "3" so CSV strings and parquet floats of integer ids agree
+        f = s.to_numpy()
+        if np.all(np.isnan(f) | (f == np.floor(f))):
+            s = s.cast(pl.Int64, strict=False)
+    return s.cast(pl.Utf8)
+
+
+def _list_cells(chunk: RawChunk, f: FeatureField) -> pl.Series:
+    s = chunk.frame.get_column(f.name)
+    if isinstance(s.dtype, pl.List):
+        return s.cast(pl.List(pl.Utf8))
+    return s.cast(pl.Utf8).str.split(f.separator)
+
+
+# ---------------------------------------------------------------------------------------------- fitted state
+@dataclass
+class FieldStats:
+    """What pass 2 learns about one field on the training window."""
+
+    vocab: list[str] | None = None  # categorical: values by descending train frequency
+    mean: float = 0.0
+    std: float = 1.0
+    edges: list[float] | None = None  # bucketize: interior quantile edges
+
+    @property
+    def vocab_size(self) -> int:
+        """Table size: 0 padding, 1..len(vocab) known values, len(vocab)+1 OOV."""
+        if self.edges is not None:
+            return len(self.edges) + 3
+        return len(self.vocab) + 2 if self.vocab is not None else 0
+
+
+@dataclass
+class _FitAccumulator:
+    counts: dict[str, Counter] = field(default_factory=dict)
+    sums: dict[str, list[float]] = field(default_factory=dict)  # n, sum, sumsq
+    samples: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+
+def _transform_numeric(x: np.ndarray, f: FeatureField) -> np.ndarray:
+    return np.sign(x) * np.log1p(np.abs(x)) if f.normalize == "log_standard" else x
+
+
+def _check_finite(chunk: RawChunk, f: FeatureField, x: np.ndarray) -> np.ndarray:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        if f.nan_policy == "error":
+            raise DataError(chunk.origin, f"non-finite value {x[bad][0]!r} (set nan_policy: fill to fill it)",
+                            f.name, _where(chunk, bad))
+        x = np.where(bad, f.fill_value, x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- the dataset
+class PreparedDataset:
+    """A prepared, memory-mapped dataset directory.
+
+    Columns (all length N, in source row order):
+      ``_user_key`` int64 dense user code over all rows, ``_ts`` int64, ``_instance_id`` int64, ``_split`` int8,
+      ``label__<name>`` float32, ``cat__<name>`` int32 codes, ``multi__<name>`` int32 [N, max_len],
+      ``num__<name>`` float32 normalized.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        manifest = self.root / "manifest.json"
+        if not manifest.exists():
+            raise DataError(str(self.root), "not a prepared dataset (no manifest.json); run `sampletok prepare`")
+        self.manifest = json.loads(manifest.read_text())
+        self.schema = Schema.model_validate(self.manifest["schema"])
+        self.stats = {k: FieldStats(**v) for k, v in self.manifest["fields"].items()}
+        self._cols: dict[str, np.ndarray] = {}
+
+    def col(self, name: str) -> np.ndarray:
+        if name not in self._cols:
+            self._cols[name] = np.load(self.root / "columns" / f"{name}.npy", mmap_mode="r")
+        return self._cols[name]
+
+    def load_into_memory(self) -> "PreparedDataset":
+        """Replace memory maps by RAM arrays (faster random gathers for small datasets)."""
+        for name in self.manifest["columns"]:
+            self._cols[name] = np.ascontiguousarray(self.col(name))
+        return self
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["key"]
+
+    def rows(self, split: str, seen_users_only: bool = False) -> np.ndarray:
+        """Row ids of a split, in time order (stable)."""
+        code = SPLIT_NAMES.index(split)
+        rows = np.flatnonzero(np.asarray(self.col("_split")) == code)
+        if seen_users_only and split != "train":
+            train_users = np.unique(np.asarray(self.col("_user_key"))[self.rows("train")])
+            rows = rows[np.isin(np.asarray(self.col("_user_key"))[rows], train_users)]
+        ts = np.asarray(self.col("_ts"))[rows]
+        return rows[np.argsort(ts, kind="stable")]
+
+    def vocab_size(self, field_name: str) -> int:
+        return self.stats[field_name].vocab_size
+
+    def feature_column(self, f: FeatureField) -> str:
+        if f.type == FieldType.multi_categorical:
+            return f"multi__{f.name}"
+        return f"cat__{f.name}" if f.is_categorical_like else f"num__{f.name}"
+
+
+def _source_key(source: RawSource, schema: Schema, split: SplitSpec) -> str:
+    payload = json.dumps({"v": PREP_VERSION, "src": source.fingerprint(), "schema": schema.fingerprint(),
+                          "split": split.model_dump(mode="json"), "polars": pl.__version__}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _check_columns(source: RawSource, schema: Schema) -> None:
+    have = source.columns
+    missing = [c for c in schema.raw_columns if c not in have]
+    if missing:
+        raise DataError(source.name, f"missing columns {missing} (schema '{schema.name}' needs them)")
+    extra = [c for c in have if c not in schema.raw_columns]
+    if extra and not schema.allow_extra_columns:
+        raise DataError(source.name, f"unexpected columns {extra} (declare them or set allow_extra_columns: true)")
+
+
+def prepare(source: RawSource, schema: Schema, out_dir: str | Path, split: SplitSpec | None = None,
+            force: bool = False, progress: bool = True) -> PreparedDataset:
+    """Encode ``source`` under ``schema`` into ``out_dir`` (skipped if already prepared from the same inputs)."""
+    from tqdm.auto import tqdm
+
+    split = split or SplitSpec()
+    out_dir = Path(out_dir)
+    _check_columns(source, schema)
+    key = _source_key(source, schema, split)
+    if not force and (out_dir / "manifest.json").exists():
+        try:
+            if json.loads((out_dir / "manifest.json").read_text()).get("key") == key:
+                return PreparedDataset(out_dir)
+        except json.JSONDecodeError:
+            pass
+    t0 = time.time()
+    bar = tqdm(desc=f"prepare {schema.name}", unit="pass", total=3, disable=None if progress else True)
+
+    # ---- pass 1: keys
+    users, ts_parts, iid_parts, origins = [], [], [], []
+    key_cols = [schema.user, schema.timestamp] + ([schema.instance_id] if schema.instance_id else [])
+    if not schema.instance_id and schema.item:
+        key_cols.append(schema.item)
+    for chunk in source.iter_chunks(key_cols):
+        if chunk.frame.height == 0:
+            continue
+        u = as_str(chunk, schema.user)
+        if u.null_count():
+            raise DataError(chunk.origin, "null user key", schema.user, _where(chunk, u.is_null().to_numpy()))
+        ts = parse_timestamp(chunk, schema.timestamp, schema.timestamp_unit)
+        if schema.instance_id:
+            iid_s = as_str(chunk, schema.instance_id)
+            if iid_s.null_count():
+                raise DataError(chunk.origin, "null instance id", schema.instance_id,
+                                _where(chunk, iid_s.is_null().to_numpy()))
+        else:
+            parts = [u, pl.Series(ts).cast(pl.Utf8)]
+            if schema.item:
+                parts.insert(1, as_str(chunk, schema.item).fill_null(""))
+            iid_s = pl.DataFrame({f"k{i}": p for i, p in enumerate(parts)}).select(
+                pl.concat_str(pl.all(), separator="\x1f")).to_series()
+        iid = iid_s.hash(seed=20260422).reinterpret(signed=True).to_numpy()
+        users.append(u)
+        ts_parts.append(ts)
+        iid_parts.append(iid)
+        origins.append((chunk.origin, chunk.first_row, chunk.frame.height))
+    if not ts_parts:
+        raise DataError(source.name, "no rows")
+    ts_all = np.concatenate(ts_parts)
+    iid_all = np.concatenate(iid_parts)
+    user_all = pl.concat(users)
+    del users, ts_parts, iid_parts
+    n = len(ts_all)
+    _check_unique_ids(iid_all, origins, schema.instance_id or "(derived instance id)")
+    user_key = (user_all.rank("dense") - 1).cast(pl.Int64).to_numpy()
+    split_code = assign_splits(ts_all, split)
+    n_users = int(user_key.max()) + 1
+    del user_all
+    bar.update(1)
+
+    # ---- pass 2: fit on the training window
+    acc = _FitAccumulator()
+    stride = max(1, int(np.ceil((split_code == 0).sum() / _MAX_BUCKET_SAMPLE)))
+    feat_cols = [f.name for f in schema.features]
+    offset = 0
+    for chunk in source.iter_chunks(feat_cols):
+        h = chunk.frame.height
+        train = split_code[offset:offset + h] == 0
+        offset += h
+        if not train.any():
+            continue
+        for f in schema.features:
+            if f.type == FieldType.numeric:
+                x = _check_finite(chunk, f, as_float(chunk, f.name))[train]
+                x = _transform_numeric(x, f)
+                if f.normalize == "bucketize":
+                    acc.samples.setdefault(f.name, []).append(x[::stride])
+                s = acc.sums.setdefault(f.name, [0.0, 0.0, 0.0])
+                s[0] += len(x)
+                s[1] += float(x.sum())
+                s[2] += float((x * x).sum())
+                continue
+            if f.type == FieldType.categorical:
+                vals = as_str(chunk, f.name).filter(pl.Series(train)).drop_nulls()
+            else:
+                vals = _list_cells(chunk, f).filter(pl.Series(train)).list.head(f.max_len).explode().drop_nulls()
+            vc = vals.value_counts()
+            acc.counts.setdefault(f.name, Counter()).update(dict(zip(vc[:, 0].to_list(), vc[:, 1].to_list())))
+    stats: dict[str, FieldStats] = {}
+    for f in schema.features:
+        if f.type == FieldType.numeric:
+            cnt, s1, s2 = acc.sums.get(f.name, [0.0, 0.0, 0.0])
+            mean = s1 / cnt if cnt else 0.0
+            std = math.sqrt(max(s2 / cnt - mean * mean, 0.0)) if cnt else 1.0
+            st = FieldStats(mean=mean, std=std if std > 1e-12 else 1.0)
+            if f.normalize == "bucketize":
+                sample = np.concatenate(acc.samples.get(f.name, [np.zeros(1)]))
+                edges = np.unique(np.quantile(sample, np.linspace(0, 1, f.buckets + 1)[1:-1]))
+                st.edges = [float(e) for e in edges]
+            stats[f.name] = st
+        else:
+            counts = acc.counts.get(f.name, Counter())
+            kept = [(v, c) for v, c in counts.items() if c >= f.min_count]
+            kept.sort(key=lambda vc: (-vc[1], vc[0]))
+            stats[f.name] = FieldStats(vocab=[v for v, _ in kept])
+    bar.update(1)
+
+    # ---- pass 3: encode into a temporary directory, then rename into place
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "columns").mkdir(parents=True)
+    try:
+        arrays = _open_outputs(tmp / "columns", schema, n)
+        arrays["_user_key"][:] = user_key
+        arrays["_ts"][:] = ts_all
+        arrays["_instance_id"][:] = iid_all
+        arrays["_split"][:] = split_code
+        lookup = {f.name: _vocab_frame(stats[f.name]) for f in schema.features if stats[f.name].vocab is not None}
+        offset = 0
+        label_cols = [l.name for l in schema.labels]
+        for chunk in source.iter_chunks(label_cols + feat_cols):
+            h = chunk.frame.height
+            sl = slice(offset, offset + h)
+            offset += h
+            for lab in label_cols:
+                y = as_float(chunk, lab)
+                bad = ~np.isfinite(y)
+                if bad.any():
+                    raise DataError(chunk.origin, "label is not a finite number", lab, _where(chunk, bad))
+                arrays[f"label__{lab}"][sl] = y
+            for f in schema.features:
+                st = stats[f.name]
+                if f.type == FieldType.numeric:
+                    x = _transform_numeric(_check_finite(chunk, f, as_float(chunk, f.name)), f)
+                    if f.normalize == "bucketize":
+                        arrays[f"cat__{f.name}"][sl] = np.searchsorted(np.asarray(st.edges), x, side="right") + 1
+                    elif f.normalize == "none":
+                        arrays[f"num__{f.name}"][sl] = x
+                    else:
+                        arrays[f"num__{f.name}"][sl] = (x - st.mean) / st.std
+                elif f.type == FieldType.categorical:
+                    arrays[f"cat__{f.name}"][sl] = _encode(as_str(chunk, f.name), lookup[f.name], st.vocab_size - 1)
+                else:
+                    arrays[f"multi__{f.name}"][sl] = _encode_lists(_list_cells(chunk, f), lookup[f.name],
+                                                                  st.vocab_size - 1, f.max_len)
+        for a in arrays.values():
+            a.flush()
+        del arrays
+        checksums = {p.stem: _sha256(p) for p in sorted((tmp / "columns").glob("*.npy"))}
+        tr = ts_all[split_code == 0]
+        manifest = {
+            "key": key, "prep_version": PREP_VERSION, "schema": schema.model_dump(mode="json"),
+            "schema_hash": schema.fingerprint(), "source": source.name, "n_rows": n, "n_users": n_users,
+            "time_range": [int(ts_all.min()), int(ts_all.max())],
+            "train_time_range": [int(tr.min()), int(tr.max())] if len(tr) else None,
+            "split": split.model_dump(mode="json"),
+            "split_rows": {name: int((split_code == i).sum()) for i, name in enumerate(SPLIT_NAMES)},
+            "fields": {k: v.__dict__ for k, v in stats.items()},
+            "columns": checksums, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.time() - t0, 2),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    bar.update(1)
+    bar.close()
+    return PreparedDataset(out_dir)
+
+
+def _check_unique_ids(iid: np.ndarray, origins: list[tuple[str, int, int]], column: str) -> None:
+    order = np.argsort(iid, kind="stable")
+    dup = np.flatnonzero(iid[order][1:] == iid[order][:-1])
+    if len(dup) == 0:
+        return
+    first, second = int(order[dup[0]]), int(order[dup[0] + 1])
+
+    def locate(i: int) -> tuple[str, int]:
+        start = 0
+        for origin, first_row, h in origins:
+            if i < start + h:
+                return origin, first_row + i - start
+            start += h
+        raise AssertionError(i)
+
+    o2, r2 = locate(second)
+    _, r1 = locate(first)
+    raise DataError(o2, f"duplicate instance id (same as row {r1}); {len(dup)} duplicates in all", column, r2)
+
+
+def _open_outputs(folder: Path, schema: Schema, n: int) -> dict[str, np.memmap]:
+    def mm(name: str, dtype, shape) -> np.memmap:
+        return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+    out = {"_user_key": mm("_user_key", np.int64, (n,)), "_ts": mm("_ts", np.int64, (n,)),
+           "_instance_id": mm("_instance_id", np.int64, (n,)), "_split": mm("_split", np.int8, (n,))}
+    for lab in schema.labels:
+        out[f"label__{lab.name}"] = mm(f"label__{lab.name}", np.float32, (n,))
+    for f in schema.features:
+        if f.type == FieldType.multi_categorical:
+            out[f"multi__{f.name}"] = mm(f"multi__{f.name}", np.int32, (n, f.max_len))
+        elif f.is_categorical_like:
+            out[f"cat__{f.name}"] = mm(f"cat__{f.name}", np.int32, (n,))
+        else:
+            out[f"num__{f.name}"] = mm(f"num__{f.name}", np.float32, (n,))
+    return out
+
+
+def _vocab_frame(st: FieldStats) -> pl.DataFrame:
+    return pl.DataFrame({"value": pl.Series(st.vocab, dtype=pl.Utf8),
+                         "code": pl.Series(np.arange(1, len(st.vocab) + 1, dtype=np.int32))})
+
+
+def _encode(values: pl.Series, vocab: pl.DataFrame, oov: int) -> np.ndarray:
+    """Codes of string values: 0 for null, 1..V for known values, ``oov`` otherwise."""
+    df = pl.DataFrame({"value": values}).with_row_index("i").join(vocab, on="value", how="left")
+    df = df.sort("i")
+    codes = df.get_column("code").fill_null(oov).to_numpy().astype(np.int32)
+    codes[values.is_null().to_numpy()] = 0
+    return codes
+
+
+def _encode_lists(cells: pl.Series, vocab: pl.DataFrame, oov: int, max_len: int) -> np.ndarray:
+    n = len(cells)
+    cells = cells.list.head(max_len)
+    lens = cells.list.len().fill_null(0).to_numpy().astype(np.int64)
+    flat = cells.explode()
+    out = np.zeros((n, max_len), dtype=np.int32)
+    # explode turns an empty list into one null; keep only real entries
+    flat_codes = _encode(flat, vocab, oov)
+    ends = np.cumsum(np.maximum(lens, 1))
+    starts = ends - np.maximum(lens, 1)
+    row = np.repeat(np.arange(n), lens)
+    pos = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+    src = np.repeat(starts, lens) + pos
+    out[row, pos] = flat_codes[src]
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,37 @@
+"""BST (Chen et al., 2019): a Transformer over the history items and the target item (with recency
+encodings); the target position's output joins the field embeddings in an MLP."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sampletok.data.batches import Batch, FeatureLayout
+from sampletok.models.base import ModelOutput, RankingModel, register
+from sampletok.nn import MLP, FeatureEmbedding, TransformerBlock
+from sampletok.nn.layers import RecencyEncoding, key_padding_mask
+
+
+@register("bst")
+class BST(RankingModel):
+    def __init__(self, layout: FeatureLayout, embed_dim: int = 16, layers: int = 1, heads: int = 2,
+                 hidden: list[int] = (256, 128, 64), dropout: float = 0.1):
+        super().__init__(layout)
+        self.embed = FeatureEmbedding(layout, embed_dim)
+        d = self.embed.seq_dim
+        self.recency = RecencyEncoding(d)
+        self.target_pos = nn.Parameter(torch.zeros(d))
+        self.blocks = nn.ModuleList(TransformerBlock(d, heads) for _ in range(layers))
+        self.mlp = MLP(self.embed.n_tokens * embed_dim + d, list(hidden), out_dim=self.n_tasks, dropout=dropout)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        hist = self.embed.history(batch) + self.recency(batch.hist_gap, batch.hist_mask)
+        target = (self.embed.target_item(batch) + self.target_pos).unsqueeze(1)
+        seq = torch.cat([hist, target], dim=1)
+        valid = torch.cat([batch.hist_mask, batch.hist_mask.new_ones(len(batch), 1)], dim=1)
+        mask = key_padding_mask(valid, seq.shape[1])
+        for block in self.blocks[:-1]:
+            seq = block(seq, mask)
+        # only the target position's output is used: the last block computes that row alone
+        target_out = self.blocks[-1](seq[:, -1:], mask[:, -1:], context=seq)[:, 0]
+        x = torch.cat([self.embed(batch).flatten(1), target_out], dim=1)
+        return ModelOutput(self.mlp(x))

@@ -1,0 +1,29 @@
+"""DCNv2 (Wang et al., 2021): cross network and DNN in parallel over the same input (fields + pooled history)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sampletok.data.batches import Batch, FeatureLayout
+from sampletok.models.base import ModelOutput, RankingModel, register
+from sampletok.nn import MLP, CrossNetV2, FeatureEmbedding
+from sampletok.nn.layers import masked_mean
+
+
+@register("dcnv2")
+class DCNv2(RankingModel):
+    def __init__(self, layout: FeatureLayout, embed_dim: int = 16, cross_layers: int = 3,
+                 hidden: list[int] = (256, 128, 64), dropout: float = 0.1):
+        super().__init__(layout)
+        self.embed = FeatureEmbedding(layout, embed_dim)
+        self.use_history = bool(layout.seq_cat or layout.seq_multi)
+        in_dim = self.embed.n_tokens * embed_dim + (self.embed.seq_dim if self.use_history else 0)
+        self.cross = CrossNetV2(in_dim, cross_layers)
+        self.deep = MLP(in_dim, list(hidden), dropout=dropout)
+        self.head = nn.Linear(in_dim + self.deep.out_dim, self.n_tasks)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        x = self.embed(batch).flatten(1)
+        if self.use_history:
+            x = torch.cat([x, masked_mean(self.embed.history(batch), batch.hist_mask)], dim=1)
+        return ModelOutput(self.head(torch.cat([self.cross(x), self.deep(x)], dim=1)))

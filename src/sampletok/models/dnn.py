@@ -1,0 +1,26 @@
+"""DNN: every field embedding plus the mean of the history item embeddings → MLP."""
+from __future__ import annotations
+
+import torch
+
+from sampletok.data.batches import Batch, FeatureLayout
+from sampletok.models.base import ModelOutput, RankingModel, register
+from sampletok.nn import MLP, FeatureEmbedding
+from sampletok.nn.layers import masked_mean
+
+
+@register("dnn")
+class DNN(RankingModel):
+    def __init__(self, layout: FeatureLayout, embed_dim: int = 16, hidden: list[int] = (256, 128, 64),
+                 dropout: float = 0.1, use_history: bool = True):
+        super().__init__(layout)
+        self.embed = FeatureEmbedding(layout, embed_dim)
+        self.use_history = use_history and bool(layout.seq_cat or layout.seq_multi)
+        in_dim = self.embed.n_tokens * embed_dim + (self.embed.seq_dim if self.use_history else 0)
+        self.mlp = MLP(in_dim, list(hidden), out_dim=self.n_tasks, dropout=dropout)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        x = self.embed(batch).flatten(1)
+        if self.use_history:
+            x = torch.cat([x, masked_mean(self.embed.history(batch), batch.hist_mask)], dim=1)
+        return ModelOutput(self.mlp(x))

@@ -1,0 +1,38 @@
+"""RankMixer (Zhu et al., 2025): feature tokens (fields + a target-attended history token) are projected into
+T tokens of width D and mixed by parameter-free token mixing and per-token FFNs."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sampletok.data.batches import Batch, FeatureLayout
+from sampletok.models.base import ModelOutput, RankingModel, register
+from sampletok.nn import MLP, FeatureEmbedding, RankMixerBlock, TargetAttention
+
+
+@register("rankmixer")
+class RankMixer(RankingModel):
+    def __init__(self, layout: FeatureLayout, embed_dim: int = 16, tokens: int = 8, width: int = 64,
+                 layers: int = 2, hidden: list[int] = (64,), dropout: float = 0.1):
+        super().__init__(layout)
+        self.embed = FeatureEmbedding(layout, embed_dim)
+        self.attention = TargetAttention(self.embed.seq_dim)
+        in_dim = self.embed.n_tokens * embed_dim + self.embed.seq_dim
+        self.tokens, self.width = tokens, width
+        self.tokenize = nn.Linear(in_dim, tokens * width)
+        self.blocks = nn.ModuleList(RankMixerBlock(tokens, width, dropout=dropout) for _ in range(layers))
+        self.head = MLP(width, list(hidden), out_dim=self.n_tasks, dropout=dropout)
+
+    def feature_input(self, batch: Batch) -> torch.Tensor:
+        interest = self.attention(self.embed.target_item(batch), self.embed.history(batch), batch.hist_mask)
+        return torch.cat([self.embed(batch).flatten(1), interest], dim=1)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] tokens → mixed [B, T, D]."""
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        x = self.tokenize(self.feature_input(batch)).view(len(batch), self.tokens, self.width)
+        return ModelOutput(self.head(self.mix(x).mean(1)))

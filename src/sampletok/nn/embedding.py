@@ -1,0 +1,84 @@
+"""Field embeddings driven by the schema: one table per categorical field (0 = padding), mean-pooled
+multi-hot fields, and numeric fields as a learned vector scaled by the value.
+
+Example:
+    >>> import torch
+    >>> from sampletok.data.batches import FeatureLayout
+    >>> from sampletok.schema import FeatureField
+    >>> lay = FeatureLayout([FeatureField(name="i", type="categorical", group="item")], [], [], {"i": 5},
+    ...                     ["y"], ["y"], ["i"], [], 1, {"i": "item"})
+    >>> emb = FeatureEmbedding(lay, dim=4)
+    >>> emb.embed_items(torch.tensor([[1, 2]]), torch.zeros(1, 2, 0, 1, dtype=torch.long)).shape
+    torch.Size([1, 2, 4])
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sampletok.data.batches import Batch, FeatureLayout
+
+
+def pooled_lookup(table: nn.Embedding, codes: torch.Tensor) -> torch.Tensor:
+    """Mean of the embeddings of the non-zero codes along the last axis ([..., L] → [..., d])."""
+    mask = (codes > 0).unsqueeze(-1).to(table.weight.dtype)
+    summed = (table(codes) * mask).sum(-2)
+    return summed / mask.sum(-2).clamp(min=1.0)
+
+
+class FeatureEmbedding(nn.Module):
+    """Embeds every field of a request into F tokens of width ``dim``; embeds history sequence fields with the
+    same tables (so the target item and history items live in one space)."""
+
+    def __init__(self, layout: FeatureLayout, dim: int = 16):
+        super().__init__()
+        self.layout, self.dim = layout, dim
+        self.tables = nn.ModuleDict({
+            f.name: nn.Embedding(layout.vocab_sizes[f.name], dim, padding_idx=0)
+            for f in layout.cat_fields + layout.multi_fields})
+        for t in self.tables.values():
+            nn.init.normal_(t.weight, std=0.01)
+            with torch.no_grad():
+                t.weight[0].zero_()
+        n_num = len(layout.num_fields)
+        self.num_weight = nn.Parameter(torch.randn(n_num, dim) * 0.01)
+        self.num_bias = nn.Parameter(torch.zeros(n_num, dim))
+        self._cat_names = [f.name for f in layout.cat_fields]
+        self._multi_names = [f.name for f in layout.multi_fields]
+        self._cat_pos = {n: i for i, n in enumerate(self._cat_names)}
+        self._multi_pos = {n: i for i, n in enumerate(self._multi_names)}
+
+    @property
+    def n_tokens(self) -> int:
+        return self.layout.n_fields
+
+    @property
+    def seq_dim(self) -> int:
+        """Width of one history item embedding (sequence fields concatenated)."""
+        return self.dim * (len(self.layout.seq_cat) + len(self.layout.seq_multi))
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """[B, F, dim] field tokens in :attr:`FeatureLayout.field_names` order."""
+        parts = [self.tables[n](batch.cat[:, i]) for i, n in enumerate(self._cat_names)]
+        parts += [pooled_lookup(self.tables[n], batch.multi[:, i]) for i, n in enumerate(self._multi_names)]
+        tokens = torch.stack(parts, dim=1) if parts else batch.num.new_zeros(len(batch), 0, self.dim)
+        if self.layout.num_fields:
+            num = batch.num.unsqueeze(-1) * self.num_weight + self.num_bias
+            tokens = torch.cat([tokens, num], dim=1)
+        return tokens
+
+    def embed_items(self, cat: torch.Tensor, multi: torch.Tensor) -> torch.Tensor:
+        """Sequence-field embedding of items: cat [..., S_c], multi [..., S_m, L] → [..., seq_dim]."""
+        parts = [self.tables[n](cat[..., i]) for i, n in enumerate(self.layout.seq_cat)]
+        parts += [pooled_lookup(self.tables[n], multi[..., i, :]) for i, n in enumerate(self.layout.seq_multi)]
+        return torch.cat(parts, dim=-1)
+
+    def target_item(self, batch: Batch) -> torch.Tensor:
+        """[B, seq_dim] the request's own item in the history embedding space."""
+        cat = batch.cat[:, [self._cat_pos[n] for n in self.layout.seq_cat]]
+        multi = batch.multi[:, [self._multi_pos[n] for n in self.layout.seq_multi]]
+        return self.embed_items(cat, multi)
+
+    def history(self, batch: Batch) -> torch.Tensor:
+        """[B, n, seq_dim] embeddings of the history items (zeros where padded)."""
+        return self.embed_items(batch.hist_cat, batch.hist_multi) * batch.hist_mask.unsqueeze(-1)

@@ -1,0 +1,159 @@
+"""Building blocks. Attention always goes through ``torch.nn.functional.scaled_dot_product_attention``."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Sequential):
+    """Linear → activation → dropout stacks; ``out_dim`` adds a final linear layer without activation."""
+
+    def __init__(self, in_dim: int, hidden: list[int], out_dim: int | None = None, dropout: float = 0.0,
+                 activation: type[nn.Module] = nn.ReLU, batch_norm: bool = False):
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden:
+            layers.append(nn.Linear(d, h))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(activation())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            d = h
+        if out_dim is not None:
+            layers.append(nn.Linear(d, out_dim))
+            d = out_dim
+        super().__init__(*layers)
+        self.out_dim = d
+
+
+class TargetAttention(nn.Module):
+    """DIN's activation unit: weights w(q, k) = MLP([q, k, q-k, q*k]), un-normalized weighted sum of values."""
+
+    def __init__(self, dim: int, hidden: list[int] | None = None):
+        super().__init__()
+        self.score = MLP(4 * dim, hidden or [64, 32], out_dim=1, activation=nn.Sigmoid)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """query [B, d], keys [B, n, d], mask [B, n] → [B, d]."""
+        q = query.unsqueeze(1).expand_as(keys)
+        w = self.score(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
+        w = w * mask.to(w.dtype)
+        return torch.einsum("bn,bnd->bd", w, keys)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention over SDPA. ``attn_mask`` is boolean, True = may attend (broadcast to [B, H, Lq, Lk])."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} not divisible by heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b, lq, d = x.shape
+        lk = context.shape[1]
+        h = self.heads
+        q = self.q(x).view(b, lq, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).view(b, lk, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, lq, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm Transformer block: attention, then a 4× FFN, both residual.
+
+    With ``context`` the rows of ``x`` are queries over ``context`` (both normalized by the same LayerNorm):
+    a last layer that only needs a few output rows computes only those (as OneTrans' pyramid stacking).
+    No dropout inside: on CPU, sampling masks for [B, L, 4d] activations costs more than the block itself.
+    """
+
+    def __init__(self, dim: int, heads: int = 2, ffn_mult: int = 4):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, heads)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, None if context is None else self.norm1(context), attn_mask)
+        return x + self.ffn(self.norm2(x))
+
+
+def key_padding_mask(valid: torch.Tensor, n_query: int) -> torch.Tensor:
+    """[B, n] valid keys → [B, n_query, n] boolean attention mask. A row with no valid key attends to
+    every key (its output is then ignored by the caller) so SDPA never sees an all-masked row (NaN)."""
+    valid = valid | ~valid.any(dim=1, keepdim=True)
+    return valid.unsqueeze(1).expand(-1, n_query, -1)
+
+
+class RankMixerBlock(nn.Module):
+    """RankMixer (ByteDance, 2025): parameter-free token mixing (each token's channels are split into T heads
+    and head h of every token is gathered into new token h), then a per-token FFN, both residual + LayerNorm."""
+
+    def __init__(self, n_tokens: int, dim: int, ffn_mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        if dim % n_tokens:
+            raise ValueError(f"RankMixer width {dim} must be divisible by the token count {n_tokens}")
+        self.t, self.d = n_tokens, dim
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        # per-token FFN weights: [T, d, k*d] and [T, k*d, d]
+        self.w1 = nn.Parameter(torch.randn(n_tokens, dim, ffn_mult * dim) / math.sqrt(dim))
+        self.b1 = nn.Parameter(torch.zeros(n_tokens, ffn_mult * dim))
+        self.w2 = nn.Parameter(torch.randn(n_tokens, ffn_mult * dim, dim) / math.sqrt(ffn_mult * dim))
+        self.b2 = nn.Parameter(torch.zeros(n_tokens, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        mixed = x.view(b, t, t, d // t).transpose(1, 2).reshape(b, t, d)
+        x = self.norm1(x + mixed)
+        h = F.gelu(torch.einsum("btd,tdk->btk", x, self.w1) + self.b1)
+        h = torch.einsum("btk,tkd->btd", self.drop(h), self.w2) + self.b2
+        return self.norm2(x + h)
+
+
+class CrossNetV2(nn.Module):
+    """DCNv2 cross layers: x_{l+1} = x0 * (W x_l + b) + x_l."""
+
+    def __init__(self, dim: int, layers: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for lin in self.layers:
+            x = x0 * lin(x) + x
+        return x
+
+
+class RecencyEncoding(nn.Module):
+    """Embeds the time gap between a history row and the request: log2 buckets of seconds (0 = padding)."""
+
+    def __init__(self, dim: int, buckets: int = 48):
+        super().__init__()
+        self.buckets = buckets
+        self.table = nn.Embedding(buckets + 1, dim, padding_idx=0)
+
+    def forward(self, gap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b = torch.log2(gap.clamp(min=0) + 1.0).long().clamp(max=self.buckets - 1) + 1
+        return self.table(b * mask.long())
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over axis 1 of x [B, n, d] where mask [B, n] is True (zeros for empty rows)."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)

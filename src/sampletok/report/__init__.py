@@ -1,0 +1,1 @@
+"""Readable results: markdown tables with mean ± std, paired t-tests, plots."""

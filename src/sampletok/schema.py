@@ -1,0 +1,178 @@
+"""Declarative schema of a raw-sample log.
+
+One schema drives preparation, models and tokenizers. It names the user key, the timestamp, the optional
+instance id, the labels (each with an availability delay) and every feature field with its type and its
+SIF group.
+
+Example:
+    >>> schema = Schema.model_validate({
+    ...     "name": "toy", "user": "uid", "timestamp": "ts", "item": "iid",
+    ...     "labels": [{"name": "click"}],
+    ...     "features": [{"name": "uid", "type": "categorical", "group": "user"},
+    ...                  {"name": "iid", "type": "categorical", "group": "item"}],
+    ...     "sequence": {"fields": ["iid"], "max_len": 20}})
+    >>> [f.name for f in schema.fields_of_group("item")]
+    ['iid']
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sampletok.errors import SchemaError
+
+GROUPS: tuple[str, ...] = ("user", "item", "context", "cross")
+
+
+class FieldType(str, Enum):
+    categorical = "categorical"
+    multi_categorical = "multi_categorical"
+    numeric = "numeric"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureField(_Strict):
+    """One feature column of the raw sample."""
+
+    name: str
+    type: FieldType
+    group: Literal["user", "item", "context", "cross"]
+    # categorical / multi_categorical
+    min_count: int = Field(1, ge=1, description="values seen fewer times in train map to OOV")
+    embed_dim: int | None = Field(None, ge=1, description="overrides the model's embedding dim")
+    separator: str = Field("|", description="splits a string cell of a multi_categorical field")
+    max_len: int = Field(8, ge=1, description="values kept per multi_categorical cell")
+    # numeric
+    normalize: Literal["none", "standard", "log_standard", "bucketize"] = "standard"
+    buckets: int = Field(16, ge=2, description="quantile buckets when normalize=bucketize")
+    nan_policy: Literal["error", "fill"] = "error"
+    fill_value: float = 0.0
+    # SIF: pin this field to a sub-token index inside its group (None = assigned in order)
+    sub_token: int | None = Field(None, ge=0)
+
+    @property
+    def is_categorical_like(self) -> bool:
+        """True when the prepared column holds vocabulary codes (incl. bucketized numerics)."""
+        return self.type != FieldType.numeric or self.normalize == "bucketize"
+
+
+class LabelSpec(_Strict):
+    """A label column; ``delay`` seconds after the event it becomes known (visible to requests after ts+delay)."""
+
+    name: str
+    delay: int = Field(0, ge=0)
+    task: bool = Field(True, description="trained on; side labels (task=false) only feed history side info")
+
+
+class SequenceSpec(_Strict):
+    """Fields that form the traditional item-ID behaviour sequence, read from the user's past rows."""
+
+    fields: list[str]
+    max_len: int = Field(50, ge=1)
+
+
+class Schema(_Strict):
+    """A raw-sample log: user key, timestamp, instance id, labels, features."""
+
+    name: str
+    user: str
+    timestamp: str
+    item: str | None = Field(None, description="item field, used for derived instance ids")
+    instance_id: str | None = None
+    timestamp_unit: Literal["s", "ms"] = "s"
+    labels: list[LabelSpec]
+    features: list[FeatureField]
+    sequence: SequenceSpec | None = None
+    allow_extra_columns: bool = False
+
+    @model_validator(mode="after")
+    def _check_references(self) -> "Schema":
+        names = [f.name for f in self.features]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"feature fields defined twice: {dup}")
+        if not any(l.task for l in self.labels):
+            raise ValueError("at least one label must have task: true")
+        label_names = [l.name for l in self.labels]
+        clash = sorted(set(label_names) & set(names))
+        if clash:
+            raise ValueError(f"columns used both as label and feature: {clash}")
+        if self.item is not None and self.item not in names:
+            raise ValueError(f"item field '{self.item}' is not among the features")
+        if self.sequence is not None:
+            for f in self.sequence.fields:
+                if f not in names:
+                    raise ValueError(f"sequence field '{f}' is not among the features")
+                if self.field(f).type == FieldType.numeric:
+                    raise ValueError(f"sequence field '{f}' must be categorical or multi_categorical")
+        if self.timestamp in names:
+            raise ValueError("the timestamp column cannot also be a feature (derive hour/weekday instead)")
+        return self
+
+    # ------------------------------------------------------------------ access
+    def field(self, name: str) -> FeatureField:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def fields_of_group(self, group: str) -> list[FeatureField]:
+        return [f for f in self.features if f.group == group]
+
+    @property
+    def task_labels(self) -> list[str]:
+        return [l.name for l in self.labels if l.task]
+
+    @property
+    def label_names(self) -> list[str]:
+        return [l.name for l in self.labels]
+
+    @property
+    def raw_columns(self) -> list[str]:
+        """Every column a raw log must have."""
+        cols = [self.user, self.timestamp]
+        if self.instance_id:
+            cols.append(self.instance_id)
+        cols += [l.name for l in self.labels]
+        cols += [f.name for f in self.features if f.name not in cols]
+        return cols
+
+    def fingerprint(self) -> str:
+        """Stable hash of the schema content (key order independent)."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ io
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Schema":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise SchemaError(f"{path}: schema file not found") from None
+        except yaml.YAMLError as e:
+            raise SchemaError(f"{path}: not valid YAML: {e}") from None
+        return cls.from_dict(data, origin=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, origin: str = "<dict>") -> "Schema":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            msgs = []
+            for err in e.errors():
+                loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+                msgs.append(f"{loc}: {err['msg']}")
+            raise SchemaError(f"{origin}: invalid schema: " + "; ".join(msgs)) from None
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))

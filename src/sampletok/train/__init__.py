@@ -1,0 +1,1 @@
+"""Training and evaluation: one trainer, one metric module, one compare loop for every model."""

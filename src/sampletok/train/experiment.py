@@ -1,0 +1,183 @@
+"""Experiments as data: a YAML names the dataset, the models (with parameters), the training set-up and
+the seeds. ``run_model`` trains and tests one (model, seed); ``compare`` is a loop over them."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sampletok.data.batches import BatchLoader, FeatureLayout, history_index
+from sampletok.data.prepare import PreparedDataset, SplitSpec, prepare
+from sampletok.errors import ConfigError
+from sampletok.models import build_model
+from sampletok.train.trainer import TrainConfig, evaluate, fit, set_seed
+
+
+class DatasetConfig(BaseModel):
+    """Where the raw samples come from and where the prepared copy lives."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["movielens", "files", "synthetic", "prepared"]
+    path: str | None = Field(None, description="MovieLens folder, data file(s), or a prepared directory")
+    schema_path: str | None = Field(None, description="schema YAML (kind: files)")
+    synthetic: dict[str, Any] = Field(default_factory=dict, description="SyntheticConfig fields")
+    prepared_dir: str | None = None
+    split: SplitSpec = SplitSpec()
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    label: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+class Experiment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "experiment"
+    dataset: DatasetConfig
+    train: TrainConfig = TrainConfig()
+    seeds: list[int] = [2021, 2022, 2023]
+    models: list[ModelSpec]
+    reference: str | None = Field(None, description="label of the model every other is t-tested against")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "Experiment":
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: experiment file not found") from None
+        data.update(overrides or {})
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            msg = "; ".join(f"{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors())
+            raise ConfigError(f"{path}: invalid experiment: {msg}") from None
+
+
+def load_dataset(cfg: DatasetConfig, progress: bool = True) -> PreparedDataset:
+    """Prepare (or reuse) the dataset an experiment names."""
+    from sampletok.data.sources import FileSource
+    from sampletok.data.sources.movielens import load_movielens
+    from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
+    from sampletok.schema import Schema
+
+    if cfg.kind == "prepared":
+        return PreparedDataset(cfg.path)
+    if cfg.kind == "movielens":
+        source, schema = load_movielens(cfg.path)
+        default_dir = f"runs/prepared/{schema.name}"
+    elif cfg.kind == "files":
+        if not cfg.schema_path:
+            raise ConfigError("dataset kind 'files' needs schema_path")
+        schema = Schema.from_yaml(cfg.schema_path)
+        source = FileSource(cfg.path)
+        default_dir = f"runs/prepared/{schema.name}"
+    else:
+        syn = SyntheticConfig(**cfg.synthetic)
+        source, schema = generate_source(syn)
+        default_dir = f"runs/prepared/synthetic-{syn.fingerprint()}"
+    return prepare(source, schema, cfg.prepared_dir or default_dir, cfg.split, progress=progress)
+
+
+def run_model(ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed: int,
+              run_dir: str | Path | None = None, progress: bool = True, resume: bool = True) -> dict:
+    """Train one model with one seed and return its validation/test metrics and speed."""
+    set_seed(seed)
+    layout = FeatureLayout.from_dataset(ds)
+    model = build_model(spec.name, layout, **spec.params)
+    model.prepare_data(ds, seed=seed, run_dir=run_dir, progress=progress)
+    index = history_index(ds)
+    hist_len = train_cfg.hist_len
+    mk = lambda rows, bs, shuffle: BatchLoader(ds, rows, bs, hist_len=hist_len, shuffle=shuffle, seed=seed,
+                                               index=index, layout=layout)
+    train_loader = mk(ds.rows("train"), train_cfg.batch_size, True)
+    valid_loader = mk(ds.rows("valid"), train_cfg.eval_batch_size, False)
+    t0 = time.time()
+    result = fit(model, train_loader, valid_loader, train_cfg, seed, run_dir=run_dir, resume=resume,
+                 progress=progress)
+    wall = time.time() - t0
+    test = evaluate(model, mk(ds.rows("test"), train_cfg.eval_batch_size, False))
+    seen = evaluate(model, mk(ds.rows("test", seen_users_only=True), train_cfg.eval_batch_size, False))
+    t_inf = time.time()
+    evaluate(model, mk(ds.rows("test")[:8192], train_cfg.eval_batch_size, False))
+    infer_sps = min(8192, len(ds.rows("test"))) / max(time.time() - t_inf, 1e-9)
+    out = {
+        "model": spec.display, "name": spec.name, "params": spec.params, "seed": seed,
+        "test": test, "test_seen_users": seen, "valid": result.best_valid, "best_epoch": result.best_epoch,
+        "epochs": len(result.history), "history": result.history,
+        "train_samples_per_s": result.train_samples_per_s, "fit_wall_s": wall, "infer_samples_per_s": infer_sps,
+        "n_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "dataset": ds.fingerprint, "torch_threads": torch.get_num_threads(),
+    }
+    if run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        torch.save({"name": spec.name, "params": spec.params, "state_dict": model.state_dict(),
+                    "dataset": ds.fingerprint, "hist_len": hist_len}, Path(run_dir) / "model.pt")
+        (Path(run_dir) / "result.json").write_text(json.dumps(out, indent=1, default=float))
+    return out
+
+
+def load_trained(ds: PreparedDataset, run_dir: str | Path) -> tuple["RankingModel", int | None]:
+    """A model saved by :func:`run_model`, refused if it was trained on another dataset."""
+    path = Path(run_dir) / "model.pt"
+    if not path.exists():
+        raise ConfigError(f"{run_dir}: no model.pt (train a model there first)")
+    saved = torch.load(path, weights_only=False)
+    if saved["dataset"] != ds.fingerprint:
+        raise ConfigError(f"{path}: trained on dataset {saved['dataset']}, not {ds.fingerprint}")
+    model = build_model(saved["name"], FeatureLayout.from_dataset(ds), **saved["params"])
+    model.prepare_data(ds, seed=0, run_dir=run_dir, progress=False)
+    model.load_state_dict(saved["state_dict"])
+    return model, saved["hist_len"]
+
+
+def compare(exp: Experiment, out_dir: str | Path, progress: bool = True, ds: PreparedDataset | None = None
+            ) -> list[dict]:
+    """Every model × seed of an experiment on one prepared dataset; writes results.json, results.md, plots.
+    Finished (model, seed) runs found in ``out_dir`` are reused, so an interrupted compare resumes."""
+    from rich.console import Console
+
+    from sampletok.report.tables import write_report
+
+    console = Console()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ds = ds or load_dataset(exp.dataset, progress=progress)
+    ds.load_into_memory() if ds.n_rows <= 20_000_000 else None
+    labels = [m.display for m in exp.models]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"model labels must be unique, got {labels}")
+    runs = []
+    for spec in exp.models:
+        for seed in exp.seeds:
+            run_dir = out_dir / "runs" / _slug(spec.display) / str(seed)
+            done = run_dir / "result.json"
+            if done.exists():
+                runs.append(json.loads(done.read_text()))
+                continue
+            r = run_model(ds, spec, exp.train, seed, run_dir=run_dir, progress=progress)
+            console.print(f"[bold]{spec.display}[/] seed {seed}: test AUC {r['test']['auc']:.4f} "
+                          f"GAUC {r['test']['gauc']:.4f} LogLoss {r['test']['logloss']:.4f} "
+                          f"({r['train_samples_per_s']:.0f} samples/s, best epoch {r['best_epoch']})")
+            runs.append(r)
+    (out_dir / "results.json").write_text(json.dumps({"experiment": exp.model_dump(mode="json"),
+                                                      "dataset": ds.manifest["source"], "runs": runs},
+                                                     indent=1, default=float))
+    table = write_report(runs, out_dir, reference=exp.reference or labels[0], title=exp.name)
+    console.print(table)
+    return runs
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
