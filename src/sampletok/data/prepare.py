@@ -84,14 +84,21 @@ def parse_timestamp(chunk: RawChunk, column: str, unit: str) -> np.ndarray:
     if s.null_count():
         raise DataError(chunk.origin, "null timestamp", column, _where(chunk, s.is_null().to_numpy()))
     if s.dtype == pl.Utf8:
-        as_int = s.cast(pl.Int64, strict=False)
-        if as_int.null_count() == 0:
+        as_int = s.str.strip_chars().cast(pl.Int64, strict=False)
+        if as_int.null_count() < len(s):  # integer timestamps: any cell that is not one is bad
+            bad = as_int.is_null().to_numpy()
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise DataError(chunk.origin, f"unparseable timestamp {s[i]!r}", column, chunk.first_row + i)
             return as_int.to_numpy()
-        parsed = s.str.to_datetime(strict=False, time_unit="ms")
-        bad = parsed.is_null().to_numpy() & as_int.is_null().to_numpy()
+        try:
+            parsed = s.str.to_datetime(strict=False, time_unit="ms")
+        except pl.exceptions.PolarsError:
+            parsed = pl.Series([None] * len(s), dtype=pl.Datetime("ms"))
+        bad = parsed.is_null().to_numpy()
         if bad.any():
-            row = _where(chunk, bad)
-            raise DataError(chunk.origin, f"unparseable timestamp {s[int(np.flatnonzero(bad)[0])]!r}", column, row)
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(chunk.origin, f"unparseable timestamp {s[i]!r}", column, chunk.first_row + i)
         ms = parsed.dt.epoch("ms").to_numpy()
         return ms if unit == "ms" else ms // 1000
     if s.dtype in (pl.Datetime, pl.Date) or isinstance(s.dtype, pl.Datetime):
@@ -139,9 +146,8 @@ def as_str(chunk: RawChunk, column: str) -> pl.Series:
 
 def _list_cells(chunk: RawChunk, f: FeatureField) -> pl.Series:
     s = chunk.frame.get_column(f.name)
-    if isinstance(s.dtype, pl.List):
-        return s.cast(pl.List(pl.Utf8))
-    return s.cast(pl.Utf8).str.split(f.separator)
+    s = s.cast(pl.List(pl.Utf8)) if isinstance(s.dtype, pl.List) else s.cast(pl.Utf8).str.split(f.separator)
+    return s.list.eval(pl.element().filter(pl.element().str.len_chars() > 0))  # "" is no value
 
 
 # ---------------------------------------------------------------------------------------------- fitted state
@@ -177,7 +183,7 @@ def _check_finite(chunk: RawChunk, f: FeatureField, x: np.ndarray) -> np.ndarray
     bad = ~np.isfinite(x)
     if bad.any():
         if f.nan_policy == "error":
-            raise DataError(chunk.origin, f"non-finite value {x[bad][0]!r} (set nan_policy: fill to fill it)",
+            raise DataError(chunk.origin, f"missing or non-finite value {x[bad][0]!r} (nan_policy: fill fills it)",
                             f.name, _where(chunk, bad))
         x = np.where(bad, f.fill_value, x)
     return x
@@ -330,7 +336,7 @@ def prepare(source: RawSource, schema: Schema, out_dir: str | Path, split: Split
             continue
         for f in schema.features:
             if f.type == FieldType.numeric:
-                x = _check_finite(chunk, f, as_float(chunk, f.name))[train]
+                x = _check_finite(chunk, f, as_float(chunk, f.name, allow_null=True))[train]
                 x = _transform_numeric(x, f)
                 if f.normalize == "bucketize":
                     acc.samples.setdefault(f.name, []).append(x[::stride])
@@ -391,7 +397,7 @@ def prepare(source: RawSource, schema: Schema, out_dir: str | Path, split: Split
             for f in schema.features:
                 st = stats[f.name]
                 if f.type == FieldType.numeric:
-                    x = _transform_numeric(_check_finite(chunk, f, as_float(chunk, f.name)), f)
+                    x = _transform_numeric(_check_finite(chunk, f, as_float(chunk, f.name, allow_null=True)), f)
                     if f.normalize == "bucketize":
                         arrays[f"cat__{f.name}"][sl] = np.searchsorted(np.asarray(st.edges), x, side="right") + 1
                     elif f.normalize == "none":
@@ -486,19 +492,21 @@ def _encode(values: pl.Series, vocab: pl.DataFrame, oov: int) -> np.ndarray:
 
 
 def _encode_lists(cells: pl.Series, vocab: pl.DataFrame, oov: int, max_len: int) -> np.ndarray:
+    """[n, max_len] codes of list cells (first max_len values, 0-padded), via Arrow's flat values + offsets."""
     n = len(cells)
-    cells = cells.list.head(max_len)
-    lens = cells.list.len().fill_null(0).to_numpy().astype(np.int64)
-    flat = cells.explode()
-    out = np.zeros((n, max_len), dtype=np.int32)
-    # explode turns an empty list into one null; keep only real entries
-    flat_codes = _encode(flat, vocab, oov)
-    ends = np.cumsum(np.maximum(lens, 1))
-    starts = ends - np.maximum(lens, 1)
+    arr = cells.list.head(max_len).to_arrow()
+    if hasattr(arr, "combine_chunks"):
+        arr = arr.combine_chunks()
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    offsets = offsets - offsets[0]
+    lens = np.diff(offsets)
+    lens[np.asarray(arr.is_null())] = 0
+    flat = pl.from_arrow(arr.flatten()) if len(arr.flatten()) else pl.Series([], dtype=pl.Utf8)
+    flat_codes = _encode(flat.cast(pl.Utf8), vocab, oov)
     row = np.repeat(np.arange(n), lens)
     pos = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-    src = np.repeat(starts, lens) + pos
-    out[row, pos] = flat_codes[src]
+    out = np.zeros((n, max_len), dtype=np.int32)
+    out[row, pos] = flat_codes[np.repeat(offsets[:-1], lens) + pos]
     return out
 
 

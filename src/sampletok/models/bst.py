@@ -14,16 +14,23 @@ from sampletok.nn.layers import RecencyEncoding, key_padding_mask
 @register("bst")
 class BST(RankingModel):
     def __init__(self, layout: FeatureLayout, embed_dim: int = 16, layers: int = 1, heads: int = 2,
-                 hidden: list[int] = (256, 128, 64), dropout: float = 0.1):
+                 hidden: list[int] = (256, 128, 64), dropout: float = 0.1, extra_dim: int = 0):
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         d = self.embed.seq_dim
         self.recency = RecencyEncoding(d)
         self.target_pos = nn.Parameter(torch.zeros(d))
         self.blocks = nn.ModuleList(TransformerBlock(d, heads) for _ in range(layers))
-        self.mlp = MLP(self.embed.n_tokens * embed_dim + d, list(hidden), out_dim=self.n_tasks, dropout=dropout)
+        self.mlp = MLP(self.embed.n_tokens * embed_dim + d + extra_dim, list(hidden), out_dim=self.n_tasks, dropout=dropout)
 
     def forward(self, batch: Batch) -> ModelOutput:
+        return ModelOutput(self.predict_from(self.feature_input(batch)))
+
+    def predict_from(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+    def feature_input(self, batch: Batch) -> torch.Tensor:
+        """Field embeddings and the Transformer's target-position output (what the MLP reads)."""
         hist = self.embed.history(batch) + self.recency(batch.hist_gap, batch.hist_mask)
         target = (self.embed.target_item(batch) + self.target_pos).unsqueeze(1)
         seq = torch.cat([hist, target], dim=1)
@@ -33,5 +40,4 @@ class BST(RankingModel):
             seq = block(seq, mask)
         # only the target position's output is used: the last block computes that row alone
         target_out = self.blocks[-1](seq[:, -1:], mask[:, -1:], context=seq)[:, 0]
-        x = torch.cat([self.embed(batch).flatten(1), target_out], dim=1)
-        return ModelOutput(self.mlp(x))
+        return torch.cat([self.embed(batch).flatten(1), target_out], dim=1)

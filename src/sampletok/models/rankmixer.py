@@ -13,11 +13,11 @@ from sampletok.nn import MLP, FeatureEmbedding, RankMixerBlock, TargetAttention
 @register("rankmixer")
 class RankMixer(RankingModel):
     def __init__(self, layout: FeatureLayout, embed_dim: int = 16, tokens: int = 8, width: int = 64,
-                 layers: int = 2, hidden: list[int] = (64,), dropout: float = 0.1):
+                 layers: int = 2, hidden: list[int] = (64,), dropout: float = 0.1, extra_dim: int = 0):
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         self.attention = TargetAttention(self.embed.seq_dim)
-        in_dim = self.embed.n_tokens * embed_dim + self.embed.seq_dim
+        in_dim = self.embed.n_tokens * embed_dim + self.embed.seq_dim + extra_dim
         self.tokens, self.width = tokens, width
         self.tokenize = nn.Linear(in_dim, tokens * width)
         self.blocks = nn.ModuleList(RankMixerBlock(tokens, width, dropout=dropout) for _ in range(layers))
@@ -33,6 +33,9 @@ class RankMixer(RankingModel):
             x = block(x)
         return x
 
+    def predict_from(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.tokenize(x).view(len(x), self.tokens, self.width)
+        return self.head(self.mix(tokens).mean(1))
+
     def forward(self, batch: Batch) -> ModelOutput:
-        x = self.tokenize(self.feature_input(batch)).view(len(batch), self.tokens, self.width)
-        return ModelOutput(self.head(self.mix(x).mean(1)))
+        return ModelOutput(self.predict_from(self.feature_input(batch)))

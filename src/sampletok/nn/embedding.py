@@ -26,6 +26,20 @@ def pooled_lookup(table: nn.Embedding, codes: torch.Tensor) -> torch.Tensor:
     return summed / mask.sum(-2).clamp(min=1.0)
 
 
+class _Tables(nn.ModuleDict):
+    """ModuleDict keyed by field name; names are prefixed so a field may be called 'pop', 'keys' or 'a.b'."""
+
+    @staticmethod
+    def _k(name: str) -> str:
+        return "f_" + name.replace(".", "__")
+
+    def __init__(self, tables: dict[str, nn.Module]):
+        super().__init__({self._k(k): v for k, v in tables.items()})
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return super().__getitem__(self._k(name))
+
+
 class FeatureEmbedding(nn.Module):
     """Embeds every field of a request into F tokens of width ``dim``; embeds history sequence fields with the
     same tables (so the target item and history items live in one space)."""
@@ -33,7 +47,7 @@ class FeatureEmbedding(nn.Module):
     def __init__(self, layout: FeatureLayout, dim: int = 16):
         super().__init__()
         self.layout, self.dim = layout, dim
-        self.tables = nn.ModuleDict({
+        self.tables = _Tables({
             f.name: nn.Embedding(layout.vocab_sizes[f.name], dim, padding_idx=0)
             for f in layout.cat_fields + layout.multi_fields})
         for t in self.tables.values():

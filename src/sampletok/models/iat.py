@@ -1,0 +1,109 @@
+"""IAT stage II: a base ranking model (DIN, BST or RankMixer) plus an instance-token branch.
+
+For each request the branch fetches the user's last ``length`` instance embeddings strictly before the
+request time from the token store (no gradient can reach them: they are read from disk), builds
+``token = concat(adapt_MLP(InsEmb), side_embedding)`` where the side embedding encodes the instance's labels
+*available at request time* and its time gap, and runs a target-aware sequence model (Transformer by
+default, DIN as an option) with a query compressed from the request's features (or the item id only). The
+resulting vector enters the base model's interaction block **before** interaction (default) or is fused
+after it. The base model's own item-ID history branch is kept.
+
+The store is built by a source model (:mod:`sampletok.tokenizers.iat`) trained on the training window, once
+per (dataset, source config, seed) and cached, or read from ``store`` when given.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from sampletok.data.batches import Batch, FeatureLayout
+from sampletok.errors import ConfigError
+from sampletok.models.base import ModelOutput, RankingModel, build_model, register
+from sampletok.nn import MLP, TargetAttention, TransformerBlock
+from sampletok.nn.layers import RecencyEncoding, key_padding_mask
+from sampletok.store import LocalTokenStore
+from sampletok.tokenizers.iat import IATSourceConfig, build_or_load_store
+
+BASES = ("din", "bst", "rankmixer")
+
+
+@register("iat")
+class IAT(RankingModel):
+    def __init__(self, layout: FeatureLayout, base: str = "din", base_params: dict[str, Any] | None = None,
+                 source: dict[str, Any] | None = None, store: str | None = None, length: int = 256,
+                 token_dim: int = 64, side_dim: int = 64, side_info: bool = True,
+                 query: Literal["compressed", "id"] = "compressed", seq_model: Literal["transformer", "din"] = "transformer",
+                 placement: Literal["before", "after"] = "before", out_dim: int = 32, heads: int = 2,
+                 cache_dir: str = "runs/iat-cache"):
+        super().__init__(layout)
+        if base not in BASES:
+            raise ConfigError(f"IAT base must be one of {BASES}, got '{base}'")
+        self.source_cfg = IATSourceConfig(**(source or {}))
+        self.store_path, self.cache_dir = store, cache_dir
+        self.length, self.side_info, self.query_kind = length, side_info, query
+        self.seq_kind, self.placement = seq_model, placement
+        self.base = build_model(base, layout, **{**(base_params or {}),
+                                                 "extra_dim": out_dim if placement == "before" else 0})
+        d_tok = token_dim + (side_dim if side_info else 0)
+        self.adapt = MLP(self.source_cfg.emb_dim, [token_dim], out_dim=token_dim)
+        n_labels = len(layout.all_labels)
+        if side_info:
+            self.side = nn.Linear(2 * n_labels, side_dim)
+            self.recency = RecencyEncoding(side_dim)
+        emb = self.base.embed
+        q_in = emb.n_tokens * emb.dim if query == "compressed" else emb.seq_dim
+        self.query = MLP(q_in, [2 * d_tok], out_dim=d_tok)
+        if seq_model == "transformer":
+            self.encoder = TransformerBlock(d_tok, heads)
+            self.cross = TransformerBlock(d_tok, heads)
+        else:
+            self.attention = TargetAttention(d_tok)
+        self.out = nn.Linear(d_tok, out_dim)
+        if placement == "after":
+            self.after_head = MLP(out_dim, [out_dim], out_dim=self.n_tasks)
+        self.store: LocalTokenStore | None = None
+
+    def prepare_data(self, ds, *, seed: int, run_dir=None, progress: bool = True) -> None:
+        if self.store_path:
+            self.store = LocalTokenStore.open(self.store_path)
+            if self.store.meta.get("dataset") != ds.fingerprint:
+                raise ConfigError(f"{self.store_path}: store was exported for dataset {self.store.meta.get('dataset')}"
+                                  f", not {ds.fingerprint}")
+        else:
+            self.store = build_or_load_store(ds, self.source_cfg, seed, self.cache_dir, progress)
+        if self.store.meta.get("kind") != "iat" or self.store.meta["payload_shape"] != [self.source_cfg.emb_dim]:
+            raise ConfigError(f"{self.store.root}: not an IAT store of {self.source_cfg.emb_dim}-d embeddings")
+        self.store.load_into_memory()
+
+    def iat_vector(self, batch: Batch) -> torch.Tensor:
+        """[B, out_dim] the IAT branch's output for a batch."""
+        if self.store is None:
+            raise ConfigError("IAT model has no token store: call prepare_data(ds, seed=...) first")
+        f = self.store.fetch(batch.user.numpy(), batch.ts.numpy(), self.length)
+        mask = torch.from_numpy(f.mask)
+        tokens = self.adapt(torch.from_numpy(f.payload))
+        if self.side_info:
+            side = torch.cat([torch.from_numpy(f.side), torch.from_numpy(f.side_mask).float()], dim=-1)
+            side = self.side(side) + self.recency(torch.from_numpy(f.gap), mask)
+            tokens = torch.cat([tokens, side], dim=-1)
+        tokens = tokens * mask.unsqueeze(-1)
+        emb = self.base.embed
+        q_in = emb(batch).flatten(1) if self.query_kind == "compressed" else emb.target_item(batch)
+        q = self.query(q_in)
+        if self.seq_kind == "transformer":
+            enc = self.encoder(tokens, key_padding_mask(mask, tokens.shape[1]))
+            pooled = self.cross(q.unsqueeze(1), key_padding_mask(mask, 1), context=enc)[:, 0]
+            pooled = pooled * mask.any(1, keepdim=True)  # no history: the branch contributes only a bias
+        else:
+            pooled = self.attention(q, tokens, mask)
+        return self.out(pooled)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        x = self.base.feature_input(batch)
+        v = self.iat_vector(batch)
+        if self.placement == "before":
+            return ModelOutput(self.base.predict_from(torch.cat([x, v], dim=1)))
+        return ModelOutput(self.base.predict_from(x) + self.after_head(v))

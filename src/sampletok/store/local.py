@@ -1,0 +1,293 @@
+"""The embedded instance-token store: a directory of immutable, memory-mapped segments.
+
+Layout::
+
+    store/
+      CURRENT                 name of the committed manifest (replaced atomically with os.replace)
+      manifest-000003.json    meta (producer, payload dtype/shape, labels) + the list of live segments
+      segments/seg-000002/    instance_id.npy user.npy ts.npy payload.npy [scale.npy] side.npy avail.npy
+
+A write builds a new segment (and a new manifest) under temporary names and publishes both by renaming;
+``CURRENT`` is switched last. A process killed at any point leaves the previous state readable. Compaction
+merges every segment into one the same way. Readers open whatever ``CURRENT`` names.
+
+``fetch(users, before_ts, n)`` has exactly the semantics of :class:`~sampletok.data.history.HistoryIndex`:
+the last ``n`` instances strictly before the request time, most recent last; side labels are zeroed unless
+they were available (``avail < request_ts``).
+
+Example:
+    >>> import numpy as np, tempfile
+    >>> store = LocalTokenStore.create(tempfile.mkdtemp() + "/s", producer="demo", payload_shape=(2,),
+    ...                                label_names=["click"], dtype="float32")
+    >>> store.append(instance_id=np.array([1, 2]), user=np.array([7, 7]), ts=np.array([10, 20]),
+    ...              payload=np.array([[1., 2.], [3., 4.]]), side=np.array([[1.], [0.]]),
+    ...              avail=np.array([[10], [20]]))
+    >>> store.fetch(np.array([7]), np.array([20]), n=2).payload.tolist()
+    [[[0.0, 0.0], [1.0, 2.0]]]
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sampletok.data.history import HistoryIndex
+from sampletok.errors import StoreError
+
+PAYLOAD_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8, "uint8": np.uint8,
+                  "uint16": np.uint16, "int16": np.int16}
+STORE_FORMAT = 1
+
+
+@dataclass
+class Fetched:
+    """Tokens of B requests × n positions (right-aligned, most recent last)."""
+
+    payload: np.ndarray  # [B, n, *payload_shape] float32 (dequantized) or integer codes
+    side: np.ndarray  # [B, n, A] float32 labels, 0 where not yet available
+    side_mask: np.ndarray  # [B, n, A] bool label known before the request
+    mask: np.ndarray  # [B, n] bool
+    gap: np.ndarray  # [B, n] float32 request_ts - ts
+    rows: np.ndarray  # [B, n] store row ids, -1 where padded
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _save(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, arr)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class LocalTokenStore:
+    """Directory token store. Use :meth:`create` for a new one and :meth:`open` for an existing one."""
+
+    def __init__(self, root: Path, manifest: dict, manifest_name: str):
+        self.root, self.manifest, self.manifest_name = root, manifest, manifest_name
+        self._cache: dict[str, np.ndarray] | None = None
+        self._index: HistoryIndex | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def create(cls, root: str | Path, producer: str, payload_shape: tuple[int, ...], label_names: list[str],
+               dtype: str = "float16", extra_meta: dict | None = None, overwrite: bool = False) -> "LocalTokenStore":
+        root = Path(root)
+        if dtype not in PAYLOAD_DTYPES:
+            raise StoreError(f"payload dtype '{dtype}' not one of {sorted(PAYLOAD_DTYPES)}")
+        if (root / "CURRENT").exists():
+            if not overwrite:
+                raise StoreError(f"{root}: a token store already exists (pass overwrite=True to replace it)")
+            shutil.rmtree(root)
+        (root / "segments").mkdir(parents=True, exist_ok=True)
+        meta = {"format": STORE_FORMAT, "producer": producer, "payload_shape": list(payload_shape),
+                "dtype": dtype, "labels": list(label_names), "created_at": time.time(), **(extra_meta or {})}
+        store = cls(root, {"meta": meta, "segments": [], "version": 0}, "")
+        store._commit({"meta": meta, "segments": [], "version": 0})
+        return store
+
+    @classmethod
+    def open(cls, root: str | Path, expect_producer: str | None = None) -> "LocalTokenStore":
+        root = Path(root)
+        cur = root / "CURRENT"
+        if not cur.exists():
+            raise StoreError(f"{root}: not a token store (no CURRENT file)")
+        name = cur.read_text().strip()
+        try:
+            manifest = json.loads((root / name).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"{root / name}: unreadable manifest: {e}") from None
+        if manifest["meta"].get("format") != STORE_FORMAT:
+            raise StoreError(f"{root}: store format {manifest['meta'].get('format')} is not {STORE_FORMAT}")
+        store = cls(root, manifest, name)
+        if expect_producer is not None:
+            store.check_producer(expect_producer)
+        return store
+
+    def check_producer(self, expected: str) -> None:
+        got = self.meta["producer"]
+        if got != expected:
+            raise StoreError(f"{self.root}: tokens were written by producer {got}, but the model expects "
+                             f"{expected}; re-export the store with the matching model")
+
+    @property
+    def meta(self) -> dict:
+        return self.manifest["meta"]
+
+    @property
+    def payload_dtype(self) -> np.dtype:
+        return np.dtype(PAYLOAD_DTYPES[self.meta["dtype"]])
+
+    def _commit(self, manifest: dict) -> None:
+        version = manifest["version"]
+        name = f"manifest-{version:06d}.json"
+        tmp = self.root / f".{name}.tmp-{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump(manifest, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.root / name)
+        cur_tmp = self.root / f".CURRENT.tmp-{os.getpid()}"
+        with open(cur_tmp, "w") as fh:
+            fh.write(name)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(cur_tmp, self.root / "CURRENT")  # the commit point
+        _fsync_dir(self.root)
+        old = self.manifest_name
+        self.manifest, self.manifest_name = manifest, name
+        self._cache, self._index = None, None
+        if old and old != name:
+            (self.root / old).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ writes
+    def append(self, instance_id: np.ndarray, user: np.ndarray, ts: np.ndarray, payload: np.ndarray,
+               side: np.ndarray | None = None, avail: np.ndarray | None = None) -> None:
+        """Add instances. ``payload`` [k, *payload_shape] (float, quantized to the store dtype, or codes);
+        ``side`` [k, A] label values; ``avail`` [k, A] the time each label becomes known."""
+        k = len(instance_id)
+        shape = tuple(self.meta["payload_shape"])
+        a = len(self.meta["labels"])
+        payload = np.asarray(payload)
+        if payload.shape != (k, *shape):
+            raise StoreError(f"{self.root}: payload shape {payload.shape} is not ({k}, {', '.join(map(str, shape))})")
+        side = np.zeros((k, a), np.float32) if side is None else np.asarray(side, np.float32).reshape(k, a)
+        avail = np.broadcast_to(np.asarray(ts, np.int64)[:, None], (k, a)) if avail is None else \
+            np.asarray(avail, np.int64).reshape(k, a)
+        arrays = {"instance_id": np.asarray(instance_id, np.int64), "user": np.asarray(user, np.int64),
+                  "ts": np.asarray(ts, np.int64), "side": side, "avail": np.ascontiguousarray(avail)}
+        arrays.update(self._encode_payload(payload))
+        self._write_segment(arrays, self.manifest["segments"])
+
+    def _encode_payload(self, payload: np.ndarray) -> dict[str, np.ndarray]:
+        dt = self.meta["dtype"]
+        if dt == "int8":  # symmetric per-row scale
+            flat = payload.reshape(len(payload), -1).astype(np.float32)
+            scale = np.abs(flat).max(axis=1) / 127.0
+            scale[scale == 0] = 1.0
+            q = np.clip(np.rint(flat / scale[:, None]), -127, 127).astype(np.int8)
+            return {"payload": q.reshape(payload.shape), "scale": scale.astype(np.float32)}
+        if dt in ("uint8", "uint16", "int16"):
+            info = np.iinfo(PAYLOAD_DTYPES[dt])
+            if payload.size and (payload.min() < info.min or payload.max() > info.max):
+                raise StoreError(f"{self.root}: codes out of range for {dt}")
+            return {"payload": payload.astype(PAYLOAD_DTYPES[dt])}
+        return {"payload": payload.astype(PAYLOAD_DTYPES[dt])}
+
+    def _write_segment(self, arrays: dict[str, np.ndarray], keep: list[str]) -> None:
+        seg_dir = self.root / "segments"
+        existing = [int(p.name.split("-")[1]) for p in seg_dir.glob("seg-*") if p.name[4:].isdigit()]
+        number = max(existing + [0]) + 1
+        name = f"seg-{number:06d}"
+        tmp = seg_dir / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for key, arr in arrays.items():
+            _save(tmp / f"{key}.npy", np.ascontiguousarray(arr))
+        _fsync_dir(tmp)
+        os.replace(tmp, seg_dir / name)
+        _fsync_dir(seg_dir)
+        if os.environ.get("SAMPLETOK_TEST_CRASH_BEFORE_COMMIT"):  # test hook: die between write and commit
+            os._exit(137)
+        self._commit({"meta": self.meta, "segments": keep + [name], "version": self.manifest["version"] + 1})
+
+    def compact(self) -> None:
+        """Merge all segments into one (atomic); removes the old segments afterwards."""
+        segs = list(self.manifest["segments"])
+        if len(segs) <= 1:
+            return
+        cols = self._columns()
+        self._write_segment(cols, [])
+        for s in segs:
+            shutil.rmtree(self.root / "segments" / s, ignore_errors=True)
+
+    def gc(self) -> None:
+        """Remove segment folders and temporaries not named by the current manifest (left by crashes)."""
+        live = set(self.manifest["segments"])
+        for p in (self.root / "segments").iterdir():
+            if p.name not in live:
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob(".*tmp-*"):
+            p.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ reads
+    def _columns(self) -> dict[str, np.ndarray]:
+        if self._cache is None:
+            parts: dict[str, list[np.ndarray]] = {}
+            for s in self.manifest["segments"]:
+                for f in sorted((self.root / "segments" / s).glob("*.npy")):
+                    parts.setdefault(f.stem, []).append(np.load(f, mmap_mode="r"))
+            if not parts:
+                shape = tuple(self.meta["payload_shape"])
+                a = len(self.meta["labels"])
+                parts = {"instance_id": [np.zeros(0, np.int64)], "user": [np.zeros(0, np.int64)],
+                         "ts": [np.zeros(0, np.int64)], "side": [np.zeros((0, a), np.float32)],
+                         "avail": [np.zeros((0, a), np.int64)],
+                         "payload": [np.zeros((0, *shape), self.payload_dtype)]}
+                if self.meta["dtype"] == "int8":
+                    parts["scale"] = [np.zeros(0, np.float32)]
+            self._cache = {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
+        return self._cache
+
+    def __len__(self) -> int:
+        return len(self._columns()["ts"])
+
+    @property
+    def index(self) -> HistoryIndex:
+        if self._index is None:
+            c = self._columns()
+            self._index = HistoryIndex(np.asarray(c["user"]), np.asarray(c["ts"]))
+        return self._index
+
+    def load_into_memory(self) -> "LocalTokenStore":
+        self._cache = {k: np.ascontiguousarray(v) for k, v in self._columns().items()}
+        return self
+
+    def fetch(self, users: np.ndarray, before_ts: np.ndarray, n: int, dequantize: bool = True) -> Fetched:
+        """The last ``n`` tokens of each user strictly before each request time."""
+        c = self._columns()
+        before_ts = np.asarray(before_ts, np.int64)
+        if len(c["ts"]) == 0:
+            h = HistoryIndex(np.zeros(1, np.int64), np.full(1, np.iinfo(np.int64).max // 4)).fetch(
+                np.asarray(users), before_ts, n)
+        else:
+            h = self.index.fetch(np.asarray(users), before_ts, n)
+        safe = np.where(h.mask, h.rows, 0)
+        payload = c["payload"][safe] if len(c["ts"]) else np.zeros((len(users), n, *self.meta["payload_shape"]),
+                                                                     self.payload_dtype)
+        if dequantize and self.meta["dtype"] in ("float16", "float32", "int8"):
+            payload = payload.astype(np.float32)
+            if self.meta["dtype"] == "int8":
+                scale = c["scale"][safe] if len(c["ts"]) else np.zeros((len(users), n), np.float32)
+                payload *= scale.reshape(scale.shape + (1,) * (payload.ndim - 2))
+        payload[~h.mask] = 0
+        if len(c["ts"]):
+            side_mask = h.mask[:, :, None] & (c["avail"][safe] < before_ts[:, None, None])
+            side = np.where(side_mask, c["side"][safe], 0.0).astype(np.float32)
+        else:
+            a = len(self.meta["labels"])
+            side_mask = np.zeros((len(users), n, a), bool)
+            side = np.zeros((len(users), n, a), np.float32)
+        return Fetched(payload=payload, side=side, side_mask=side_mask, mask=h.mask, gap=h.gap, rows=h.rows)
+
+    def bytes_per_instance(self) -> dict[str, float]:
+        c = self._columns()
+        n = max(len(c["ts"]), 1)
+        payload = c["payload"].nbytes + (c["scale"].nbytes if "scale" in c else 0)
+        keys = c["instance_id"].nbytes + c["user"].nbytes + c["ts"].nbytes
+        side = c["side"].nbytes + c["avail"].nbytes
+        return {"payload": payload / n, "keys": keys / n, "side": side / n, "total": (payload + keys + side) / n}

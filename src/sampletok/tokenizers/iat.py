@@ -1,0 +1,292 @@
+"""IAT stage I: source models that compress every instance into one embedding (InsEmb), and their export.
+
+A source model reads *all* fields of an instance (and the instance's own short behaviour sequence), builds a
+wide hidden vector ``h``, compresses it ``z = tanh(W h + b)`` (default 64-d, the stored InsEmb), decompresses
+it and predicts the instance's own label. Schemes:
+
+* ``temporal``: instances one by one in global time order (plain streaming training).
+* ``user``: batches of user windows (time-sorted runs of one user's instances); a causal Source Instance
+  Transformer (SIT) runs over the window's z's and each position predicts its own label. ``two_pass`` trains
+  a second pass over the same windows in reverse time order (our reading of the paper's "forward then
+  reverse"). The **pre-SIT** z is exported by default (``export: post_sit`` is the ablation).
+* ``user_stream``: rows in global time order; the user's previous T-1 embeddings are read from the already
+  written rows (gradients stopped) and only the current instance is updated, as a production stream would.
+
+The source model is trained on the training window only, then embeds every instance of the log.
+``z`` depends only on the instance's own features and its own past, so a stored token never carries a
+label or anything from after its timestamp.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from sampletok.data.batches import Batch, BatchLoader, FeatureLayout, history_index
+from sampletok.data.history import HistoryIndex
+from sampletok.data.prepare import PreparedDataset
+from sampletok.nn import MLP, FeatureEmbedding, TargetAttention, TransformerBlock
+from sampletok.store import LocalTokenStore
+
+
+class IATSourceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    scheme: Literal["temporal", "user", "user_stream"] = "user"
+    emb_dim: int = Field(64, ge=1, description="InsEmb width (the stored token)")
+    embed_dim: int = Field(16, ge=1)
+    hidden: list[int] = Field(default_factory=lambda: [512, 256], description="trunk; last = width of h")
+    decompress: list[int] = Field(default_factory=lambda: [128])
+    sit_layers: int = Field(2, ge=1)
+    sit_heads: int = Field(2, ge=1)
+    window: int = Field(64, ge=2, description="user-order: instances per user window")
+    stream_context: int = Field(63, ge=1, description="user_stream: previous embeddings read (T-1)")
+    two_pass: bool = False
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(1024, ge=1, description="instances per step")
+    lr: float = 1e-3
+    export: Literal["pre_sit", "post_sit"] = "pre_sit"
+    dtype: Literal["float16", "float32", "int8"] = "float16"
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class SourceModel(nn.Module):
+    """Ranking trunk over all fields → bottleneck z → decompress → head; optional causal SIT over z's."""
+
+    def __init__(self, layout: FeatureLayout, cfg: IATSourceConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = FeatureEmbedding(layout, cfg.embed_dim)
+        self.has_seq = bool(layout.seq_cat or layout.seq_multi)
+        seq_dim = self.embed.seq_dim if self.has_seq else 0
+        self.attention = TargetAttention(seq_dim) if self.has_seq else None
+        self.trunk = MLP(self.embed.n_tokens * cfg.embed_dim + seq_dim, list(cfg.hidden))
+        self.bottleneck = nn.Linear(self.trunk.out_dim, cfg.emb_dim)
+        self.decomp = MLP(cfg.emb_dim, list(cfg.decompress))
+        self.sit = nn.ModuleList(TransformerBlock(cfg.emb_dim, cfg.sit_heads) for _ in range(cfg.sit_layers))
+        self.use_sit = cfg.scheme != "temporal"
+        n_tasks = len(layout.task_labels)
+        self.head = nn.Linear(self.decomp.out_dim + (cfg.emb_dim if self.use_sit else 0), n_tasks)
+
+    def compress(self, batch: Batch) -> torch.Tensor:
+        """[B, emb_dim] InsEmb of each instance in the batch."""
+        x = self.embed(batch).flatten(1)
+        if self.has_seq:
+            interest = self.attention(self.embed.target_item(batch), self.embed.history(batch), batch.hist_mask)
+            x = torch.cat([x, interest], dim=1)
+        return torch.tanh(self.bottleneck(self.trunk(x)))
+
+    def run_sit(self, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Causal SIT over [B, S, d] z's (valid [B, S]); position t sees positions <= t only."""
+        s = z.shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=z.device).tril()
+        mask = causal.unsqueeze(0) & valid.unsqueeze(1)
+        mask = mask | torch.eye(s, dtype=torch.bool, device=z.device)  # never an empty row
+        x = z
+        for block in self.sit:
+            x = block(x, mask)
+        return x
+
+    def predict(self, z: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        parts = [self.decomp(z)]
+        if self.use_sit:
+            parts.append(context if context is not None else torch.zeros_like(z))
+        return self.head(torch.cat(parts, dim=-1))
+
+    def sit_last(self, prev_z: torch.Tensor, prev_mask: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Streaming form: SIT output of the current instance given the previous embeddings (no grad)."""
+        seq = torch.cat([prev_z.detach(), z.unsqueeze(1)], dim=1)
+        valid = torch.cat([prev_mask, prev_mask.new_ones(len(z), 1)], dim=1)
+        return self.run_sit(seq, valid)[:, -1]
+
+
+def producer_id(model: SourceModel, ds: PreparedDataset) -> str:
+    """Hash of the source model's weights, config and dataset: stored tokens name their producer."""
+    h = hashlib.sha256()
+    h.update(model.cfg.fingerprint().encode())
+    h.update(ds.fingerprint.encode())
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in sorted(model.state_dict().items())}, buf)
+    h.update(buf.getvalue())
+    return h.hexdigest()[:16]
+
+
+def user_windows(user: np.ndarray, ts: np.ndarray, rows: np.ndarray, window: int) -> np.ndarray:
+    """[W, window] row ids (-1 padded): each user's rows sorted by time, cut into consecutive windows."""
+    rows = np.asarray(rows, np.int64)
+    order = np.lexsort((rows, ts[rows], user[rows]))
+    r = rows[order]
+    u = user[r]
+    start = np.r_[True, u[1:] != u[:-1]]
+    first = np.maximum.accumulate(np.where(start, np.arange(len(r)), 0))
+    pos = np.arange(len(r)) - first
+    new_win = start | (pos % window == 0)
+    win_id = np.cumsum(new_win) - 1
+    out = np.full((int(win_id[-1]) + 1 if len(r) else 0, window), -1, np.int64)
+    out[win_id, pos % window] = r
+    return out
+
+
+def _bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def train_source(ds: PreparedDataset, cfg: IATSourceConfig, seed: int, progress: bool = True) -> SourceModel:
+    """Train a source model on the training window under ``cfg.scheme``."""
+    torch.manual_seed(seed)
+    layout = FeatureLayout.from_dataset(ds)
+    model = SourceModel(layout, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loader = BatchLoader(ds, ds.rows("train"), cfg.batch_size, index=history_index(ds), layout=layout)
+    user, ts = np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts"))
+    train_rows = ds.rows("train")  # time-ordered
+    model.train()
+    for epoch in range(cfg.epochs):
+        torch.manual_seed(seed * 1000 + epoch)
+        if cfg.scheme == "temporal":
+            steps = ((loader.build(train_rows[i:i + cfg.batch_size]), None)
+                     for i in range(0, len(train_rows), cfg.batch_size))
+            n_steps = (len(train_rows) + cfg.batch_size - 1) // cfg.batch_size
+            for batch, _ in tqdm(steps, total=n_steps, desc=f"IAT source (temporal) epoch {epoch + 1}",
+                                 leave=False, disable=None if progress else True):
+                loss = _bce(model.predict(model.compress(batch), None), batch.labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        elif cfg.scheme == "user":
+            wins = user_windows(user, ts, train_rows, cfg.window)
+            passes = [False, True] if cfg.two_pass else [False]
+            per_step = max(1, cfg.batch_size // cfg.window)
+            rng = np.random.default_rng(seed * 7919 + epoch)
+            for reverse in passes:
+                order = rng.permutation(len(wins))
+                for i in tqdm(range(0, len(wins), per_step), desc=f"IAT source (user{' rev' if reverse else ''}) "
+                              f"epoch {epoch + 1}", leave=False, disable=None if progress else True):
+                    w = wins[order[i:i + per_step]]
+                    if reverse:  # reverse time order inside each window, padding stays at the end
+                        lens = (w >= 0).sum(1)
+                        idx = (lens[:, None] - 1 - np.arange(w.shape[1])[None, :])
+                        w = np.where(idx >= 0, np.take_along_axis(w, np.maximum(idx, 0), 1), -1)
+                    loss = _window_loss(model, loader, w)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        else:  # user_stream
+            _train_stream_epoch(model, opt, loader, ds, train_rows, cfg, progress, epoch)
+    model.eval()
+    return model
+
+
+def _window_loss(model: SourceModel, loader: BatchLoader, w: np.ndarray) -> torch.Tensor:
+    valid = w >= 0
+    batch = loader.build(w[valid])
+    z_flat = model.compress(batch)
+    z = z_flat.new_zeros(*w.shape, z_flat.shape[1])
+    vm = torch.from_numpy(valid)
+    z[vm] = z_flat
+    ctx = model.run_sit(z, vm)[vm]
+    return _bce(model.predict(z_flat, ctx), batch.labels)
+
+
+def _train_stream_epoch(model: SourceModel, opt, loader: BatchLoader, ds: PreparedDataset, rows: np.ndarray,
+                        cfg: IATSourceConfig, progress: bool, epoch: int) -> None:
+    """Global time order; previous embeddings come from what was already written (stop-gradient)."""
+    n = ds.n_rows
+    buffer = np.zeros((n, cfg.emb_dim), np.float32)
+    written = np.zeros(n, bool)
+    idx = HistoryIndex(np.asarray(ds.col("_user_key"))[rows], np.asarray(ds.col("_ts"))[rows])
+    for i in tqdm(range(0, len(rows), cfg.batch_size), desc=f"IAT source (stream) epoch {epoch + 1}", leave=False,
+                  disable=None if progress else True):
+        cur = rows[i:i + cfg.batch_size]
+        batch = loader.build(cur)
+        h = idx.fetch(batch.user.numpy(), batch.ts.numpy(), cfg.stream_context)
+        prev_rows = np.where(h.mask, rows[np.where(h.mask, h.rows, 0)], 0)
+        prev_mask = h.mask & written[prev_rows]  # rows not yet written (same batch) are not in the store yet
+        z = model.compress(batch)
+        ctx = model.sit_last(torch.from_numpy(buffer[prev_rows]), torch.from_numpy(prev_mask), z)
+        loss = _bce(model.predict(z, ctx), batch.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        buffer[cur] = z.detach().numpy()
+        written[cur] = True
+
+
+@torch.no_grad()
+def embed_all(model: SourceModel, ds: PreparedDataset, batch_size: int = 8192, progress: bool = True
+              ) -> np.ndarray:
+    """[N, emb_dim] exported embedding of every row (pre-SIT z, or post-SIT per ``cfg.export``)."""
+    model.eval()
+    layout = FeatureLayout.from_dataset(ds)
+    loader = BatchLoader(ds, np.arange(ds.n_rows), batch_size, index=history_index(ds), layout=layout)
+    out = np.zeros((ds.n_rows, model.cfg.emb_dim), np.float32)
+    if model.cfg.export == "pre_sit" or not model.use_sit:
+        for i in tqdm(range(0, ds.n_rows, batch_size), desc="IAT export", disable=None if progress else True):
+            rows = np.arange(i, min(i + batch_size, ds.n_rows))
+            out[rows] = model.compress(loader.build(rows)).numpy()
+        return out
+    wins = user_windows(np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts")), np.arange(ds.n_rows),
+                        model.cfg.window)
+    per = max(1, batch_size // model.cfg.window)
+    for i in tqdm(range(0, len(wins), per), desc="IAT export (post-SIT)", disable=None if progress else True):
+        w = wins[i:i + per]
+        valid = w >= 0
+        z_flat = model.compress(loader.build(w[valid]))
+        z = z_flat.new_zeros(*w.shape, z_flat.shape[1])
+        vm = torch.from_numpy(valid)
+        z[vm] = z_flat
+        out[w[valid]] = model.run_sit(z, vm)[vm].numpy()
+    return out
+
+
+def export_to_store(model: SourceModel, ds: PreparedDataset, path: str | Path, progress: bool = True,
+                    chunk: int = 1 << 20) -> LocalTokenStore:
+    """Embed every instance and write it, with its labels and their availability times, to a token store."""
+    t0 = time.time()
+    emb = embed_all(model, ds, progress=progress)
+    seconds = time.time() - t0
+    labels = ds.schema.labels
+    store = LocalTokenStore.create(path, producer=producer_id(model, ds), payload_shape=(model.cfg.emb_dim,),
+                                   label_names=[l.name for l in labels], dtype=model.cfg.dtype, overwrite=True,
+                                   extra_meta={"kind": "iat", "dataset": ds.fingerprint,
+                                               "source_config": model.cfg.model_dump(),
+                                               "export_seconds": seconds,
+                                               "export_instances_per_s": ds.n_rows / max(seconds, 1e-9)})
+    ts = np.asarray(ds.col("_ts"))
+    side = np.stack([np.asarray(ds.col(f"label__{l.name}")) for l in labels], 1)
+    avail = ts[:, None] + np.array([l.delay for l in labels], np.int64)[None, :]
+    for i in range(0, ds.n_rows, chunk):
+        sl = slice(i, i + chunk)
+        store.append(np.asarray(ds.col("_instance_id"))[sl], np.asarray(ds.col("_user_key"))[sl], ts[sl],
+                     emb[sl], side[sl], avail[sl])
+    store.compact()
+    return store
+
+
+def build_or_load_store(ds: PreparedDataset, cfg: IATSourceConfig, seed: int, cache_dir: str | Path,
+                        progress: bool = True) -> LocalTokenStore:
+    """Train + export once per (dataset, source config, seed); later calls reuse the cached store."""
+    path = Path(cache_dir) / f"{ds.fingerprint}-{cfg.fingerprint()}-{seed}"
+    if (path / "CURRENT").exists():
+        store = LocalTokenStore.open(path)
+        if store.meta.get("dataset") == ds.fingerprint and store.meta.get("source_config") == cfg.model_dump():
+            return store
+    model = train_source(ds, cfg, seed, progress)
+    torch.save({"config": cfg.model_dump(), "state_dict": model.state_dict()}, _ensure(path.parent) / f"{path.name}.pt")
+    return export_to_store(model, ds, path, progress)
+
+
+def _ensure(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -1,0 +1,51 @@
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sampletok.data.history import HistoryIndex, fetch_reference
+
+
+@st.composite
+def logs(draw):
+    n = draw(st.integers(0, 60))
+    users = draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))
+    ts = draw(st.lists(st.integers(0, 12), min_size=n, max_size=n))  # few values: many equal timestamps
+    q = draw(st.integers(1, 20))
+    q_users = draw(st.lists(st.integers(0, 6), min_size=q, max_size=q))  # 5, 6: unknown users
+    q_ts = draw(st.lists(st.integers(-2, 15), min_size=q, max_size=q))
+    n_hist = draw(st.integers(0, 8))
+    delays = draw(st.lists(st.integers(0, 5), min_size=0, max_size=2))
+    return (np.array(users, dtype=np.int64), np.array(ts, dtype=np.int64), np.array(q_users), np.array(q_ts),
+            n_hist, delays)
+
+
+@settings(max_examples=300, deadline=None)
+@given(logs())
+def test_fast_fetch_equals_reference_and_never_leaks(case):
+    user, ts, qu, qt, n, delays = case
+    if len(user) == 0:
+        user, ts = np.array([0]), np.array([0])
+    fast = HistoryIndex(user, ts, delays).fetch(qu, qt, n)
+    ref = fetch_reference(user, ts, delays, qu, qt, n)
+    np.testing.assert_array_equal(fast.rows, ref.rows)
+    np.testing.assert_array_equal(fast.mask, ref.mask)
+    np.testing.assert_array_equal(fast.gap, ref.gap)
+    np.testing.assert_array_equal(fast.label_mask, ref.label_mask)
+    np.testing.assert_array_equal(fast.length, ref.length)
+    # no leakage: every returned row belongs to the user and is strictly earlier
+    r = fast.rows[fast.mask]
+    req_u = np.broadcast_to(qu[:, None], fast.rows.shape)[fast.mask]
+    req_t = np.broadcast_to(qt[:, None], fast.rows.shape)[fast.mask]
+    assert np.all(ts[r] < req_t) and np.all(user[r] == req_u)
+    # a label is visible only when ts + delay < request time
+    for k, d in enumerate(delays):
+        assert np.all(ts[fast.rows[fast.label_mask[:, :, k]]] + d < np.broadcast_to(
+            qt[:, None], fast.rows.shape)[fast.label_mask[:, :, k]])
+
+
+def test_equal_timestamps_are_invisible_and_order_is_most_recent_last():
+    idx = HistoryIndex(np.array([7, 7, 7, 7]), np.array([5, 1, 5, 3]))
+    h = idx.fetch(np.array([7, 7]), np.array([5, 6]), 3)
+    assert h.rows.tolist() == [[-1, 1, 3], [3, 0, 2]]  # request at 5 never sees rows at 5
+    assert h.gap.tolist() == [[0, 4, 2], [3, 1, 1]]
+    assert idx.count_before(np.array([7]), np.array([5])).tolist() == [2]

@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+import torch
+
+from sampletok.data.batches import BatchLoader, FeatureLayout
+from sampletok.errors import ConfigError
+from sampletok.models import build_model
+from sampletok.store import LocalTokenStore
+from sampletok.tokenizers.iat import (IATSourceConfig, SourceModel, embed_all, export_to_store, train_source,
+                                      user_windows)
+
+FAST = dict(epochs=1, hidden=[64, 32], decompress=[32], emb_dim=16, window=16, batch_size=512, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def user_source(synth_prepared):
+    return train_source(synth_prepared, IATSourceConfig(scheme="user", **FAST), seed=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def store(synth_prepared, user_source, tmp_path_factory):
+    return export_to_store(user_source, synth_prepared, tmp_path_factory.mktemp("iat") / "store", progress=False)
+
+
+def test_bottleneck_shapes_and_sit_causality(synth_prepared):
+    model = SourceModel(FeatureLayout.from_dataset(synth_prepared), IATSourceConfig(scheme="user", **FAST)).eval()
+    batch = BatchLoader(synth_prepared, synth_prepared.rows("train")[:40], 40).build(synth_prepared.rows("train")[:40])
+    z = model.compress(batch)
+    assert z.shape == (40, 16) and z.abs().max() <= 1
+    seq = torch.randn(3, 10, 16)
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    out = model.run_sit(seq, valid)
+    for t in range(9):
+        changed = seq.clone()
+        changed[:, t + 1:] = torch.randn_like(changed[:, t + 1:])
+        torch.testing.assert_close(model.run_sit(changed, valid)[:, : t + 1], out[:, : t + 1])
+
+
+def test_streaming_sit_matches_batch_sit(synth_prepared):
+    model = SourceModel(FeatureLayout.from_dataset(synth_prepared), IATSourceConfig(scheme="user_stream", **FAST)).eval()
+    seq = torch.randn(4, 8, 16)
+    valid = torch.ones(4, 8, dtype=torch.bool)
+    valid[0, :3] = False  # a short history: padded positions in front
+    batch_out = model.run_sit(seq, valid)[:, -1]
+    stream_out = model.sit_last(seq[:, :-1], valid[:, :-1], seq[:, -1])
+    torch.testing.assert_close(stream_out, batch_out)
+
+
+def test_user_windows_are_time_sorted_runs_of_one_user():
+    user = np.array([1, 0, 1, 1, 0, 1, 1])
+    ts = np.array([5, 3, 1, 9, 1, 2, 7])
+    w = user_windows(user, ts, np.arange(7), 3)
+    assert w.tolist() == [[4, 1, -1], [2, 5, 0], [6, 3, -1]]
+
+
+@pytest.mark.parametrize("scheme", ["temporal", "user_stream"])
+def test_other_schemes_train(synth_prepared, scheme):
+    m = train_source(synth_prepared, IATSourceConfig(scheme=scheme, **FAST), seed=0, progress=False)
+    assert np.isfinite(embed_all(m, synth_prepared, progress=False)).all()
+
+
+def test_export_store_fetch_round_trip_equals_model_output(synth_prepared, user_source, store):
+    rows = synth_prepared.rows("test")[:64]
+    user, ts = np.asarray(synth_prepared.col("_user_key")), np.asarray(synth_prepared.col("_ts"))
+    f = store.fetch(user[rows], ts[rows], 20)
+    assert f.mask.any()
+    iid = np.asarray(synth_prepared.col("_instance_id"))
+    row_of_iid = {v: i for i, v in enumerate(iid)}
+    stored_rows = np.array([row_of_iid[v] for v in np.asarray(store._columns()["instance_id"])[f.rows[f.mask]]])
+    with torch.no_grad():
+        direct = user_source.compress(BatchLoader(synth_prepared, stored_rows, 4096).build(stored_rows)).numpy()
+    np.testing.assert_allclose(f.payload[f.mask], direct, atol=1e-5)
+    assert store.meta["producer"] and store.meta["kind"] == "iat"
+
+
+def test_iat_model_cannot_see_the_future(synth_prepared, store, tmp_path):
+    """Rewriting every stored instance at or after a request's time leaves that request's score unchanged."""
+    layout = FeatureLayout.from_dataset(synth_prepared)
+    model = build_model("iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), length=20).eval()
+    model.prepare_data(synth_prepared, seed=1)
+    users = np.asarray(synth_prepared.col("_user_key"))
+    valid_rows = synth_prepared.rows("valid")
+    _, first = np.unique(users[valid_rows], return_index=True)
+    rows = valid_rows[first][:128]  # one request per user, so "the future" is well defined per user
+    batch = BatchLoader(synth_prepared, rows, 128).build(rows)
+    with torch.no_grad():
+        before = model(batch).logits
+    # a copy of the store whose instances at/after their user's request time carry garbage payload and labels
+    c = store._columns()
+    request_ts = dict(zip(users[rows].tolist(), batch.ts.tolist()))
+    payload = np.array(c["payload"], dtype=np.float32)
+    side = np.array(c["side"])
+    limit = np.array([request_ts.get(u, np.iinfo(np.int64).max) for u in np.asarray(c["user"]).tolist()])
+    future = np.asarray(c["ts"]) >= limit
+    assert future.any()
+    payload[future] = 99.0
+    side[future] = 1 - side[future]
+    forged = LocalTokenStore.create(tmp_path / "forged", producer=store.meta["producer"], payload_shape=(16,),
+                                    label_names=store.meta["labels"], dtype="float32",
+                                    extra_meta={k: store.meta[k] for k in ("kind", "dataset")})
+    forged.append(c["instance_id"], c["user"], c["ts"], payload, side, c["avail"])
+    model.store = forged.load_into_memory()
+    with torch.no_grad():
+        after = model(batch).logits
+    torch.testing.assert_close(before, after)
+
+
+@pytest.mark.parametrize("params", [
+    dict(base="din"), dict(base="bst", seq_model="din", query="id"),
+    dict(base="rankmixer", placement="after", side_info=False)])
+def test_iat_forward_backward_on_bases(synth_prepared, store, params):
+    layout = FeatureLayout.from_dataset(synth_prepared)
+    model = build_model("iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), length=10, **params)
+    model.prepare_data(synth_prepared, seed=1)
+    batch = BatchLoader(synth_prepared, synth_prepared.rows("train")[:64], 64).build(synth_prepared.rows("train")[:64])
+    snapshot = np.array(store._columns()["payload"]).copy()
+    out = model(batch)
+    assert out.logits.shape == (64, 1) and torch.isfinite(out.logits).all()
+    out.logits.sum().backward()
+    assert model.adapt[0].weight.grad is not None and model.adapt[0].weight.grad.abs().sum() > 0
+    np.testing.assert_array_equal(np.asarray(model.store._columns()["payload"]), snapshot)  # tokens are frozen
+
+
+def test_store_from_another_dataset_is_refused(synth_prepared, toy_prepared, store):
+    layout = FeatureLayout.from_dataset(toy_prepared)
+    model = build_model("iat", layout, store=str(store.root), source=dict(scheme="user", **FAST))
+    with pytest.raises(ConfigError, match="exported for dataset"):
+        model.prepare_data(toy_prepared, seed=0)

@@ -1,0 +1,130 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sampletok.data.history import HistoryIndex
+from sampletok.errors import StoreError
+from sampletok.store import LocalTokenStore
+
+
+def _instances(n, seed=0, dim=4):
+    rng = np.random.default_rng(seed)
+    return dict(instance_id=np.arange(n) + 1000 * seed, user=rng.integers(0, 5, n), ts=rng.integers(0, 30, n),
+                payload=rng.normal(size=(n, dim)).astype(np.float32), side=rng.integers(0, 2, (n, 1)).astype(float),
+                avail=None)
+
+
+def _make(tmp_path, dtype="float32", name="s"):
+    return LocalTokenStore.create(tmp_path / name, producer="p1", payload_shape=(4,), label_names=["click"],
+                                  dtype=dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 80), st.integers(0, 1000), st.integers(1, 6), st.integers(1, 3))
+def test_fetch_matches_history_index_and_never_leaks(tmp_path_factory, n, seed, length, n_appends):
+    store = _make(tmp_path_factory.mktemp("s"))
+    parts = [_instances(n, seed + k) for k in range(n_appends)]
+    for p in parts:
+        p["avail"] = p["ts"][:, None] + 3  # label known 3 s after the event
+        store.append(**p)
+    allc = {k: np.concatenate([p[k] for p in parts]) for k in ("user", "ts", "payload", "side")}
+    rng = np.random.default_rng(seed)
+    qu, qt = rng.integers(0, 6, 20), rng.integers(-1, 35, 20)
+    got = store.fetch(qu, qt, length)
+    ref = HistoryIndex(allc["user"], allc["ts"], [3]).fetch(qu, qt, length)
+    np.testing.assert_array_equal(got.mask, ref.mask)
+    np.testing.assert_array_equal(got.gap, ref.gap)
+    np.testing.assert_array_equal(got.side_mask, ref.label_mask)
+    safe = np.where(ref.mask, ref.rows, 0)
+    np.testing.assert_allclose(got.payload, np.where(ref.mask[..., None], allc["payload"][safe], 0))
+    np.testing.assert_allclose(got.side, np.where(ref.label_mask, allc["side"][safe], 0))
+    assert np.all(allc["ts"][got.rows[got.mask]] < np.broadcast_to(qt[:, None], got.rows.shape)[got.mask])
+
+
+@pytest.mark.parametrize("dtype, tol, nbytes", [("float32", 0, 16), ("float16", 2e-3, 8), ("int8", 2e-2, 8)])
+def test_payload_dtypes_round_trip(tmp_path, dtype, tol, nbytes):
+    store = _make(tmp_path, dtype)
+    inst = _instances(50)
+    store.append(**inst)
+    f = store.fetch(inst["user"], inst["ts"] + 100, 60)
+    order = f.rows[f.mask]
+    got = f.payload[f.mask]
+    scale = np.abs(inst["payload"]).max()
+    assert np.max(np.abs(got - inst["payload"][order])) <= tol * scale + 1e-7
+    assert store.bytes_per_instance()["payload"] == nbytes
+
+
+def test_compaction_keeps_content_and_reopen(tmp_path):
+    store = _make(tmp_path)
+    for k in range(3):
+        store.append(**_instances(30, k))
+    before = store.fetch(np.arange(5), np.full(5, 40), 10)
+    store.compact()
+    assert len(store.manifest["segments"]) == 1
+    again = LocalTokenStore.open(tmp_path / "s")
+    after = again.fetch(np.arange(5), np.full(5, 40), 10)
+    np.testing.assert_array_equal(before.payload, after.payload)
+    assert len(again) == 90
+
+
+def test_producer_mismatch_is_refused(tmp_path):
+    _make(tmp_path).append(**_instances(5))
+    with pytest.raises(StoreError, match="written by producer p1, but the model expects p2"):
+        LocalTokenStore.open(tmp_path / "s", expect_producer="p2")
+    with pytest.raises(StoreError, match="not a token store"):
+        LocalTokenStore.open(tmp_path / "nothing")
+    with pytest.raises(StoreError, match="payload shape"):
+        LocalTokenStore.open(tmp_path / "s").append(**{**_instances(5), "payload": np.zeros((5, 3))})
+
+
+def test_killed_writer_leaves_previous_state_readable(tmp_path):
+    store = _make(tmp_path)
+    store.append(**_instances(20))
+    before = store.fetch(np.arange(5), np.full(5, 40), 8)
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from sampletok.store import LocalTokenStore
+        s = LocalTokenStore.open({str(tmp_path / 's')!r})
+        s.append(instance_id=np.arange(10) + 10**6, user=np.zeros(10, int), ts=np.arange(10),
+                 payload=np.ones((10, 4)), side=np.ones((10, 1)))
+    """)
+    env = {**os.environ, "SAMPLETOK_TEST_CRASH_BEFORE_COMMIT": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
+    assert proc.returncode == 137, proc.stderr.decode()  # really killed between segment write and commit
+    reopened = LocalTokenStore.open(tmp_path / "s")
+    after = reopened.fetch(np.arange(5), np.full(5, 40), 8)
+    np.testing.assert_array_equal(before.payload, after.payload)
+    assert len(reopened) == 20
+    reopened.gc()  # the orphan segment of the dead writer is removed
+    assert sorted(p.name for p in (tmp_path / "s" / "segments").iterdir()) == reopened.manifest["segments"]
+
+
+def test_killed_writer_with_sigkill_mid_append(tmp_path):
+    """A writer SIGKILLed at an arbitrary moment during many appends leaves a consistent store."""
+    store = _make(tmp_path)
+    store.append(**_instances(10))
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from sampletok.store import LocalTokenStore
+        s = LocalTokenStore.open({str(tmp_path / 's')!r})
+        print("ready", flush=True)
+        for k in range(100000):
+            s.append(instance_id=np.arange(50) + 10**6 + 50 * k, user=np.zeros(50, int), ts=np.arange(50),
+                     payload=np.ones((50, 4)), side=np.ones((50, 1)))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"ready"
+    import time
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    reopened = LocalTokenStore.open(tmp_path / "s")
+    n = len(reopened)
+    assert n >= 10 and (n - 10) % 50 == 0  # whole appends only
+    reopened.fetch(np.zeros(3, int), np.full(3, 100), 5)
