@@ -171,6 +171,60 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="output directory"),
     run_demo(out, quick=quick)
 
 
+iat_app = typer.Typer(no_args_is_help=True, help="IAT: source models and instance-token export.")
+app.add_typer(iat_app, name="iat")
+
+
+@iat_app.command("fit-source")
+def iat_fit_source(
+    data: Path = typer.Option(..., help="prepared dataset directory"),
+    out: Path = typer.Option(..., help="where to save the source model (.pt)"),
+    scheme: str = typer.Option("user", help="temporal | user | user_stream"),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="IATSourceConfig field key=value"),
+    seed: int = typer.Option(2021),
+):
+    """Train an IAT source model on the training window of a prepared dataset."""
+    import torch
+
+    from sampletok.data.prepare import PreparedDataset
+    from sampletok.tokenizers.iat import IATSourceConfig, train_source
+
+    ds = PreparedDataset(data).load_into_memory()
+    cfg = IATSourceConfig(scheme=scheme, **_parse_params(param))
+    model = train_source(ds, cfg, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": cfg.model_dump(), "state_dict": model.state_dict(), "dataset": ds.fingerprint}, out)
+    console.print(f"source model ({cfg.scheme}-order, {cfg.emb_dim}-d InsEmb) → {out}")
+
+
+@iat_app.command("export")
+def iat_export(
+    data: Path = typer.Option(..., help="prepared dataset directory"),
+    model: Path = typer.Option(..., help="source model written by `sampletok iat fit-source`"),
+    store: Path = typer.Option(..., help="token store directory to (re)write"),
+    dtype: Optional[str] = typer.Option(None, help="payload dtype: float16 | float32 | int8"),
+):
+    """Embed every instance with a source model and write the tokens (+ labels) to a token store."""
+    import torch
+
+    from sampletok.data.batches import FeatureLayout
+    from sampletok.data.prepare import PreparedDataset
+    from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, export_to_store
+
+    ds = PreparedDataset(data).load_into_memory()
+    saved = torch.load(model, weights_only=False)
+    if saved.get("dataset") != ds.fingerprint:
+        raise SampletokError(f"{model}: trained on dataset {saved.get('dataset')}, not {ds.fingerprint}")
+    cfg = IATSourceConfig(**{**saved["config"], **({"dtype": dtype} if dtype else {})})
+    src = SourceModel(FeatureLayout.from_dataset(ds), cfg)
+    src.load_state_dict(saved["state_dict"])
+    st = export_to_store(src, ds, store)
+    b = st.bytes_per_instance()
+    console.print(f"exported {len(st):,} instance tokens → {store} "
+                  f"({st.meta['export_instances_per_s']:,.0f} instances/s, {b['payload']:.0f} payload bytes "
+                  f"+ {b['keys'] + b['side']:.0f} key/side bytes per instance, producer {st.meta['producer']})")
+
+
 def main() -> None:
     try:
         app()

@@ -37,7 +37,7 @@ class IAT(RankingModel):
                  token_dim: int = 64, side_dim: int = 64, side_info: bool = True,
                  query: Literal["compressed", "id"] = "compressed", seq_model: Literal["transformer", "din"] = "transformer",
                  placement: Literal["before", "after"] = "before", out_dim: int = 32, heads: int = 2,
-                 cache_dir: str = "runs/iat-cache"):
+                 encoder_layers: int = 1, ffn_mult: int = 4, cache_dir: str = "runs/iat-cache"):
         super().__init__(layout)
         if base not in BASES:
             raise ConfigError(f"IAT base must be one of {BASES}, got '{base}'")
@@ -57,8 +57,9 @@ class IAT(RankingModel):
         q_in = emb.n_tokens * emb.dim if query == "compressed" else emb.seq_dim
         self.query = MLP(q_in, [2 * d_tok], out_dim=d_tok)
         if seq_model == "transformer":
-            self.encoder = TransformerBlock(d_tok, heads)
-            self.cross = TransformerBlock(d_tok, heads)
+            # self-attention layers over the tokens, then the query's target-aware cross-attention
+            self.encoder = nn.ModuleList(TransformerBlock(d_tok, heads, ffn_mult) for _ in range(encoder_layers))
+            self.cross = TransformerBlock(d_tok, heads, ffn_mult)
         else:
             self.attention = TargetAttention(d_tok)
         self.out = nn.Linear(d_tok, out_dim)
@@ -94,7 +95,9 @@ class IAT(RankingModel):
         q_in = emb(batch).flatten(1) if self.query_kind == "compressed" else emb.target_item(batch)
         q = self.query(q_in)
         if self.seq_kind == "transformer":
-            enc = self.encoder(tokens, key_padding_mask(mask, tokens.shape[1]))
+            enc = tokens
+            for block in self.encoder:
+                enc = block(enc, key_padding_mask(mask, tokens.shape[1]))
             pooled = self.cross(q.unsqueeze(1), key_padding_mask(mask, 1), context=enc)[:, 0]
             pooled = pooled * mask.any(1, keepdim=True)  # no history: the branch contributes only a bias
         else:

@@ -111,7 +111,7 @@ def read_mllatest(path: str | Path) -> pl.DataFrame:
     if tags_path.exists():
         tags = pl.read_csv(tags_path, schema_overrides={"userId": pl.Int64, "timestamp": pl.Int64}).select(
             pl.col("userId").alias("user_id"), pl.col("timestamp"))
-        df = df.with_columns(user_tags_before=_count_strictly_before(df, tags).cast(pl.Float64))
+        df = df.with_columns(user_tags_before=pl.Series(_count_strictly_before(df, tags).astype(np.float64)))
     else:
         df = df.with_columns(user_tags_before=pl.lit(0.0))
     return df.with_columns(click=(pl.col("rating") >= 4).cast(pl.Int8))

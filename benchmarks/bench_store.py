@@ -1,0 +1,74 @@
+"""Token store: fetch latency for B × T tokens, bytes per instance per payload dtype, and IAT export
+throughput of the default source model.
+
+Run: python benchmarks/bench_store.py [--rows 1000000] [--dim 64] [--batch 4096] [--T 256]
+     python benchmarks/bench_store.py --export-ml100k ../shared/data/ml-100k
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    from sampletok.store import LocalTokenStore
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--users", type=int, default=10_000)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--T", type=int, default=256)
+    ap.add_argument("--export-ml100k", type=Path, default=None)
+    a = ap.parse_args()
+    rng = np.random.default_rng(0)
+    user = rng.integers(0, a.users, a.rows)
+    ts = rng.integers(0, 10**8, a.rows)
+    emb = rng.normal(size=(a.rows, a.dim)).astype(np.float32)
+    side = rng.integers(0, 2, (a.rows, 2)).astype(np.float32)
+    print(f"| dtype | payload B/instance | total B/instance | write s | fetch ms ({a.batch}×{a.T}) | max abs error |")
+    print("|---|---|---|---|---|---|")
+    for dtype in ("float32", "float16", "int8"):
+        with tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            s = LocalTokenStore.create(Path(d) / "s", "bench", (a.dim,), ["click", "conv"], dtype=dtype)
+            s.append(np.arange(a.rows), user, ts, emb, side)
+            write = time.perf_counter() - t
+            s = LocalTokenStore.open(Path(d) / "s").load_into_memory()
+            qu, qt = rng.integers(0, a.users, a.batch), rng.integers(5 * 10**7, 10**8, a.batch)
+            s.fetch(qu, qt, a.T)
+            best = min(_time(lambda: s.fetch(qu, qt, a.T)) for _ in range(3))
+            f = s.fetch(qu, qt, a.T)
+            err = float(np.abs(f.payload[f.mask] - emb[np.asarray(s._columns()["instance_id"])[f.rows[f.mask]]]).max())
+            b = s.bytes_per_instance()
+            print(f"| {dtype} | {b['payload']:.0f} | {b['total']:.0f} | {write:.2f} | {best * 1e3:.0f} | {err:.4f} |")
+    if a.export_ml100k:
+        from sampletok.data.prepare import prepare
+        from sampletok.data.sources.movielens import load_movielens
+        from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, embed_all
+        from sampletok.data.batches import FeatureLayout
+
+        with tempfile.TemporaryDirectory() as d:
+            src, schema = load_movielens(a.export_ml100k)
+            ds = prepare(src, schema, Path(d) / "ml", progress=False).load_into_memory()
+            model = SourceModel(FeatureLayout.from_dataset(ds), IATSourceConfig())
+            embed_all(model, ds, progress=False)
+            t = time.perf_counter()
+            embed_all(model, ds, progress=False)
+            sec = time.perf_counter() - t
+            print(f"IAT export (default source model, pre-SIT, history 50): {ds.n_rows / sec:,.0f} instances/s "
+                  f"({ds.n_rows:,} instances in {sec:.2f} s)")
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    main()

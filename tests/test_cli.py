@@ -1,0 +1,57 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _cli(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "sampletok.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    r = _cli("train", "--data", str(tmp_path / "nothing"))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "not a prepared dataset" in r.stderr
+    bad = tmp_path / "log.csv"
+    bad.write_text("uid,ts\n1,2\n")
+    schema = tmp_path / "s.yaml"
+    schema.write_text("name: x\nuser: uid\ntimestamp: ts\nlabels: [{name: y}]\nfeatures: []\n")
+    r = _cli("prepare", "--files", str(bad), "--schema", str(schema), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "missing columns ['y']" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_explains_commands():
+    r = _cli("--help")
+    assert r.returncode == 0
+    for cmd in ("prepare", "train", "evaluate", "compare", "demo", "iat"):
+        assert cmd in r.stdout
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    r = _cli("demo", "--quick", "--out", str(tmp_path / "demo"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "Bayes-optimal" in report and "din+iat-user" in report
+    assert (tmp_path / "demo" / "results.png").stat().st_size > 10_000
+
+
+def test_compare_on_ml100k_subset(ml100k_dir, tmp_path):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"""
+name: smoke
+dataset: {{kind: movielens, path: {ml100k_dir}, prepared_dir: {tmp_path / 'prep'}}}
+train: {{max_epochs: 1}}
+seeds: [1, 2]
+reference: dnn
+models: [{{name: dnn}}, {{name: din}}]
+""")
+    r = _cli("compare", str(cfg), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| din | 2 |" in md and "(ref)" in md
