@@ -154,3 +154,14 @@ def test_parquet_and_csv_give_the_same_dataset(tmp_path, toy_schema):
     b = prepare(FileSource(_write_csv(tmp_path, df)), toy_schema, tmp_path / "b", progress=False)
     for name in a.manifest["columns"]:
         np.testing.assert_array_equal(np.asarray(a.col(name)), np.asarray(b.col(name)), err_msg=name)
+
+
+def test_row_filter_by_raw_values(toy_prepared):
+    raw_codes = np.asarray(toy_prepared.col("cat__iid"))
+    vocab = toy_prepared.stats["iid"].vocab
+    mask = toy_prepared.where({"iid": [vocab[0], vocab[1], "never-seen"]})
+    assert mask.sum() == np.isin(raw_codes, [1, 2]).sum() > 0
+    rows = toy_prepared.rows("train", where={"iid": [vocab[0]]})
+    assert set(raw_codes[rows]) == {1}
+    with pytest.raises(DataError, match="not a categorical field"):
+        toy_prepared.where({"price": [1]})

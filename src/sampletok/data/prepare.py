@@ -228,12 +228,23 @@ class PreparedDataset:
     def fingerprint(self) -> str:
         return self.manifest["key"]
 
-    def rows(self, split: str, seen_users_only: bool = False) -> np.ndarray:
-        """Row ids of a split, in time order (stable)."""
+    def where(self, conditions: dict[str, list] | None) -> np.ndarray:
+        """Boolean row mask: every categorical field's raw value is one of the given values."""
+        mask = np.ones(self.n_rows, dtype=bool)
+        for name, values in (conditions or {}).items():
+            vocab = self.stats[name].vocab if name in self.stats else None
+            if vocab is None:
+                raise DataError(str(self.root), f"row filter field '{name}' is not a categorical field")
+            codes = [vocab.index(str(v)) + 1 for v in values if str(v) in vocab]
+            mask &= np.isin(np.asarray(self.col(f"cat__{name}")), codes)
+        return mask
+
+    def rows(self, split: str, seen_users_only: bool = False, where: dict[str, list] | None = None) -> np.ndarray:
+        """Row ids of a split, in time order (stable); ``where`` keeps rows whose fields take given values."""
         code = SPLIT_NAMES.index(split)
-        rows = np.flatnonzero(np.asarray(self.col("_split")) == code)
+        rows = np.flatnonzero((np.asarray(self.col("_split")) == code) & self.where(where))
         if seen_users_only and split != "train":
-            train_users = np.unique(np.asarray(self.col("_user_key"))[self.rows("train")])
+            train_users = np.unique(np.asarray(self.col("_user_key"))[self.rows("train", where=where)])
             rows = rows[np.isin(np.asarray(self.col("_user_key"))[rows], train_users)]
         ts = np.asarray(self.col("_ts"))[rows]
         return rows[np.argsort(ts, kind="stable")]

@@ -56,6 +56,8 @@ class IATSourceConfig(BaseModel):
     lr: float = 1e-3
     export: Literal["pre_sit", "post_sit"] = "pre_sit"
     dtype: Literal["float16", "float32", "int8"] = "float16"
+    rows_where: dict[str, list] | None = Field(None, description="train on / export only instances whose fields "
+                                               "take these values (e.g. a source domain for transfer)")
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
@@ -150,7 +152,7 @@ def train_source(ds: PreparedDataset, cfg: IATSourceConfig, seed: int, progress:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     loader = BatchLoader(ds, ds.rows("train"), cfg.batch_size, index=history_index(ds), layout=layout)
     user, ts = np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts"))
-    train_rows = ds.rows("train")  # time-ordered
+    train_rows = ds.rows("train", where=cfg.rows_where)  # time-ordered
     model.train()
     for epoch in range(cfg.epochs):
         torch.manual_seed(seed * 1000 + epoch)
@@ -257,19 +259,20 @@ def export_to_store(model: SourceModel, ds: PreparedDataset, path: str | Path, p
     emb = embed_all(model, ds, progress=progress)
     seconds = time.time() - t0
     labels = ds.schema.labels
+    keep = np.flatnonzero(ds.where(model.cfg.rows_where))
     store = LocalTokenStore.create(path, producer=producer_id(model, ds), payload_shape=(model.cfg.emb_dim,),
                                    label_names=[l.name for l in labels], dtype=model.cfg.dtype, overwrite=True,
                                    extra_meta={"kind": "iat", "dataset": ds.fingerprint,
                                                "source_config": model.cfg.model_dump(),
                                                "export_seconds": seconds,
                                                "export_instances_per_s": ds.n_rows / max(seconds, 1e-9)})
-    ts = np.asarray(ds.col("_ts"))
-    side = np.stack([np.asarray(ds.col(f"label__{l.name}")) for l in labels], 1)
+    ts = np.asarray(ds.col("_ts"))[keep]
+    side = np.stack([np.asarray(ds.col(f"label__{l.name}"))[keep] for l in labels], 1)
     avail = ts[:, None] + np.array([l.delay for l in labels], np.int64)[None, :]
-    for i in range(0, ds.n_rows, chunk):
+    iid, user, emb = np.asarray(ds.col("_instance_id"))[keep], np.asarray(ds.col("_user_key"))[keep], emb[keep]
+    for i in range(0, len(keep), chunk):
         sl = slice(i, i + chunk)
-        store.append(np.asarray(ds.col("_instance_id"))[sl], np.asarray(ds.col("_user_key"))[sl], ts[sl],
-                     emb[sl], side[sl], avail[sl])
+        store.append(iid[sl], user[sl], ts[sl], emb[sl], side[sl], avail[sl])
     store.compact()
     return store
 

@@ -50,6 +50,8 @@ class Experiment(BaseModel):
     seeds: list[int] = [2021, 2022, 2023]
     models: list[ModelSpec]
     reference: str | None = Field(None, description="label of the model every other is t-tested against")
+    requests: dict[str, list] | None = Field(None, description="train/evaluate only on request rows whose "
+                                             "fields take these values, e.g. {domain: [1]}; history is unfiltered")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "Experiment":
@@ -91,7 +93,8 @@ def load_dataset(cfg: DatasetConfig, progress: bool = True) -> PreparedDataset:
 
 
 def run_model(ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed: int,
-              run_dir: str | Path | None = None, progress: bool = True, resume: bool = True) -> dict:
+              run_dir: str | Path | None = None, progress: bool = True, resume: bool = True,
+              requests: dict[str, list] | None = None) -> dict:
     """Train one model with one seed and return its validation/test metrics and speed."""
     set_seed(seed)
     layout = FeatureLayout.from_dataset(ds)
@@ -101,17 +104,18 @@ def run_model(ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed
     hist_len = train_cfg.hist_len
     mk = lambda rows, bs, shuffle: BatchLoader(ds, rows, bs, hist_len=hist_len, shuffle=shuffle, seed=seed,
                                                index=index, layout=layout)
-    train_loader = mk(ds.rows("train"), train_cfg.batch_size, True)
-    valid_loader = mk(ds.rows("valid"), train_cfg.eval_batch_size, False)
+    rows = lambda split, seen=False: ds.rows(split, seen_users_only=seen, where=requests)
+    train_loader = mk(rows("train"), train_cfg.batch_size, True)
+    valid_loader = mk(rows("valid"), train_cfg.eval_batch_size, False)
     t0 = time.time()
     result = fit(model, train_loader, valid_loader, train_cfg, seed, run_dir=run_dir, resume=resume,
                  progress=progress)
     wall = time.time() - t0
-    test = evaluate(model, mk(ds.rows("test"), train_cfg.eval_batch_size, False))
-    seen = evaluate(model, mk(ds.rows("test", seen_users_only=True), train_cfg.eval_batch_size, False))
+    test = evaluate(model, mk(rows("test"), train_cfg.eval_batch_size, False))
+    seen = evaluate(model, mk(rows("test", True), train_cfg.eval_batch_size, False))
     t_inf = time.time()
-    evaluate(model, mk(ds.rows("test")[:8192], train_cfg.eval_batch_size, False))
-    infer_sps = min(8192, len(ds.rows("test"))) / max(time.time() - t_inf, 1e-9)
+    evaluate(model, mk(rows("test")[:8192], train_cfg.eval_batch_size, False))
+    infer_sps = min(8192, len(rows("test"))) / max(time.time() - t_inf, 1e-9)
     out = {
         "model": spec.display, "name": spec.name, "params": spec.params, "seed": seed,
         "test": test, "test_seen_users": seen, "valid": result.best_valid, "best_epoch": result.best_epoch,
@@ -166,7 +170,7 @@ def compare(exp: Experiment, out_dir: str | Path, progress: bool = True, ds: Pre
             if done.exists():
                 runs.append(json.loads(done.read_text()))
                 continue
-            r = run_model(ds, spec, exp.train, seed, run_dir=run_dir, progress=progress)
+            r = run_model(ds, spec, exp.train, seed, run_dir=run_dir, progress=progress, requests=exp.requests)
             console.print(f"[bold]{spec.display}[/] seed {seed}: test AUC {r['test']['auc']:.4f} "
                           f"GAUC {r['test']['gauc']:.4f} LogLoss {r['test']['logloss']:.4f} "
                           f"({r['train_samples_per_s']:.0f} samples/s, best epoch {r['best_epoch']})")
