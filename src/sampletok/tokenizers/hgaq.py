@@ -1,0 +1,250 @@
+"""SIF's Sample Tokenizer: hierarchical group-adaptive quantization (HGAQ).
+
+A raw sample's fields are split by SIF group (user / item / context / cross); group g is cut into
+``K_g = ceil(|F_g| / B)`` sub-tokens of about B fields (a field may be pinned with ``sub_token`` in the
+schema). Each sub-token's field embeddings (``d_e`` each) are projected linearly to ``d0``, then quantized by
+M levels of residual VQ, one codebook of V codes per (sub-token, level). Codebooks follow EMA updates
+(k-means style), are initialized from data, restart dead codes from current residuals, and an entropy
+regularizer keeps code usage spread. An auxiliary head predicts the sample's own label from the quantized
+sub-tokens, so the codes are shaped by the label.
+
+Own batched implementation rather than vector-quantize-pytorch's GroupedResidualVQ: here every (sub-token,
+level) has its own codebook and the whole grid is quantized by one batched distance computation per level
+(``[N, T, V]``), which is what the T × M layout needs; the library's grouped RVQ shares the level structure but
+adds a module per group and per level (T·M modules) with Python loops over them.
+
+Example:
+    >>> from sampletok.schema import Schema
+    >>> s = Schema.model_validate({"name": "x", "user": "u", "timestamp": "t", "labels": [{"name": "y"}],
+    ...     "features": [{"name": f"f{i}", "type": "categorical", "group": "user"} for i in range(5)]})
+    >>> [len(t) for t in assign_sub_tokens(s, fields_per_token=2)]
+    [2, 2, 1]
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from sampletok.data.batches import Batch, FeatureLayout
+from sampletok.errors import StoreError
+from sampletok.nn import MLP, FeatureEmbedding
+from sampletok.schema import GROUPS, Schema
+
+
+class HGAQConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    fields_per_token: int = Field(32, ge=1, description="B: fields per sub-token")
+    levels: int = Field(3, ge=1, description="M: residual VQ levels")
+    codes: int = Field(256, ge=2, description="V: codes per codebook")
+    d0: int = Field(16, ge=1)
+    field_dim: int = Field(8, ge=1, description="d_e: per-field embedding width")
+    commitment: float = 0.25
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    dead_threshold: float = Field(0.05, ge=0, description="EMA usage below which a code is restarted")
+    entropy_weight: float = 0.01
+    entropy_temperature: float = 1.0
+    aux_weight: float = 0.1
+
+
+def assign_sub_tokens(schema: Schema, fields_per_token: int) -> list[list[str]]:
+    """Field names of each sub-token, group by group: K_g = ceil(|F_g| / B); pinned fields first."""
+    tokens: list[list[str]] = []
+    for g in GROUPS:
+        fields = schema.fields_of_group(g)
+        if not fields:
+            continue
+        k = math.ceil(len(fields) / fields_per_token)
+        slots: list[list[str]] = [[] for _ in range(k)]
+        for f in fields:
+            if f.sub_token is not None:
+                if f.sub_token >= k:
+                    raise ValueError(f"field '{f.name}' pinned to sub-token {f.sub_token}, group '{g}' has {k}")
+                slots[f.sub_token].append(f.name)
+        free = [f.name for f in fields if f.sub_token is None]
+        for name in free:  # fill the emptiest slot first, in order: sub-tokens of about B fields
+            min(slots, key=len).append(name)
+        tokens += slots
+    return tokens
+
+
+class ResidualVQ(nn.Module):
+    """T independent M-level residual quantizers with EMA codebooks, data init and dead-code restart."""
+
+    def __init__(self, n_tokens: int, cfg: HGAQConfig):
+        super().__init__()
+        t, m, v, d = n_tokens, cfg.levels, cfg.codes, cfg.d0
+        self.cfg = cfg
+        self.register_buffer("codebook", torch.randn(t, m, v, d) * 0.1)
+        self.register_buffer("ema_count", torch.ones(t, m, v))
+        self.register_buffer("ema_sum", self.codebook.clone())
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.codebook.shape)  # type: ignore[return-value]
+
+    def version(self) -> str:
+        return hashlib.sha256(self.codebook.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+
+    def _nearest(self, r: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes [N, T] and squared distances [N, T, V] of residuals r [N, T, d] at one level."""
+        cb = self.codebook[:, level]  # [T, V, d]
+        dist = (r.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("ntd,tvd->ntv", r, cb)
+                + cb.pow(2).sum(-1).unsqueeze(0))
+        return dist.argmin(-1), dist
+
+    def forward(self, x: torch.Tensor, update: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Quantize x [N, T, d] → (straight-through quantized [N, T, d], codes [N, T, M], losses)."""
+        cfg = self.cfg
+        if update and self.training and not bool(self.initialized):
+            self._init_from_data(x.detach())
+        r = x
+        quant = torch.zeros_like(x)
+        codes, commit, entropy = [], x.new_zeros(()), x.new_zeros(())
+        t_idx = torch.arange(x.shape[1], device=x.device)
+        for level in range(cfg.levels):
+            code, dist = self._nearest(r.detach(), level)
+            q = self.codebook[t_idx.unsqueeze(0), level, code]  # [N, T, d]
+            commit = commit + (r - q.detach()).pow(2).mean()
+            if cfg.entropy_weight > 0:
+                # soft assignment of the (gradient-carrying) residual: low per-sample entropy, high usage entropy
+                cb = self.codebook[:, level].clone()  # a snapshot: the EMA update below writes in place
+                d_soft = (r.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("ntd,tvd->ntv", r, cb)
+                          + cb.pow(2).sum(-1).unsqueeze(0))
+                p = torch.softmax(-d_soft / cfg.entropy_temperature, dim=-1)
+                per_sample = -(p * torch.log(p + 1e-9)).sum(-1).mean()
+                avg = p.mean(0)
+                usage = -(avg * torch.log(avg + 1e-9)).sum(-1).mean()
+                entropy = entropy + per_sample - usage
+            if update and self.training:
+                self._ema_update(r.detach(), code, level)
+            quant = quant + q
+            r = r - q.detach()
+            codes.append(code)
+        st = x + (quant - x).detach()  # straight-through
+        losses = {"commit": cfg.commitment * commit, "entropy": cfg.entropy_weight * entropy}
+        return st, torch.stack(codes, dim=-1), losses
+
+    @torch.no_grad()
+    def _init_from_data(self, x: torch.Tensor) -> None:
+        """Each level's codebook starts from random residuals of the first batch (data initialization)."""
+        n, t, _ = x.shape
+        r = x.clone()
+        gen = torch.Generator().manual_seed(0)
+        for level in range(self.cfg.levels):
+            pick = torch.randint(0, n, (t, self.cfg.codes), generator=gen)
+            init = r[pick, torch.arange(t).unsqueeze(1)]  # [T, V, d]
+            self.codebook[:, level] = init
+            self.ema_sum[:, level] = init
+            self.ema_count[:, level] = 1.0
+            code, _ = self._nearest(r, level)
+            r = r - self.codebook[torch.arange(t).unsqueeze(0), level, code]
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, r: torch.Tensor, code: torch.Tensor, level: int) -> None:
+        n, t, d = r.shape
+        v, decay = self.cfg.codes, self.cfg.ema_decay
+        flat = (torch.arange(t).unsqueeze(0) * v + code).reshape(-1)  # [N*T] index into (T, V)
+        counts = torch.zeros(t * v).index_add_(0, flat, torch.ones(n * t)).view(t, v)
+        sums = torch.zeros(t * v, d).index_add_(0, flat, r.reshape(-1, d)).view(t, v, d)
+        self.ema_count[:, level].mul_(decay).add_(counts, alpha=1 - decay)
+        self.ema_sum[:, level].mul_(decay).add_(sums, alpha=1 - decay)
+        total = self.ema_count[:, level].sum(-1, keepdim=True)
+        smoothed = (self.ema_count[:, level] + 1e-5) / (total + v * 1e-5) * total  # Laplace smoothing
+        self.codebook[:, level] = self.ema_sum[:, level] / smoothed.unsqueeze(-1)
+        # dead-code restart: codes whose EMA usage fell below the threshold take a random current residual
+        dead = self.ema_count[:, level] < self.cfg.dead_threshold
+        if dead.any():
+            tok, idx = dead.nonzero(as_tuple=True)
+            pick = torch.randint(0, n, (len(tok),))
+            self.codebook[tok, level, idx] = r[pick, tok]
+            self.ema_sum[tok, level, idx] = r[pick, tok]
+            self.ema_count[tok, level, idx] = 1.0
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [..., T, M] → summed code vectors [..., T, d]."""
+        t, m = codes.shape[-2], codes.shape[-1]
+        t_idx = torch.arange(t).view(*([1] * (codes.dim() - 2)), t, 1)
+        l_idx = torch.arange(m).view(*([1] * (codes.dim() - 1)), m)
+        return self.codebook[t_idx, l_idx, codes.long()].sum(-2)
+
+    @torch.no_grad()
+    def utilization(self, codes: torch.Tensor) -> dict[str, np.ndarray]:
+        """Per (sub-token, level): perplexity of code usage and the count of unused codes in ``codes``."""
+        t, m = codes.shape[-2], codes.shape[-1]
+        flat = codes.reshape(-1, t, m)
+        perp = np.zeros((t, m))
+        dead = np.zeros((t, m), dtype=np.int64)
+        for ti in range(t):  # T·M tiny histograms: not a hot path
+            for li in range(m):
+                c = torch.bincount(flat[:, ti, li].long(), minlength=self.cfg.codes).float()
+                p = c / c.sum()
+                perp[ti, li] = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+                dead[ti, li] = int((c == 0).sum())
+        return {"perplexity": perp, "dead_codes": dead}
+
+
+class SampleTokenizer(nn.Module):
+    """Fields → sub-token vectors ``P x`` [N, T, d0] → residual VQ codes [N, T, M] (+ auxiliary label head)."""
+
+    def __init__(self, layout: FeatureLayout, schema: Schema, cfg: HGAQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = FeatureEmbedding(layout, cfg.field_dim)
+        self.sub_tokens = assign_sub_tokens(schema, cfg.fields_per_token)
+        order = {n: i for i, n in enumerate(layout.field_names)}
+        t, fmax = len(self.sub_tokens), max(len(s) for s in self.sub_tokens)
+        idx = torch.full((t, fmax), len(order), dtype=torch.long)  # len(order) = a zero field (padding)
+        for ti, names in enumerate(self.sub_tokens):
+            idx[ti, : len(names)] = torch.tensor([order[n] for n in names])
+        self.register_buffer("field_index", idx)
+        self.proj = nn.Parameter(torch.randn(t, fmax * cfg.field_dim, cfg.d0) / math.sqrt(fmax * cfg.field_dim))
+        self.proj_bias = nn.Parameter(torch.zeros(t, cfg.d0))
+        self.rvq = ResidualVQ(t, cfg)
+        self.aux_head = MLP(t * cfg.d0, [64], out_dim=len(layout.task_labels))
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.sub_tokens)
+
+    def project(self, batch: Batch) -> torch.Tensor:
+        """[N, T, d0] unquantized sub-token vectors P x."""
+        e = self.embed(batch)  # [N, F, d_e]
+        e = torch.cat([e, e.new_zeros(len(e), 1, e.shape[-1])], dim=1)
+        grouped = e[:, self.field_index].flatten(2)  # [N, T, fmax * d_e]
+        return torch.einsum("ntk,tkd->ntd", grouped, self.proj) + self.proj_bias
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(quantized [N, T, d0], codes [N, T, M], losses incl. the auxiliary label loss)."""
+        x = self.project(batch)
+        q, codes, losses = self.rvq(x)
+        aux = F.binary_cross_entropy_with_logits(self.aux_head(q.flatten(1)), batch.labels)
+        losses["aux_label"] = self.cfg.aux_weight * aux
+        return q, codes, losses
+
+    @torch.no_grad()
+    def encode(self, batch: Batch) -> np.ndarray:
+        """Codes of a batch as the smallest unsigned dtype that holds V codes."""
+        was = self.training
+        self.eval()
+        _, codes, _ = self.rvq(self.project(batch), update=False)
+        self.train(was)
+        return codes.numpy().astype(code_dtype(self.cfg.codes))
+
+    def decode(self, codes: np.ndarray | torch.Tensor, version: str | None = None) -> torch.Tensor:
+        """Summed code vectors; refuses codes made with other codebooks when ``version`` is given."""
+        if version is not None and version != self.rvq.version():
+            raise StoreError(f"codes were made with codebook version {version}, this tokenizer has "
+                             f"{self.rvq.version()}; re-export the codes")
+        return self.rvq.decode(torch.as_tensor(np.asarray(codes)))
+
+
+def code_dtype(codes: int) -> np.dtype:
+    return np.dtype(np.uint8 if codes <= 256 else np.uint16 if codes <= 65536 else np.int32)

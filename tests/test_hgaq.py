@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+
+from sampletok.data.batches import BatchLoader, FeatureLayout
+from sampletok.errors import StoreError
+from sampletok.schema import Schema
+from sampletok.tokenizers.hgaq import HGAQConfig, ResidualVQ, SampleTokenizer, assign_sub_tokens, code_dtype
+
+
+def _schema(counts, pinned=None):
+    feats = []
+    for g, n in counts.items():
+        feats += [{"name": f"{g}{i}", "type": "categorical", "group": g} for i in range(n)]
+    for f in feats:
+        if pinned and f["name"] in pinned:
+            f["sub_token"] = pinned[f["name"]]
+    return Schema.model_validate({"name": "x", "user": "u", "timestamp": "t", "labels": [{"name": "y"}],
+                                  "features": feats})
+
+
+def test_sub_token_arithmetic_and_pinning():
+    s = _schema({"user": 7, "item": 3, "context": 0, "cross": 4})
+    toks = assign_sub_tokens(s, 3)
+    assert [len(t) for t in toks] == [3, 2, 2, 3, 2, 2]  # K = ceil(7/3)=3, ceil(3/3)=1, ceil(4/3)=2
+    assert sorted(sum(toks, [])) == sorted(f.name for f in s.features)
+    pinned = assign_sub_tokens(_schema({"user": 4}, {"user3": 0}), 2)
+    assert "user3" in pinned[0] and [len(t) for t in pinned] == [2, 2]
+    with pytest.raises(ValueError, match="pinned to sub-token 5"):
+        assign_sub_tokens(_schema({"user": 4}, {"user0": 5}), 2)
+
+
+def _fit_rvq(levels, x, steps=30, **kw):
+    torch.manual_seed(0)
+    rvq = ResidualVQ(x.shape[1], HGAQConfig(levels=levels, codes=16, d0=x.shape[2], entropy_weight=0, **kw)).train()
+    for _ in range(steps):
+        rvq(x)
+    rvq.eval()
+    return rvq
+
+
+def test_reconstruction_error_falls_with_levels():
+    x = torch.randn(2000, 3, 8)
+    errs = []
+    for m in (1, 2, 3):
+        rvq = _fit_rvq(m, x)
+        _, codes, _ = rvq(x, update=False)
+        errs.append(float((rvq.decode(codes) - x).pow(2).mean()))
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[0] < float(x.pow(2).mean())  # better than coding nothing
+
+
+def test_dead_code_restart_revives_codes():
+    x = torch.randn(1000, 2, 4)
+    rvq = _fit_rvq(1, x, steps=1)
+    with torch.no_grad():
+        rvq.codebook[:, 0, 8:] = 100.0  # half the codes far away and long unused
+        rvq.ema_sum[:, 0, 8:] = 100.0
+        rvq.ema_count[:, 0, 8:] = 0.0
+    rvq.train()
+    for _ in range(40):
+        rvq(x)
+    _, codes, _ = rvq.eval()(x, update=False)
+    assert rvq.utilization(codes)["dead_codes"].max() <= 2
+    frozen = _fit_rvq(1, x, steps=1, dead_threshold=0.0)
+    with torch.no_grad():
+        frozen.codebook[:, 0, 8:] = 100.0
+        frozen.ema_sum[:, 0, 8:] = 100.0
+        frozen.ema_count[:, 0, 8:] = 0.0
+    frozen.train()
+    for _ in range(40):
+        frozen(x)
+    _, codes, _ = frozen.eval()(x, update=False)
+    assert frozen.utilization(codes)["dead_codes"].min() >= 8  # without restart they stay dead
+
+
+def test_tokenizer_encode_decode_round_trip_and_version(synth_prepared):
+    layout = FeatureLayout.from_dataset(synth_prepared)
+    tok = SampleTokenizer(layout, synth_prepared.schema, HGAQConfig(fields_per_token=4, codes=32))
+    rows = synth_prepared.rows("train")[:512]
+    batch = BatchLoader(synth_prepared, rows, 512).build(rows)
+    q, codes, losses = tok(batch)  # training step: data init + EMA
+    assert q.shape == (512, tok.n_tokens, 16) and codes.shape == (512, tok.n_tokens, 3)
+    assert set(losses) == {"commit", "entropy", "aux_label"}
+    sum(losses.values()).backward()
+    assert tok.proj.grad is not None and tok.proj.grad.abs().sum() > 0
+    stored = tok.encode(batch)
+    assert stored.dtype == np.uint8
+    tok.eval()
+    with torch.no_grad():
+        q_eval, _, _ = tok(batch)
+    torch.testing.assert_close(tok.decode(stored, version=tok.rvq.version()), q_eval)
+    with pytest.raises(StoreError, match="codebook version"):
+        tok.decode(stored, version="0" * 16)
+    assert code_dtype(256) == np.uint8 and code_dtype(257) == np.uint16
