@@ -76,7 +76,7 @@ def test_dead_code_restart_revives_codes():
 
 def test_tokenizer_encode_decode_round_trip_and_version(synth_prepared):
     layout = FeatureLayout.from_dataset(synth_prepared)
-    tok = SampleTokenizer(layout, synth_prepared.schema, HGAQConfig(fields_per_token=4, codes=32))
+    tok = SampleTokenizer(layout, HGAQConfig(fields_per_token=4, codes=32))
     rows = synth_prepared.rows("train")[:512]
     batch = BatchLoader(synth_prepared, rows, 512).build(rows)
     q, codes, losses = tok(batch)  # training step: data init + EMA

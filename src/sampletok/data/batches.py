@@ -32,6 +32,7 @@ class FeatureLayout:
     seq_multi: list[str]
     multi_len: int
     groups: dict[str, str]
+    features: list[FeatureField] | None = None  # every field in schema order (SIF sub-token assignment)
 
     @classmethod
     def from_dataset(cls, ds: PreparedDataset) -> "FeatureLayout":
@@ -47,7 +48,7 @@ class FeatureLayout:
             seq_cat=[f for f in seq if s.field(f).type == FieldType.categorical],
             seq_multi=[f for f in seq if s.field(f).type == FieldType.multi_categorical],
             multi_len=max([f.max_len for f in multi], default=1),
-            groups={f.name: f.group for f in s.features},
+            groups={f.name: f.group for f in s.features}, features=list(s.features),
         )
 
     @property

@@ -52,11 +52,12 @@ class HGAQConfig(BaseModel):
     aux_weight: float = 0.1
 
 
-def assign_sub_tokens(schema: Schema, fields_per_token: int) -> list[list[str]]:
+def assign_sub_tokens(schema: Schema | list, fields_per_token: int) -> list[list[str]]:
     """Field names of each sub-token, group by group: K_g = ceil(|F_g| / B); pinned fields first."""
+    features = schema.features if isinstance(schema, Schema) else list(schema)
     tokens: list[list[str]] = []
     for g in GROUPS:
-        fields = schema.fields_of_group(g)
+        fields = [f for f in features if f.group == g]
         if not fields:
             continue
         k = math.ceil(len(fields) / fields_per_token)
@@ -194,11 +195,11 @@ class ResidualVQ(nn.Module):
 class SampleTokenizer(nn.Module):
     """Fields → sub-token vectors ``P x`` [N, T, d0] → residual VQ codes [N, T, M] (+ auxiliary label head)."""
 
-    def __init__(self, layout: FeatureLayout, schema: Schema, cfg: HGAQConfig):
+    def __init__(self, layout: FeatureLayout, cfg: HGAQConfig):
         super().__init__()
         self.cfg = cfg
         self.embed = FeatureEmbedding(layout, cfg.field_dim)
-        self.sub_tokens = assign_sub_tokens(schema, cfg.fields_per_token)
+        self.sub_tokens = assign_sub_tokens(layout.features, cfg.fields_per_token)
         order = {n: i for i, n in enumerate(layout.field_names)}
         t, fmax = len(self.sub_tokens), max(len(s) for s in self.sub_tokens)
         idx = torch.full((t, fmax), len(order), dtype=torch.long)  # len(order) = a zero field (padding)

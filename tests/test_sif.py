@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+
+from sampletok.data.batches import BatchLoader, FeatureLayout
+from sampletok.errors import StoreError
+from sampletok.models import build_model
+from sampletok.models.sif import MixerBlock, export_codes
+
+SMALL = dict(hgaq=dict(fields_per_token=4, codes=32), width=16, blocks=2, heads=2)
+
+
+@pytest.fixture(scope="module")
+def trained(synth_prepared):
+    torch.manual_seed(0)
+    model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **SMALL)
+    model.prepare_data(synth_prepared, seed=0)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    loader = BatchLoader(synth_prepared, synth_prepared.rows("train")[:1024], 256, hist_len=10)
+    model.train()
+    for batch in loader:
+        out = model(batch)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, batch.labels) + sum(out.aux_losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_training_step_losses(trained, synth_prepared):
+    rows = synth_prepared.rows("valid")[:64]
+    batch = BatchLoader(synth_prepared, rows, 64, hist_len=10).build(rows)
+    trained.train()
+    out = trained(batch)
+    trained.eval()
+    assert {"align", "vq_commit", "vq_entropy", "aux_label"} <= set(out.aux_losses)
+    assert all(torch.isfinite(v) for v in out.aux_losses.values())
+    assert trained.tokenizer.n_tokens == sum(-(-len(synth_prepared.schema.fields_of_group(g)) // 4)
+                                             for g in ("user", "item", "context", "cross"))
+
+
+def test_padding_rows_never_influence_the_target():
+    torch.manual_seed(0)
+    block = MixerBlock(16, 2).eval()
+    x = torch.randn(3, 6, 4, 16)
+    row_mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    y = block(x, row_mask)
+    x2 = x.clone()
+    x2[~row_mask] = torch.randn_like(x2[~row_mask]) * 100
+    torch.testing.assert_close(block(x2, row_mask)[row_mask], y[row_mask])
+
+
+def test_stored_codes_give_the_same_scores_as_on_the_fly(trained, synth_prepared, tmp_path):
+    rows = synth_prepared.rows("test")[:200]
+    batch = BatchLoader(synth_prepared, rows, 200, hist_len=10).build(rows)
+    with torch.no_grad():
+        live = trained(batch).logits
+    store = export_codes(trained, synth_prepared, tmp_path / "codes", progress=False)
+    assert store.meta["dtype"] == "uint8" and store.bytes_per_instance()["payload"] == trained.tokenizer.n_tokens * 3
+    trained.use_store(store.load_into_memory())
+    try:
+        with torch.no_grad():
+            stored = trained(batch).logits
+    finally:
+        trained.store = None
+    torch.testing.assert_close(stored, live)
+
+
+def test_codes_from_another_codebook_are_refused(trained, synth_prepared, tmp_path):
+    other = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **SMALL)
+    other.prepare_data(synth_prepared, seed=0)
+    rows = synth_prepared.rows("train")[:256]
+    other.train()
+    other(BatchLoader(synth_prepared, rows, 256, hist_len=5).build(rows))  # initializes its own codebooks
+    store = export_codes(other, synth_prepared, tmp_path / "other", progress=False)
+    with pytest.raises(StoreError, match="codebook version"):
+        trained.use_store(store)
+
+
+def test_eval_scores_do_not_depend_on_the_batch(trained, synth_prepared):
+    rows = synth_prepared.rows("test")[:50]
+    loader = BatchLoader(synth_prepared, rows, 50, hist_len=10)
+    with torch.no_grad():
+        together = trained(loader.build(rows)).logits
+        alone = torch.cat([trained(loader.build(rows[i:i + 1])).logits for i in range(5)])
+    torch.testing.assert_close(alone, together[:5], atol=1e-5, rtol=1e-5)
+
+
+def test_flat_mixer_ablation_runs(synth_prepared):
+    model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **{**SMALL, "mixer": "flat"})
+    model.prepare_data(synth_prepared, seed=0)
+    rows = synth_prepared.rows("train")[:32]
+    out = model(BatchLoader(synth_prepared, rows, 32, hist_len=8).build(rows))
+    assert out.logits.shape == (32, 1)
