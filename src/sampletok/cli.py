@@ -225,6 +225,49 @@ def iat_export(
                   f"+ {b['keys'] + b['side']:.0f} key/side bytes per instance, producer {st.meta['producer']})")
 
 
+sif_app = typer.Typer(no_args_is_help=True, help="SIF: HGAQ sample tokenizer + SIF-Mixer, code export.")
+app.add_typer(sif_app, name="sif")
+
+
+@sif_app.command("fit")
+def sif_fit(
+    data: Path = typer.Option(..., help="prepared dataset directory"),
+    out: Path = typer.Option(Path("runs/sif"), help="run directory"),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="SIF parameter key=value (hgaq={...})"),
+    hist_len: int = typer.Option(20, help="history rows L"),
+    epochs: int = typer.Option(5),
+    seed: int = typer.Option(2021),
+):
+    """Jointly train the HGAQ tokenizer and the SIF-Mixer (history quantized on the fly)."""
+    from sampletok.data.prepare import PreparedDataset
+    from sampletok.train.experiment import ModelSpec, run_model
+    from sampletok.train.trainer import TrainConfig
+
+    ds = PreparedDataset(data).load_into_memory()
+    r = run_model(ds, ModelSpec(name="sif", params=_parse_params(param)),
+                  TrainConfig(max_epochs=epochs, hist_len=hist_len), seed, run_dir=out)
+    console.print(f"sif: test AUC {r['test']['auc']:.4f} GAUC {r['test']['gauc']:.4f} → {out}")
+
+
+@sif_app.command("export")
+def sif_export(
+    data: Path = typer.Option(..., help="prepared dataset directory"),
+    run: Path = typer.Option(..., help="run directory of `sampletok sif fit`"),
+    store: Path = typer.Option(..., help="token store directory to (re)write"),
+):
+    """Frozen export of every instance's HGAQ codes (uint8 T × M) to a token store."""
+    from sampletok.data.prepare import PreparedDataset
+    from sampletok.models.sif import export_codes
+    from sampletok.train.experiment import load_trained
+
+    ds = PreparedDataset(data).load_into_memory()
+    model, _ = load_trained(ds, run)
+    st = export_codes(model.eval(), ds, store)
+    b = st.bytes_per_instance()
+    console.print(f"exported codes of {len(st):,} instances → {store} ({st.meta['export_instances_per_s']:,.0f} "
+                  f"instances/s, {b['payload']:.0f} payload bytes per instance, codebook {st.meta['codebook_version']})")
+
+
 def main() -> None:
     try:
         app()

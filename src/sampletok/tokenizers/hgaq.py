@@ -49,6 +49,7 @@ class HGAQConfig(BaseModel):
     dead_threshold: float = Field(0.05, ge=0, description="EMA usage below which a code is restarted")
     entropy_weight: float = 0.01
     entropy_temperature: float = 1.0
+    entropy_sample: int = Field(2048, ge=1, description="rows the entropy regularizer is estimated on")
     aux_weight: float = 0.1
 
 
@@ -109,6 +110,8 @@ class ResidualVQ(nn.Module):
         quant = torch.zeros_like(x)
         codes, commit, entropy = [], x.new_zeros(()), x.new_zeros(())
         t_idx = torch.arange(x.shape[1], device=x.device)
+        # the entropy regularizer needs soft assignments [N, T, V]: estimate it on a fixed-size subsample
+        sub = torch.randperm(len(x))[: cfg.entropy_sample] if len(x) > cfg.entropy_sample else None
         for level in range(cfg.levels):
             code, dist = self._nearest(r.detach(), level)
             q = self.codebook[t_idx.unsqueeze(0), level, code]  # [N, T, d]
@@ -116,7 +119,8 @@ class ResidualVQ(nn.Module):
             if cfg.entropy_weight > 0:
                 # soft assignment of the (gradient-carrying) residual: low per-sample entropy, high usage entropy
                 cb = self.codebook[:, level].clone()  # a snapshot: the EMA update below writes in place
-                d_soft = (r.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("ntd,tvd->ntv", r, cb)
+                rs = r if sub is None else r[sub]
+                d_soft = (rs.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("ntd,tvd->ntv", rs, cb)
                           + cb.pow(2).sum(-1).unsqueeze(0))
                 p = torch.softmax(-d_soft / cfg.entropy_temperature, dim=-1)
                 per_sample = -(p * torch.log(p + 1e-9)).sum(-1).mean()
