@@ -49,6 +49,8 @@ class IATSourceConfig(BaseModel):
     sit_layers: int = Field(2, ge=1)
     sit_heads: int = Field(2, ge=1)
     window: int = Field(64, ge=2, description="user-order: instances per user window")
+    hist_len: int | None = Field(None, ge=0, description="length of the instance's own short behaviour "
+                                 "sequence (None: the schema's sequence max_len)")
     stream_context: int = Field(63, ge=1, description="user_stream: previous embeddings read (T-1)")
     two_pass: bool = False
     epochs: int = Field(2, ge=1)
@@ -150,7 +152,8 @@ def train_source(ds: PreparedDataset, cfg: IATSourceConfig, seed: int, progress:
     layout = FeatureLayout.from_dataset(ds)
     model = SourceModel(layout, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    loader = BatchLoader(ds, ds.rows("train"), cfg.batch_size, index=history_index(ds), layout=layout)
+    loader = BatchLoader(ds, ds.rows("train"), cfg.batch_size, index=history_index(ds), layout=layout,
+                         hist_len=cfg.hist_len)
     user, ts = np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts"))
     train_rows = ds.rows("train", where=cfg.rows_where)  # time-ordered
     model.train()
@@ -231,7 +234,8 @@ def embed_all(model: SourceModel, ds: PreparedDataset, batch_size: int = 8192, p
     """[N, emb_dim] exported embedding of every row (pre-SIT z, or post-SIT per ``cfg.export``)."""
     model.eval()
     layout = FeatureLayout.from_dataset(ds)
-    loader = BatchLoader(ds, np.arange(ds.n_rows), batch_size, index=history_index(ds), layout=layout)
+    loader = BatchLoader(ds, np.arange(ds.n_rows), batch_size, index=history_index(ds), layout=layout,
+                         hist_len=model.cfg.hist_len)
     out = np.zeros((ds.n_rows, model.cfg.emb_dim), np.float32)
     if model.cfg.export == "pre_sit" or not model.use_sit:
         for i in tqdm(range(0, ds.n_rows, batch_size), desc="IAT export", disable=None if progress else True):
