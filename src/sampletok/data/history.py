@@ -86,19 +86,26 @@ class HistoryIndex:
         start, end = self._positions(users, request_ts)
         length = np.minimum(end - start, n)
         b = len(end)
-        # position j of the output (0..n-1) holds sorted index end - n + j when that is >= end - length
+        req = np.asarray(request_ts, dtype=np.int64)
+        # output position j (0..n-1) holds sorted position end - n + j when that is >= end - length
         offs = np.arange(n, dtype=np.int64) - n
-        idx = end[:, None] + offs[None, :]
         mask = offs[None, :] >= -length[:, None]
-        safe = np.where(mask, idx, 0)
-        rows = np.where(mask, self.order[safe] if self.n_rows else -1, -1)
-        row_ts = np.where(mask, self.sorted_ts[safe] if self.n_rows else 0, 0)
-        req = np.asarray(request_ts, dtype=np.int64)[:, None]
-        gap = np.where(mask, req - row_ts, 0).astype(np.float32)
-        if len(self.label_delay):
-            label_mask = mask[:, :, None] & (row_ts[:, :, None] + self.label_delay[None, None, :] < req[:, :, None])
-        else:
-            label_mask = np.zeros((b, n, 0), dtype=bool)
+        if self.n_rows == 0:
+            zeros = np.zeros((b, n), np.float32)
+            return History(np.full((b, n), -1, np.int64), mask, zeros, np.zeros((b, n, len(self.label_delay)), bool),
+                           length)
+        pos = end[:, None] + offs[None, :]
+        np.maximum(pos, 0, out=pos)
+        rows = self.order[pos]
+        row_ts = self.sorted_ts[pos]
+        pad = ~mask
+        rows[pad] = -1
+        gap = (req[:, None] - row_ts).astype(np.float32)
+        gap[pad] = 0
+        label_mask = np.empty((b, n, len(self.label_delay)), dtype=bool)
+        for k, d in enumerate(self.label_delay):  # a few labels, not samples
+            # valid rows already satisfy ts < request; a delay d > 0 also needs ts < request - d
+            label_mask[:, :, k] = mask if d <= 0 else mask & (row_ts < (req - d)[:, None])
         return History(rows=rows, mask=mask, gap=gap, label_mask=label_mask, length=length)
 
     def count_before(self, users: np.ndarray, request_ts: np.ndarray) -> np.ndarray:
