@@ -31,14 +31,30 @@ class MLP(nn.Sequential):
 
 
 class TargetAttention(nn.Module):
-    """DIN's activation unit: weights w(q, k) = MLP([q, k, q-k, q*k]), un-normalized weighted sum of values."""
+    """DIN's activation unit: weights w(q, k) = MLP([q, k, q-k, q*k]), un-normalized weighted sum of values.
+
+    Fast path: the first linear layer is split by input block, W·[q, k, q−k, q∘k] = (W_q+W_d)q + (W_k−W_d)k +
+    W_p(q∘k), so the query part is computed once per request instead of once per history position and the
+    [B, n, 4d] concatenation is never built. ``forward_reference`` is the literal formula (tests compare them).
+    """
 
     def __init__(self, dim: int, hidden: list[int] | None = None):
         super().__init__()
+        self.dim = dim
         self.score = MLP(4 * dim, hidden or [64, 32], out_dim=1, activation=nn.Sigmoid)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """query [B, d], keys [B, n, d], mask [B, n] → [B, d]."""
+        first = self.score[0]
+        wq, wk, wd, wp = first.weight.split(self.dim, dim=1)
+        h = (F.linear(query, wq + wd, first.bias).unsqueeze(1) + F.linear(keys, wk - wd)
+             + F.linear(query.unsqueeze(1) * keys, wp))
+        for layer in list(self.score)[1:]:
+            h = layer(h)
+        w = h.squeeze(-1) * mask.to(keys.dtype)
+        return torch.einsum("bn,bnd->bd", w, keys)
+
+    def forward_reference(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q = query.unsqueeze(1).expand_as(keys)
         w = self.score(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
         w = w * mask.to(w.dtype)
