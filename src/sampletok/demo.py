@@ -18,11 +18,11 @@ IAT_SMALL = {"base": "din", "length": 64, "token_dim": 32, "side_dim": 16, "enco
 
 
 def demo_experiment(out: Path, quick: bool = False) -> Experiment:
-    syn = SyntheticConfig(n_users=400 if quick else 1500, events_per_user=40 if quick else 60, seed=0)
+    syn = SyntheticConfig(n_users=400 if quick else 1200, events_per_user=40 if quick else 50, seed=0)
     return Experiment(
         name="demo (synthetic)",
         dataset=DatasetConfig(kind="synthetic", synthetic=syn.model_dump(), prepared_dir=str(out / "prepared")),
-        train=TrainConfig(max_epochs=2 if quick else 5, batch_size=1024, lr=2e-3, patience=2),
+        train=TrainConfig(max_epochs=2 if quick else 4, batch_size=1024, lr=2e-3, patience=2),
         seeds=[2021] if quick else [2021, 2022],
         models=[ModelSpec(name="dnn"), ModelSpec(name="din"),
                 ModelSpec(name="iat", label="din+iat-user",
