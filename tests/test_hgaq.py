@@ -50,28 +50,24 @@ def test_reconstruction_error_falls_with_levels():
     assert errs[0] < float(x.pow(2).mean())  # better than coding nothing
 
 
-def test_dead_code_restart_revives_codes():
-    x = torch.randn(1000, 2, 4)
-    rvq = _fit_rvq(1, x, steps=1)
+def _train_with_dead_codes(x, **kw):
+    """Half the codes moved far away and marked long unused, then 40 EMA steps; returns unused-code counts."""
+    rvq = _fit_rvq(1, x, steps=1, **kw)
     with torch.no_grad():
-        rvq.codebook[:, 0, 8:] = 100.0  # half the codes far away and long unused
+        rvq.codebook[:, 0, 8:] = 100.0
         rvq.ema_sum[:, 0, 8:] = 100.0
         rvq.ema_count[:, 0, 8:] = 0.0
     rvq.train()
     for _ in range(40):
         rvq(x)
     _, codes, _ = rvq.eval()(x, update=False)
-    assert rvq.utilization(codes)["dead_codes"].max() <= 2
-    frozen = _fit_rvq(1, x, steps=1, dead_threshold=0.0)
-    with torch.no_grad():
-        frozen.codebook[:, 0, 8:] = 100.0
-        frozen.ema_sum[:, 0, 8:] = 100.0
-        frozen.ema_count[:, 0, 8:] = 0.0
-    frozen.train()
-    for _ in range(40):
-        frozen(x)
-    _, codes, _ = frozen.eval()(x, update=False)
-    assert frozen.utilization(codes)["dead_codes"].min() >= 8  # without restart they stay dead
+    return rvq.utilization(codes)["dead_codes"]
+
+
+def test_dead_code_restart_revives_codes():
+    x = torch.randn(1000, 2, 4)
+    assert _train_with_dead_codes(x).max() <= 2
+    assert _train_with_dead_codes(x, dead_threshold=0.0).min() >= 8  # without restart they stay dead
 
 
 def test_tokenizer_encode_decode_round_trip_and_version(synth_prepared):
