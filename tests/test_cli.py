@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -55,3 +56,12 @@ models: [{{name: dnn}}, {{name: din}}]
     assert r.returncode == 0, r.stderr[-2000:]
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| din | 2 |" in md and "(ref)" in md
+    # A rerun reuses finished runs; a changed model configuration trains that model again, not the others.
+    result = lambda m, s: tmp_path / "out" / "runs" / m / str(s) / "result.json"
+    before = {m: result(m, 1).stat().st_mtime_ns for m in ("dnn", "din")}
+    cfg.write_text(cfg.read_text().replace("{name: dnn}", "{name: dnn, params: {hidden: [32]}}"))
+    r = _cli("compare", str(cfg), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert result("din", 1).stat().st_mtime_ns == before["din"]
+    assert result("dnn", 1).stat().st_mtime_ns != before["dnn"]
+    assert json.loads(result("dnn", 1).read_text())["params"] == {"hidden": [32]}

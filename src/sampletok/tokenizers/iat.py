@@ -229,7 +229,7 @@ def _train_stream_epoch(model: SourceModel, opt, loader: BatchLoader, ds: Prepar
 
 
 @torch.no_grad()
-def embed_all(model: SourceModel, ds: PreparedDataset, batch_size: int = 8192, progress: bool = True
+def embed_all(model: SourceModel, ds: PreparedDataset, batch_size: int = 1024, progress: bool = True
               ) -> np.ndarray:
     """[N, emb_dim] exported embedding of every row (pre-SIT z, or post-SIT per ``cfg.export``)."""
     model.eval()

@@ -123,6 +123,7 @@ def run_model(ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed
         "train_samples_per_s": result.train_samples_per_s, "fit_wall_s": wall, "infer_samples_per_s": infer_sps,
         "n_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
         "dataset": ds.fingerprint, "torch_threads": torch.get_num_threads(),
+        "train": train_cfg.model_dump(mode="json"), "requests": requests,
     }
     if run_dir:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -168,8 +169,13 @@ def compare(exp: Experiment, out_dir: str | Path, progress: bool = True, ds: Pre
             run_dir = out_dir / "runs" / _slug(spec.display) / str(seed)
             done = run_dir / "result.json"
             if done.exists():
-                runs.append(json.loads(done.read_text()))
-                continue
+                cached = json.loads(done.read_text())
+                if _same_run(cached, spec, exp, ds):
+                    runs.append(cached)
+                    continue
+                console.print(f"[yellow]{run_dir}: finished with another configuration, training again[/]")
+                for stale in run_dir.iterdir():  # a stale checkpoint must not be resumed either
+                    stale.unlink() if stale.is_file() else None
             r = run_model(ds, spec, exp.train, seed, run_dir=run_dir, progress=progress, requests=exp.requests)
             console.print(f"[bold]{spec.display}[/] seed {seed}: test AUC {r['test']['auc']:.4f} "
                           f"GAUC {r['test']['gauc']:.4f} LogLoss {r['test']['logloss']:.4f} "
@@ -181,6 +187,18 @@ def compare(exp: Experiment, out_dir: str | Path, progress: bool = True, ds: Pre
     table = write_report(runs, out_dir, reference=exp.reference or labels[0], title=exp.name)
     console.print(table)
     return runs
+
+
+def _same_run(cached: dict, spec: ModelSpec, exp: Experiment, ds: PreparedDataset) -> bool:
+    """Whether a finished run was made by this model, parameters, dataset, training config and request filter
+    (runs written before ``train``/``requests`` were recorded are matched on the rest)."""
+    same = (cached.get("name") == spec.name and cached.get("params") == spec.params
+            and cached.get("dataset") == ds.fingerprint)
+    if "train" in cached:
+        same &= cached["train"] == exp.train.model_dump(mode="json")
+    if "requests" in cached:
+        same &= cached["requests"] == exp.requests
+    return same
 
 
 def _slug(s: str) -> str:
