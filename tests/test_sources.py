@@ -72,3 +72,6 @@ def test_synthetic_field_counts(n_fields):
 def test_bayes_optimal_auc_beats_chance_and_is_an_upper_reference():
     opt = bayes_optimal_auc(SyntheticConfig(n_users=300, n_items=200, events_per_user=30))
     assert 0.7 < opt["auc"] < 1.0
+    # the planted history-only signal carries real information: without it even the oracle loses AUC
+    assert 0.5 < opt["auc_without_regime"] < opt["auc"] - 0.05
+    assert opt["auc_regime_only"] > 0.6

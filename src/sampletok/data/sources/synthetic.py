@@ -203,7 +203,8 @@ def _events_for_block(cfg: SyntheticConfig, world: _World, block: int) -> pl.Dat
                 vals = (age[uid] * 31 + world.item_cat[item] * (j + 7)) % 50
             cols[name] = np.clip(vals, -20, 20)
     df = pl.DataFrame(cols)
-    return df.with_columns(pl.Series("_p_click", p_click))
+    # truth columns (dropped unless asked for): the click probability and the regime term alone
+    return df.with_columns(pl.Series("_p_click", p_click), pl.Series("_regime_logit", phi[uid, regime, channel]))
 
 
 class SyntheticSource:
@@ -234,7 +235,7 @@ class SyntheticSource:
             df = _events_for_block(self.cfg, self.world, b)
             if self.domain is not None:
                 df = df.filter(pl.col("domain") == self.domain)
-            yield df if with_truth else df.drop("_p_click")
+            yield df if with_truth else df.drop("_p_click", "_regime_logit")
 
     def iter_chunks(self, columns: Sequence[str] | None = None) -> Iterator[RawChunk]:
         row = 1
@@ -257,7 +258,12 @@ def generate_source(cfg: SyntheticConfig, domain: int | None = None) -> tuple[Sy
 
 
 def bayes_optimal_auc(cfg: SyntheticConfig, split=None, domain: int | None = None) -> dict[str, float]:
-    """AUC and LogLoss of the true click probability on the test window of the given split."""
+    """AUC, GAUC and LogLoss of the true click probability on the test window of the given split.
+
+    Also ``auc_without_regime``: the AUC of the true probability with the regime term removed, i.e. of an oracle
+    that knows every static effect (affinity, promotion, price, hour) but not the user's current context
+    sensitivity, which only the user's recent full samples reveal; and ``auc_regime_only`` for that term alone.
+    """
     from sampletok.data.prepare import SplitSpec, assign_splits
     from sampletok.train.metrics import auc, gauc, logloss
 
@@ -265,5 +271,8 @@ def bayes_optimal_auc(cfg: SyntheticConfig, split=None, domain: int | None = Non
     code = assign_splits(df.get_column("ts").to_numpy(), split or SplitSpec())
     test = df.filter(pl.Series(code == 2))
     y, p = test.get_column("click").to_numpy(), test.get_column("_p_click").to_numpy()
+    regime = test.get_column("_regime_logit").to_numpy()
+    logit = np.log(p) - np.log1p(-p)
     return {"auc": auc(y, p), "gauc": gauc(y, p, test.get_column("user_key").to_numpy()),
-            "logloss": logloss(y, p), "n_test": int(len(y))}
+            "logloss": logloss(y, p), "auc_without_regime": auc(y, logit - regime),
+            "auc_regime_only": auc(y, regime), "n_test": int(len(y))}
