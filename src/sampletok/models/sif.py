@@ -71,7 +71,8 @@ class FlatBlock(nn.Module):
 class SIF(RankingModel):
     def __init__(self, layout: FeatureLayout, hgaq: dict[str, Any] | None = None, width: int = 32, blocks: int = 4,
                  heads: int = 4, hidden: list[int] = (64,), mixer: Literal["factored", "flat"] = "factored",
-                 vq_weight: float = 1.0, align_weight: float = 0.25, store: str | None = None):
+                 vq_weight: float = 1.0, align_weight: float = 0.25, store: str | None = None,
+                 history_labels: bool = True):
         super().__init__(layout)
         self.cfg = HGAQConfig(**(hgaq or {}))
         self.tokenizer = SampleTokenizer(layout, self.cfg)
@@ -81,6 +82,10 @@ class SIF(RankingModel):
         self.token_pos = nn.Parameter(torch.zeros(t, width))
         self.target_row = nn.Parameter(torch.zeros(width))
         self.recency = RecencyEncoding(width)
+        # a past sample's response is part of the raw sample: its labels (only those already known at the
+        # request time, plus known-flags) are added to every sub-token of its row, like the recency encoding
+        self.history_labels = history_labels
+        self.label_side = nn.Linear(2 * len(layout.all_labels), width) if history_labels else None
         block = MixerBlock if mixer == "factored" else FlatBlock
         self.blocks = nn.ModuleList(block(width, heads) for _ in range(blocks))
         self.head = MLP(width, list(hidden), out_dim=self.n_tasks)
@@ -102,33 +107,37 @@ class SIF(RankingModel):
                               version=store.meta.get("codebook_version"))
         self.store = store
 
-    def _history(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """[B, L, T, d0] history sub-tokens (+ VQ losses when quantized on the fly)."""
+    def _history(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """[B, L, T, d0] history sub-tokens, [B, L, 2A] known labels + known-flags (+ VQ losses when the
+        history is quantized on the fly)."""
         b, l = batch.hist_rows.shape
         t, d0 = self.tokenizer.n_tokens, self.cfg.d0
         out = torch.zeros(b, l, t, d0)
         mask = batch.hist_mask
+        known = batch.hist_label_mask.float()
+        labels = torch.cat([batch.hist_labels * known, known], dim=-1)  # unknown labels are zero, whatever came in
         if not mask.any():
-            return out, {}
+            return out, labels, {}
         if self.store is not None:
             f = self.store.fetch(batch.user.numpy(), batch.ts.numpy(), l, dequantize=False)
             if not np.array_equal(f.mask, mask.numpy()):
                 raise ConfigError("the code store does not hold the same history rows as the dataset")
             out[mask] = self.tokenizer.decode(f.payload[f.mask],
                                               version=self.store.meta.get("codebook_version"))
-            return out, {}
+            labels = torch.from_numpy(np.concatenate([f.side, f.side_mask.astype(np.float32)], axis=-1))
+            return out, labels, {}
         if self._rows is None:
             raise ConfigError("SIF model needs prepare_data(ds, seed=...) before use")
         rows = batch.hist_rows[mask].numpy()
         uniq, inverse = np.unique(rows, return_inverse=True)
         q, _, losses = self.tokenizer(self._rows.build(uniq))
         out[mask] = q[torch.from_numpy(inverse)]
-        return out, losses
+        return out, labels, losses
 
     def forward(self, batch: Batch) -> ModelOutput:
         x = self.tokenizer.project(batch)  # [B, T, d0] the request, never quantized here
         target = torch.einsum("btd,tde->bte", x, self.align)
-        hist, losses = self._history(batch)
+        hist, hist_labels, losses = self._history(batch)
         aux: dict[str, torch.Tensor] = {}
         if self.training:
             q_target, _, vq = self.tokenizer.rvq(x)
@@ -141,6 +150,8 @@ class SIF(RankingModel):
         grid = torch.cat([target.unsqueeze(1), hist], dim=1)  # [B, L+1, T, d0]
         h = self.up(grid) + self.token_pos
         rec = self.recency(batch.hist_gap, batch.hist_mask)  # [B, L, width]
+        if self.label_side is not None:
+            rec = rec + self.label_side(hist_labels) * batch.hist_mask.unsqueeze(-1)
         h = h + torch.cat([self.target_row.expand(len(batch), 1, -1), rec], dim=1).unsqueeze(2)
         row_mask = torch.cat([batch.hist_mask.new_ones(len(batch), 1), batch.hist_mask], dim=1)
         for block in self.blocks:

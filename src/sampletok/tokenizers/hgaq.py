@@ -116,8 +116,8 @@ class ResidualVQ(nn.Module):
             code, dist = self._nearest(r.detach(), level)
             q = self.codebook[t_idx.unsqueeze(0), level, code]  # [N, T, d]
             commit = commit + (r - q.detach()).pow(2).mean()
-            if cfg.entropy_weight > 0:
-                # soft assignment of the (gradient-carrying) residual: low per-sample entropy, high usage entropy
+            if cfg.entropy_weight > 0 and torch.is_grad_enabled():
+                # (encoding and evaluation skip it) soft assignment of the (gradient-carrying) residual: low per-sample entropy, high usage entropy
                 cb = self.codebook[:, level].clone()  # a snapshot: the EMA update below writes in place
                 rs = r if sub is None else r[sub]
                 d_soft = (rs.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("ntd,tvd->ntv", rs, cb)
