@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sampletok.data.batches import BatchLoader, FeatureLayout
 from sampletok.errors import StoreError
@@ -89,3 +91,18 @@ def test_tokenizer_encode_decode_round_trip_and_version(synth_prepared):
     with pytest.raises(StoreError, match="codebook version"):
         tok.decode(stored, version="0" * 16)
     assert code_dtype(256) == np.uint8 and code_dtype(257) == np.uint16
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 300), t=st.integers(1, 5), v=st.integers(2, 40), d=st.integers(1, 6),
+       block=st.integers(1, 64), seed=st.integers(0, 10_000))
+def test_blocked_nearest_code_equals_the_literal_formula(n, t, v, d, block, seed):
+    g = torch.Generator().manual_seed(seed)
+    vq = ResidualVQ(t, HGAQConfig(levels=2, codes=v, d0=d))
+    vq.codebook.copy_(torch.randn(t, 2, v, d, generator=g))
+    r = torch.randn(n, t, d, generator=g)
+    fast, ref = vq._nearest(r, 1, block=block), vq._nearest_reference(r, 1)
+    assert fast.shape == (n, t)
+    # equal, except where two codes are equally near (then either is right)
+    dist = lambda c: (r - vq.codebook[torch.arange(t), 1, c]).pow(2).sum(-1)
+    torch.testing.assert_close(dist(fast), dist(ref), atol=1e-4, rtol=1e-4)

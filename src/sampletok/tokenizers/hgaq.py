@@ -94,12 +94,25 @@ class ResidualVQ(nn.Module):
     def version(self) -> str:
         return hashlib.sha256(self.codebook.detach().cpu().numpy().tobytes()).hexdigest()[:16]
 
-    def _nearest(self, r: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """codes [N, T] and squared distances [N, T, V] of residuals r [N, T, d] at one level."""
+    def _nearest(self, r: torch.Tensor, level: int, block: int = 1024) -> torch.Tensor:
+        """Codes [N, T] of the nearest code to each residual r [N, T, d] at one level.
+
+        argmin_v ||r − c_v||² = argmin_v (||c_v||² − 2 r·c_v) = argmin_v [r, 1]·[−2 c_v, ||c_v||²]: one plain
+        ``bmm`` per block of rows (no broadcast copy, no element-wise passes), so the [T, block, V] scores stay
+        cache-sized. Several times the literal formula (``_nearest_reference``); a property test checks them."""
         cb = self.codebook[:, level]  # [T, V, d]
-        dist = (r.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("ntd,tvd->ntv", r, cb)
-                + cb.pow(2).sum(-1).unsqueeze(0))
-        return dist.argmin(-1), dist
+        rhs = torch.cat([-2 * cb, cb.pow(2).sum(-1, keepdim=True)], dim=-1).transpose(1, 2)  # [T, d+1, V]
+        lhs = torch.cat([r, r.new_ones(*r.shape[:-1], 1)], dim=-1).transpose(0, 1)  # [T, N, d+1]
+        out = torch.empty(r.shape[1], r.shape[0], dtype=torch.long, device=r.device)
+        for i in range(0, r.shape[0], block):  # loop over row blocks (N / 1024 iterations), not samples
+            out[:, i:i + block] = torch.bmm(lhs[:, i:i + block], rhs).min(-1).indices
+        return out.t()
+
+    def _nearest_reference(self, r: torch.Tensor, level: int) -> torch.Tensor:
+        """The literal formula: full squared distances [N, T, V], then argmin."""
+        cb = self.codebook[:, level]
+        dist = (r.unsqueeze(2) - cb.unsqueeze(0)).pow(2).sum(-1)
+        return dist.argmin(-1)
 
     def forward(self, x: torch.Tensor, update: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Quantize x [N, T, d] → (straight-through quantized [N, T, d], codes [N, T, M], losses)."""
@@ -113,11 +126,12 @@ class ResidualVQ(nn.Module):
         # the entropy regularizer needs soft assignments [N, T, V]: estimate it on a fixed-size subsample
         sub = torch.randperm(len(x))[: cfg.entropy_sample] if len(x) > cfg.entropy_sample else None
         for level in range(cfg.levels):
-            code, dist = self._nearest(r.detach(), level)
+            code = self._nearest(r.detach(), level)
             q = self.codebook[t_idx.unsqueeze(0), level, code]  # [N, T, d]
             commit = commit + (r - q.detach()).pow(2).mean()
             if cfg.entropy_weight > 0 and torch.is_grad_enabled():
-                # (encoding and evaluation skip it) soft assignment of the (gradient-carrying) residual: low per-sample entropy, high usage entropy
+                # soft assignment of the (gradient-carrying) residual: low per-sample entropy, high usage
+                # entropy (skipped when encoding or evaluating: nothing would use it)
                 cb = self.codebook[:, level].clone()  # a snapshot: the EMA update below writes in place
                 rs = r if sub is None else r[sub]
                 d_soft = (rs.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("ntd,tvd->ntv", rs, cb)
@@ -148,7 +162,7 @@ class ResidualVQ(nn.Module):
             self.codebook[:, level] = init
             self.ema_sum[:, level] = init
             self.ema_count[:, level] = 1.0
-            code, _ = self._nearest(r, level)
+            code = self._nearest(r, level)
             r = r - self.codebook[torch.arange(t).unsqueeze(0), level, code]
         self.initialized.fill_(True)
 
