@@ -81,6 +81,8 @@ class MultiHeadAttention(nn.Module):
         h = self.heads
         q = self.q(x).view(b, lq, h, d // h).transpose(1, 2)
         k, v = self.kv(context).view(b, lk, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        if attn_mask is not None and bool(attn_mask.all()):
+            attn_mask = None  # nothing masked: SDPA's unmasked kernels are faster
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
@@ -110,10 +112,13 @@ class TransformerBlock(nn.Module):
 
 
 def key_padding_mask(valid: torch.Tensor, n_query: int) -> torch.Tensor:
-    """[B, n] valid keys → [B, n_query, n] boolean attention mask. A row with no valid key attends to
-    every key (its output is then ignored by the caller) so SDPA never sees an all-masked row (NaN)."""
+    """[B, n] valid keys → [B, 1, n] boolean attention mask, broadcast over the ``n_query`` queries (never
+    materialized per query: SDPA would turn a [B, n_query, n] mask into a float tensor of that size). A row with
+    no valid key attends to every key (its output is then ignored by the caller) so SDPA never sees an
+    all-masked row (NaN)."""
+    del n_query  # kept in the signature: the mask is valid for any number of queries
     valid = valid | ~valid.any(dim=1, keepdim=True)
-    return valid.unsqueeze(1).expand(-1, n_query, -1)
+    return valid.unsqueeze(1)
 
 
 class RankMixerBlock(nn.Module):
