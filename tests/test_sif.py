@@ -111,3 +111,47 @@ def test_history_labels_count_only_once_known(trained, synth_prepared):
         flipped = batch.hist_labels.clone()
         flipped[known] = 1 - flipped[known]
         assert not torch.allclose(trained(dataclasses.replace(batch, hist_labels=flipped)).logits, base)
+
+
+@pytest.mark.parametrize("variant", [{"mixer": "pool"}, {"quantize_history": False},
+                                     {"history_fields": ["item_id"]}])
+def test_ablation_variants_train(variant, synth_prepared):
+    model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **{**SMALL, **variant})
+    model.prepare_data(synth_prepared, seed=0)
+    rows = synth_prepared.rows("train")[:64]
+    out = model(BatchLoader(synth_prepared, rows, 64, hist_len=8).build(rows))
+    (out.logits.sum() + sum(out.aux_losses.values())).backward()
+    assert out.logits.shape == (64, 1) and torch.isfinite(out.logits).all()
+
+
+def test_history_fields_hide_the_other_fields_of_past_samples(synth_prepared):
+    """With history_fields = [item_id] a history row's projection depends on the item id only; the request's
+    own row (projected without ``keep``) still sees every field."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    layout = FeatureLayout.from_dataset(synth_prepared)
+    model = build_model("sif", layout, **{**SMALL, "history_fields": ["item_id"]}).eval()
+    keep = model.history_keep
+    assert int(keep.sum()) == 1 and layout.field_names[int(keep.nonzero())] == "item_id"
+    rows = synth_prepared.rows("test")[:32]
+    batch = BatchLoader(synth_prepared, rows, 32, hist_len=8).build(rows)
+    item_col = [f.name for f in layout.cat_fields].index("item_id")
+    scrambled = dataclasses.replace(
+        batch, cat=torch.where(torch.arange(batch.cat.shape[1]) == item_col, batch.cat, batch.cat.flip(0)),
+        num=batch.num.flip(0), multi=batch.multi.flip(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.tokenizer.project(scrambled, keep), model.tokenizer.project(batch, keep))
+        assert not torch.allclose(model.tokenizer.project(scrambled), model.tokenizer.project(batch))
+
+
+def test_dense_history_cannot_read_a_code_store(trained, synth_prepared, tmp_path):
+    from sampletok.errors import ConfigError
+
+    model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **{**SMALL, "quantize_history": False})
+    model.prepare_data(synth_prepared, seed=0)
+    model.load_state_dict(trained.state_dict())
+    model.use_store(export_codes(trained, synth_prepared, tmp_path / "codes", progress=False).load_into_memory())
+    rows = synth_prepared.rows("test")[:8]
+    with pytest.raises(ConfigError, match="dense-history"):
+        model(BatchLoader(synth_prepared, rows, 8, hist_len=8).build(rows))

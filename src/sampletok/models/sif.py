@@ -70,9 +70,10 @@ class FlatBlock(nn.Module):
 @register("sif")
 class SIF(RankingModel):
     def __init__(self, layout: FeatureLayout, hgaq: dict[str, Any] | None = None, width: int = 32, blocks: int = 4,
-                 heads: int = 4, hidden: list[int] = (64,), mixer: Literal["factored", "flat"] = "factored",
+                 heads: int = 4, hidden: list[int] = (64,), mixer: Literal["factored", "flat", "pool"] = "factored",
                  vq_weight: float = 1.0, align_weight: float = 0.25, store: str | None = None,
-                 history_labels: bool = True):
+                 history_labels: bool = True, history_fields: list[str] | None = None,
+                 quantize_history: bool = True):
         super().__init__(layout)
         self.cfg = HGAQConfig(**(hgaq or {}))
         self.tokenizer = SampleTokenizer(layout, self.cfg)
@@ -86,7 +87,17 @@ class SIF(RankingModel):
         # request time, plus known-flags) are added to every sub-token of its row, like the recency encoding
         self.history_labels = history_labels
         self.label_side = nn.Linear(2 * len(layout.all_labels), width) if history_labels else None
-        block = MixerBlock if mixer == "factored" else FlatBlock
+        # ablations: which fields a history row carries (None = all: the whole raw sample), whether history
+        # rows are quantized (False = the dense projection P x), and the mixer ("pool" averages each row's
+        # sub-tokens into one token before mixing, i.e. sample-level attention only)
+        names = layout.field_names
+        unknown = sorted(set(history_fields or []) - set(names))
+        if unknown:
+            raise ConfigError(f"history_fields {unknown} are not fields of the schema ({names})")
+        self.register_buffer("history_keep", None if history_fields is None else
+                             torch.tensor([n in history_fields for n in names]))
+        self.quantize_history, self.mixer = quantize_history, mixer
+        block = FlatBlock if mixer == "flat" else MixerBlock
         self.blocks = nn.ModuleList(block(width, heads) for _ in range(blocks))
         self.head = MLP(width, list(hidden), out_dim=self.n_tasks)
         self.vq_weight, self.align_weight, self.store_path = vq_weight, align_weight, store
@@ -119,6 +130,8 @@ class SIF(RankingModel):
         if not mask.any():
             return out, labels, {}
         if self.store is not None:
+            if not self.quantize_history:
+                raise ConfigError("a dense-history SIF (quantize_history: false) cannot read codes from a store")
             f = self.store.fetch(batch.user.numpy(), batch.ts.numpy(), l, dequantize=False)
             if not np.array_equal(f.mask, mask.numpy()):
                 raise ConfigError("the code store does not hold the same history rows as the dataset")
@@ -130,7 +143,10 @@ class SIF(RankingModel):
             raise ConfigError("SIF model needs prepare_data(ds, seed=...) before use")
         rows = batch.hist_rows[mask].numpy()
         uniq, inverse = np.unique(rows, return_inverse=True)
-        q, _, losses = self.tokenizer(self._rows.build(uniq))
+        if self.quantize_history:
+            q, _, losses = self.tokenizer(self._rows.build(uniq), self.history_keep)
+        else:
+            q, losses = self.tokenizer.project(self._rows.build(uniq), self.history_keep), {}
         out[mask] = q[torch.from_numpy(inverse)]
         return out, labels, losses
 
@@ -154,6 +170,8 @@ class SIF(RankingModel):
             rec = rec + self.label_side(hist_labels) * batch.hist_mask.unsqueeze(-1)
         h = h + torch.cat([self.target_row.expand(len(batch), 1, -1), rec], dim=1).unsqueeze(2)
         row_mask = torch.cat([batch.hist_mask.new_ones(len(batch), 1), batch.hist_mask], dim=1)
+        if self.mixer == "pool":
+            h = h.mean(2, keepdim=True)  # [B, L+1, 1, width]
         for block in self.blocks:
             h = block(h, row_mask)
         return ModelOutput(self.head(h[:, 0].mean(1)), aux)
@@ -171,7 +189,7 @@ def export_codes(model: SIF, ds, path, batch_size: int = 8192, progress: bool = 
     t0 = time.time()
     for i in tqdm(range(0, ds.n_rows, batch_size), desc="SIF export", disable=None if progress else True):
         rows = np.arange(i, min(i + batch_size, ds.n_rows))
-        codes[rows] = model.tokenizer.encode(loader.build(rows))
+        codes[rows] = model.tokenizer.encode(loader.build(rows), model.history_keep)
     sec = time.time() - t0
     labels = ds.schema.labels
     ts = np.asarray(ds.col("_ts"))

@@ -233,27 +233,31 @@ class SampleTokenizer(nn.Module):
     def n_tokens(self) -> int:
         return len(self.sub_tokens)
 
-    def project(self, batch: Batch) -> torch.Tensor:
-        """[N, T, d0] unquantized sub-token vectors P x."""
+    def project(self, batch: Batch, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, T, d0] unquantized sub-token vectors P x; ``keep`` [F] bool zeroes the other fields' embeddings
+        (the history-content ablations: item ID only, item ID + key fields)."""
         e = self.embed(batch)  # [N, F, d_e]
+        if keep is not None:
+            e = e * keep.to(e.dtype)[None, :, None]
         e = torch.cat([e, e.new_zeros(len(e), 1, e.shape[-1])], dim=1)
         grouped = e[:, self.field_index].flatten(2)  # [N, T, fmax * d_e]
         return torch.einsum("ntk,tkd->ntd", grouped, self.proj) + self.proj_bias
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, batch: Batch, keep: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(quantized [N, T, d0], codes [N, T, M], losses incl. the auxiliary label loss)."""
-        x = self.project(batch)
+        x = self.project(batch, keep)
         q, codes, losses = self.rvq(x)
         aux = F.binary_cross_entropy_with_logits(self.aux_head(q.flatten(1)), batch.labels)
         losses["aux_label"] = self.cfg.aux_weight * aux
         return q, codes, losses
 
     @torch.no_grad()
-    def encode(self, batch: Batch) -> np.ndarray:
+    def encode(self, batch: Batch, keep: torch.Tensor | None = None) -> np.ndarray:
         """Codes of a batch as the smallest unsigned dtype that holds V codes."""
         was = self.training
         self.eval()
-        _, codes, _ = self.rvq(self.project(batch), update=False)
+        _, codes, _ = self.rvq(self.project(batch, keep), update=False)
         self.train(was)
         return codes.numpy().astype(code_dtype(self.cfg.codes))
 
