@@ -65,3 +65,19 @@ models: [{{name: dnn}}, {{name: din}}]
     assert result("din", 1).stat().st_mtime_ns == before["din"]
     assert result("dnn", 1).stat().st_mtime_ns != before["dnn"]
     assert json.loads(result("dnn", 1).read_text())["params"] == {"hidden": [32]}
+
+
+def test_sif_fit_export_and_codebook_report(tmp_path):
+    prep = tmp_path / "syn"
+    r = _cli("prepare", "--synthetic", "--users", "120", "--fields", "20", "--out", str(prep))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "sif"
+    r = _cli("sif", "fit", "--data", str(prep), "--out", str(run), "--epochs", "1", "--hist-len", "6",
+             "-p", "hgaq={fields_per_token: 8, codes: 16}", "-p", "width=16", "-p", "blocks=1", "-p", "heads=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli("sif", "export", "--data", str(prep), "--run", str(run), "--store", str(tmp_path / "codes"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "instances/s" in r.stdout and "codebook utilization" in r.stdout
+    report = json.loads((run / "codebooks.json").read_text())
+    assert report["n_codes"] == 16 and 1 <= report["mean_perplexity"] <= 16
+    assert (run / "codebooks.png").stat().st_size > 5_000

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 import yaml
 from rich.console import Console
@@ -266,6 +267,12 @@ def sif_export(
     b = st.bytes_per_instance()
     console.print(f"exported codes of {len(st):,} instances → {store} ({st.meta['export_instances_per_s']:,.0f} "
                   f"instances/s, {b['payload']:.0f} payload bytes per instance, codebook {st.meta['codebook_version']})")
+    from sampletok.report.codebooks import write_codebook_report
+
+    u = write_codebook_report(np.asarray(st.load_into_memory()._columns()["payload"]), model.cfg.codes, run,
+                              model.tokenizer.sub_tokens)
+    console.print(f"codebook utilization: mean perplexity {u['mean_perplexity']:.1f} of {model.cfg.codes}, "
+                  f"{u['dead_fraction']:.1%} codes unused → {run / 'codebooks.png'}")
 
 
 def main() -> None:

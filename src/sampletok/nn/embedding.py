@@ -8,7 +8,7 @@ Example:
     >>> lay = FeatureLayout([FeatureField(name="i", type="categorical", group="item")], [], [], {"i": 5},
     ...                     ["y"], ["y"], ["i"], [], 1, {"i": "item"})
     >>> emb = FeatureEmbedding(lay, dim=4)
-    >>> emb.embed_items(torch.tensor([[1, 2]]), torch.zeros(1, 2, 0, 1, dtype=torch.long)).shape
+    >>> emb.embed_items(torch.tensor([[[1], [2]]]), torch.zeros(1, 2, 0, 1, dtype=torch.long)).shape
     torch.Size([1, 2, 4])
 """
 from __future__ import annotations
