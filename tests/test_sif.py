@@ -155,3 +155,18 @@ def test_dense_history_cannot_read_a_code_store(trained, synth_prepared, tmp_pat
     rows = synth_prepared.rows("test")[:8]
     with pytest.raises(ConfigError, match="dense-history"):
         model(BatchLoader(synth_prepared, rows, 8, hist_len=8).build(rows))
+
+
+def test_train_and_eval_forward_score_alike(trained, synth_prepared):
+    """Train/eval parity: no dropout, the target row is R·P x in both modes (never quantized), history rows
+    are quantized with the same codebooks, so the logits agree; training only adds losses (and EMA updates,
+    which happen after the codes are chosen; a copy keeps them out of the fixture)."""
+    import copy
+
+    rows = synth_prepared.rows("valid")[:64]
+    batch = BatchLoader(synth_prepared, rows, 64, hist_len=10).build(rows)
+    twin = copy.deepcopy(trained).train()
+    with torch.no_grad():
+        train_logits = twin(batch).logits
+        eval_logits = trained.eval()(batch).logits
+    torch.testing.assert_close(train_logits, eval_logits, atol=1e-5, rtol=1e-5)
