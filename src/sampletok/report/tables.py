@@ -40,7 +40,7 @@ def summary_rows(runs: list[dict], reference: str) -> list[dict]:
             v = np.array([r[part][key] for r in rs])
             row[label] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
         row["train samples/s"] = float(np.mean([r["train_samples_per_s"] for r in rs]))
-        row["epochs"] = float(np.mean([r["best_epoch"] for r in rs]))
+        row["best epoch"] = float(np.mean([r["best_epoch"] for r in rs]))
         row["params"] = rs[0]["n_params"]
         if model != reference and reference in _by_model(runs):
             d, p, _ = paired_ttest(runs, model, reference)
@@ -52,14 +52,14 @@ def summary_rows(runs: list[dict], reference: str) -> list[dict]:
 
 def markdown_table(runs: list[dict], reference: str) -> str:
     rows = summary_rows(runs, reference)
-    heads = ["model", "seeds"] + [m[2] for m in METRICS] + ["ΔAUC vs ref", "p", "train samples/s", "epochs", "params"]
+    heads = ["model", "seeds"] + [m[2] for m in METRICS] + ["ΔAUC vs ref", "p", "train samples/s", "best epoch", "params"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         cells = [r["model"], str(r["seeds"])]
         cells += [f"{r[m[2]][0]:.4f} ± {r[m[2]][1]:.4f}" for m in METRICS]
         cells.append(f"{r['ΔAUC vs ref']:+.4f}" if "ΔAUC vs ref" in r else "(ref)")
         cells.append(f"{r['p']:.3g}" if "p" in r and not np.isnan(r["p"]) else "")
-        cells += [f"{r['train samples/s']:,.0f}", f"{r['epochs']:.1f}", f"{r['params']:,}"]
+        cells += [f"{r['train samples/s']:,.0f}", f"{r['best epoch']:.1f}", f"{r['params']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
