@@ -2,6 +2,8 @@
 one epoch end to end (batch building, history fetch, forward, backward, Adam), samples per second.
 
 Run on an otherwise idle machine: python benchmarks/bench_train_speed.py ../shared/data/ml-100k [--models dnn,din]
+SIF against the OneTrans-style baseline as in configs/experiments/ml100k-sif.yaml:
+    python benchmarks/bench_train_speed.py ../shared/data/ml-100k --models din,onetrans,sif --hist-len 20 --batches 10
 """
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+
+# the parameters the experiment configs use (configs/experiments/ml100k-sif.yaml); others take their defaults
+MODEL_PARAMS = {"sif": {"hgaq": {"fields_per_token": 4}, "width": 32, "blocks": 2, "heads": 4}}
 
 
 def main() -> None:
@@ -25,19 +31,25 @@ def main() -> None:
     ap.add_argument("path", type=Path)
     ap.add_argument("--models", default="dnn,dcnv2,din,bst,rankmixer,onetrans")
     ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--hist-len", type=int, default=50)
+    ap.add_argument("--params", default=None, help="YAML mapping model → parameters, overriding MODEL_PARAMS")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         src, schema = load_movielens(a.path)
         ds = prepare(src, schema, Path(d) / "ml", progress=False).load_into_memory()
         layout = FeatureLayout.from_dataset(ds)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 1024, history 50")
-        print("| model | train samples/s | params |\n|---|---|---|")
+        params = {**MODEL_PARAMS, **(yaml.safe_load(a.params) if a.params else {})}
+        n_train = len(ds.rows("train"))
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 1024, history {a.hist_len}; "
+              f"{n_train:,} training rows")
+        print("| model | train samples/s | s / epoch | params |\n|---|---|---|---|")
         for name in a.models.split(","):
             torch.manual_seed(0)
-            model = build_model(name, layout)
+            model = build_model(name, layout, **params.get(name, {}))
             model.prepare_data(ds, seed=0, progress=False)
             opt = torch.optim.Adam(model.parameters(), 1e-3)
-            loader = BatchLoader(ds, ds.rows("train"), 1024, shuffle=True, index=history_index(ds), layout=layout)
+            loader = BatchLoader(ds, ds.rows("train"), 1024, hist_len=a.hist_len, shuffle=True,
+                                 index=history_index(ds), layout=layout)
             it = iter(loader)
             for _ in range(3):  # warm-up
                 _step(model, opt, next(it))
@@ -51,7 +63,8 @@ def main() -> None:
                 _step(model, opt, batch)
                 n += len(batch)
             sps = n / (time.perf_counter() - t)
-            print(f"| {name} | {sps:,.0f} | {sum(p.numel() for p in model.parameters()):,} |", flush=True)
+            print(f"| {name} | {sps:,.0f} | {n_train / sps:,.1f} | {sum(p.numel() for p in model.parameters()):,} |",
+                  flush=True)
 
 
 def _step(model, opt, batch) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sampletok.data.batches import BatchLoader, history_index
+from sampletok.errors import ConfigError
 from sampletok.train.experiment import ModelSpec, run_model
 from sampletok.train.trainer import TrainConfig
 
@@ -79,3 +80,14 @@ def test_early_stopping_and_lr_decay(synth_prepared):
     assert all(h["valid_auc"] <= best for h in hist[r["best_epoch"]:])
     lrs = [h["lr"] for h in hist]
     assert min(lrs) < lrs[0]
+
+
+def test_per_model_train_overrides_are_validated_and_recorded():
+    base = TrainConfig(hist_len=20, max_epochs=3)
+    spec = ModelSpec(name="sif", label="sif-L50", train={"hist_len": 50})
+    assert spec.train_config(base).hist_len == 50 and spec.train_config(base).max_epochs == 3
+    assert base.hist_len == 20 and ModelSpec(name="din").train_config(base) is base
+    with pytest.raises(ConfigError, match="sif-L50: invalid train override: hist_len"):
+        ModelSpec(name="sif", label="sif-L50", train={"hist_len": "long"}).train_config(base)
+    with pytest.raises(ConfigError, match="invalid train override: no_such_option"):
+        ModelSpec(name="sif", train={"no_such_option": 1}).train_config(base)

@@ -14,13 +14,27 @@ Example:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sampletok.data.batches import Batch, FeatureLayout
 
 
 def pooled_lookup(table: nn.Embedding, codes: torch.Tensor) -> torch.Tensor:
-    """Mean of the embeddings of the non-zero codes along the last axis ([..., L] → [..., d])."""
+    """Mean of the embeddings of the non-zero codes along the last axis ([..., L] → [..., d]); zeros where
+    every code is padding.
+
+    One fused ``embedding_bag`` (padding excluded from the bag and its count): the literal formula
+    (``pooled_lookup_reference``) builds a [..., L, d] intermediate and was 40 % of an IAT source model's
+    time on ml-100k's 50 × 6 history genres. A property test checks that both agree, gradients included."""
+    if codes.shape[-1] == 0 or codes.numel() == 0:
+        return table.weight.new_zeros(*codes.shape[:-1], table.weight.shape[1])
+    flat = codes.reshape(-1, codes.shape[-1])
+    pooled = F.embedding_bag(flat, table.weight, mode="mean", padding_idx=0)
+    return pooled.view(*codes.shape[:-1], table.weight.shape[1])
+
+
+def pooled_lookup_reference(table: nn.Embedding, codes: torch.Tensor) -> torch.Tensor:
     mask = (codes > 0).unsqueeze(-1).to(table.weight.dtype)
     summed = (table(codes) * mask).sum(-2)
     return summed / mask.sum(-2).clamp(min=1.0)

@@ -36,10 +36,21 @@ class ModelSpec(BaseModel):
     name: str
     label: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the experiment's training "
+                                  "config for this model only, e.g. {hist_len: 50} in a history-length sweep")
 
     @property
     def display(self) -> str:
         return self.label or self.name
+
+    def train_config(self, base: TrainConfig) -> TrainConfig:
+        """The experiment's training config with this model's overrides (validated like the base)."""
+        if not self.train:
+            return base
+        try:
+            return TrainConfig.model_validate({**base.model_dump(), **self.train})
+        except ValidationError as e:
+            raise ConfigError(f"model {self.display}: invalid train override: {_errors(e)}") from None
 
 
 class Experiment(BaseModel):
@@ -63,8 +74,7 @@ class Experiment(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            msg = "; ".join(f"{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors())
-            raise ConfigError(f"{path}: invalid experiment: {msg}") from None
+            raise ConfigError(f"{path}: invalid experiment: {_errors(e)}") from None
 
 
 def load_dataset(cfg: DatasetConfig, progress: bool = True) -> PreparedDataset:
@@ -158,11 +168,12 @@ def compare(exp: Experiment, out_dir: str | Path, progress: bool = True, ds: Pre
     console = Console()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ds = ds or load_dataset(exp.dataset, progress=progress)
-    ds.load_into_memory() if ds.n_rows <= 20_000_000 else None
     labels = [m.display for m in exp.models]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"model labels must be unique, got {labels}")
+    train_cfgs = {spec.display: spec.train_config(exp.train) for spec in exp.models}  # bad overrides fail now
+    ds = ds or load_dataset(exp.dataset, progress=progress)
+    ds.load_into_memory() if ds.n_rows <= 20_000_000 else None
     runs = []
     for spec in exp.models:
         for seed in exp.seeds:
@@ -176,7 +187,8 @@ def compare(exp: Experiment, out_dir: str | Path, progress: bool = True, ds: Pre
                 console.print(f"[yellow]{run_dir}: finished with another configuration, training again[/]")
                 for stale in run_dir.iterdir():  # a stale checkpoint must not be resumed either
                     stale.unlink() if stale.is_file() else None
-            r = run_model(ds, spec, exp.train, seed, run_dir=run_dir, progress=progress, requests=exp.requests)
+            r = run_model(ds, spec, train_cfgs[spec.display], seed, run_dir=run_dir, progress=progress,
+                          requests=exp.requests)
             console.print(f"[bold]{spec.display}[/] seed {seed}: test AUC {r['test']['auc']:.4f} "
                           f"GAUC {r['test']['gauc']:.4f} LogLoss {r['test']['logloss']:.4f} "
                           f"({r['train_samples_per_s']:.0f} samples/s, best epoch {r['best_epoch']})")
@@ -195,10 +207,14 @@ def _same_run(cached: dict, spec: ModelSpec, exp: Experiment, ds: PreparedDatase
     same = (cached.get("name") == spec.name and cached.get("params") == spec.params
             and cached.get("dataset") == ds.fingerprint)
     if "train" in cached:
-        same &= cached["train"] == exp.train.model_dump(mode="json")
+        same &= cached["train"] == spec.train_config(exp.train).model_dump(mode="json")
     if "requests" in cached:
         same &= cached["requests"] == exp.requests
     return same
+
+
+def _errors(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors())
 
 
 def _slug(s: str) -> str:
