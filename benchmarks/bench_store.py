@@ -56,16 +56,22 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             src, schema = load_movielens(a.export_ml100k)
             ds = prepare(src, schema, Path(d) / "ml", progress=False).load_into_memory()
-            print(f"IAT export, pre-SIT, {torch.get_num_threads()} torch threads:")
+            from sampletok.nn.inference import default_workers
+
+            workers = default_workers()
+            print(f"\nIAT export, pre-SIT, {ds.n_rows:,} instances\n")
+            print(f"| source model | 1 worker × {torch.get_num_threads()} torch threads | {workers} workers × 1 torch "
+                  "thread (default) |\n|---|---|---|")
             # the default source reads the schema's item-ID history (50 on ml-100k) with DIN attention; shorter
             # or no history shows what that branch costs
             for hist_len, what in ((None, "default (history 50)"), (20, "history 20"), (0, "no history branch")):
                 model = SourceModel(FeatureLayout.from_dataset(ds), IATSourceConfig(hist_len=hist_len))
-                embed_all(model, ds, progress=False)
-                t = time.perf_counter()
-                embed_all(model, ds, progress=False)
-                sec = time.perf_counter() - t
-                print(f"  {what}: {ds.n_rows / sec:,.0f} instances/s ({ds.n_rows:,} instances in {sec:.2f} s)")
+                rates = []
+                for w in (1, workers):
+                    embed_all(model, ds, progress=False, workers=w)  # warm-up
+                    sec = min(_time(lambda: embed_all(model, ds, progress=False, workers=w)) for _ in range(3))
+                    rates.append(ds.n_rows / sec)
+                print(f"| {what} | {rates[0]:,.0f} /s | {rates[1]:,.0f} /s |", flush=True)
 
 
 def _time(fn) -> float:

@@ -13,7 +13,13 @@ def test_target_attention_fast_path_equals_reference(b, n, d, seed):
     att = TargetAttention(d, [7, 5])
     q, k = torch.randn(b, d), torch.randn(b, n, d)
     mask = torch.rand(b, n) > 0.3
-    torch.testing.assert_close(att(q, k, mask), att.forward_reference(q, k, mask), atol=1e-5, rtol=1e-5)
+    q.requires_grad_(True)
+    fast, ref = att(q, k, mask), att.forward_reference(q, k, mask)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    params = [q, *att.parameters()]
+    for g_fast, g_ref in zip(torch.autograd.grad(fast.pow(2).sum(), params),
+                             torch.autograd.grad(ref.pow(2).sum(), params)):
+        torch.testing.assert_close(g_fast, g_ref, atol=1e-5, rtol=1e-4)
 
 
 def test_rankmixer_token_mixing_is_a_permutation():

@@ -120,8 +120,13 @@ class BatchLoader:
         self._all_labels = _stack([ds.col(f"label__{l}") for l in lay.all_labels], (n, 0), np.float32)
         cat_pos = {f.name: i for i, f in enumerate(lay.cat_fields)}
         multi_pos = {f.name: i for i, f in enumerate(lay.multi_fields)}
-        self._seq_cat_idx = np.array([cat_pos[f] for f in lay.seq_cat], dtype=np.int64)
-        self._seq_multi_idx = np.array([multi_pos[f] for f in lay.seq_multi], dtype=np.int64)
+        seq_cat_idx = np.array([cat_pos[f] for f in lay.seq_cat], dtype=np.int64)
+        seq_multi_idx = np.array([multi_pos[f] for f in lay.seq_multi], dtype=np.int64)
+        # the sequence fields alone, plus an all-padding row n that empty history positions point at: one
+        # gather per batch builds the history, with no per-field selection or masking pass
+        self._seq_cat = np.concatenate([self._cat[:, seq_cat_idx], np.zeros((1, len(seq_cat_idx)), np.int32)])
+        self._seq_multi = np.concatenate([self._multi[:, seq_multi_idx],
+                                          np.zeros((1, len(seq_multi_idx), lay.multi_len), np.int32)])
         self._user = np.asarray(ds.col("_user_key"))
         self._ts = np.asarray(ds.col("_ts"))
 
@@ -144,10 +149,9 @@ class BatchLoader:
         users, ts = self._user[rows], self._ts[rows]
         n = self.hist_len
         h = self.index.fetch(users, ts, n)
-        safe = np.where(h.mask, h.rows, 0)
-        hist_cat = self._cat[safe][:, :, self._seq_cat_idx] * h.mask[:, :, None]
-        hist_multi = self._multi[safe][:, :, self._seq_multi_idx] * h.mask[:, :, None, None]
-        hist_labels = self._all_labels[safe] * h.label_mask
+        padded = np.where(h.mask, h.rows, len(self._seq_cat) - 1)  # empty positions → the padding row
+        hist_cat, hist_multi = self._seq_cat[padded], self._seq_multi[padded]
+        hist_labels = self._all_labels[np.where(h.mask, h.rows, 0)] * h.label_mask
         t = torch.from_numpy
         return Batch(
             cat=t(self._cat[rows].astype(np.int64)), multi=t(self._multi[rows].astype(np.int64)),

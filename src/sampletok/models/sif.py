@@ -177,19 +177,24 @@ class SIF(RankingModel):
         return ModelOutput(self.head(h[:, 0].mean(1)), aux)
 
 
-def export_codes(model: SIF, ds, path, batch_size: int = 8192, progress: bool = True) -> LocalTokenStore:
-    """Frozen export: every instance's codes [T, M] (+ labels and availability) into a token store."""
+def export_codes(model: SIF, ds, path, batch_size: int = 8192, progress: bool = True,
+                 workers: int | None = None) -> LocalTokenStore:
+    """Frozen export: every instance's codes [T, M] (+ labels and availability) into a token store, encoded on
+    ``workers`` threads (default: every core)."""
     import time
 
-    from tqdm.auto import tqdm
+    from sampletok.nn.inference import map_row_batches
 
+    model.eval()
     loader = BatchLoader(ds, np.zeros(0, np.int64), hist_len=0, index=history_index(ds))
     t, m = model.tokenizer.n_tokens, model.cfg.levels
     codes = np.zeros((ds.n_rows, t, m), np.int64)
-    t0 = time.time()
-    for i in tqdm(range(0, ds.n_rows, batch_size), desc="SIF export", disable=None if progress else True):
-        rows = np.arange(i, min(i + batch_size, ds.n_rows))
+
+    def encode(rows: np.ndarray) -> None:
         codes[rows] = model.tokenizer.encode(loader.build(rows), model.history_keep)
+
+    t0 = time.time()
+    map_row_batches(encode, ds.n_rows, batch_size, workers, progress, desc="SIF export")
     sec = time.time() - t0
     labels = ds.schema.labels
     ts = np.asarray(ds.col("_ts"))

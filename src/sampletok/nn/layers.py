@@ -51,7 +51,8 @@ class TargetAttention(nn.Module):
         per_request = (wk - wd).t() + query.unsqueeze(-1) * wp.t()  # [B, d, h]
         h = torch.baddbmm(F.linear(query, wq + wd, first.bias).unsqueeze(1), keys, per_request)  # [B, n, h]
         for layer in list(self.score)[1:]:
-            h = layer(h)
+            # in place: h is a fresh [B, n, h] buffer that no backward needs (sigmoid's backward uses its output)
+            h = h.sigmoid_() if isinstance(layer, nn.Sigmoid) else layer(h)
         w = h.squeeze(-1) * mask.to(keys.dtype)
         return torch.einsum("bn,bnd->bd", w, keys)
 

@@ -36,6 +36,7 @@ from sampletok.data.batches import Batch, BatchLoader, FeatureLayout, history_in
 from sampletok.data.history import HistoryIndex
 from sampletok.data.prepare import PreparedDataset
 from sampletok.nn import MLP, FeatureEmbedding, TargetAttention, TransformerBlock
+from sampletok.nn.inference import map_row_batches
 from sampletok.store import LocalTokenStore
 
 
@@ -229,30 +230,35 @@ def _train_stream_epoch(model: SourceModel, opt, loader: BatchLoader, ds: Prepar
 
 
 @torch.no_grad()
-def embed_all(model: SourceModel, ds: PreparedDataset, batch_size: int = 1024, progress: bool = True
-              ) -> np.ndarray:
-    """[N, emb_dim] exported embedding of every row (pre-SIT z, or post-SIT per ``cfg.export``)."""
+def embed_all(model: SourceModel, ds: PreparedDataset, batch_size: int = 1024, progress: bool = True,
+              workers: int | None = None) -> np.ndarray:
+    """[N, emb_dim] exported embedding of every row (pre-SIT z, or post-SIT per ``cfg.export``), computed on
+    ``workers`` threads (default: every core; see :mod:`sampletok.nn.inference`)."""
     model.eval()
     layout = FeatureLayout.from_dataset(ds)
     loader = BatchLoader(ds, np.arange(ds.n_rows), batch_size, index=history_index(ds), layout=layout,
                          hist_len=model.cfg.hist_len)
     out = np.zeros((ds.n_rows, model.cfg.emb_dim), np.float32)
     if model.cfg.export == "pre_sit" or not model.use_sit:
-        for i in tqdm(range(0, ds.n_rows, batch_size), desc="IAT export", disable=None if progress else True):
-            rows = np.arange(i, min(i + batch_size, ds.n_rows))
+        def embed(rows: np.ndarray) -> None:
             out[rows] = model.compress(loader.build(rows)).numpy()
+
+        map_row_batches(embed, ds.n_rows, batch_size, workers, progress, desc="IAT export")
         return out
     wins = user_windows(np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts")), np.arange(ds.n_rows),
                         model.cfg.window)
-    per = max(1, batch_size // model.cfg.window)
-    for i in tqdm(range(0, len(wins), per), desc="IAT export (post-SIT)", disable=None if progress else True):
-        w = wins[i:i + per]
+
+    def embed_windows(idx: np.ndarray) -> None:
+        w = wins[idx]
         valid = w >= 0
         z_flat = model.compress(loader.build(w[valid]))
         z = z_flat.new_zeros(*w.shape, z_flat.shape[1])
         vm = torch.from_numpy(valid)
         z[vm] = z_flat
         out[w[valid]] = model.run_sit(z, vm)[vm].numpy()
+
+    map_row_batches(embed_windows, len(wins), max(1, batch_size // model.cfg.window), workers, progress,
+                    desc="IAT export (post-SIT)")
     return out
 
 
