@@ -178,9 +178,12 @@ class SIF(RankingModel):
 
 
 def export_codes(model: SIF, ds, path, batch_size: int = 8192, progress: bool = True,
-                 workers: int | None = None) -> LocalTokenStore:
-    """Frozen export: every instance's codes [T, M] (+ labels and availability) into a token store, encoded on
-    ``workers`` threads (default: every core)."""
+                 workers: int | None = 1) -> LocalTokenStore:
+    """Frozen export: every instance's codes [T, M] (+ labels and availability) into a token store.
+
+    ``workers=1`` (default) encodes batch after batch with torch's intra-op threads: the [T, 1024, V] distance
+    blocks are large enough to split, and on 2 cores this beat 2 worker threads (147-173k vs 120-152k
+    samples/s, ``benchmarks/bench_sif.py``), unlike the IAT export's small ops."""
     import time
 
     from sampletok.nn.inference import map_row_batches

@@ -97,16 +97,37 @@ class ResidualVQ(nn.Module):
     def _nearest(self, r: torch.Tensor, level: int, block: int = 1024) -> torch.Tensor:
         """Codes [N, T] of the nearest code to each residual r [N, T, d] at one level.
 
-        argmin_v ||r − c_v||² = argmin_v (||c_v||² − 2 r·c_v) = argmin_v [r, 1]·[−2 c_v, ||c_v||²]: one plain
-        ``bmm`` per block of rows (no broadcast copy, no element-wise passes), so the [T, block, V] scores stay
-        cache-sized. Several times the literal formula (``_nearest_reference``); a property test checks them."""
+        ||r − c_v||² = ||r||² + [r, 1]·[−2 c_v, ||c_v||²]: one ``baddbmm`` per block of 1024 rows into a reused
+        [T, block, V] buffer. The argmin is then read without ``min(-1).indices`` (which returns indices
+        element by element, 2× the matmul's time): the distances are ≥ 0 floats, whose int32 bit patterns
+        sort like the floats, so the low log2(V) bits are overwritten with the code index and one vectorized
+        integer ``amin`` returns distance and index together. Codes whose distances agree to 2^-(23-log2 V)
+        relative (3e-5 at V = 256) count as ties, won by the lower index. Used for V ≤ 256 (uint8 codes, the
+        default); larger codebooks take the exact ``min``. 1.5-2× the exact path per level on this machine;
+        ``_nearest_reference`` is the literal formula and a property test checks the distances agree."""
         cb = self.codebook[:, level]  # [T, V, d]
-        rhs = torch.cat([-2 * cb, cb.pow(2).sum(-1, keepdim=True)], dim=-1).transpose(1, 2)  # [T, d+1, V]
-        lhs = torch.cat([r, r.new_ones(*r.shape[:-1], 1)], dim=-1).transpose(0, 1)  # [T, N, d+1]
-        out = torch.empty(r.shape[1], r.shape[0], dtype=torch.long, device=r.device)
-        for i in range(0, r.shape[0], block):  # loop over row blocks (N / 1024 iterations), not samples
-            out[:, i:i + block] = torch.bmm(lhs[:, i:i + block], rhs).min(-1).indices
-        return out.t()
+        t, v, _ = cb.shape
+        n = r.shape[0]
+        rhs = torch.cat([-2 * cb, cb.pow(2).sum(-1, keepdim=True)], dim=-1).transpose(1, 2).contiguous()
+        lhs = torch.cat([r, r.new_ones(*r.shape[:-1], 1)], dim=-1).transpose(0, 1).contiguous()  # [T, N, d+1]
+        index_bits = max(1, (v - 1).bit_length())
+        if index_bits > 8 or r.dtype != torch.float32:
+            out = torch.empty(t, n, dtype=torch.long, device=r.device)
+            for i in range(0, n, block):  # loop over row blocks (N / 1024 iterations), not samples
+                out[:, i:i + block] = torch.bmm(lhs[:, i:i + block], rhs).min(-1).indices
+            return out.t()
+        r2 = r.pow(2).sum(-1).t().unsqueeze(-1)  # [T, N, 1]
+        code_ids = torch.arange(v, dtype=torch.int32, device=r.device)
+        keep_high = ~((1 << index_bits) - 1)
+        buf = torch.empty(t, min(block, n), v, device=r.device)
+        out = torch.empty(t, n, dtype=torch.int32, device=r.device)
+        for i in range(0, n, block):
+            j = min(i + block, n)
+            dist = buf if j - i == buf.shape[1] else buf[:, : j - i]
+            torch.baddbmm(r2[:, i:j], lhs[:, i:j], rhs, out=dist)
+            bits = dist.clamp_(min=0).view(torch.int32)  # rounding can make a distance −ε
+            out[:, i:j] = bits.bitwise_and_(keep_high).bitwise_or_(code_ids).amin(-1).bitwise_and_(~keep_high)
+        return out.t().long()
 
     def _nearest_reference(self, r: torch.Tensor, level: int) -> torch.Tensor:
         """The literal formula: full squared distances [N, T, V], then argmin."""
