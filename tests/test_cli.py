@@ -81,3 +81,15 @@ def test_sif_fit_export_and_codebook_report(tmp_path):
     report = json.loads((run / "codebooks.json").read_text())
     assert report["n_codes"] == 16 and 1 <= report["mean_perplexity"] <= 16
     assert (run / "codebooks.png").stat().st_size > 5_000
+
+
+def test_readme_experiment_example_is_valid():
+    import re
+
+    import yaml
+
+    from sampletok.train.experiment import Experiment
+
+    block = re.search(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    exp = Experiment.model_validate(yaml.safe_load(block))
+    assert [m.train_config(exp.train).hist_len for m in exp.models] == [20, 20, 50]
