@@ -96,8 +96,7 @@ def bench_vq(n: int, t: int, levels: int, codes: int, d0: int) -> None:
         (q.sum() * 0 + losses["commit"]).backward()
     def own_encode(x):
         own.eval()
-        with torch.no_grad():
-            return own(x, update=False)[0]
+        return own.decode(own.encode(x))  # codes → vectors, as the library's call returns
     _report("sampletok ResidualVQ (batched over T)", own_step, own_encode, x_train, x_test,
             sum(1 for _ in own.modules()))
     try:

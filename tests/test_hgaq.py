@@ -52,6 +52,18 @@ def test_reconstruction_error_falls_with_levels():
     assert errs[0] < float(x.pow(2).mean())  # better than coding nothing
 
 
+
+@pytest.mark.parametrize("codes", [16, 300])  # packed-argmin and exact-min paths
+def test_encode_returns_the_forward_codes(codes):
+    torch.manual_seed(1)
+    x = torch.randn(3000, 4, 8)
+    rvq = ResidualVQ(4, HGAQConfig(levels=3, codes=codes, d0=8, entropy_weight=0)).train()
+    for _ in range(3):
+        rvq(x)
+    rvq.eval()
+    _, forward_codes, _ = rvq(x, update=False)
+    assert torch.equal(rvq.encode(x), forward_codes)
+
 def _train_with_dead_codes(x, **kw):
     """Half the codes moved far away and marked long unused, then 40 EMA steps; returns unused-code counts."""
     rvq = _fit_rvq(1, x, steps=1, **kw)
@@ -93,7 +105,7 @@ def test_tokenizer_encode_decode_round_trip_and_version(synth_prepared):
     assert code_dtype(256) == np.uint8 and code_dtype(257) == np.uint16
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 300), t=st.integers(1, 5), v=st.sampled_from([2, 3, 17, 40, 256, 300]), d=st.integers(1, 6),
        block=st.integers(1, 64), seed=st.integers(0, 10_000))
 def test_blocked_nearest_code_equals_the_literal_formula(n, t, v, d, block, seed):
@@ -101,6 +113,7 @@ def test_blocked_nearest_code_equals_the_literal_formula(n, t, v, d, block, seed
     vq = ResidualVQ(t, HGAQConfig(levels=2, codes=v, d0=d))
     vq.codebook.copy_(torch.randn(t, 2, v, d, generator=g))
     r = torch.randn(n, t, d, generator=g)
+    r[::3] = vq.codebook[torch.arange(t), 1, torch.randint(0, v, (len(r[::3]), t), generator=g)]  # distance 0
     fast, ref = vq._nearest(r, 1, block=block), vq._nearest_reference(r, 1)
     assert fast.shape == (n, t)
     # equal, except where two codes are equally near (then either is right; V ≤ 256 packs the index into the
