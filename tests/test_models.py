@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -24,13 +26,33 @@ def test_forward_backward(name, data, request):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     # the history branch is used: changing history items changes the score
-    if True:
-        model.eval()
+    model.eval()
+    with torch.no_grad():
+        a = model(batch).logits
+        batch.hist_cat[:] = torch.where(batch.hist_mask.unsqueeze(-1), (batch.hist_cat + 1) % 5 + 1, 0)
+        b = model(batch).logits
+    assert not torch.allclose(a, b)
+
+
+def test_din_history_labels_count_only_once_known(synth_prepared):
+    """DIN's label-aware history: a past label not yet known at the request cannot change the score,
+    whatever its value; flipping a known one does; without the option labels are not read at all."""
+    torch.manual_seed(0)
+    layout = FeatureLayout.from_dataset(synth_prepared)
+    rows = synth_prepared.rows("test")[:128]
+    batch = BatchLoader(synth_prepared, rows, 128, hist_len=10).build(rows)
+    unknown, known = ~batch.hist_label_mask & batch.hist_mask.unsqueeze(-1), batch.hist_label_mask
+    assert unknown.any() and known.any()
+    poked, flipped = batch.hist_labels.clone(), batch.hist_labels.clone()
+    poked[unknown] = 7.0
+    flipped[known] = 1 - flipped[known]
+    for with_labels in (True, False):
+        model = build_model("din", layout, history_labels=with_labels).eval()
         with torch.no_grad():
-            a = model(batch).logits
-            batch.hist_cat[:] = torch.where(batch.hist_mask.unsqueeze(-1), (batch.hist_cat + 1) % 5 + 1, 0)
-            b = model(batch).logits
-        assert not torch.allclose(a, b)
+            base = model(batch).logits
+            torch.testing.assert_close(model(dataclasses.replace(batch, hist_labels=poked)).logits, base)
+            changed = model(dataclasses.replace(batch, hist_labels=flipped)).logits
+        assert torch.allclose(changed, base) is not with_labels
 
 
 @pytest.mark.parametrize("name", BASELINES)

@@ -81,6 +81,12 @@ class Batch:
     ts: torch.Tensor  # [B] int64 request time
     rows: torch.Tensor  # [B] int64 dataset row ids of the requests
 
+    def history_label_features(self) -> torch.Tensor:
+        """[B, n, 2A] each history row's labels (zero unless already known at the request) and known-flags:
+        the label side input of every model that reads past responses."""
+        known = self.hist_label_mask.to(self.hist_labels.dtype)
+        return torch.cat([self.hist_labels * known, known], dim=-1)
+
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 

@@ -1,7 +1,25 @@
-"""DIN (Zhou et al., 2018): target attention of the candidate item over the history (item id + side fields)."""
+"""DIN (Zhou et al., 2018): target attention of the candidate item over the history (item id + side fields).
+
+``history_labels=True`` adds each past interaction's already-known labels to its history embedding (a linear
+map of labels + known-flags): the label-aware history SIF and IAT read, given to DIN so that a comparison
+can tell the value of past responses from the value of the method.
+
+Example:
+    >>> from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
+    >>> from sampletok.data.prepare import prepare
+    >>> from sampletok.data.batches import BatchLoader, FeatureLayout
+    >>> import tempfile
+    >>> src, schema = generate_source(SyntheticConfig(n_users=30, events_per_user=10, n_items=50))
+    >>> ds = prepare(src, schema, tempfile.mkdtemp(), progress=False)
+    >>> model = DIN(FeatureLayout.from_dataset(ds), history_labels=True)
+    >>> rows = ds.rows("test")[:4]
+    >>> model(BatchLoader(ds, rows, 4, hist_len=8).build(rows)).logits.shape
+    torch.Size([4, 1])
+"""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from sampletok.data.batches import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
@@ -11,16 +29,21 @@ from sampletok.nn import MLP, FeatureEmbedding, TargetAttention
 @register("din")
 class DIN(RankingModel):
     def __init__(self, layout: FeatureLayout, embed_dim: int = 16, hidden: list[int] = (256, 128, 64),
-                 attention_hidden: list[int] = (64, 32), dropout: float = 0.1, extra_dim: int = 0):
+                 attention_hidden: list[int] = (64, 32), dropout: float = 0.1, extra_dim: int = 0,
+                 history_labels: bool = False):
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
+        self.label_side = nn.Linear(2 * len(layout.all_labels), self.embed.seq_dim) if history_labels else None
         self.attention = TargetAttention(self.embed.seq_dim, list(attention_hidden))
         in_dim = self.embed.n_tokens * embed_dim + self.embed.seq_dim + extra_dim  # extra: e.g. an IAT token
         self.mlp = MLP(in_dim, list(hidden), out_dim=self.n_tasks, dropout=dropout)
 
     def interest(self, batch: Batch) -> torch.Tensor:
         """[B, seq_dim] attention-pooled history."""
-        return self.attention(self.embed.target_item(batch), self.embed.history(batch), batch.hist_mask)
+        history = self.embed.history(batch)
+        if self.label_side is not None:
+            history = history + self.label_side(batch.history_label_features()) * batch.hist_mask.unsqueeze(-1)
+        return self.attention(self.embed.target_item(batch), history, batch.hist_mask)
 
     def feature_input(self, batch: Batch) -> torch.Tensor:
         """The vector the interaction MLP reads."""

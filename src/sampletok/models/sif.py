@@ -125,8 +125,7 @@ class SIF(RankingModel):
         t, d0 = self.tokenizer.n_tokens, self.cfg.d0
         out = torch.zeros(b, l, t, d0)
         mask = batch.hist_mask
-        known = batch.hist_label_mask.float()
-        labels = torch.cat([batch.hist_labels * known, known], dim=-1)  # unknown labels are zero, whatever came in
+        labels = batch.history_label_features()
         if not mask.any():
             return out, labels, {}
         if self.store is not None:
