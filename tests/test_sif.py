@@ -170,3 +170,19 @@ def test_train_and_eval_forward_score_alike(trained, synth_prepared):
         train_logits = twin(batch).logits
         eval_logits = trained.eval()(batch).logits
     torch.testing.assert_close(train_logits, eval_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_long_history_runs_and_backpropagates(synth_prepared):
+    """L = 1000 (the sweep's upper end): finite scores and gradients, short histories padded, train mode
+    (history quantized on the fly) included."""
+    torch.manual_seed(0)
+    model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **SMALL)
+    model.prepare_data(synth_prepared, seed=0)
+    rows = synth_prepared.rows("test")[:4]
+    batch = BatchLoader(synth_prepared, rows, 4, hist_len=1000).build(rows)
+    assert batch.hist_mask.shape[1] == 1000 and not batch.hist_mask.all()
+    out = model.train()(batch)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, batch.labels) + sum(out.aux_losses.values())
+    loss.backward()
+    assert torch.isfinite(out.logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
