@@ -92,4 +92,4 @@ def test_readme_experiment_example_is_valid():
 
     block = re.search(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
     exp = Experiment.model_validate(yaml.safe_load(block))
-    assert [m.train_config(exp.train).hist_len for m in exp.models] == [20, 20, 50]
+    assert [m.train_config(exp.train).hist_len for m in exp.models] == [20, 20, 20, 50]
