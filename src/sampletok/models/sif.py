@@ -181,8 +181,9 @@ def export_codes(model: SIF, ds, path, batch_size: int = 8192, progress: bool = 
     """Frozen export: every instance's codes [T, M] (+ labels and availability) into a token store.
 
     ``workers=1`` (default) encodes batch after batch with torch's intra-op threads: the [T, 1024, V] distance
-    blocks are large enough to split, and on 2 cores this beat 2 worker threads (147-173k vs 120-152k
-    samples/s, ``benchmarks/bench_sif.py``), unlike the IAT export's small ops."""
+    blocks are large enough to split; on 2 cores 2 worker threads were slower before the lean
+    ``ResidualVQ.encode`` (120-152k vs 147-173k samples/s) and equal after it (228k vs 224-238k,
+    ``benchmarks/bench_sif.py --sections encode``), unlike the IAT export's small ops."""
     import time
 
     from sampletok.nn.inference import map_row_batches

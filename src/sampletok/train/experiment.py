@@ -181,7 +181,7 @@ def compare(exp: Experiment, out_dir: str | Path, progress: bool = True, ds: Pre
             done = run_dir / "result.json"
             if done.exists():
                 cached = json.loads(done.read_text())
-                if _same_run(cached, spec, exp, ds):
+                if _same_run(cached, spec, train_cfgs[spec.display], exp, ds):
                     runs.append(cached)
                     continue
                 console.print(f"[yellow]{run_dir}: finished with another configuration, training again[/]")
@@ -201,13 +201,13 @@ def compare(exp: Experiment, out_dir: str | Path, progress: bool = True, ds: Pre
     return runs
 
 
-def _same_run(cached: dict, spec: ModelSpec, exp: Experiment, ds: PreparedDataset) -> bool:
+def _same_run(cached: dict, spec: ModelSpec, train: TrainConfig, exp: Experiment, ds: PreparedDataset) -> bool:
     """Whether a finished run was made by this model, parameters, dataset, training config and request filter
     (runs written before ``train``/``requests`` were recorded are matched on the rest)."""
     same = (cached.get("name") == spec.name and cached.get("params") == spec.params
             and cached.get("dataset") == ds.fingerprint)
     if "train" in cached:
-        same &= cached["train"] == spec.train_config(exp.train).model_dump(mode="json")
+        same &= cached["train"] == train.model_dump(mode="json")
     if "requests" in cached:
         same &= cached["requests"] == exp.requests
     return same
