@@ -60,6 +60,26 @@ def test_synthetic_is_deterministic_and_chunk_independent():
     assert (a.get_column("conversion") <= a.get_column("click")).all()
 
 
+def test_dense_synthetic_log_has_unique_samples_and_prepares(tmp_path):
+    # 3 users x ~4,000 events in one day on 10 items: many draws repeat (user, second, item)
+    cfg = SyntheticConfig(n_users=3, n_items=10, categories=2, events_per_user=4000, days=1, seed=1)
+    src = SyntheticSource(cfg)
+    df = src.to_frame()
+    assert df.select("user_key", "ts", "item_id").is_duplicated().sum() == 0
+    ds = prepare(src, src.schema, tmp_path / "p", progress=False)
+    assert len(np.unique(ds.col("_instance_id"))) == df.height
+
+
+def test_unique_event_times_moves_only_repeats():
+    from sampletok.data.sources.synthetic import _unique_event_times
+    uid, item = np.array([0, 0, 0, 1, 0]), np.array([5, 5, 5, 5, 6])
+    ts = np.array([10, 10, 10, 10, 11])
+    out = _unique_event_times(uid, ts, item)
+    assert sorted(out[:3].tolist()) == [10, 11, 12] and out[3] == 10 and out[4] == 11
+    clean = np.array([3, 1, 2, 1, 9])
+    assert np.array_equal(_unique_event_times(uid, clean, item), clean)
+
+
 @pytest.mark.parametrize("n_fields", [20, 100, 600])
 def test_synthetic_field_counts(n_fields):
     cfg = SyntheticConfig(n_users=20, n_items=50, events_per_user=5, n_fields=n_fields)
