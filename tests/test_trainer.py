@@ -91,3 +91,30 @@ def test_per_model_train_overrides_are_validated_and_recorded():
         ModelSpec(name="sif", label="sif-L50", train={"hist_len": "long"}).train_config(base)
     with pytest.raises(ConfigError, match="invalid train override: no_such_option"):
         ModelSpec(name="sif", train={"no_such_option": 1}).train_config(base)
+
+
+def test_recent_rows_keeps_the_latest_requests(synth_prepared):
+    from sampletok.train.experiment import recent_rows
+    ds = synth_prepared
+    rows = ds.rows("train")
+    assert recent_rows(ds, rows, None) is rows
+    kept = recent_rows(ds, rows, 0.1)
+    ts = np.asarray(ds.col("_ts"))
+    assert len(kept) == int(np.ceil(0.1 * len(rows)))
+    assert ts[kept].min() >= ts[np.setdiff1d(rows, kept)].max()  # nothing older is kept over something newer
+    assert np.all(np.diff(ts[kept]) >= 0)
+    assert len(recent_rows(ds, rows, 1.0)) == len(rows)
+
+
+def test_finished_runs_made_before_a_new_train_option_are_reused():
+    from types import SimpleNamespace
+
+    from sampletok.train.experiment import Experiment, _same_run
+    exp = Experiment.model_validate({"dataset": {"kind": "synthetic"}, "models": [{"name": "din"}]})
+    ds = SimpleNamespace(fingerprint="f")
+    old = TrainConfig().model_dump(mode="json")
+    del old["train_recent_fraction"]  # a result.json written before the option existed
+    cached = {"name": "din", "params": {}, "dataset": "f", "train": old, "requests": None}
+    assert _same_run(cached, exp.models[0], TrainConfig(), exp, ds)
+    assert not _same_run(cached, exp.models[0], TrainConfig(train_recent_fraction=0.5), exp, ds)
+    assert not _same_run({**cached, "dataset": "g"}, exp.models[0], TrainConfig(), exp, ds)

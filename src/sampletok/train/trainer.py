@@ -36,6 +36,9 @@ class TrainConfig(BaseModel):
     patience: int = Field(2, ge=1, description="epochs without validation AUC gain before stopping")
     lr_decay: float = Field(0.1, gt=0, le=1, description="lr factor after an epoch without improvement")
     hist_len: int | None = Field(None, ge=0, description="history positions (default: schema sequence max_len)")
+    train_recent_fraction: float | None = Field(
+        None, gt=0, le=1, description="train on the latest fraction (by time) of the train split's requests only; "
+        "earlier rows stay history. For long-history runs whose cost per request forbids the whole window")
     grad_clip: float | None = 10.0
     threads: int | None = Field(None, ge=1)
 
