@@ -97,13 +97,13 @@ def test_recent_rows_keeps_the_latest_requests(synth_prepared):
     from sampletok.train.experiment import recent_rows
     ds = synth_prepared
     rows = ds.rows("train")
-    assert recent_rows(ds, rows, None) is rows
-    kept = recent_rows(ds, rows, 0.1)
+    assert recent_rows(rows, None) is rows
+    kept = recent_rows(rows, 0.1)
     ts = np.asarray(ds.col("_ts"))
     assert len(kept) == int(np.ceil(0.1 * len(rows)))
     assert ts[kept].min() >= ts[np.setdiff1d(rows, kept)].max()  # nothing older is kept over something newer
     assert np.all(np.diff(ts[kept]) >= 0)
-    assert len(recent_rows(ds, rows, 1.0)) == len(rows)
+    assert len(recent_rows(rows, 1.0)) == len(rows)
 
 
 def test_finished_runs_made_before_a_new_train_option_are_reused():

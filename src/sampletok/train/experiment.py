@@ -115,7 +115,7 @@ def run_model(ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed
     mk = lambda rows, bs, shuffle: BatchLoader(ds, rows, bs, hist_len=hist_len, shuffle=shuffle, seed=seed,
                                                index=index, layout=layout)
     rows = lambda split, seen=False: ds.rows(split, seen_users_only=seen, where=requests)
-    train_loader = mk(recent_rows(ds, rows("train"), train_cfg.train_recent_fraction), train_cfg.batch_size, True)
+    train_loader = mk(recent_rows(rows("train"), train_cfg.train_recent_fraction), train_cfg.batch_size, True)
     valid_loader = mk(rows("valid"), train_cfg.eval_batch_size, False)
     t0 = time.time()
     result = fit(model, train_loader, valid_loader, train_cfg, seed, run_dir=run_dir, resume=resume,
@@ -145,12 +145,12 @@ def run_model(ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed
     return out
 
 
-def recent_rows(ds: PreparedDataset, rows: np.ndarray, fraction: float | None) -> np.ndarray:
-    """The latest ``fraction`` of ``rows`` by timestamp (all of them when ``fraction`` is None), in time order."""
+def recent_rows(rows: np.ndarray, fraction: float | None) -> np.ndarray:
+    """The latest ``fraction`` of time-ordered ``rows`` (as :meth:`PreparedDataset.rows` returns them); all of
+    them when ``fraction`` is None."""
     if fraction is None:
         return rows
-    order = np.argsort(np.asarray(ds.col("_ts"))[rows], kind="stable")
-    return rows[order[len(rows) - int(np.ceil(fraction * len(rows))):]]
+    return rows[len(rows) - int(np.ceil(fraction * len(rows))):]
 
 
 def load_trained(ds: PreparedDataset, run_dir: str | Path) -> tuple["RankingModel", int | None]:

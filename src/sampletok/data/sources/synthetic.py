@@ -162,7 +162,6 @@ def _events_for_block(cfg: SyntheticConfig, world: _World, block: int) -> pl.Dat
     uid = np.repeat(np.arange(n_u), counts)
     n = len(uid)
     ts = rng.integers(0, horizon, n).astype(np.int64) + 1_700_000_000
-    t_frac = (ts - 1_700_000_000) / horizon
     domain = rng.integers(0, cfg.domains, n)
     # category ~ user preference, item ~ popularity within (domain, category): inverse CDF, vectorized
     cat_cdf = np.cumsum(cat_pref, 1)
