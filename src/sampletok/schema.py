@@ -137,6 +137,17 @@ class Schema(_Strict):
         return [l.name for l in self.labels]
 
     @property
+    def ticks_per_second(self) -> int:
+        """Timestamp ticks per second (1 for ``s``, 1000 for ``ms``)."""
+        return 1000 if self.timestamp_unit == "ms" else 1
+
+    def label_delays(self) -> list[int]:
+        """Each label's availability delay in the log's timestamp unit. ``LabelSpec.delay`` is in seconds; this
+        is the one place it is converted, so every reader of availability (history index, store exports)
+        agrees on ms logs too."""
+        return [l.delay * self.ticks_per_second for l in self.labels]
+
+    @property
     def raw_columns(self) -> list[str]:
         """Every column a raw log must have."""
         cols = [self.user, self.timestamp]

@@ -173,8 +173,7 @@ def history_index(ds: PreparedDataset) -> HistoryIndex:
     """The history index over every row of a prepared dataset (cached on the dataset object)."""
     cached = getattr(ds, "_history_index", None)
     if cached is None:
-        delays = [l.delay for l in ds.schema.labels]
-        cached = HistoryIndex(np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts")), delays)
+        cached = HistoryIndex(np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts")), ds.schema.label_delays())
         ds._history_index = cached  # type: ignore[attr-defined]
     return cached
 

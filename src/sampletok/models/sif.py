@@ -209,6 +209,6 @@ def export_codes(model: SIF, ds, path, batch_size: int = 8192, progress: bool = 
                                                "hgaq": model.cfg.model_dump(),
                                                "export_instances_per_s": ds.n_rows / max(sec, 1e-9)})
     side = np.stack([np.asarray(ds.col(f"label__{l.name}")) for l in labels], 1)
-    avail = ts[:, None] + np.array([l.delay for l in labels], np.int64)[None, :]
+    avail = ts[:, None] + np.array(ds.schema.label_delays(), np.int64)[None, :]
     store.append(np.asarray(ds.col("_instance_id")), np.asarray(ds.col("_user_key")), ts, codes, side, avail)
     return store

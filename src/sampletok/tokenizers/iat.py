@@ -278,7 +278,7 @@ def export_to_store(model: SourceModel, ds: PreparedDataset, path: str | Path, p
                                                "export_instances_per_s": ds.n_rows / max(seconds, 1e-9)})
     ts = np.asarray(ds.col("_ts"))[keep]
     side = np.stack([np.asarray(ds.col(f"label__{l.name}"))[keep] for l in labels], 1)
-    avail = ts[:, None] + np.array([l.delay for l in labels], np.int64)[None, :]
+    avail = ts[:, None] + np.array(ds.schema.label_delays(), np.int64)[None, :]
     iid, user, emb = np.asarray(ds.col("_instance_id"))[keep], np.asarray(ds.col("_user_key"))[keep], emb[keep]
     for i in range(0, len(keep), chunk):
         sl = slice(i, i + chunk)
