@@ -38,6 +38,7 @@ def main() -> None:
             t = time.perf_counter()
             s = LocalTokenStore.create(Path(d) / "s", "bench", (a.dim,), ["click", "conv"], dtype=dtype)
             s.append(np.arange(a.rows), user, ts, emb, side)
+            s.commit()
             write = time.perf_counter() - t
             s = LocalTokenStore.open(Path(d) / "s").load_into_memory()
             qu, qt = rng.integers(0, a.users, a.batch), rng.integers(5 * 10**7, 10**8, a.batch)

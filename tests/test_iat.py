@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from sampletok.data.batches import BatchLoader, FeatureLayout
+from sampletok.data.batches import BatchLoader, FeatureLayout, history_index
 from sampletok.errors import ConfigError
 from sampletok.models import build_model
 from sampletok.store import LocalTokenStore
-from sampletok.tokenizers.iat import (IATSourceConfig, SourceModel, embed_all, export_to_store, train_source,
-                                      user_windows)
+from sampletok.tokenizers.iat import (IATSourceConfig, SourceModel, _train_stream_epoch, embed_all, export_to_store,
+                                      train_source, user_windows)
 
 FAST = dict(epochs=1, hidden=[64, 32], decompress=[32], emb_dim=16, window=16, batch_size=512, dtype="float32")
 
@@ -36,14 +36,83 @@ def test_bottleneck_shapes_and_sit_causality(synth_prepared):
         torch.testing.assert_close(model.run_sit(changed, valid)[:, : t + 1], out[:, : t + 1])
 
 
-def test_streaming_sit_matches_batch_sit(synth_prepared):
+def _sit_reference(model: SourceModel, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Causal SIT computed without any attention mask: in every layer, position k's output is the last row of the
+    block run unmasked on the valid positions <= k alone (so nothing later or padded can be seen). NaN elsewhere."""
+    out = torch.full_like(z, float("nan"))
+    for b in range(z.shape[0]):
+        pos = torch.flatnonzero(valid[b])
+        x = z[b, pos]
+        for block in model.sit:
+            x = torch.stack([block(x[: k + 1].unsqueeze(0))[0, -1] for k in range(len(x))])
+        out[b, pos] = x
+    return out
+
+
+@torch.no_grad()
+def test_batch_and_streaming_sit_equal_an_unmasked_per_prefix_reference(synth_prepared):
+    """Batch SIT at every valid position t, and the streaming form fed (positions < t, z_t), both equal the
+    reference; padding (in front and inside the history) is ignored; later positions never change earlier ones."""
+    torch.manual_seed(0)
     model = SourceModel(FeatureLayout.from_dataset(synth_prepared), IATSourceConfig(scheme="user_stream", **FAST)).eval()
     seq = torch.randn(4, 8, 16)
     valid = torch.ones(4, 8, dtype=torch.bool)
-    valid[0, :3] = False  # a short history: padded positions in front
-    batch_out = model.run_sit(seq, valid)[:, -1]
-    stream_out = model.sit_last(seq[:, :-1], valid[:, :-1], seq[:, -1])
-    torch.testing.assert_close(stream_out, batch_out)
+    valid[0, :3] = False  # a short history: padding in front
+    valid[1, [2, 5]] = False  # rows of the stream not yet written: holes inside the history
+    ref = _sit_reference(model, seq, valid)
+    batch_out = model.run_sit(seq, valid)
+    torch.testing.assert_close(batch_out[valid], ref[valid], atol=1e-5, rtol=1e-5)
+    for t in range(1, seq.shape[1]):
+        stream = model.sit_last(seq[:, :t], valid[:, :t], seq[:, t])
+        rows = valid[:, t]  # the current instance is always valid in the stream
+        torch.testing.assert_close(stream[rows], ref[rows, t], atol=1e-5, rtol=1e-5)
+        changed = seq.clone()
+        changed[:, t:] = torch.randn_like(changed[:, t:])
+        torch.testing.assert_close(model.run_sit(changed, valid)[:, :t], batch_out[:, :t])
+
+
+def test_stream_training_reads_only_embeddings_written_by_earlier_steps(synth_prepared, monkeypatch):
+    """In ``user_stream`` training, every previous embedding a step reads is one that an earlier step wrote for
+    the same user's earlier instance (never a row of the current or a later batch), with the value written
+    then; and every such row among the user's last ``stream_context`` is read."""
+    cfg = IATSourceConfig(scheme="user_stream", **{**FAST, "batch_size": 256}, stream_context=8)
+    ds = synth_prepared
+    rows = ds.rows("train")[:2048]  # time-ordered; 8 steps
+    user, ts = np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts"))
+    model = SourceModel(FeatureLayout.from_dataset(ds), cfg)
+    written: dict[int, np.ndarray] = {}  # row -> z of the step that computed it (what a correct stream stores)
+    calls: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    compress, sit_last = model.compress, model.sit_last
+
+    def record_compress(batch):
+        z = compress(batch)
+        calls.append((np.array(rows_of_step[len(calls)]), z.detach().numpy().copy(), None))
+        return z
+
+    def record_sit_last(prev_z, prev_mask, z):
+        cur, zc, _ = calls[-1]
+        calls[-1] = (cur, zc, (prev_z.numpy().copy(), prev_mask.numpy().copy()))
+        return sit_last(prev_z, prev_mask, z)
+
+    rows_of_step = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    monkeypatch.setattr(model, "compress", record_compress)
+    monkeypatch.setattr(model, "sit_last", record_sit_last)
+    loader = BatchLoader(ds, rows, cfg.batch_size, index=history_index(ds), layout=FeatureLayout.from_dataset(ds))
+    _train_stream_epoch(model, torch.optim.Adam(model.parameters(), lr=cfg.lr), loader, ds, rows, cfg, False, 0)
+    assert len(calls) == len(rows_of_step)
+    n_read = 0
+    for cur, z, (prev_z, prev_mask) in calls:
+        for i, r in enumerate(cur):
+            # independent reference: the user's last stream_context earlier rows (strictly before ts), of which
+            # only those of earlier steps are in the store
+            before = [q for q in rows if user[q] == user[r] and ts[q] < ts[r]]
+            expected = [q for q in before[-cfg.stream_context:] if q in written]
+            got = prev_z[i][prev_mask[i]]
+            assert len(got) == len(expected), (r, expected)
+            np.testing.assert_array_equal(got, np.stack([written[q] for q in expected]) if expected else got)
+            n_read += len(expected)
+        written.update(zip(cur.tolist(), z))
+    assert n_read > 100  # the check is not vacuous: later steps do read the store
 
 
 def test_user_windows_are_time_sorted_runs_of_one_user():
@@ -99,6 +168,7 @@ def test_iat_model_cannot_see_the_future(synth_prepared, store, tmp_path):
                                     label_names=store.meta["labels"], dtype="float32",
                                     extra_meta={k: store.meta[k] for k in ("kind", "dataset")})
     forged.append(c["instance_id"], c["user"], c["ts"], payload, side, c["avail"])
+    forged.commit()
     model.store = forged.load_into_memory()
     with torch.no_grad():
         after = model(batch).logits

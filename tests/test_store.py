@@ -21,8 +21,11 @@ def _instances(n, seed=0, dim=4):
 
 
 def _make(tmp_path, dtype="float32", name="s"):
-    return LocalTokenStore.create(tmp_path / name, producer="p1", payload_shape=(4,), label_names=["click"],
-                                  dtype=dtype)
+    """An empty committed store (later appends commit one version each)."""
+    store = LocalTokenStore.create(tmp_path / name, producer="p1", payload_shape=(4,), label_names=["click"],
+                                   dtype=dtype)
+    store.commit()
+    return store
 
 
 @settings(max_examples=40, deadline=None)
@@ -89,13 +92,13 @@ def test_killed_writer_leaves_previous_state_readable(tmp_path):
     before = store.fetch(np.arange(5), np.full(5, 40), 8)
     script = textwrap.dedent(f"""
         import numpy as np
+        import os
         from sampletok.store import LocalTokenStore
-        s = LocalTokenStore.open({str(tmp_path / 's')!r})
+        s = LocalTokenStore.open({str(tmp_path / 's')!r}, on_before_commit=lambda: os._exit(137))
         s.append(instance_id=np.arange(10) + 10**6, user=np.zeros(10, int), ts=np.arange(10),
                  payload=np.ones((10, 4)), side=np.ones((10, 1)))
     """)
-    env = {**os.environ, "SAMPLETOK_TEST_CRASH_BEFORE_COMMIT": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert proc.returncode == 137, proc.stderr.decode()  # really killed between segment write and commit
     reopened = LocalTokenStore.open(tmp_path / "s")
     after = reopened.fetch(np.arange(5), np.full(5, 40), 8)
@@ -128,3 +131,69 @@ def test_killed_writer_with_sigkill_mid_append(tmp_path):
     n = len(reopened)
     assert n >= 10 and (n - 10) % 50 == 0  # whole appends only
     reopened.fetch(np.zeros(3, int), np.full(3, 100), 5)
+
+
+def test_a_store_is_readable_only_once_complete(tmp_path):
+    """An export that dies before its commit leaves no store (or the previous one), never a partial one."""
+    staged = LocalTokenStore.create(tmp_path / "s", producer="p1", payload_shape=(4,), label_names=["click"],
+                                    dtype="float32")
+    staged.append(**_instances(20))
+    with pytest.raises(StoreError, match="not a token store"):
+        LocalTokenStore.open(tmp_path / "s")
+    staged.commit()
+    assert len(LocalTokenStore.open(tmp_path / "s")) == 20
+
+
+def test_overwrite_keeps_the_old_store_until_the_new_one_is_committed(tmp_path):
+    old = _make(tmp_path)
+    old.append(**_instances(20))
+    reader = LocalTokenStore.open(tmp_path / "s")
+    before = reader.fetch(np.arange(5), np.full(5, 40), 8)
+    new = LocalTokenStore.create(tmp_path / "s", producer="p2", payload_shape=(4,), label_names=["click"],
+                                 dtype="float32", overwrite=True)
+    new.append(**_instances(7, seed=5))
+    # not committed yet: a new reader still gets the old store, whole
+    assert LocalTokenStore.open(tmp_path / "s").meta["producer"] == "p1"
+    assert len(LocalTokenStore.open(tmp_path / "s")) == 20
+    new.commit()
+    now = LocalTokenStore.open(tmp_path / "s")
+    assert now.meta["producer"] == "p2" and len(now) == 7
+    # the reader that opened the old version keeps reading it, though its segments are gone from disk
+    np.testing.assert_array_equal(reader.fetch(np.arange(5), np.full(5, 40), 8).payload, before.payload)
+
+
+def test_reader_keeps_its_version_through_commits_and_compaction(tmp_path):
+    store = _make(tmp_path)
+    for k in range(3):
+        store.append(**_instances(30, k))
+    before = LocalTokenStore.open(tmp_path / "s").fetch(np.arange(5), np.full(5, 40), 10)
+    reader = LocalTokenStore.open(tmp_path / "s")  # opened, not read yet
+    writer = LocalTokenStore.open(tmp_path / "s")
+    writer.append(**_instances(30, 9))
+    writer.compact()
+    assert len(os.listdir(tmp_path / "s" / "segments")) == 1
+    after = reader.fetch(np.arange(5), np.full(5, 40), 10)
+    np.testing.assert_array_equal(before.payload, after.payload)
+    assert len(reader) == 90 and len(LocalTokenStore.open(tmp_path / "s")) == 120
+
+
+def test_concurrent_writer_processes_lose_no_append(tmp_path):
+    """Two processes appending to the same store at once: every append lands, each in its own version."""
+    _make(tmp_path)
+    script = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from sampletok.store import LocalTokenStore
+        w = int(sys.argv[1])
+        s = LocalTokenStore.open({str(tmp_path / 's')!r})
+        for k in range(15):
+            s.append(instance_id=np.arange(3) + 10**6 * w + 10 * k, user=np.full(3, w), ts=np.arange(3) + 10 * k,
+                     payload=np.full((3, 4), float(w)), side=np.ones((3, 1)))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(w)]) for w in (1, 2)]
+    assert [p.wait() for p in procs] == [0, 0]
+    final = LocalTokenStore.open(tmp_path / "s")
+    assert final.version == 31  # 1 (create) + 30 appends, none overwritten by the other writer
+    ids = np.sort(np.asarray(final._columns()["instance_id"]))
+    want = np.sort(np.concatenate([np.arange(3) + 10**6 * w + 10 * k for w in (1, 2) for k in range(15)]))
+    np.testing.assert_array_equal(ids, want)

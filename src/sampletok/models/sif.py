@@ -211,4 +211,5 @@ def export_codes(model: SIF, ds, path, batch_size: int = 8192, progress: bool = 
     side = np.stack([np.asarray(ds.col(f"label__{l.name}")) for l in labels], 1)
     avail = ts[:, None] + np.array(ds.schema.label_delays(), np.int64)[None, :]
     store.append(np.asarray(ds.col("_instance_id")), np.asarray(ds.col("_user_key")), ts, codes, side, avail)
+    store.commit()
     return store

@@ -4,12 +4,20 @@ Layout::
 
     store/
       CURRENT                 name of the committed manifest (replaced atomically with os.replace)
+      LOCK                    writers hold an exclusive flock on it while they commit
       manifest-000003.json    meta (producer, payload dtype/shape, labels) + the list of live segments
-      segments/seg-000002/    instance_id.npy user.npy ts.npy payload.npy [scale.npy] side.npy avail.npy
+      segments/seg-<id>/      instance_id.npy user.npy ts.npy payload.npy [scale.npy] side.npy avail.npy
 
-A write builds a new segment (and a new manifest) under temporary names and publishes both by renaming;
-``CURRENT`` is switched last. A process killed at any point leaves the previous state readable. Compaction
-merges every segment into one the same way. Readers open whatever ``CURRENT`` names.
+Every write builds new segments under temporary names and publishes them with a new manifest; ``CURRENT`` is
+switched last (the commit point). So:
+
+* a store is readable only once complete: :meth:`create` stages its segments and nothing is visible until
+  :meth:`commit` (an interrupted export leaves no store, or the previous one, never a partial one);
+* ``create(overwrite=True)`` keeps the old store readable until the new one is committed;
+* appends to a committed store take an exclusive lock and re-read ``CURRENT`` before committing, so two
+  processes appending at once both land (versions N+1 and N+2), neither is lost;
+* a reader memory-maps its version's segments when it opens, so a later commit or a compaction that removes
+  those segments' files does not disturb it (POSIX keeps unlinked mapped files alive).
 
 ``fetch(users, before_ts, n)`` has exactly the semantics of :class:`~sampletok.data.history.HistoryIndex`:
 the last ``n`` instances strictly before the request time, most recent last; side labels are zeroed unless
@@ -22,17 +30,22 @@ Example:
     >>> store.append(instance_id=np.array([1, 2]), user=np.array([7, 7]), ts=np.array([10, 20]),
     ...              payload=np.array([[1., 2.], [3., 4.]]), side=np.array([[1.], [0.]]),
     ...              avail=np.array([[10], [20]]))
-    >>> store.fetch(np.array([7]), np.array([20]), n=2).payload.tolist()
+    >>> store.commit()
+    >>> LocalTokenStore.open(store.root).fetch(np.array([7]), np.array([20]), n=2).payload.tolist()
     [[[0.0, 0.0], [1.0, 2.0]]]
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -75,47 +88,47 @@ def _save(path: Path, arr: np.ndarray) -> None:
 
 
 class LocalTokenStore:
-    """Directory token store. Use :meth:`create` for a new one and :meth:`open` for an existing one."""
+    """Directory token store. :meth:`create` stages a new one (published by :meth:`commit`); :meth:`open` reads
+    the committed version.
 
-    def __init__(self, root: Path, manifest: dict, manifest_name: str):
+    ``on_before_commit`` is called after a write's segments are on disk and before ``CURRENT`` switches (tests
+    inject a crash there)."""
+
+    def __init__(self, root: Path, manifest: dict, manifest_name: str, staged: bool = False,
+                 on_before_commit: Callable[[], None] | None = None):
         self.root, self.manifest, self.manifest_name = root, manifest, manifest_name
+        self.staged = staged
+        self.on_before_commit = on_before_commit
         self._cache: dict[str, np.ndarray] | None = None
         self._index: HistoryIndex | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def create(cls, root: str | Path, producer: str, payload_shape: tuple[int, ...], label_names: list[str],
-               dtype: str = "float16", extra_meta: dict | None = None, overwrite: bool = False) -> "LocalTokenStore":
+               dtype: str = "float16", extra_meta: dict | None = None, overwrite: bool = False,
+               on_before_commit: Callable[[], None] | None = None) -> "LocalTokenStore":
+        """A new store, staged: appends write segments that become visible only at :meth:`commit`."""
         root = Path(root)
         if dtype not in PAYLOAD_DTYPES:
             raise StoreError(f"payload dtype '{dtype}' not one of {sorted(PAYLOAD_DTYPES)}")
-        if (root / "CURRENT").exists():
-            if not overwrite:
-                raise StoreError(f"{root}: a token store already exists (pass overwrite=True to replace it)")
-            shutil.rmtree(root)
+        if (root / "CURRENT").exists() and not overwrite:
+            raise StoreError(f"{root}: a token store already exists (pass overwrite=True to replace it)")
         (root / "segments").mkdir(parents=True, exist_ok=True)
         meta = {"format": STORE_FORMAT, "producer": producer, "payload_shape": list(payload_shape),
                 "dtype": dtype, "labels": list(label_names), "created_at": time.time(), **(extra_meta or {})}
-        store = cls(root, {"meta": meta, "segments": [], "version": 0}, "")
-        store._commit({"meta": meta, "segments": [], "version": 0})
-        return store
+        return cls(root, {"meta": meta, "segments": [], "version": 0}, "", staged=True,
+                   on_before_commit=on_before_commit)
 
     @classmethod
-    def open(cls, root: str | Path, expect_producer: str | None = None) -> "LocalTokenStore":
+    def open(cls, root: str | Path, expect_producer: str | None = None,
+             on_before_commit: Callable[[], None] | None = None) -> "LocalTokenStore":
+        """The committed version of a store, its segments memory-mapped now (see the module docstring)."""
         root = Path(root)
-        cur = root / "CURRENT"
-        if not cur.exists():
-            raise StoreError(f"{root}: not a token store (no CURRENT file)")
-        name = cur.read_text().strip()
-        try:
-            manifest = json.loads((root / name).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"{root / name}: unreadable manifest: {e}") from None
-        if manifest["meta"].get("format") != STORE_FORMAT:
-            raise StoreError(f"{root}: store format {manifest['meta'].get('format')} is not {STORE_FORMAT}")
-        store = cls(root, manifest, name)
+        name, manifest = _read_current(root)
+        store = cls(root, manifest, name, on_before_commit=on_before_commit)
         if expect_producer is not None:
             store.check_producer(expect_producer)
+        store._columns()
         return store
 
     def check_producer(self, expected: str) -> None:
@@ -129,12 +142,30 @@ class LocalTokenStore:
         return self.manifest["meta"]
 
     @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
     def payload_dtype(self) -> np.dtype:
         return np.dtype(PAYLOAD_DTYPES[self.meta["dtype"]])
 
-    def _commit(self, manifest: dict) -> None:
-        version = manifest["version"]
-        name = f"manifest-{version:06d}.json"
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive writer lock (flock on ``LOCK``): one commit at a time, across processes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "LOCK", "a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _publish(self, manifest: dict, replaces: str = "") -> None:
+        """Write ``manifest`` and switch ``CURRENT`` to it (caller holds the lock); then drop the manifest file
+        it ``replaces`` (readers read their manifest once, at open)."""
+        if self.on_before_commit is not None:
+            self.on_before_commit()
+        name = f"manifest-{manifest['version']:06d}.json"
         tmp = self.root / f".{name}.tmp-{os.getpid()}"
         with open(tmp, "w") as fh:
             json.dump(manifest, fh)
@@ -148,17 +179,33 @@ class LocalTokenStore:
             os.fsync(fh.fileno())
         os.replace(cur_tmp, self.root / "CURRENT")  # the commit point
         _fsync_dir(self.root)
-        old = self.manifest_name
-        self.manifest, self.manifest_name = manifest, name
+        self.manifest, self.manifest_name, self.staged = manifest, name, False
         self._cache, self._index = None, None
-        if old and old != name:
-            (self.root / old).unlink(missing_ok=True)
+        if replaces and replaces != name:
+            (self.root / replaces).unlink(missing_ok=True)
+
+    def commit(self) -> None:
+        """Publish a staged store (its segments become the store's content, replacing any older version)."""
+        if not self.staged:
+            return
+        with self._locked():
+            old_segments: list[str] = []
+            old_manifest = ""
+            version = 1
+            if (self.root / "CURRENT").exists():
+                old_manifest, old = _read_current(self.root)
+                old_segments, version = old["segments"], old["version"] + 1
+            self._publish({**self.manifest, "version": version}, replaces=old_manifest)
+            # old readers keep their memory maps; new readers only see the new manifest
+            for seg in old_segments:
+                shutil.rmtree(self.root / "segments" / seg, ignore_errors=True)
 
     # ------------------------------------------------------------------ writes
     def append(self, instance_id: np.ndarray, user: np.ndarray, ts: np.ndarray, payload: np.ndarray,
                side: np.ndarray | None = None, avail: np.ndarray | None = None) -> None:
         """Add instances. ``payload`` [k, *payload_shape] (float, quantized to the store dtype, or codes);
-        ``side`` [k, A] label values; ``avail`` [k, A] the time each label becomes known."""
+        ``side`` [k, A] label values; ``avail`` [k, A] the time each label becomes known. On a committed store
+        the append is committed at once (a new version); on a staged one it waits for :meth:`commit`."""
         k = len(instance_id)
         shape = tuple(self.meta["payload_shape"])
         a = len(self.meta["labels"])
@@ -171,7 +218,16 @@ class LocalTokenStore:
         arrays = {"instance_id": np.asarray(instance_id, np.int64), "user": np.asarray(user, np.int64),
                   "ts": np.asarray(ts, np.int64), "side": side, "avail": np.ascontiguousarray(avail)}
         arrays.update(self._encode_payload(payload))
-        self._write_segment(arrays, self.manifest["segments"])
+        name = self._write_segment(arrays)
+        if self.staged:
+            self.manifest = {**self.manifest, "segments": self.manifest["segments"] + [name]}
+            self._cache, self._index = None, None
+            return
+        with self._locked():
+            # another process may have committed since we opened: build on what is current now
+            current, latest = _read_current(self.root)
+            self._publish({**latest, "segments": latest["segments"] + [name], "version": latest["version"] + 1},
+                          replaces=current)
 
     def _encode_payload(self, payload: np.ndarray) -> dict[str, np.ndarray]:
         dt = self.meta["dtype"]
@@ -188,58 +244,52 @@ class LocalTokenStore:
             return {"payload": payload.astype(PAYLOAD_DTYPES[dt])}
         return {"payload": payload.astype(PAYLOAD_DTYPES[dt])}
 
-    def _write_segment(self, arrays: dict[str, np.ndarray], keep: list[str]) -> None:
+    def _write_segment(self, arrays: dict[str, np.ndarray]) -> str:
+        """Write a segment folder (fsynced, renamed into place) and return its name; not yet committed."""
         seg_dir = self.root / "segments"
-        existing = [int(p.name.split("-")[1]) for p in seg_dir.glob("seg-*") if p.name[4:].isdigit()]
-        number = max(existing + [0]) + 1
-        name = f"seg-{number:06d}"
+        seg_dir.mkdir(parents=True, exist_ok=True)
+        name = f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # unique across concurrent writers
         tmp = seg_dir / f".{name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for key, arr in arrays.items():
             _save(tmp / f"{key}.npy", np.ascontiguousarray(arr))
         _fsync_dir(tmp)
         os.replace(tmp, seg_dir / name)
         _fsync_dir(seg_dir)
-        if os.environ.get("SAMPLETOK_TEST_CRASH_BEFORE_COMMIT"):  # test hook: die between write and commit
-            os._exit(137)
-        self._commit({"meta": self.meta, "segments": keep + [name], "version": self.manifest["version"] + 1})
+        return name
 
     def compact(self) -> None:
-        """Merge all segments into one (atomic); removes the old segments afterwards."""
-        segs = list(self.manifest["segments"])
-        if len(segs) <= 1:
-            return
-        cols = self._columns()
-        self._write_segment(cols, [])
-        for s in segs:
-            shutil.rmtree(self.root / "segments" / s, ignore_errors=True)
+        """Merge all segments of the committed version into one (atomic); removes the old segments afterwards.
+        Readers that opened an older version keep reading it."""
+        if self.staged:
+            raise StoreError(f"{self.root}: commit the store before compacting it")
+        with self._locked():
+            current, latest = _read_current(self.root)
+            segs = list(latest["segments"])
+            if len(segs) <= 1:
+                return
+            cols = _load_segments(self.root, segs, latest["meta"])
+            name = self._write_segment({k: np.concatenate(v) for k, v in cols.items()})
+            self._publish({**latest, "segments": [name], "version": latest["version"] + 1}, replaces=current)
+            for s in segs:
+                shutil.rmtree(self.root / "segments" / s, ignore_errors=True)
 
     def gc(self) -> None:
-        """Remove segment folders and temporaries not named by the current manifest (left by crashes)."""
-        live = set(self.manifest["segments"])
-        for p in (self.root / "segments").iterdir():
-            if p.name not in live:
-                shutil.rmtree(p, ignore_errors=True)
-        for p in self.root.glob(".*tmp-*"):
-            p.unlink(missing_ok=True)
+        """Remove segment folders and temporaries not named by the current manifest (left by crashes). Do not
+        run it while another process stages a :meth:`create` into the same folder."""
+        with self._locked():
+            _, latest = _read_current(self.root)
+            live = set(latest["segments"])
+            for p in (self.root / "segments").iterdir():
+                if p.name not in live:
+                    shutil.rmtree(p, ignore_errors=True)
+            for p in self.root.glob(".*tmp-*"):
+                p.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reads
     def _columns(self) -> dict[str, np.ndarray]:
         if self._cache is None:
-            parts: dict[str, list[np.ndarray]] = {}
-            for s in self.manifest["segments"]:
-                for f in sorted((self.root / "segments" / s).glob("*.npy")):
-                    parts.setdefault(f.stem, []).append(np.load(f, mmap_mode="r"))
-            if not parts:
-                shape = tuple(self.meta["payload_shape"])
-                a = len(self.meta["labels"])
-                parts = {"instance_id": [np.zeros(0, np.int64)], "user": [np.zeros(0, np.int64)],
-                         "ts": [np.zeros(0, np.int64)], "side": [np.zeros((0, a), np.float32)],
-                         "avail": [np.zeros((0, a), np.int64)],
-                         "payload": [np.zeros((0, *shape), self.payload_dtype)]}
-                if self.meta["dtype"] == "int8":
-                    parts["scale"] = [np.zeros(0, np.float32)]
+            parts = _load_segments(self.root, self.manifest["segments"], self.meta)
             self._cache = {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
         return self._cache
 
@@ -291,3 +341,36 @@ class LocalTokenStore:
         keys = c["instance_id"].nbytes + c["user"].nbytes + c["ts"].nbytes
         side = c["side"].nbytes + c["avail"].nbytes
         return {"payload": payload / n, "keys": keys / n, "side": side / n, "total": (payload + keys + side) / n}
+
+
+def _read_current(root: Path) -> tuple[str, dict]:
+    """(name, content) of the manifest ``CURRENT`` names; a one-line StoreError when there is none."""
+    cur = root / "CURRENT"
+    if not cur.exists():
+        raise StoreError(f"{root}: not a token store (no CURRENT file; an export that did not finish leaves none)")
+    name = cur.read_text().strip()
+    try:
+        manifest = json.loads((root / name).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"{root / name}: unreadable manifest: {e}") from None
+    if manifest["meta"].get("format") != STORE_FORMAT:
+        raise StoreError(f"{root}: store format {manifest['meta'].get('format')} is not {STORE_FORMAT}")
+    return name, manifest
+
+
+def _load_segments(root: Path, segments: list[str], meta: dict) -> dict[str, list[np.ndarray]]:
+    """Memory maps of every column of the given segments (empty arrays of the right shape when none)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for s in segments:
+        for f in sorted((root / "segments" / s).glob("*.npy")):
+            parts.setdefault(f.stem, []).append(np.load(f, mmap_mode="r"))
+    if not parts:
+        shape = tuple(meta["payload_shape"])
+        a = len(meta["labels"])
+        parts = {"instance_id": [np.zeros(0, np.int64)], "user": [np.zeros(0, np.int64)],
+                 "ts": [np.zeros(0, np.int64)], "side": [np.zeros((0, a), np.float32)],
+                 "avail": [np.zeros((0, a), np.int64)],
+                 "payload": [np.zeros((0, *shape), PAYLOAD_DTYPES[meta["dtype"]])]}
+        if meta["dtype"] == "int8":
+            parts["scale"] = [np.zeros(0, np.float32)]
+    return parts

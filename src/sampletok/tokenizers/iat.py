@@ -283,6 +283,7 @@ def export_to_store(model: SourceModel, ds: PreparedDataset, path: str | Path, p
     for i in range(0, len(keep), chunk):
         sl = slice(i, i + chunk)
         store.append(iid[sl], user[sl], ts[sl], emb[sl], side[sl], avail[sl])
+    store.commit()  # the store becomes readable only now, complete
     store.compact()
     return store
 
