@@ -6,6 +6,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 from sampletok.data.batches import BatchLoader, history_index
 from sampletok.errors import ConfigError
@@ -49,19 +50,22 @@ def test_same_seed_same_result_and_training_learns(synth_prepared, tmp_path):
 def test_killed_run_resumes_to_the_same_result(synth_prepared, tmp_path):
     ds_dir = str(synth_prepared.root)
     script = textwrap.dedent(f"""
-        import json, sys
+        import json, os, sys
         from sampletok.data.prepare import PreparedDataset
         from sampletok.train.experiment import ModelSpec, run_model
         from sampletok.train.trainer import TrainConfig
         ds = PreparedDataset({ds_dir!r}).load_into_memory()
         cfg = TrainConfig(max_epochs=3, batch_size=256, patience=5)
-        r = run_model(ds, ModelSpec(name="din"), cfg, seed=7, run_dir=sys.argv[1], progress=False)
+        kill_after = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+        crash = lambda epoch: os._exit(137) if epoch == kill_after else None  # a real crash, after a checkpoint
+        r = run_model(ds, ModelSpec(name="din"), cfg, seed=7, run_dir=sys.argv[1], progress=False,
+                      on_epoch_end=crash)
         print(json.dumps(r["test"]))
     """)
     full = subprocess.run([sys.executable, "-c", script, str(tmp_path / "full")], capture_output=True, text=True)
     assert full.returncode == 0, full.stderr
-    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "killed")], capture_output=True, text=True,
-                            env={**os.environ, "SAMPLETOK_TEST_KILL_AFTER_EPOCH": "2"})
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "killed"), "2"], capture_output=True,
+                            text=True)
     assert killed.returncode == 137 and (tmp_path / "killed" / "checkpoint.pt").exists()
     resumed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "killed")], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
@@ -75,9 +79,10 @@ def test_early_stopping_and_lr_decay(synth_prepared):
     r = run_model(synth_prepared, ModelSpec(name="dnn"), cfg, seed=1, progress=False)
     hist = r["history"]
     assert len(hist) < 30  # stopped early
-    best = max(h["valid_auc"] for h in hist)
-    assert r["valid"]["auc"] == best and hist[r["best_epoch"] - 1]["valid_auc"] == best
-    assert all(h["valid_auc"] <= best for h in hist[r["best_epoch"]:])
+    best = max(h["valid_monitor"] for h in hist)
+    assert hist[r["best_epoch"] - 1]["valid_monitor"] == best
+    assert r["valid"]["auc"] - r["valid"]["logloss"] == pytest.approx(best)  # the default monitor
+    assert all(h["valid_monitor"] <= best for h in hist[r["best_epoch"]:])
     lrs = [h["lr"] for h in hist]
     assert min(lrs) < lrs[0]
 
@@ -118,3 +123,77 @@ def test_finished_runs_made_before_a_new_train_option_are_reused():
     assert _same_run(cached, exp.models[0], TrainConfig(), exp, ds)
     assert not _same_run(cached, exp.models[0], TrainConfig(train_recent_fraction=0.5), exp, ds)
     assert not _same_run({**cached, "dataset": "g"}, exp.models[0], TrainConfig(), exp, ds)
+
+
+def test_checkpoint_of_another_run_is_refused_or_restarted(synth_prepared, tmp_path):
+    """`train --model dnn --out X` then `--model din --out X` must not resume (or return) the dnn."""
+    cfg = TrainConfig(max_epochs=1, batch_size=512)
+    run_model(synth_prepared, ModelSpec(name="dnn"), cfg, seed=1, run_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="checkpoint of another run .*model: 'dnn' there, 'din' now"):
+        run_model(synth_prepared, ModelSpec(name="din"), cfg, seed=1, run_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="seed: 1 there, 2 now"):
+        run_model(synth_prepared, ModelSpec(name="dnn"), cfg, seed=2, run_dir=tmp_path, progress=False)
+    r = run_model(synth_prepared, ModelSpec(name="din"), cfg, seed=1, run_dir=tmp_path, progress=False, resume=False)
+    assert r["name"] == "din" and json.loads((tmp_path / "result.json").read_text())["name"] == "din"
+    assert not list(tmp_path.glob(".*tmp-*"))  # atomic writes leave no temporaries
+
+
+def _fit_with_scores(synth_prepared, scores, monitor):
+    """fit() with the validation metrics of each epoch scripted (the model still trains for real)."""
+    from unittest import mock
+
+    from sampletok.models import build_model
+    from sampletok.train import trainer
+    from sampletok.data.batches import FeatureLayout
+    ds = synth_prepared
+    model = build_model("dnn", FeatureLayout.from_dataset(ds))
+    loader = BatchLoader(ds, ds.rows("train")[:512], 512)
+    it = iter(scores)
+    with mock.patch.object(trainer, "evaluate", lambda m, l: dict(next(it), n=1)):
+        return trainer.fit(model, loader, loader, TrainConfig(max_epochs=len(scores), patience=10, monitor=monitor),
+                           seed=0, progress=False)
+
+
+def test_combined_monitor_keeps_the_calibrated_epoch(synth_prepared):
+    """The DIN-on-KuaiRand pattern: AUC creeps up while LogLoss explodes after epoch 1."""
+    scores = [{"auc": 0.912, "gauc": 0.7, "logloss": 0.29}, {"auc": 0.918, "gauc": 0.7, "logloss": 1.67},
+              {"auc": 0.927, "gauc": 0.7, "logloss": 1.9}]
+    assert _fit_with_scores(synth_prepared, scores, {"auc": 1.0}).best_epoch == 3
+    assert _fit_with_scores(synth_prepared, scores, {"auc": 1.0, "logloss": -1.0}).best_epoch == 1
+    with pytest.raises(Exception, match="monitor metrics must be among"):
+        TrainConfig(monitor={"acc": 1})
+
+
+def test_nan_validation_metric_stops_and_never_silently_returns_the_last_epoch(synth_prepared):
+    from sampletok.errors import TrainingError
+    nan = float("nan")
+    ok = {"auc": 0.7, "gauc": 0.6, "logloss": 0.5}
+    r = _fit_with_scores(synth_prepared, [ok, {**ok, "logloss": nan}, ok], {"auc": 1.0, "logloss": -1.0})
+    assert r.best_epoch == 1 and len(r.history) == 2 and "NaN at epoch 2" in r.stopped
+    with pytest.raises(TrainingError, match="no epoch had a finite validation monitor"):
+        _fit_with_scores(synth_prepared, [{**ok, "auc": nan}] * 2, {"auc": 1.0})
+
+
+def test_oov_replacement_trains_the_oov_row_only_in_training(synth_prepared):
+    ds = synth_prepared
+    rows = ds.rows("train")[:2000]
+    plain = BatchLoader(ds, rows, 2000, hist_len=10)
+    noisy = BatchLoader(ds, rows, 2000, hist_len=10, oov_rate=0.1, shuffle=False)
+    a, b = plain.build(rows), next(iter(noisy))
+    lay = plain.layout
+    oov = np.array([lay.vocab_sizes[f.name] - 1 for f in lay.cat_fields])
+    true_cat = np.array([f.type.value == "categorical" for f in lay.cat_fields])
+    changed = (a.cat != b.cat).numpy()
+    assert np.all(b.cat.numpy()[changed] == np.broadcast_to(oov, changed.shape)[changed])
+    assert 0.07 < changed[:, true_cat].mean() < 0.13 and not changed[:, ~true_cat].any()
+    hist_changed = (a.hist_cat != b.hist_cat).numpy()
+    assert hist_changed.any() and not (hist_changed & ~a.hist_mask.numpy()[:, :, None]).any()  # padding stays 0
+    # same epoch → same replacement (resumable); build() and evaluation loaders never replace
+    np.testing.assert_array_equal(next(iter(noisy)).cat.numpy(), b.cat.numpy())
+    assert torch.equal(noisy.build(rows).cat, a.cat)
+    # the OOV row of the user field receives gradient
+    from sampletok.models import build_model
+    model = build_model("dnn", lay)
+    out = model(b).logits.sum()
+    out.backward()
+    assert model.embed.tables["user_id"].weight.grad[lay.vocab_sizes["user_id"] - 1].abs().sum() > 0

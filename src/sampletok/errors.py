@@ -29,3 +29,54 @@ class StoreError(SampletokError):
 
 class ConfigError(SampletokError):
     """An experiment or model configuration is invalid."""
+
+
+class TrainingError(SampletokError):
+    """Training cannot produce a model (e.g. every validation score was NaN)."""
+
+
+# ---------------------------------------------------------------- one-line messages from library errors
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(str(text).split())
+
+
+def validation_message(e, prefix: str = "", names: dict[str, str] | None = None) -> str:
+    """One line from a pydantic ``ValidationError``: ``field: message (got value)`` parts joined by '; '.
+
+    ``prefix`` is put before every field path (e.g. ``"hgaq."``); ``names`` renames a field path to what the
+    user typed (e.g. ``{"max_epochs": "--epochs"}``)."""
+    parts = []
+    for er in e.errors():
+        loc = ".".join(map(str, er["loc"]))
+        where = (names or {}).get(loc) or (prefix + loc if loc else prefix.rstrip("."))
+        msg = er["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        value = er.get("input")
+        if er["type"] not in ("missing", "extra_forbidden") and isinstance(value, (str, int, float, bool)):
+            shown = repr(value)
+            msg += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+        parts.append(one_line(f"{where}: {msg}" if where else msg))
+    return "; ".join(parts)
+
+
+def validated(cls, data, where: str | None = None, prefix: str = "", names: dict[str, str] | None = None,
+              error: type[SampletokError] = ConfigError):
+    """``cls.model_validate(data)``, a pydantic ValidationError turned into one-line ``error`` (ConfigError):
+    ``where: field: message; ...``."""
+    from pydantic import ValidationError
+
+    if not isinstance(data, dict):
+        what = where or prefix.rstrip(".") or cls.__name__
+        raise error(f"{what}: expected a mapping of {cls.__name__} fields, got {type(data).__name__} {data!r}"[:300])
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        msg = validation_message(e, prefix, names)
+        raise error(f"{where}: {msg}" if where else msg) from None
+
+
+def yaml_message(e: Exception) -> str:
+    """One line from a PyYAML error: ``line L, column C: problem``."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e)
+    return one_line(f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem)

@@ -102,12 +102,16 @@ class BatchLoader:
         rows: request row ids (e.g. ``ds.rows("train")``).
         hist_len: history positions per request (0 disables history).
         shuffle/seed: a fresh permutation per epoch from ``seed + epoch`` (resumable).
+        oov_rate: when iterating, each categorical value of a request and of its item-ID history is replaced by
+            its field's OOV code with this probability (fresh per epoch from ``seed + epoch``), so the OOV
+            embedding is trained; ``build`` alone never replaces.
     """
 
     def __init__(self, ds: PreparedDataset, rows: np.ndarray, batch_size: int = 1024, hist_len: int | None = None,
                  shuffle: bool = False, seed: int = 0, index: HistoryIndex | None = None,
-                 layout: FeatureLayout | None = None):
+                 layout: FeatureLayout | None = None, oov_rate: float = 0.0):
         self.ds, self.rows = ds, np.asarray(rows, dtype=np.int64)
+        self.oov_rate = oov_rate
         self.layout = layout or FeatureLayout.from_dataset(ds)
         s = ds.schema
         self.hist_len = hist_len if hist_len is not None else (s.sequence.max_len if s.sequence else 0)
@@ -135,6 +139,12 @@ class BatchLoader:
                                           np.zeros((1, len(seq_multi_idx), lay.multi_len), np.int32)])
         self._user = np.asarray(ds.col("_user_key"))
         self._ts = np.asarray(ds.col("_ts"))
+        # OOV code per column (0 = never replaced: bucketized numerics have no unseen values)
+        true_cat = [f.type == FieldType.categorical for f in lay.cat_fields]
+        self._cat_oov = np.array([lay.vocab_sizes[f.name] - 1 if c else 0 for f, c in zip(lay.cat_fields, true_cat)],
+                                 np.int64)
+        self._multi_oov = np.array([lay.vocab_sizes[f.name] - 1 for f in lay.multi_fields], np.int64)
+        self._seq_cat_oov, self._seq_multi_oov = self._cat_oov[seq_cat_idx], self._multi_oov[seq_multi_idx]
 
     def __len__(self) -> int:
         return (len(self.rows) + self.batch_size - 1) // self.batch_size
@@ -146,8 +156,26 @@ class BatchLoader:
         rows = self.rows
         if self.shuffle:
             rows = rows[np.random.default_rng(self.seed * 100_003 + self.epoch).permutation(len(rows))]
+        oov_rng = np.random.default_rng(self.seed * 100_019 + self.epoch) if self.oov_rate > 0 else None
         for start in range(0, len(rows), self.batch_size):
-            yield self.build(rows[start:start + self.batch_size])
+            batch = self.build(rows[start:start + self.batch_size])
+            yield self._replace_by_oov(batch, oov_rng) if oov_rng is not None else batch
+
+    def _replace_by_oov(self, b: Batch, rng: np.random.Generator) -> Batch:
+        """Each present categorical value → its field's OOV code with probability ``oov_rate``."""
+        for name, oov, field_axis in (("cat", self._cat_oov, 1), ("multi", self._multi_oov, 2),
+                                      ("hist_cat", self._seq_cat_oov, 1), ("hist_multi", self._seq_multi_oov, 2)):
+            setattr(b, name, torch.from_numpy(self._swap_last_axes(getattr(b, name).numpy(), oov, rng, field_axis)))
+        return b
+
+    def _swap_last_axes(self, x: np.ndarray, oov: np.ndarray, rng: np.random.Generator, field_axis_from_end: int
+                        ) -> np.ndarray:
+        """``x`` with its fields on axis ``-field_axis_from_end``; padding (0) and OOV-less fields stay."""
+        shape = [1] * x.ndim
+        shape[x.ndim - field_axis_from_end] = len(oov)
+        codes = oov.reshape(shape)
+        hit = (rng.random(x.shape) < self.oov_rate) & (x > 0) & (codes > 0)
+        return np.where(hit, codes, x)
 
     def build(self, rows: np.ndarray) -> Batch:
         """The batch for the given request rows."""

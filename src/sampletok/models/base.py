@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sampletok.data.batches import Batch, FeatureLayout
-from sampletok.errors import ConfigError
+from sampletok.errors import ConfigError, one_line, validation_message
 
 
 @dataclass
@@ -33,8 +33,13 @@ class RankingModel(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def prepare_data(self, ds, *, seed: int, run_dir=None, progress: bool = True) -> None:
-        """Hook for models that need more than the batch (e.g. a token store built by a source model)."""
+    def prepare_data(self, ds, *, seed: int, run_dir=None, progress: bool = True, build: bool = True) -> None:
+        """Hook for models that need more than the batch (e.g. a token store built by a source model).
+        ``build=False``: only open what exists (scoring a saved model must never train a new tokenizer)."""
+
+    def data_producer(self) -> str | None:
+        """Producer id of the token store the model reads (None when it reads none)."""
+        return None
 
 
 MODELS: dict[str, type[RankingModel]] = {}
@@ -58,4 +63,41 @@ def build_model(name: str, layout: FeatureLayout, **params) -> RankingModel:
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise ConfigError(f"model '{name}' has no parameter(s) {unknown}; it takes {sorted(allowed)}")
-    return cls(layout, **params)
+    params = _checked_params(name, cls, params)
+    from pydantic import ValidationError
+
+    try:
+        return cls(layout, **params)
+    except ConfigError as e:
+        raise ConfigError(f"model '{name}': {e}") from None
+    except ValidationError as e:  # a nested config (e.g. IAT's source) the constructor validates
+        raise ConfigError(f"model '{name}': {e.title}: {validation_message(e)}") from None
+    except (ValueError, TypeError, AssertionError, ZeroDivisionError, RuntimeError) as e:
+        raise ConfigError(f"model '{name}' cannot be built with parameters {params}: {one_line(e)}") from None
+
+
+def _checked_params(name: str, cls: type, params: dict) -> dict:
+    """``params`` validated (and coerced, e.g. '1e-3' to a float) against the constructor's annotations, so a
+    value of the wrong type is a one-line ``model 'x': field: message``; unchanged where an annotation cannot
+    be validated."""
+    import typing
+    import warnings
+
+    from pydantic import ConfigDict, ValidationError, create_model
+
+    if not params:
+        return params
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            checker = create_model(f"{name} parameters", __config__=ConfigDict(
+                arbitrary_types_allowed=True, protected_namespaces=()),
+                **{k: (hints.get(k, typing.Any), ...) for k in params})
+    except Exception:  # an annotation pydantic cannot build a validator for: the constructor checks
+        return params
+    try:
+        checked = checker(**params)
+    except ValidationError as e:
+        raise ConfigError(f"model '{name}': {validation_message(e)}") from None
+    return {k: getattr(checked, k) for k in params}

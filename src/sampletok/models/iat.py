@@ -9,7 +9,9 @@ resulting vector enters the base model's interaction block **before** interactio
 after it. The base model's own item-ID history branch is kept.
 
 The store is built by a source model (:mod:`sampletok.tokenizers.iat`) trained on the training window, once
-per (dataset, source config, seed) and cached, or read from ``store`` when given.
+per (dataset, source config, seed) and cached, or read from ``store`` when given. By default the export is
+time-causal (``source: {export_order: causal}``): no token a training request reads was made by parameters
+that saw that request's label or a later one.
 """
 from __future__ import annotations
 
@@ -67,17 +69,20 @@ class IAT(RankingModel):
             self.after_head = MLP(out_dim, [out_dim], out_dim=self.n_tasks)
         self.store: LocalTokenStore | None = None
 
-    def prepare_data(self, ds, *, seed: int, run_dir=None, progress: bool = True) -> None:
+    def prepare_data(self, ds, *, seed: int, run_dir=None, progress: bool = True, build: bool = True) -> None:
         if self.store_path:
             self.store = LocalTokenStore.open(self.store_path)
             if self.store.meta.get("dataset") != ds.fingerprint:
                 raise ConfigError(f"{self.store_path}: store was exported for dataset {self.store.meta.get('dataset')}"
                                   f", not {ds.fingerprint}")
         else:
-            self.store = build_or_load_store(ds, self.source_cfg, seed, self.cache_dir, progress)
+            self.store = build_or_load_store(ds, self.source_cfg, seed, self.cache_dir, progress, build=build)
         if self.store.meta.get("kind") != "iat" or self.store.meta["payload_shape"] != [self.source_cfg.emb_dim]:
             raise ConfigError(f"{self.store.root}: not an IAT store of {self.source_cfg.emb_dim}-d embeddings")
         self.store.load_into_memory()
+
+    def data_producer(self) -> str | None:
+        return self.store.meta["producer"] if self.store is not None else None
 
     def iat_vector(self, batch: Batch) -> torch.Tensor:
         """[B, out_dim] the IAT branch's output for a batch."""

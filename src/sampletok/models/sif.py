@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sampletok.data.batches import Batch, BatchLoader, FeatureLayout, history_index
-from sampletok.errors import ConfigError
+from sampletok.errors import ConfigError, validated
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP
 from sampletok.nn.layers import MultiHeadAttention, RecencyEncoding, key_padding_mask
@@ -75,7 +75,7 @@ class SIF(RankingModel):
                  history_labels: bool = True, history_fields: list[str] | None = None,
                  quantize_history: bool = True):
         super().__init__(layout)
-        self.cfg = HGAQConfig(**(hgaq or {}))
+        self.cfg = validated(HGAQConfig, {} if hgaq is None else hgaq, prefix="hgaq.")
         self.tokenizer = SampleTokenizer(layout, self.cfg)
         t, d0 = self.tokenizer.n_tokens, self.cfg.d0
         self.align = nn.Parameter(torch.eye(d0).repeat(t, 1, 1))  # R: one d0×d0 map per sub-token
@@ -104,13 +104,16 @@ class SIF(RankingModel):
         self._rows: BatchLoader | None = None
         self.store: LocalTokenStore | None = None
 
-    def prepare_data(self, ds, *, seed: int, run_dir=None, progress: bool = True) -> None:
+    def prepare_data(self, ds, *, seed: int, run_dir=None, progress: bool = True, build: bool = True) -> None:
         # history rows are whole raw samples: a loader that gathers any row's features (no nested history)
         self._rows = BatchLoader(ds, np.zeros(0, np.int64), hist_len=0, index=history_index(ds))
         if self.store_path:
             self.store = LocalTokenStore.open(self.store_path).load_into_memory()
             if self.store.meta.get("kind") != "sif" or self.store.meta.get("dataset") != ds.fingerprint:
                 raise ConfigError(f"{self.store_path}: not a SIF code store of dataset {ds.fingerprint}")
+
+    def data_producer(self) -> str | None:
+        return self.store.meta["producer"] if self.store is not None else None
 
     def use_store(self, store: LocalTokenStore) -> None:
         """Read history codes from ``store`` (refused unless its codebook is this model's)."""

@@ -12,9 +12,19 @@ it and predicts the instance's own label. Schemes:
 * ``user_stream``: rows in global time order; the user's previous T-1 embeddings are read from the already
   written rows (gradients stopped) and only the current instance is updated, as a production stream would.
 
-The source model is trained on the training window only, then embeds every instance of the log.
-``z`` depends only on the instance's own features and its own past, so a stored token never carries a
-label or anything from after its timestamp.
+The source model is trained on the training window only. How it embeds the instances (``export_order``):
+
+* ``causal`` (default): the training window is cut by time into ``folds`` folds; the model is trained fold
+  after fold (warm-started, one optimizer, as a production stream trains day after day), and the instances
+  of fold k are embedded by the state that has seen folds < k only (fold 0 by the initial, untrained state);
+  everything after the training window by the final state. No token of a request's past was made by a model
+  that saw that request's label (or any later one).
+* ``in_sample`` (the ablation): one model trained on the whole window embeds everything. A training-window
+  token then comes from parameters fitted on the labels of *later* instances of the same user (the user-ID
+  embedding, the SIT loss at later positions), so downstream training requests read tokens that carry their
+  own future while test requests read out-of-sample tokens.
+
+``z`` reads only the instance's own features and its own past rows (never a label).
 """
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ from sampletok.data.history import HistoryIndex
 from sampletok.data.prepare import PreparedDataset
 from sampletok.nn import MLP, FeatureEmbedding, TargetAttention, TransformerBlock
 from sampletok.nn.inference import map_row_batches
+from sampletok.errors import StoreError
 from sampletok.store import LocalTokenStore
 
 
@@ -58,6 +69,10 @@ class IATSourceConfig(BaseModel):
     batch_size: int = Field(1024, ge=1, description="instances per step")
     lr: float = 1e-3
     export: Literal["pre_sit", "post_sit"] = "pre_sit"
+    export_order: Literal["causal", "in_sample"] = Field(
+        "causal", description="causal: fold k's tokens from the state trained on folds < k; in_sample: one model "
+        "trained on the whole training window embeds every instance (leaks later labels into training tokens)")
+    folds: int = Field(8, ge=2, description="causal export: time folds of the training window")
     dtype: Literal["float16", "float32", "int8"] = "float16"
     rows_where: dict[str, list] | None = Field(None, description="train on / export only instances whose fields "
                                                "take these values (e.g. a source domain for transfer)")
@@ -148,50 +163,100 @@ def _bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def train_source(ds: PreparedDataset, cfg: IATSourceConfig, seed: int, progress: bool = True) -> SourceModel:
-    """Train a source model on the training window under ``cfg.scheme``."""
-    torch.manual_seed(seed)
-    layout = FeatureLayout.from_dataset(ds)
-    model = SourceModel(layout, cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    loader = BatchLoader(ds, ds.rows("train"), cfg.batch_size, index=history_index(ds), layout=layout,
-                         hist_len=cfg.hist_len)
-    user, ts = np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts"))
-    train_rows = ds.rows("train", where=cfg.rows_where)  # time-ordered
-    model.train()
-    for epoch in range(cfg.epochs):
-        torch.manual_seed(seed * 1000 + epoch)
-        if cfg.scheme == "temporal":
-            steps = ((loader.build(train_rows[i:i + cfg.batch_size]), None)
-                     for i in range(0, len(train_rows), cfg.batch_size))
-            n_steps = (len(train_rows) + cfg.batch_size - 1) // cfg.batch_size
-            for batch, _ in tqdm(steps, total=n_steps, desc=f"IAT source (temporal) epoch {epoch + 1}",
-                                 leave=False, disable=None if progress else True):
-                loss = _bce(model.predict(model.compress(batch), None), batch.labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        elif cfg.scheme == "user":
-            wins = user_windows(user, ts, train_rows, cfg.window)
-            passes = [False, True] if cfg.two_pass else [False]
-            per_step = max(1, cfg.batch_size // cfg.window)
-            rng = np.random.default_rng(seed * 7919 + epoch)
-            for reverse in passes:
-                order = rng.permutation(len(wins))
-                for i in tqdm(range(0, len(wins), per_step), desc=f"IAT source (user{' rev' if reverse else ''}) "
-                              f"epoch {epoch + 1}", leave=False, disable=None if progress else True):
-                    w = wins[order[i:i + per_step]]
-                    if reverse:  # reverse time order inside each window, padding stays at the end
-                        lens = (w >= 0).sum(1)
-                        idx = (lens[:, None] - 1 - np.arange(w.shape[1])[None, :])
-                        w = np.where(idx >= 0, np.take_along_axis(w, np.maximum(idx, 0), 1), -1)
-                    loss = _window_loss(model, loader, w)
+    """Train a source model on the whole training window under ``cfg.scheme`` (the in-sample model)."""
+    trainer = SourceTrainer(ds, cfg, seed)
+    trainer.train(ds.rows("train", where=cfg.rows_where), progress=progress)
+    trainer.model.eval()
+    return trainer.model
+
+
+class SourceTrainer:
+    """A source model and its optimizer, trained on successive sets of rows (the whole window, or fold after
+    fold for the causal export)."""
+
+    def __init__(self, ds: PreparedDataset, cfg: IATSourceConfig, seed: int):
+        torch.manual_seed(seed)
+        self.ds, self.cfg, self.seed = ds, cfg, seed
+        self.layout = FeatureLayout.from_dataset(ds)
+        self.model = SourceModel(self.layout, cfg)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.loader = BatchLoader(ds, np.zeros(0, np.int64), cfg.batch_size, index=history_index(ds),
+                                  layout=self.layout, hist_len=cfg.hist_len)
+        self.steps = 0  # rounds of ``train`` so far: seeds differ from fold to fold
+
+    def train(self, rows: np.ndarray, progress: bool = True, desc: str = "") -> None:
+        """``cfg.epochs`` epochs over ``rows`` (time-ordered request rows)."""
+        cfg, model, opt, loader, ds = self.cfg, self.model, self.opt, self.loader, self.ds
+        user, ts = np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts"))
+        model.train()
+        for epoch in range(cfg.epochs):
+            round_seed = self.seed * 1000 + self.steps * 100 + epoch
+            torch.manual_seed(round_seed)
+            if len(rows) == 0:
+                continue
+            if cfg.scheme == "temporal":
+                n_steps = (len(rows) + cfg.batch_size - 1) // cfg.batch_size
+                for i in tqdm(range(0, len(rows), cfg.batch_size), total=n_steps, leave=False,
+                              desc=f"IAT source (temporal){desc} epoch {epoch + 1}", disable=None if progress else True):
+                    batch = loader.build(rows[i:i + cfg.batch_size])
+                    loss = _bce(model.predict(model.compress(batch), None), batch.labels)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-        else:  # user_stream
-            _train_stream_epoch(model, opt, loader, ds, train_rows, cfg, progress, epoch)
-    model.eval()
-    return model
+            elif cfg.scheme == "user":
+                wins = user_windows(user, ts, rows, cfg.window)
+                passes = [False, True] if cfg.two_pass else [False]
+                per_step = max(1, cfg.batch_size // cfg.window)
+                rng = np.random.default_rng(self.seed * 7919 + self.steps * 101 + epoch)
+                for reverse in passes:
+                    order = rng.permutation(len(wins))
+                    for i in tqdm(range(0, len(wins), per_step), desc=f"IAT source (user{' rev' if reverse else ''})"
+                                  f"{desc} epoch {epoch + 1}", leave=False, disable=None if progress else True):
+                        w = wins[order[i:i + per_step]]
+                        if reverse:  # reverse time order inside each window, padding stays at the end
+                            lens = (w >= 0).sum(1)
+                            idx = (lens[:, None] - 1 - np.arange(w.shape[1])[None, :])
+                            w = np.where(idx >= 0, np.take_along_axis(w, np.maximum(idx, 0), 1), -1)
+                        loss = _window_loss(model, loader, w)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+            else:  # user_stream
+                _train_stream_epoch(model, opt, loader, ds, rows, cfg, progress, epoch)
+        self.steps += 1
+        model.eval()
+
+
+def fold_of_rows(ds: PreparedDataset, cfg: IATSourceConfig) -> np.ndarray:
+    """[N] causal-export fold of every row: 0..folds-1 inside the training window (cut by time into folds of
+    about equal size; rows with equal timestamps share a fold), ``folds`` after it."""
+    ts = np.asarray(ds.col("_ts"))
+    train_rows = ds.rows("train", where=cfg.rows_where)
+    out = np.full(ds.n_rows, cfg.folds, np.int64)
+    if len(train_rows) == 0:
+        return out
+    train_ts = ts[train_rows]  # sorted
+    cuts = train_ts[(np.arange(1, cfg.folds) * len(train_rows)) // cfg.folds]
+    in_window = ts <= train_ts[-1]
+    out[in_window] = np.searchsorted(cuts, ts[in_window], side="right")
+    return out
+
+
+def causal_embeddings(ds: PreparedDataset, cfg: IATSourceConfig, seed: int, progress: bool = True
+                      ) -> tuple[np.ndarray, SourceModel]:
+    """[N, emb_dim] tokens of the causal export and the final source model (see the module docstring)."""
+    trainer = SourceTrainer(ds, cfg, seed)
+    fold = fold_of_rows(ds, cfg)
+    train_rows = ds.rows("train", where=cfg.rows_where)
+    out = np.zeros((ds.n_rows, cfg.emb_dim), np.float32)
+    for k in range(cfg.folds + 1):
+        rows_k = np.flatnonzero(fold == k)
+        if len(rows_k):  # embed fold k with the state trained on folds < k
+            out[rows_k] = embed_all(trainer.model, ds, rows=rows_k, progress=progress)
+        if k < cfg.folds:
+            trainer.train(train_rows[fold[train_rows] == k], progress=progress, desc=f" fold {k + 1}/{cfg.folds}")
+    trainer.model.eval()
+    return out, trainer.model
 
 
 def _window_loss(model: SourceModel, loader: BatchLoader, w: np.ndarray) -> torch.Tensor:
@@ -231,20 +296,24 @@ def _train_stream_epoch(model: SourceModel, opt, loader: BatchLoader, ds: Prepar
 
 @torch.no_grad()
 def embed_all(model: SourceModel, ds: PreparedDataset, batch_size: int = 1024, progress: bool = True,
-              workers: int | None = None) -> np.ndarray:
-    """[N, emb_dim] exported embedding of every row (pre-SIT z, or post-SIT per ``cfg.export``), computed on
-    ``workers`` threads (default: every core; see :mod:`sampletok.nn.inference`)."""
+              workers: int | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+    """[len(rows), emb_dim] exported embedding of ``rows`` (default: every row; pre-SIT z, or post-SIT per
+    ``cfg.export``), computed on ``workers`` threads (default: every core; see :mod:`sampletok.nn.inference`)."""
     model.eval()
     layout = FeatureLayout.from_dataset(ds)
-    loader = BatchLoader(ds, np.arange(ds.n_rows), batch_size, index=history_index(ds), layout=layout,
+    loader = BatchLoader(ds, np.zeros(0, np.int64), batch_size, index=history_index(ds), layout=layout,
                          hist_len=model.cfg.hist_len)
-    out = np.zeros((ds.n_rows, model.cfg.emb_dim), np.float32)
+    rows = np.arange(ds.n_rows) if rows is None else np.asarray(rows, np.int64)
     if model.cfg.export == "pre_sit" or not model.use_sit:
-        def embed(rows: np.ndarray) -> None:
-            out[rows] = model.compress(loader.build(rows)).numpy()
+        out = np.zeros((len(rows), model.cfg.emb_dim), np.float32)
 
-        map_row_batches(embed, ds.n_rows, batch_size, workers, progress, desc="IAT export")
+        def embed(idx: np.ndarray) -> None:
+            out[idx] = model.compress(loader.build(rows[idx])).numpy()
+
+        map_row_batches(embed, len(rows), batch_size, workers, progress, desc="IAT export")
         return out
+    # post-SIT: a token depends on its user window, so whole windows are run and the asked rows picked out
+    full = np.zeros((ds.n_rows, model.cfg.emb_dim), np.float32)
     wins = user_windows(np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts")), np.arange(ds.n_rows),
                         model.cfg.window)
 
@@ -255,18 +324,20 @@ def embed_all(model: SourceModel, ds: PreparedDataset, batch_size: int = 1024, p
         z = z_flat.new_zeros(*w.shape, z_flat.shape[1])
         vm = torch.from_numpy(valid)
         z[vm] = z_flat
-        out[w[valid]] = model.run_sit(z, vm)[vm].numpy()
+        full[w[valid]] = model.run_sit(z, vm)[vm].numpy()
 
     map_row_batches(embed_windows, len(wins), max(1, batch_size // model.cfg.window), workers, progress,
                     desc="IAT export (post-SIT)")
-    return out
+    return full[rows]
 
 
 def export_to_store(model: SourceModel, ds: PreparedDataset, path: str | Path, progress: bool = True,
-                    chunk: int = 1 << 20) -> LocalTokenStore:
-    """Embed every instance and write it, with its labels and their availability times, to a token store."""
+                    chunk: int = 1 << 20, embeddings: np.ndarray | None = None) -> LocalTokenStore:
+    """Write every instance's token, with its labels and their availability times, to a token store.
+    ``embeddings`` [N, emb_dim] are the tokens (the causal export's); by default ``model`` embeds every
+    instance (in-sample)."""
     t0 = time.time()
-    emb = embed_all(model, ds, progress=progress)
+    emb = embed_all(model, ds, progress=progress) if embeddings is None else embeddings
     seconds = time.time() - t0
     labels = ds.schema.labels
     keep = np.flatnonzero(ds.where(model.cfg.rows_where))
@@ -274,6 +345,7 @@ def export_to_store(model: SourceModel, ds: PreparedDataset, path: str | Path, p
                                    label_names=[l.name for l in labels], dtype=model.cfg.dtype, overwrite=True,
                                    extra_meta={"kind": "iat", "dataset": ds.fingerprint,
                                                "source_config": model.cfg.model_dump(),
+                                               "export_order": "causal" if embeddings is not None else "in_sample",
                                                "export_seconds": seconds,
                                                "export_instances_per_s": ds.n_rows / max(seconds, 1e-9)})
     ts = np.asarray(ds.col("_ts"))[keep]
@@ -289,16 +361,23 @@ def export_to_store(model: SourceModel, ds: PreparedDataset, path: str | Path, p
 
 
 def build_or_load_store(ds: PreparedDataset, cfg: IATSourceConfig, seed: int, cache_dir: str | Path,
-                        progress: bool = True) -> LocalTokenStore:
-    """Train + export once per (dataset, source config, seed); later calls reuse the cached store."""
+                        progress: bool = True, build: bool = True) -> LocalTokenStore:
+    """Train + export once per (dataset, source config, seed); later calls reuse the cached store (only a
+    committed, complete one). ``build=False`` refuses to train when the cache has no such store."""
     path = Path(cache_dir) / f"{ds.fingerprint}-{cfg.fingerprint()}-{seed}"
     if (path / "CURRENT").exists():
         store = LocalTokenStore.open(path)
         if store.meta.get("dataset") == ds.fingerprint and store.meta.get("source_config") == cfg.model_dump():
             return store
-    model = train_source(ds, cfg, seed, progress)
+    if not build:
+        raise StoreError(f"{path}: no IAT token store of this source config and seed (the one the model was "
+                         "trained with); it is never rebuilt at scoring time: train the model again")
+    if cfg.export_order == "causal":
+        emb, model = causal_embeddings(ds, cfg, seed, progress)
+    else:
+        model, emb = train_source(ds, cfg, seed, progress), None
     torch.save({"config": cfg.model_dump(), "state_dict": model.state_dict()}, _ensure(path.parent) / f"{path.name}.pt")
-    return export_to_store(model, ds, path, progress)
+    return export_to_store(model, ds, path, progress, embeddings=emb)
 
 
 def _ensure(p: Path) -> Path:

@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sampletok.data.batches import BatchLoader, FeatureLayout, history_index
 from sampletok.data.prepare import PreparedDataset, SplitSpec, prepare
-from sampletok.errors import ConfigError
+from sampletok.errors import ConfigError, StoreError
+from sampletok.errors import validated, validation_message as _errors, yaml_message
 from sampletok.models import build_model
-from sampletok.train.trainer import TrainConfig, evaluate, fit, set_seed
+from sampletok.train.trainer import TrainConfig, evaluate, fit, save_json, save_torch, set_seed
 
 
 class DatasetConfig(BaseModel):
@@ -58,8 +59,8 @@ class Experiment(BaseModel):
     name: str = "experiment"
     dataset: DatasetConfig
     train: TrainConfig = TrainConfig()
-    seeds: list[int] = [2021, 2022, 2023]
-    models: list[ModelSpec]
+    seeds: list[int] = Field([2021, 2022, 2023], min_length=1)
+    models: list[ModelSpec] = Field(min_length=1)
     reference: str | None = Field(None, description="label of the model every other is t-tested against")
     requests: dict[str, list] | None = Field(None, description="train/evaluate only on request rows whose "
                                              "fields take these values, e.g. {domain: [1]}; history is unfiltered")
@@ -70,11 +71,19 @@ class Experiment(BaseModel):
             data = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: experiment file not found") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the experiment file: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {yaml_message(e)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: an experiment must be a YAML mapping (name, dataset, models, ...), "
+                              f"got {'an empty file' if data is None else type(data).__name__}")
         data.update(overrides or {})
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError(f"{path}: invalid experiment: {_errors(e)}") from None
+        exp = validated(cls, data, f"{path}: invalid experiment")
+        labels = [m.display for m in exp.models]
+        if exp.reference is not None and exp.reference not in labels:
+            raise ConfigError(f"{path}: reference '{exp.reference}' is not a model label ({', '.join(labels)})")
+        return exp
 
 
 def load_dataset(cfg: DatasetConfig, progress: bool = True) -> PreparedDataset:
@@ -84,6 +93,8 @@ def load_dataset(cfg: DatasetConfig, progress: bool = True) -> PreparedDataset:
     from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
     from sampletok.schema import Schema
 
+    if cfg.kind != "synthetic" and not cfg.path:
+        raise ConfigError(f"dataset.path: needed for dataset kind '{cfg.kind}'")
     if cfg.kind == "prepared":
         return PreparedDataset(cfg.path)
     if cfg.kind == "movielens":
@@ -96,16 +107,26 @@ def load_dataset(cfg: DatasetConfig, progress: bool = True) -> PreparedDataset:
         source = FileSource(cfg.path)
         default_dir = f"runs/prepared/{schema.name}"
     else:
-        syn = SyntheticConfig(**cfg.synthetic)
+        syn = validated(SyntheticConfig, cfg.synthetic, prefix="dataset.synthetic.")
         source, schema = generate_source(syn)
         default_dir = f"runs/prepared/synthetic-{syn.fingerprint()}"
     return prepare(source, schema, cfg.prepared_dir or default_dir, cfg.split, progress=progress)
 
 
+def run_fingerprint(ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed: int,
+                    requests: dict[str, list] | None = None) -> dict:
+    """What makes a run this run: a checkpoint is resumed only under the same fingerprint."""
+    return {"model": spec.name, "params": json.loads(json.dumps(spec.params, default=str)),
+            "train": train_cfg.model_dump(mode="json"), "dataset": ds.fingerprint, "seed": seed,
+            "requests": requests}
+
+
 def run_model(ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed: int,
               run_dir: str | Path | None = None, progress: bool = True, resume: bool = True,
-              requests: dict[str, list] | None = None) -> dict:
-    """Train one model with one seed and return its validation/test metrics and speed."""
+              requests: dict[str, list] | None = None, on_epoch_end=None) -> dict:
+    """Train one model with one seed and return its validation/test metrics and speed. A checkpoint in
+    ``run_dir`` is resumed only if it was written by the same run (else a one-line error; ``resume=False``
+    trains afresh)."""
     set_seed(seed)
     layout = FeatureLayout.from_dataset(ds)
     model = build_model(spec.name, layout, **spec.params)
@@ -113,13 +134,15 @@ def run_model(ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed
     index = history_index(ds)
     hist_len = train_cfg.hist_len
     mk = lambda rows, bs, shuffle: BatchLoader(ds, rows, bs, hist_len=hist_len, shuffle=shuffle, seed=seed,
-                                               index=index, layout=layout)
+                                               index=index, layout=layout,
+                                               oov_rate=train_cfg.oov_rate if shuffle else 0.0)
     rows = lambda split, seen=False: ds.rows(split, seen_users_only=seen, where=requests)
     train_loader = mk(recent_rows(rows("train"), train_cfg.train_recent_fraction), train_cfg.batch_size, True)
     valid_loader = mk(rows("valid"), train_cfg.eval_batch_size, False)
     t0 = time.time()
     result = fit(model, train_loader, valid_loader, train_cfg, seed, run_dir=run_dir, resume=resume,
-                 progress=progress)
+                 progress=progress, fingerprint=run_fingerprint(ds, spec, train_cfg, seed, requests),
+                 on_epoch_end=on_epoch_end)
     wall = time.time() - t0
     test_rows, seen_rows = rows("test"), rows("test", True)
     t_inf = time.time()
@@ -131,17 +154,19 @@ def run_model(ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed
     out = {
         "model": spec.display, "name": spec.name, "params": spec.params, "seed": seed,
         "test": test, "test_seen_users": seen, "valid": result.best_valid, "best_epoch": result.best_epoch,
-        "epochs": len(result.history), "history": result.history,
+        "epochs": len(result.history), "history": result.history, "stopped": result.stopped,
+        "monitor": train_cfg.monitor, "producer": model.data_producer(),
         "train_samples_per_s": result.train_samples_per_s, "fit_wall_s": wall, "infer_samples_per_s": infer_sps,
         "n_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
         "dataset": ds.fingerprint, "torch_threads": torch.get_num_threads(),
         "train": train_cfg.model_dump(mode="json"), "requests": requests,
     }
     if run_dir:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        torch.save({"name": spec.name, "params": spec.params, "state_dict": model.state_dict(),
-                    "dataset": ds.fingerprint, "hist_len": hist_len}, Path(run_dir) / "model.pt")
-        (Path(run_dir) / "result.json").write_text(json.dumps(out, indent=1, default=float))
+        # the producer of the tokens/codes the model was trained on: scoring with another store is refused
+        save_torch({"name": spec.name, "params": spec.params, "state_dict": model.state_dict(),
+                    "dataset": ds.fingerprint, "hist_len": hist_len, "seed": seed,
+                    "producer": model.data_producer()}, Path(run_dir) / "model.pt")
+        save_json(out, Path(run_dir) / "result.json")
     return out
 
 
@@ -162,7 +187,12 @@ def load_trained(ds: PreparedDataset, run_dir: str | Path) -> tuple["RankingMode
     if saved["dataset"] != ds.fingerprint:
         raise ConfigError(f"{path}: trained on dataset {saved['dataset']}, not {ds.fingerprint}")
     model = build_model(saved["name"], FeatureLayout.from_dataset(ds), **saved["params"])
-    model.prepare_data(ds, seed=0, run_dir=run_dir, progress=False)
+    # the training seed finds the same cached store; build=False: never train a new source model here
+    model.prepare_data(ds, seed=saved.get("seed", 0), run_dir=run_dir, progress=False, build=False)
+    got, want = model.data_producer(), saved.get("producer")
+    if got != want:
+        raise StoreError(f"{path}: the model was trained with tokens of producer {want}, but the store it would "
+                         f"read now was written by {got}; evaluate with the store it was trained with")
     model.load_state_dict(saved["state_dict"])
     return model, saved["hist_len"]
 
@@ -194,7 +224,8 @@ def compare(exp: Experiment, out_dir: str | Path, progress: bool = True, ds: Pre
                 if _same_run(cached, spec, train_cfgs[spec.display], exp, ds):
                     runs.append(cached)
                     continue
-                console.print(f"[yellow]{run_dir}: finished with another configuration, training again[/]")
+                console.print(f"[yellow]{run_dir}: finished with another configuration, training again[/]",
+                              soft_wrap=True)
                 for stale in run_dir.iterdir():  # a stale checkpoint must not be resumed either
                     stale.unlink() if stale.is_file() else None
             r = run_model(ds, spec, train_cfgs[spec.display], seed, run_dir=run_dir, progress=progress,
@@ -221,10 +252,6 @@ def _same_run(cached: dict, spec: ModelSpec, train: TrainConfig, exp: Experiment
     if "requests" in cached:
         same &= cached["requests"] == exp.requests
     return same
-
-
-def _errors(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors())
 
 
 def _slug(s: str) -> str:

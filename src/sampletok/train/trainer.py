@@ -1,27 +1,39 @@
-"""Trainer: Adam, early stopping on validation AUC, learning-rate decay on plateau, checkpoint every epoch
-and resume (a killed run resumes and ends with the same result: every epoch reseeds its shuffle and dropout
-from ``seed`` and the epoch number).
+"""Trainer: Adam, early stopping on a validation monitor, learning-rate decay on plateau, checkpoint every
+epoch and resume (a killed run resumes and ends with the same result: every epoch reseeds its shuffle and
+dropout from ``seed`` and the epoch number).
+
+The monitor is a weighted sum of validation metrics, FuxiCTR-style. The default ``{auc: 1, logloss: -1}``
+stops where AUC stops improving *or* the model's probabilities fall apart: CTR models with ID embeddings
+overfit in their second epoch (Zhang et al., CIKM 2022), where train loss collapses, validation LogLoss
+explodes and validation AUC may still creep up, so AUC alone keeps the memorized model.
+
+A checkpoint records the fingerprint of the run that wrote it (model, parameters, training config, dataset,
+seed); resuming under another fingerprint is refused with one line (or pass ``restart=True``).
 
 Example:
     >>> cfg = TrainConfig(max_epochs=1)
-    >>> cfg.patience
-    2
+    >>> cfg.patience, monitor_score({"auc": 0.75, "logloss": 0.5}, cfg.monitor)
+    (2, 0.25)
 """
 from __future__ import annotations
 
 import copy
+import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from sampletok.data.batches import BatchLoader
+from sampletok.errors import ConfigError, TrainingError
 from sampletok.models.base import RankingModel
 from sampletok.train.metrics import all_metrics
 
@@ -33,7 +45,14 @@ class TrainConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_epochs: int = Field(20, ge=1)
-    patience: int = Field(2, ge=1, description="epochs without validation AUC gain before stopping")
+    patience: int = Field(2, ge=1, description="epochs without a better monitor score before stopping")
+    monitor: dict[str, float] = Field(
+        default_factory=lambda: {"auc": 1.0, "logloss": -1.0},
+        description="validation score to maximize: weights of auc, gauc, logloss (FuxiCTR's {AUC: 1, logloss: -1})")
+    oov_rate: float = Field(
+        0.0, ge=0, lt=1, description="training only: each categorical value of a request (and of its item-ID "
+        "history) is replaced by the field's OOV code with this probability, so the OOV row is trained and "
+        "unseen users/items at test time get a learned embedding instead of an untouched random one")
     lr_decay: float = Field(0.1, gt=0, le=1, description="lr factor after an epoch without improvement")
     hist_len: int | None = Field(None, ge=0, description="history positions (default: schema sequence max_len)")
     train_recent_fraction: float | None = Field(
@@ -41,6 +60,22 @@ class TrainConfig(BaseModel):
         "earlier rows stay history. For long-history runs whose cost per request forbids the whole window")
     grad_clip: float | None = 10.0
     threads: int | None = Field(None, ge=1)
+
+    @field_validator("monitor")
+    @classmethod
+    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(MONITOR_METRICS))
+        if unknown or not v:
+            raise ValueError(f"monitor metrics must be among {list(MONITOR_METRICS)}, got {sorted(v)}")
+        return v
+
+
+MONITOR_METRICS = ("auc", "gauc", "logloss")
+
+
+def monitor_score(metrics: dict[str, float], weights: dict[str, float]) -> float:
+    """The weighted sum the trainer maximizes (NaN when any weighted metric is NaN)."""
+    return float(sum(w * metrics[k] for k, w in weights.items()))
 
 
 @dataclass
@@ -50,6 +85,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     train_samples_per_s: float = 0.0
+    stopped: str | None = None  # why training stopped before patience/max_epochs (a NaN monitor)
 
 
 def set_seed(seed: int) -> None:
@@ -63,7 +99,7 @@ def predict(model: RankingModel, loader: BatchLoader, progress: bool = False) ->
     model.eval()
     probs, labels, users = [], [], []
     for batch in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
-        probs.append(torch.sigmoid(model(batch).logits[:, 0]).numpy())
+        probs.append(torch.sigmoid(model(batch).logits[:, 0]).cpu().numpy())
         labels.append(batch.labels[:, 0].numpy())
         users.append(batch.user.numpy())
     return np.concatenate(probs), np.concatenate(labels), np.concatenate(users)
@@ -74,28 +110,49 @@ def evaluate(model: RankingModel, loader: BatchLoader, progress: bool = False) -
     return all_metrics(y, p, u)
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
+def save_atomic(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
+    """Write a file through ``write(fh)`` to a temporary name, fsync it, then rename it into place: a crash
+    leaves the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb" if binary else "w") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
+def save_torch(obj: Any, path: Path) -> None:
+    save_atomic(path, lambda fh: torch.save(obj, fh))
+
+
+def save_json(obj: Any, path: Path) -> None:
+    save_atomic(path, lambda fh: json.dump(obj, fh, indent=1, default=float), binary=False)
+
+
 def fit(model: RankingModel, train: BatchLoader, valid: BatchLoader, cfg: TrainConfig, seed: int,
-        run_dir: str | Path | None = None, resume: bool = True, progress: bool = True) -> FitResult:
-    """Train ``model`` in place; the best epoch's weights are restored before returning."""
+        run_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
+        fingerprint: dict | None = None, on_epoch_end: Callable[[int], None] | None = None) -> FitResult:
+    """Train ``model`` in place; the best epoch's weights are restored before returning.
+
+    ``fingerprint`` describes the run (model, params, train config, dataset, seed); a checkpoint in
+    ``run_dir`` is resumed only when it was written under the same one (``resume=False`` starts afresh).
+    ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt_path = Path(run_dir) / "checkpoint.pt" if run_dir else None
-    state = {"epoch": 0, "best_auc": -1.0, "best_epoch": 0, "best_valid": {}, "bad": 0, "history": [],
-             "best_state": None, "seconds": 0.0, "samples": 0}
+    state: dict[str, Any] = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "best_valid": {}, "bad": 0,
+                             "history": [], "best_state": None, "seconds": 0.0, "samples": 0, "stopped": None}
     if ckpt_path and resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
+        if ck.get("fingerprint") != fingerprint:
+            raise ConfigError(f"{ckpt_path}: checkpoint of another run ({_fingerprint_diff(ck.get('fingerprint'), fingerprint)}); "
+                              "pass --restart to train afresh or choose another --out")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
         state = ck["state"]
-    kill_after = int(os.environ.get("SAMPLETOK_TEST_KILL_AFTER_EPOCH", "0"))  # test hook: simulates a crash
-    while state["epoch"] < cfg.max_epochs and state["bad"] < cfg.patience:
+    while state["epoch"] < cfg.max_epochs and state["bad"] < cfg.patience and not state["stopped"]:
         epoch = state["epoch"]
         torch.manual_seed(seed * 1000 + epoch)
         train.set_epoch(epoch)
@@ -120,8 +177,13 @@ def fit(model: RankingModel, train: BatchLoader, valid: BatchLoader, cfg: TrainC
         state["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1),
                                  **{f"valid_{k}": v for k, v in metrics.items()},
                                  "lr": opt.param_groups[0]["lr"]})
-        if metrics["auc"] > state["best_auc"]:
-            state.update(best_auc=metrics["auc"], best_epoch=epoch + 1, best_valid=metrics, bad=0,
+        score = monitor_score(metrics, cfg.monitor)
+        state["history"][-1]["valid_monitor"] = score
+        if math.isnan(score):
+            # a NaN score is never "no better": stop here and keep the best finite epoch (or fail below)
+            state["stopped"] = f"validation monitor is NaN at epoch {epoch + 1} ({metrics})"
+        elif score > state["best_score"]:
+            state.update(best_score=score, best_epoch=epoch + 1, best_valid=metrics, bad=0,
                          best_state=copy.deepcopy(model.state_dict()))
         else:
             state["bad"] += 1
@@ -129,12 +191,22 @@ def fit(model: RankingModel, train: BatchLoader, valid: BatchLoader, cfg: TrainC
                 g["lr"] *= cfg.lr_decay
         state["epoch"] = epoch + 1
         if ckpt_path:
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            _save_atomic({"model": model.state_dict(), "optim": opt.state_dict(), "state": state}, ckpt_path)
-        if kill_after and state["epoch"] == kill_after:
-            os._exit(137)
-    if state["best_state"] is not None:
-        model.load_state_dict(state["best_state"])
+            save_torch({"model": model.state_dict(), "optim": opt.state_dict(), "state": state,
+                        "fingerprint": fingerprint}, ckpt_path)
+        if on_epoch_end is not None:
+            on_epoch_end(state["epoch"])
+    if state["best_state"] is None:
+        raise TrainingError(f"{model.name}: no epoch had a finite validation monitor "
+                            f"({state['stopped'] or 'no epoch ran'}); lower the learning rate or check the data")
+    model.load_state_dict(state["best_state"])
     return FitResult(best_epoch=state["best_epoch"], best_valid=state["best_valid"], history=state["history"],
                      train_seconds=state["seconds"],
-                     train_samples_per_s=state["samples"] / max(state["seconds"], 1e-9))
+                     train_samples_per_s=state["samples"] / max(state["seconds"], 1e-9), stopped=state["stopped"])
+
+
+def _fingerprint_diff(old: dict | None, new: dict | None) -> str:
+    """Which parts of two run fingerprints differ, in a few words."""
+    if not old or not new:
+        return "written without a run fingerprint" if not old else "this run has no fingerprint"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)[:400]
