@@ -41,7 +41,7 @@ def _sit_reference(model: SourceModel, z: torch.Tensor, valid: torch.Tensor) -> 
     block run unmasked on the valid positions <= k alone (so nothing later or padded can be seen). NaN elsewhere."""
     out = torch.full_like(z, float("nan"))
     for b in range(z.shape[0]):
-        pos = torch.flatnonzero(valid[b])
+        pos = valid[b].nonzero().squeeze(1)
         x = z[b, pos]
         for block in model.sit:
             x = torch.stack([block(x[: k + 1].unsqueeze(0))[0, -1] for k in range(len(x))])
@@ -54,7 +54,8 @@ def test_batch_and_streaming_sit_equal_an_unmasked_per_prefix_reference(synth_pr
     """Batch SIT at every valid position t, and the streaming form fed (positions < t, z_t), both equal the
     reference; padding (in front and inside the history) is ignored; later positions never change earlier ones."""
     torch.manual_seed(0)
-    model = SourceModel(FeatureLayout.from_dataset(synth_prepared), IATSourceConfig(scheme="user_stream", **FAST)).eval()
+    cfg = IATSourceConfig(scheme="user_stream", **FAST)
+    model = SourceModel(FeatureLayout.from_dataset(synth_prepared), cfg).eval()
     seq = torch.randn(4, 8, 16)
     valid = torch.ones(4, 8, dtype=torch.bool)
     valid[0, :3] = False  # a short history: padding in front

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,12 +23,38 @@ def test_target_attention_fast_path_equals_reference(b, n, d, seed):
         torch.testing.assert_close(g_fast, g_ref, atol=1e-5, rtol=1e-4)
 
 
-def test_rankmixer_token_mixing_is_a_permutation():
-    block = RankMixerBlock(4, 8)
-    x = torch.arange(2 * 4 * 8, dtype=torch.float32).view(2, 4, 8)
-    mixed = x.view(2, 4, 4, 2).transpose(1, 2).reshape(2, 4, 8)
-    assert sorted(mixed.flatten().tolist()) == sorted(x.flatten().tolist())
-    assert block(x).shape == x.shape
+def _token_mixing_reference(x: torch.Tensor) -> torch.Tensor:
+    """RankMixer's token mixing written from the paper, by explicit loops: split every token's channels into
+    T heads of d/T; output token t is the concatenation, over input tokens s = 0..T-1, of head t of token s."""
+    b, t, d = x.shape
+    dh = d // t
+    out = torch.empty_like(x)
+    for i in range(b):
+        for head in range(t):
+            out[i, head] = torch.cat([x[i, s, head * dh:(head + 1) * dh] for s in range(t)])
+    return out
+
+
+@pytest.mark.parametrize("t,d", [(4, 8), (3, 12), (2, 6)])
+def test_rankmixer_token_mixing_equals_paper_reference(t, d):
+    """The residual branch that enters the first LayerNorm is x + mixing(x), with mixing as in the paper (distinct
+    values, so a transposed or shifted order fails), and the whole block equals the reference formula."""
+    torch.manual_seed(0)
+    block = RankMixerBlock(t, d).eval()
+    x = torch.arange(2 * t * d, dtype=torch.float32).view(2, t, d) / (2 * t * d)
+    seen: list[torch.Tensor] = []
+    handle = block.norm1.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    out = block(x)
+    handle.remove()
+    expected_mix = _token_mixing_reference(x)
+    assert not torch.equal(expected_mix, x)  # the reference is not the identity: an unmixed block must fail
+    torch.testing.assert_close(seen[0] - x, expected_mix)
+    # whole block: residual + LayerNorm, then a per-token FFN (token t has its own weights), residual + LayerNorm
+    h1 = torch.nn.functional.layer_norm(x + expected_mix, (d,), block.norm1.weight, block.norm1.bias)
+    ffn = torch.stack([torch.nn.functional.gelu(h1[:, k] @ block.w1[k] + block.b1[k]) @ block.w2[k] + block.b2[k]
+                       for k in range(t)], dim=1)
+    ref = torch.nn.functional.layer_norm(h1 + ffn, (d,), block.norm2.weight, block.norm2.bias)
+    torch.testing.assert_close(out, ref)
 
 
 @settings(max_examples=40, deadline=None)

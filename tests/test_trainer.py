@@ -197,3 +197,20 @@ def test_oov_replacement_trains_the_oov_row_only_in_training(synth_prepared):
     out = model(b).logits.sum()
     out.backward()
     assert model.embed.tables["user_id"].weight.grad[lay.vocab_sizes["user_id"] - 1].abs().sum() > 0
+
+
+def test_frozen_embeddings_stay_put_while_the_rest_trains(synth_prepared):
+    from sampletok.models import build_model
+    from sampletok.data.batches import FeatureLayout
+    from sampletok.train.trainer import fit
+    ds = synth_prepared
+    model = build_model("dnn", FeatureLayout.from_dataset(ds))
+    loader = BatchLoader(ds, ds.rows("train")[:1024], 256, shuffle=True)
+    cfg = TrainConfig(max_epochs=2, patience=5, freeze_embeddings_after=1, monitor={"auc": 1})
+    snapshots = []
+    fit(model, loader, loader, cfg, seed=0, progress=False,
+        on_epoch_end=lambda e: snapshots.append({k: v.clone() for k, v in model.state_dict().items()}))
+    emb = [k for k in snapshots[0] if k.startswith("embed.tables")]
+    other = [k for k in snapshots[0] if not k.startswith("embed.") and snapshots[0][k].is_floating_point()]
+    assert emb and all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in emb)
+    assert any(not torch.equal(snapshots[0][k], snapshots[1][k]) for k in other)

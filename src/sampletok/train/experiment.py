@@ -24,8 +24,8 @@ class DatasetConfig(BaseModel):
     """Where the raw samples come from and where the prepared copy lives."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["movielens", "files", "synthetic", "prepared"]
-    path: str | None = Field(None, description="MovieLens folder, data file(s), or a prepared directory")
+    kind: Literal["movielens", "kuairand", "files", "synthetic", "prepared"]
+    path: str | None = Field(None, description="MovieLens or KuaiRand folder, data file(s), or a prepared directory")
     schema_path: str | None = Field(None, description="schema YAML (kind: files)")
     synthetic: dict[str, Any] = Field(default_factory=dict, description="SyntheticConfig fields")
     prepared_dir: str | None = None
@@ -99,6 +99,11 @@ def load_dataset(cfg: DatasetConfig, progress: bool = True) -> PreparedDataset:
         return PreparedDataset(cfg.path)
     if cfg.kind == "movielens":
         source, schema = load_movielens(cfg.path)
+        default_dir = f"runs/prepared/{schema.name}"
+    elif cfg.kind == "kuairand":
+        from sampletok.data.sources.kuairand import load_kuairand
+
+        source, schema = load_kuairand(cfg.path)
         default_dir = f"runs/prepared/{schema.name}"
     elif cfg.kind == "files":
         if not cfg.schema_path:

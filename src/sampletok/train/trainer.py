@@ -58,6 +58,9 @@ class TrainConfig(BaseModel):
     train_recent_fraction: float | None = Field(
         None, gt=0, le=1, description="train on the latest fraction (by time) of the train split's requests only; "
         "earlier rows stay history. For long-history runs whose cost per request forbids the whole window")
+    freeze_embeddings_after: int | None = Field(
+        None, ge=1, description="stop updating every embedding table after this many epochs (the rest of the "
+        "model keeps training): the remedy of Zhang et al. (CIKM 2022) for ID embeddings that overfit in epoch 2")
     grad_clip: float | None = 10.0
     threads: int | None = Field(None, ge=1)
 
@@ -154,6 +157,10 @@ def fit(model: RankingModel, train: BatchLoader, valid: BatchLoader, cfg: TrainC
         state = ck["state"]
     while state["epoch"] < cfg.max_epochs and state["bad"] < cfg.patience and not state["stopped"]:
         epoch = state["epoch"]
+        if cfg.freeze_embeddings_after is not None and epoch >= cfg.freeze_embeddings_after:
+            for m in model.modules():  # frozen tables get no grad, so Adam leaves them as they are
+                if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+                    m.weight.requires_grad_(False)
         torch.manual_seed(seed * 1000 + epoch)
         train.set_epoch(epoch)
         model.train()
