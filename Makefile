@@ -14,13 +14,23 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: install demo test bench
+.PHONY: install demo lint test bench
 install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/sampletok demo --out runs/demo
 
+LINT_PATHS := src tests benchmarks
+
+lint: install
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy src
+
 test: install
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy src
 	$(BIN)/python -m pytest
 
 bench: install

@@ -10,11 +10,12 @@ on user, keep ts < request, sort, take each request's last n; DuckDB runs the eq
 peer must return exactly HistoryIndex's row ids (same rows, same time order per request), so the times compare
 equal answers. HistoryIndex is single-threaded NumPy; polars and DuckDB use every core.
 """
+
 from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -35,8 +36,9 @@ def timeit(fn: Callable[[], object], repeat: int = 5) -> float:
 def assert_same_rows(name: str, q: np.ndarray, rows: np.ndarray, h: History) -> None:
     """A peer's (request, row) answer, ordered by request then time, must be HistoryIndex's rows exactly."""
     expect_q = np.repeat(np.arange(len(h.length)), h.length)
-    if not (np.array_equal(np.asarray(q, np.int64), expect_q)
-            and np.array_equal(np.asarray(rows, np.int64), h.rows[h.mask])):
+    if not (
+        np.array_equal(np.asarray(q, np.int64), expect_q) and np.array_equal(np.asarray(rows, np.int64), h.rows[h.mask])
+    ):
         raise AssertionError(f"{name} and HistoryIndex return different row ids")
 
 
@@ -62,8 +64,13 @@ def polars_peer(user: np.ndarray, ts: np.ndarray, qu: np.ndarray, qt: np.ndarray
     req = pl.DataFrame({"user": qu, "req_ts": qt, "q": np.arange(len(qu))})
 
     def fetch() -> tuple[np.ndarray, np.ndarray]:
-        m = (req.join(log, on="user").filter(pl.col("ts") < pl.col("req_ts")).sort(["q", "ts", "row"])
-             .group_by("q", maintain_order=True).tail(n))
+        m = (
+            req.join(log, on="user")
+            .filter(pl.col("ts") < pl.col("req_ts"))
+            .sort(["q", "ts", "row"])
+            .group_by("q", maintain_order=True)
+            .tail(n)
+        )
         return m["q"].to_numpy(), m["row"].to_numpy()
 
     return fetch
@@ -139,12 +146,16 @@ def main() -> None:
             raise SystemExit(f"unknown peer {name!r}; use pandas, polars, duckdb")
         assert_same_rows(name, *fetch(), h)  # the same answer, or the time means nothing
         peers.append((label, timeit(fetch, repeat=3)))
-    print(f"log: {a.rows:,} rows, {a.users:,} users; batch {a.batch} requests × n = {a.n} "
-          f"({int(h.mask.sum()):,} rows returned)")
+    print(
+        f"log: {a.rows:,} rows, {a.users:,} users; batch {a.batch} requests × n = {a.n} "
+        f"({int(h.mask.sum()):,} rows returned)"
+    )
     print("| method | ms per batch | vs HistoryIndex |\n|---|---|---|")
     print(f"| `HistoryIndex.fetch` (rows, mask, gaps, per-label availability) | {fast * 1e3:.1f} | 1.0× |")
-    print(f"| NumPy gather of the same bytes (lower bound) | {gather * 1e3:.1f} | "
-          f"HistoryIndex is {fast / gather:.2f}× the gather |")
+    print(
+        f"| NumPy gather of the same bytes (lower bound) | {gather * 1e3:.1f} | "
+        f"HistoryIndex is {fast / gather:.2f}× the gather |"
+    )
     for label, t in peers:
         print(f"| {label} (same row ids, asserted) | {t * 1e3:.0f} | {t / fast:.1f}× slower than HistoryIndex |")
     print(f"index build: {build:.2f} s")

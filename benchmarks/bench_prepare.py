@@ -3,6 +3,7 @@ plus 17 bytes of keys per row).
 
 Run: python benchmarks/bench_prepare.py [--users 100000] [--fields 24]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ def main() -> None:
         sec = time.perf_counter() - t
         size = sum(p.stat().st_size for p in (Path(d) / "p" / "columns").glob("*.npy"))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{n:,} rows × {a.fields} fields: generate {n / gen:,.0f} rows/s; prepare (3 passes, generation "
-          f"included) {n / sec:,.0f} rows/s ({sec:.1f} s); {size / n:.0f} bytes/row on disk; peak RSS {rss:,.0f} MiB")
+    print(
+        f"{n:,} rows × {a.fields} fields: generate {n / gen:,.0f} rows/s; prepare (3 passes, generation "
+        f"included) {n / sec:,.0f} rows/s ({sec:.1f} s); {size / n:.0f} bytes/row on disk; peak RSS {rss:,.0f} MiB"
+    )
     assert ds.n_rows == n
 
 

@@ -7,6 +7,7 @@ Run on an otherwise idle machine:
 The library comparison needs ``pip install vector-quantize-pytorch`` (not a sampletok dependency); without it
 that row is skipped with a message.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,18 +60,25 @@ def bench_encode(tmp: Path, fields_per_token: int) -> None:
     workers = default_workers()
     parallel = _rate(lambda: map_row_batches(encode, n, 8192, workers, progress=False), n)
     t, m, v = tok.n_tokens, tok.cfg.levels, tok.cfg.codes
-    print(f"\n## HGAQ encode ({torch.get_num_threads()} torch threads; T = {t}, M = {m}, V = {v}, d0 = {tok.cfg.d0}, "
-          f"{len(ds.schema.features)} fields, batch 8192)\n")
+    print(
+        f"\n## HGAQ encode ({torch.get_num_threads()} torch threads; T = {t}, M = {m}, V = {v}, d0 = {tok.cfg.d0}, "
+        f"{len(ds.schema.features)} fields, batch 8192)\n"
+    )
     print("| path | samples/s |\n|---|---|")
     print(f"| raw rows → codes (batch building included) | {full:,.0f} |")
     print(f"| built batch → codes | {compute:,.0f} |")
     print(f"| raw rows → codes, {workers} worker threads × 1 torch thread (the export path) | {parallel:,.0f} |")
     # bytes: codes vs the prepared (encoded ids) row vs the embedded raw sample the mixer would otherwise read
-    row_bytes = sum(np.asarray(ds.col(c)).dtype.itemsize * int(np.prod(np.asarray(ds.col(c)).shape[1:]))
-                    for c in ds.manifest["columns"] if c.startswith(("cat__", "multi__", "num__")))
+    row_bytes = sum(
+        np.asarray(ds.col(c)).dtype.itemsize * int(np.prod(np.asarray(ds.col(c)).shape[1:]))
+        for c in ds.manifest["columns"]
+        if c.startswith(("cat__", "multi__", "num__"))
+    )
     emb_bytes = len(ds.schema.features) * tok.cfg.field_dim * 4
-    print(f"\nbytes per instance: codes {t * m} (uint8 [T, M]); prepared raw row {row_bytes}; embedded raw sample "
-          f"(F × d_e float32) {emb_bytes} → {emb_bytes / (t * m):.0f}× smaller")
+    print(
+        f"\nbytes per instance: codes {t * m} (uint8 [T, M]); prepared raw row {row_bytes}; embedded raw sample "
+        f"(F × d_e float32) {emb_bytes} → {emb_bytes / (t * m):.0f}× smaller"
+    )
 
 
 def bench_vq(n: int, t: int, levels: int, codes: int, d0: int) -> None:
@@ -80,48 +88,74 @@ def bench_vq(n: int, t: int, levels: int, codes: int, d0: int) -> None:
 
     torch.manual_seed(0)
     centres = torch.randn(t, 64, d0)
+
     def data(k):  # clustered sub-token vectors, like projected field embeddings
         return centres[torch.arange(t), torch.randint(0, 64, (k, t))] + 0.3 * torch.randn(k, t, d0)
+
     x_train, x_test = data(n), data(8192)
-    print(f"\n## Residual VQ: own vs library (N = {n}, T = {t}, M = {levels}, V = {codes}, d0 = {d0}; "
-          f"{torch.get_num_threads()} torch threads)\n")
+    print(
+        f"\n## Residual VQ: own vs library (N = {n}, T = {t}, M = {levels}, V = {codes}, d0 = {d0}; "
+        f"{torch.get_num_threads()} torch threads)\n"
+    )
     print("| implementation | train step samples/s | encode samples/s | relative MSE after 30 steps | modules |")
     print("|---|---|---|---|---|")
 
     own = ResidualVQ(t, HGAQConfig(levels=levels, codes=codes, d0=d0, entropy_weight=0.0))
+
     def own_step(x):
         own.train()
         xx = x.clone().requires_grad_(True)
         q, _, losses = own(xx)
         (q.sum() * 0 + losses["commit"]).backward()
+
     def own_encode(x):
         own.eval()
         return own.decode(own.encode(x))  # codes → vectors, as the library's call returns
-    _report("sampletok ResidualVQ (batched over T)", own_step, own_encode, x_train, x_test,
-            sum(1 for _ in own.modules()))
+
+    _report(
+        "sampletok ResidualVQ (batched over T)", own_step, own_encode, x_train, x_test, sum(1 for _ in own.modules())
+    )
     try:
         from vector_quantize_pytorch import GroupedResidualVQ
     except ImportError:
         print("| vector-quantize-pytorch | not installed (pip install vector-quantize-pytorch) | | | |")
         return
-    lib = GroupedResidualVQ(dim=t * d0, groups=t, num_quantizers=levels, codebook_size=codes, decay=0.99,
-                            commitment_weight=0.25, kmeans_init=True, kmeans_iters=1, threshold_ema_dead_code=2)
+    lib = GroupedResidualVQ(
+        dim=t * d0,
+        groups=t,
+        num_quantizers=levels,
+        codebook_size=codes,
+        decay=0.99,
+        commitment_weight=0.25,
+        kmeans_init=True,
+        kmeans_iters=1,
+        threshold_ema_dead_code=2,
+    )
+
     def lib_step(x):
         lib.train()
         xx = x.reshape(1, len(x), t * d0).clone().requires_grad_(True)
         q, _, loss = lib(xx)
         (q.sum() * 0 + loss.sum()).backward()
+
     def lib_encode(x):
         lib.eval()
         with torch.no_grad():
             return lib(x.reshape(1, len(x), t * d0))[0].reshape(len(x), t, d0)
-    _report("vector-quantize-pytorch GroupedResidualVQ", lib_step, lib_encode, x_train, x_test,
-            sum(1 for _ in lib.modules()))
+
+    _report(
+        "vector-quantize-pytorch GroupedResidualVQ",
+        lib_step,
+        lib_encode,
+        x_train,
+        x_test,
+        sum(1 for _ in lib.modules()),
+    )
 
 
 def _report(name, step, encode, x_train, x_test, modules: int) -> None:
     bs = 8192
-    chunks = [x_train[i:i + bs] for i in range(0, len(x_train), bs)]
+    chunks = [x_train[i : i + bs] for i in range(0, len(x_train), bs)]
     step(chunks[0])  # data-dependent initialization
     t0 = time.perf_counter()
     for i in range(30):
@@ -145,11 +179,16 @@ def bench_model(tmp: Path, lengths: list[int], requests: int) -> None:
     layout = FeatureLayout.from_dataset(ds)
     index = history_index(ds)
     counts = np.bincount(np.asarray(ds.col("_user_key")))
-    print(f"\n## SIF-Mixer cost ({torch.get_num_threads()} torch threads; synthetic log of {ds.n_rows:,} rows, "
-          f"24 fields; latency over {requests} single requests whose users have ≥ L earlier samples)\n")
+    print(
+        f"\n## SIF-Mixer cost ({torch.get_num_threads()} torch threads; synthetic log of {ds.n_rows:,} rows, "
+        f"24 fields; latency over {requests} single requests whose users have ≥ L earlier samples)\n"
+    )
     print("| model | L | params | MFLOPs / sample | P50 ms | P99 ms |\n|---|---|---|---|---|---|")
-    for name, params in (("sif", {"hgaq": {"fields_per_token": 4}, "width": 32, "blocks": 4, "heads": 4}),
-                         ("onetrans", {}), ("din", {})):
+    for name, params in (
+        ("sif", {"hgaq": {"fields_per_token": 4}, "width": 32, "blocks": 4, "heads": 4}),
+        ("onetrans", {}),
+        ("din", {}),
+    ):
         torch.manual_seed(0)
         model = build_model(name, layout, **params)
         model.prepare_data(ds, seed=0, progress=False)
@@ -180,8 +219,10 @@ def bench_model(tmp: Path, lengths: list[int], requests: int) -> None:
                     model(loader.build(np.array([r])))
                     lat.append(time.perf_counter() - t0)
             lat_ms = np.array(lat[5:]) * 1e3
-            print(f"| {name} | {L} | {n_params:,} | {flops / 1e6:.1f} | {np.percentile(lat_ms, 50):.1f} | "
-                  f"{np.percentile(lat_ms, 99):.1f} |")
+            print(
+                f"| {name} | {L} | {n_params:,} | {flops / 1e6:.1f} | {np.percentile(lat_ms, 50):.1f} | "
+                f"{np.percentile(lat_ms, 99):.1f} |"
+            )
 
 
 def main() -> None:

@@ -5,15 +5,14 @@ Run on an otherwise idle machine: python benchmarks/bench_train_speed.py ../shar
 SIF against the OneTrans-style baseline as in configs/experiments/ml100k-sif.yaml:
     python benchmarks/bench_train_speed.py ../shared/data/ml-100k --models din,onetrans,sif --hist-len 20 --batches 10
 """
+
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -40,16 +39,19 @@ def main() -> None:
         layout = FeatureLayout.from_dataset(ds)
         params = {**MODEL_PARAMS, **(yaml.safe_load(a.params) if a.params else {})}
         n_train = len(ds.rows("train"))
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 1024, history {a.hist_len}; "
-              f"{n_train:,} training rows")
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 1024, history {a.hist_len}; "
+            f"{n_train:,} training rows"
+        )
         print("| model | train samples/s | s / epoch | params |\n|---|---|---|---|")
         for name in a.models.split(","):
             torch.manual_seed(0)
             model = build_model(name, layout, **params.get(name, {}))
             model.prepare_data(ds, seed=0, progress=False)
             opt = torch.optim.Adam(model.parameters(), 1e-3)
-            loader = BatchLoader(ds, ds.rows("train"), 1024, hist_len=a.hist_len, shuffle=True,
-                                 index=history_index(ds), layout=layout)
+            loader = BatchLoader(
+                ds, ds.rows("train"), 1024, hist_len=a.hist_len, shuffle=True, index=history_index(ds), layout=layout
+            )
             it = iter(loader)
             for _ in range(3):  # warm-up
                 _step(model, opt, next(it))
@@ -63,8 +65,10 @@ def main() -> None:
                 _step(model, opt, batch)
                 n += len(batch)
             sps = n / (time.perf_counter() - t)
-            print(f"| {name} | {sps:,.0f} | {n_train / sps:,.1f} | {sum(p.numel() for p in model.parameters()):,} |",
-                  flush=True)
+            print(
+                f"| {name} | {sps:,.0f} | {n_train / sps:,.1f} | {sum(p.numel() for p in model.parameters()):,} |",
+                flush=True,
+            )
 
 
 def _step(model, opt, batch) -> None:

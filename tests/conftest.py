@@ -1,4 +1,5 @@
 """Shared fixtures. Tests that need ../shared/data skip where it is absent, but fail when CI=true."""
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,10 @@ def ml100k_dir() -> Path:
 
 
 TOY_SCHEMA = {
-    "name": "toy", "user": "uid", "timestamp": "ts", "item": "iid",
+    "name": "toy",
+    "user": "uid",
+    "timestamp": "ts",
+    "item": "iid",
     "labels": [{"name": "click"}, {"name": "buy", "task": False, "delay": 5}],
     "features": [
         {"name": "uid", "type": "categorical", "group": "user"},
@@ -53,13 +57,23 @@ def toy_schema() -> Schema:
 
 def toy_frame(n: int = 200, seed: int = 0) -> pl.DataFrame:
     rng = np.random.default_rng(seed)
-    return pl.DataFrame({
-        "uid": rng.integers(0, 12, n), "ts": rng.integers(0, 50, n).astype(np.int64),
-        "click": rng.integers(0, 2, n), "buy": rng.integers(0, 2, n),
-        "iid": rng.integers(0, 30, n), "tags": ["|".join(map(str, rng.integers(0, 5, rng.integers(0, 4))))
-                                               for _ in range(n)],
-        "price": rng.normal(10, 2, n), "pop": rng.exponential(1, n),
-    }).with_row_index("row").with_columns(iid=pl.col("iid") + pl.col("row") * 0).drop("row")
+    return (
+        pl.DataFrame(
+            {
+                "uid": rng.integers(0, 12, n),
+                "ts": rng.integers(0, 50, n).astype(np.int64),
+                "click": rng.integers(0, 2, n),
+                "buy": rng.integers(0, 2, n),
+                "iid": rng.integers(0, 30, n),
+                "tags": ["|".join(map(str, rng.integers(0, 5, rng.integers(0, 4)))) for _ in range(n)],
+                "price": rng.normal(10, 2, n),
+                "pop": rng.exponential(1, n),
+            }
+        )
+        .with_row_index("row")
+        .with_columns(iid=pl.col("iid") + pl.col("row") * 0)
+        .drop("row")
+    )
 
 
 @pytest.fixture
@@ -75,5 +89,4 @@ SMALL_SYNTH = SyntheticConfig(n_users=300, n_items=300, events_per_user=40, n_fi
 @pytest.fixture(scope="session")
 def synth_prepared(tmp_path_factory) -> PreparedDataset:
     src, schema = generate_source(SMALL_SYNTH)
-    return prepare(src, schema, tmp_path_factory.mktemp("synth") / "ds", SplitSpec(), progress=False
-                   ).load_into_memory()
+    return prepare(src, schema, tmp_path_factory.mktemp("synth") / "ds", SplitSpec(), progress=False).load_into_memory()

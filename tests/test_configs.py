@@ -1,6 +1,7 @@
 """Every shipped experiment config parses, names registered models and has valid per-model overrides, its models
 can be built, and its dataset paths point at files that exist, so a typo in a YAML fails here rather than hours
 into a ``compare``."""
+
 from pathlib import Path
 
 import pytest
@@ -36,17 +37,19 @@ def layout_of(synth_prepared, tmp_path_factory):
     log for MovieLens configs (their params may name its fields, e.g. SIF's history_fields)."""
     from sampletok.data.prepare import SplitSpec, prepare
     from sampletok.data.sources import FrameSource
+    from sampletok.data.sources.kuairand import load_kuairand
     from sampletok.data.sources.movielens import load_movielens
 
+    READERS = {"movielens": load_movielens, "kuairand": load_kuairand}
     cache: dict[str, FeatureLayout] = {}
 
     def get(exp: Experiment) -> FeatureLayout:
         if exp.dataset.kind == "synthetic":
             return FeatureLayout.from_dataset(synth_prepared)
-        assert exp.dataset.kind == "movielens", f"no layout for dataset kind {exp.dataset.kind} in this test"
+        assert exp.dataset.kind in READERS, f"no layout for dataset kind {exp.dataset.kind} in this test"
         data = _existing(exp.dataset.path)
         if str(data) not in cache:
-            src, schema = load_movielens(data)
+            src, schema = READERS[exp.dataset.kind](data)
             head = FrameSource(src.frame.sort(schema.timestamp).head(5000), "ml head")
             ds = prepare(head, schema, tmp_path_factory.mktemp("ml") / "ds", SplitSpec(), progress=False)
             cache[str(data)] = FeatureLayout.from_dataset(ds)
@@ -81,7 +84,7 @@ def test_experiment_dataset_paths_resolve_from_the_repo(path):
     """``compare`` runs from the repo root, so a relative dataset path (e.g. ../shared/data/ml-100k) must name an
     existing file or folder relative to it (a run skips where ../shared/data itself is absent, fails on CI)."""
     ds = Experiment.from_yaml(path).dataset
-    if ds.kind not in ("movielens", "files"):
+    if ds.kind not in ("movielens", "kuairand", "files"):
         pytest.skip(f"dataset kind {ds.kind} reads no files")
     paths = [ds.path] + ([ds.schema_path] if ds.kind == "files" else [])
     for p in paths:

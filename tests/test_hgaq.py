@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sampletok.data.batches import BatchLoader, FeatureLayout
-from sampletok.errors import StoreError
+from sampletok.errors import ConfigError, StoreError
 from sampletok.schema import Schema
 from sampletok.tokenizers.hgaq import HGAQConfig, ResidualVQ, SampleTokenizer, assign_sub_tokens, code_dtype
 
@@ -17,8 +17,9 @@ def _schema(counts, pinned=None):
     for f in feats:
         if pinned and f["name"] in pinned:
             f["sub_token"] = pinned[f["name"]]
-    return Schema.model_validate({"name": "x", "user": "u", "timestamp": "t", "labels": [{"name": "y"}],
-                                  "features": feats})
+    return Schema.model_validate(
+        {"name": "x", "user": "u", "timestamp": "t", "labels": [{"name": "y"}], "features": feats}
+    )
 
 
 def test_sub_token_arithmetic_and_pinning():
@@ -28,7 +29,7 @@ def test_sub_token_arithmetic_and_pinning():
     assert sorted(sum(toks, [])) == sorted(f.name for f in s.features)
     pinned = assign_sub_tokens(_schema({"user": 4}, {"user3": 0}), 2)
     assert "user3" in pinned[0] and [len(t) for t in pinned] == [2, 2]
-    with pytest.raises(ValueError, match="pinned to sub-token 5"):
+    with pytest.raises(ConfigError, match="pinned to sub-token 5"):
         assign_sub_tokens(_schema({"user": 4}, {"user0": 5}), 2)
 
 
@@ -52,7 +53,6 @@ def test_reconstruction_error_falls_with_levels():
     assert errs[0] < float(x.pow(2).mean())  # better than coding nothing
 
 
-
 @pytest.mark.parametrize("codes", [16, 300])  # packed-argmin and exact-min paths
 def test_encode_returns_the_forward_codes(codes):
     torch.manual_seed(1)
@@ -63,6 +63,7 @@ def test_encode_returns_the_forward_codes(codes):
     rvq.eval()
     _, forward_codes, _ = rvq(x, update=False)
     assert torch.equal(rvq.encode(x), forward_codes)
+
 
 def _train_with_dead_codes(x, **kw):
     """Half the codes moved far away and marked long unused, then 40 EMA steps; returns unused-code counts."""
@@ -106,8 +107,14 @@ def test_tokenizer_encode_decode_round_trip_and_version(synth_prepared):
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 300), t=st.integers(1, 5), v=st.sampled_from([2, 3, 17, 40, 256, 300]), d=st.integers(1, 6),
-       block=st.integers(1, 64), seed=st.integers(0, 10_000))
+@given(
+    n=st.integers(1, 300),
+    t=st.integers(1, 5),
+    v=st.sampled_from([2, 3, 17, 40, 256, 300]),
+    d=st.integers(1, 6),
+    block=st.integers(1, 64),
+    seed=st.integers(0, 10_000),
+)
 def test_blocked_nearest_code_equals_the_literal_formula(n, t, v, d, block, seed):
     g = torch.Generator().manual_seed(seed)
     vq = ResidualVQ(t, HGAQConfig(levels=2, codes=v, d0=d))
@@ -116,7 +123,10 @@ def test_blocked_nearest_code_equals_the_literal_formula(n, t, v, d, block, seed
     r[::3] = vq.codebook[torch.arange(t), 1, torch.randint(0, v, (len(r[::3]), t), generator=g)]  # distance 0
     fast, ref = vq._nearest(r, 1, block=block), vq._nearest_reference(r, 1)
     assert fast.shape == (n, t)
+
     # equal, except where two codes are equally near (then either is right; V ≤ 256 packs the index into the
     # distance's low bits, so "equally near" there means within 2^-15 relative)
-    dist = lambda c: (r - vq.codebook[torch.arange(t), 1, c]).pow(2).sum(-1)
+    def dist(c):
+        return (r - vq.codebook[torch.arange(t), 1, c]).pow(2).sum(-1)
+
     torch.testing.assert_close(dist(fast), dist(ref), atol=1e-4, rtol=1e-4)

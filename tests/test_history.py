@@ -15,8 +15,14 @@ def logs(draw):
     q_ts = draw(st.lists(st.integers(-2, 15), min_size=q, max_size=q))
     n_hist = draw(st.integers(0, 8))
     delays = draw(st.lists(st.integers(0, 5), min_size=0, max_size=2))
-    return (np.array(users, dtype=np.int64), np.array(ts, dtype=np.int64), np.array(q_users), np.array(q_ts),
-            n_hist, delays)
+    return (
+        np.array(users, dtype=np.int64),
+        np.array(ts, dtype=np.int64),
+        np.array(q_users),
+        np.array(q_ts),
+        n_hist,
+        delays,
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -39,8 +45,10 @@ def test_fast_fetch_equals_reference_and_never_leaks(case):
     assert np.all(ts[r] < req_t) and np.all(user[r] == req_u)
     # a label is visible only when ts + delay < request time
     for k, d in enumerate(delays):
-        assert np.all(ts[fast.rows[fast.label_mask[:, :, k]]] + d < np.broadcast_to(
-            qt[:, None], fast.rows.shape)[fast.label_mask[:, :, k]])
+        assert np.all(
+            ts[fast.rows[fast.label_mask[:, :, k]]] + d
+            < np.broadcast_to(qt[:, None], fast.rows.shape)[fast.label_mask[:, :, k]]
+        )
 
 
 def test_equal_timestamps_are_invisible_and_order_is_most_recent_last():

@@ -6,8 +6,15 @@ from sampletok.data.batches import BatchLoader, FeatureLayout, history_index
 from sampletok.errors import ConfigError
 from sampletok.models import build_model
 from sampletok.store import LocalTokenStore
-from sampletok.tokenizers.iat import (IATSourceConfig, SourceModel, _train_stream_epoch, embed_all, export_to_store,
-                                      train_source, user_windows)
+from sampletok.tokenizers.iat import (
+    IATSourceConfig,
+    SourceModel,
+    _train_stream_epoch,
+    embed_all,
+    export_to_store,
+    train_source,
+    user_windows,
+)
 
 FAST = dict(epochs=1, hidden=[64, 32], decompress=[32], emb_dim=16, window=16, batch_size=512, dtype="float32")
 
@@ -32,7 +39,7 @@ def test_bottleneck_shapes_and_sit_causality(synth_prepared):
     out = model.run_sit(seq, valid)
     for t in range(9):
         changed = seq.clone()
-        changed[:, t + 1:] = torch.randn_like(changed[:, t + 1:])
+        changed[:, t + 1 :] = torch.randn_like(changed[:, t + 1 :])
         torch.testing.assert_close(model.run_sit(changed, valid)[:, : t + 1], out[:, : t + 1])
 
 
@@ -95,7 +102,7 @@ def test_stream_training_reads_only_embeddings_written_by_earlier_steps(synth_pr
         calls[-1] = (cur, zc, (prev_z.numpy().copy(), prev_mask.numpy().copy()))
         return sit_last(prev_z, prev_mask, z)
 
-    rows_of_step = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    rows_of_step = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
     monkeypatch.setattr(model, "compress", record_compress)
     monkeypatch.setattr(model, "sit_last", record_sit_last)
     loader = BatchLoader(ds, rows, cfg.batch_size, index=history_index(ds), layout=FeatureLayout.from_dataset(ds))
@@ -107,12 +114,12 @@ def test_stream_training_reads_only_embeddings_written_by_earlier_steps(synth_pr
             # independent reference: the user's last stream_context earlier rows (strictly before ts), of which
             # only those of earlier steps are in the store
             before = [q for q in rows if user[q] == user[r] and ts[q] < ts[r]]
-            expected = [q for q in before[-cfg.stream_context:] if q in written]
+            expected = [q for q in before[-cfg.stream_context :] if q in written]
             got = prev_z[i][prev_mask[i]]
             assert len(got) == len(expected), (r, expected)
             np.testing.assert_array_equal(got, np.stack([written[q] for q in expected]) if expected else got)
             n_read += len(expected)
-        written.update(zip(cur.tolist(), z))
+        written.update(zip(cur.tolist(), z, strict=True))
     assert n_read > 100  # the check is not vacuous: later steps do read the store
 
 
@@ -157,7 +164,7 @@ def test_iat_model_cannot_see_the_future(synth_prepared, store, tmp_path):
         before = model(batch).logits
     # a copy of the store whose instances at/after their user's request time carry garbage payload and labels
     c = store._columns()
-    request_ts = dict(zip(users[rows].tolist(), batch.ts.tolist()))
+    request_ts = dict(zip(users[rows].tolist(), batch.ts.tolist(), strict=True))
     payload = np.array(c["payload"], dtype=np.float32)
     side = np.array(c["side"])
     limit = np.array([request_ts.get(u, np.iinfo(np.int64).max) for u in np.asarray(c["user"]).tolist()])
@@ -165,9 +172,14 @@ def test_iat_model_cannot_see_the_future(synth_prepared, store, tmp_path):
     assert future.any()
     payload[future] = 99.0
     side[future] = 1 - side[future]
-    forged = LocalTokenStore.create(tmp_path / "forged", producer=store.meta["producer"], payload_shape=(16,),
-                                    label_names=store.meta["labels"], dtype="float32",
-                                    extra_meta={k: store.meta[k] for k in ("kind", "dataset")})
+    forged = LocalTokenStore.create(
+        tmp_path / "forged",
+        producer=store.meta["producer"],
+        payload_shape=(16,),
+        label_names=store.meta["labels"],
+        dtype="float32",
+        extra_meta={k: store.meta[k] for k in ("kind", "dataset")},
+    )
     forged.append(c["instance_id"], c["user"], c["ts"], payload, side, c["avail"])
     forged.commit()
     model.store = forged.load_into_memory()
@@ -176,9 +188,14 @@ def test_iat_model_cannot_see_the_future(synth_prepared, store, tmp_path):
     torch.testing.assert_close(before, after)
 
 
-@pytest.mark.parametrize("params", [
-    dict(base="din"), dict(base="bst", seq_model="din", query="id"),
-    dict(base="rankmixer", placement="after", side_info=False)])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(base="din"),
+        dict(base="bst", seq_model="din", query="id"),
+        dict(base="rankmixer", placement="after", side_info=False),
+    ],
+)
 def test_iat_forward_backward_on_bases(synth_prepared, store, params):
     layout = FeatureLayout.from_dataset(synth_prepared)
     model = build_model("iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), length=10, **params)

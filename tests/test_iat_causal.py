@@ -1,5 +1,6 @@
 """The time-causal IAT export (no training-window token was made by parameters that saw a later label) and the
 producer check of saved IAT runs."""
+
 import shutil
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 
 from sampletok.data.prepare import PreparedDataset
 from sampletok.errors import StoreError
-from sampletok.tokenizers.iat import IATSourceConfig, causal_embeddings, fold_of_rows, train_source, embed_all
+from sampletok.tokenizers.iat import IATSourceConfig, causal_embeddings, embed_all, fold_of_rows, train_source
 from sampletok.train.experiment import ModelSpec, load_trained, run_model
 from sampletok.train.trainer import TrainConfig
 
@@ -62,8 +63,15 @@ def test_folds_cut_the_training_window_by_time(synth_prepared):
 
 def test_saved_iat_run_is_scored_with_its_own_store_only(synth_prepared, tmp_path):
     ds = synth_prepared
-    params = {"base": "din", "length": 8, "token_dim": 8, "side_dim": 4, "encoder_layers": 0,
-              "source": {"scheme": "user", "folds": 2, **FAST}, "cache_dir": str(tmp_path / "cache")}
+    params = {
+        "base": "din",
+        "length": 8,
+        "token_dim": 8,
+        "side_dim": 4,
+        "encoder_layers": 0,
+        "source": {"scheme": "user", "folds": 2, **FAST},
+        "cache_dir": str(tmp_path / "cache"),
+    }
     cfg = TrainConfig(max_epochs=1, batch_size=512, hist_len=8)
     r = run_model(ds, ModelSpec(name="iat", params=params), cfg, seed=7, run_dir=tmp_path / "run", progress=False)
     model, _ = load_trained(ds, tmp_path / "run")  # the seed-7 store, not a seed-0 one

@@ -1,6 +1,7 @@
 """Label delays are seconds whatever the log's timestamp unit: on an ``ms`` log a label with ``delay: 3600``
 becomes visible one hour after its event in every path that reads availability (history index, IAT and SIF
 store exports and their fetch)."""
+
 import numpy as np
 import polars as pl
 import pytest
@@ -24,15 +25,23 @@ def ms_log(tmp_path_factory):
         for k in range(6):
             base = u * 10 * HOUR_MS + k * 3 * HOUR_MS
             for off in (0, 5_000, 2 * HOUR_MS):
-                rows.append({"uid": u, "ts": base + off, "iid": (k * 3 + off // 1000) % 17, "click": k % 2,
-                             "buy": 1})
+                rows.append({"uid": u, "ts": base + off, "iid": (k * 3 + off // 1000) % 17, "click": k % 2, "buy": 1})
     df = pl.DataFrame(rows).unique(subset=["uid", "ts"], keep="first", maintain_order=True)
-    schema = Schema.model_validate({
-        "name": "ms", "user": "uid", "timestamp": "ts", "timestamp_unit": "ms", "item": "iid",
-        "labels": [{"name": "click"}, {"name": "buy", "task": False, "delay": 3600}],
-        "features": [{"name": "uid", "type": "categorical", "group": "user"},
-                     {"name": "iid", "type": "categorical", "group": "item"}],
-        "sequence": {"fields": ["iid"], "max_len": 8}})
+    schema = Schema.model_validate(
+        {
+            "name": "ms",
+            "user": "uid",
+            "timestamp": "ts",
+            "timestamp_unit": "ms",
+            "item": "iid",
+            "labels": [{"name": "click"}, {"name": "buy", "task": False, "delay": 3600}],
+            "features": [
+                {"name": "uid", "type": "categorical", "group": "user"},
+                {"name": "iid", "type": "categorical", "group": "item"},
+            ],
+            "sequence": {"fields": ["iid"], "max_len": 8},
+        }
+    )
     return prepare(FrameSource(df, "ms"), schema, tmp_path_factory.mktemp("ms") / "ds", progress=False)
 
 
@@ -64,8 +73,10 @@ def test_iat_and_sif_stores_use_the_same_availability(ms_log, tmp_path):
     users, ts = np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts"))
     _, known = _expected_known(ds, users, ts, 8)
     layout = FeatureLayout.from_dataset(ds)
-    src = SourceModel(layout, IATSourceConfig(scheme="user", epochs=1, hidden=[8], decompress=[8], emb_dim=4,
-                                              window=4, dtype="float32"))
+    src = SourceModel(
+        layout,
+        IATSourceConfig(scheme="user", epochs=1, hidden=[8], decompress=[8], emb_dim=4, window=4, dtype="float32"),
+    )
     iat_store = export_to_store(src.eval(), ds, tmp_path / "iat", progress=False)
     sif = build_model("sif", layout, hgaq={"fields_per_token": 2, "codes": 8}, width=8, blocks=1, heads=1)
     sif.prepare_data(ds, seed=0)

@@ -18,8 +18,9 @@ def test_target_attention_fast_path_equals_reference(b, n, d, seed):
     fast, ref = att(q, k, mask), att.forward_reference(q, k, mask)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     params = [q, *att.parameters()]
-    for g_fast, g_ref in zip(torch.autograd.grad(fast.pow(2).sum(), params),
-                             torch.autograd.grad(ref.pow(2).sum(), params)):
+    for g_fast, g_ref in zip(
+        torch.autograd.grad(fast.pow(2).sum(), params), torch.autograd.grad(ref.pow(2).sum(), params), strict=True
+    ):
         torch.testing.assert_close(g_fast, g_ref, atol=1e-5, rtol=1e-4)
 
 
@@ -31,7 +32,7 @@ def _token_mixing_reference(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     for i in range(b):
         for head in range(t):
-            out[i, head] = torch.cat([x[i, s, head * dh:(head + 1) * dh] for s in range(t)])
+            out[i, head] = torch.cat([x[i, s, head * dh : (head + 1) * dh] for s in range(t)])
     return out
 
 
@@ -51,8 +52,10 @@ def test_rankmixer_token_mixing_equals_paper_reference(t, d):
     torch.testing.assert_close(seen[0] - x, expected_mix)
     # whole block: residual + LayerNorm, then a per-token FFN (token t has its own weights), residual + LayerNorm
     h1 = torch.nn.functional.layer_norm(x + expected_mix, (d,), block.norm1.weight, block.norm1.bias)
-    ffn = torch.stack([torch.nn.functional.gelu(h1[:, k] @ block.w1[k] + block.b1[k]) @ block.w2[k] + block.b2[k]
-                       for k in range(t)], dim=1)
+    ffn = torch.stack(
+        [torch.nn.functional.gelu(h1[:, k] @ block.w1[k] + block.b1[k]) @ block.w2[k] + block.b2[k] for k in range(t)],
+        dim=1,
+    )
     ref = torch.nn.functional.layer_norm(h1 + ffn, (d,), block.norm2.weight, block.norm2.bias)
     torch.testing.assert_close(out, ref)
 

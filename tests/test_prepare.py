@@ -28,7 +28,7 @@ def test_vocab_is_frequency_ordered_with_padding_and_oov_and_fit_on_train_only(t
     codes = np.asarray(ds.col("cat__iid"))
     raw = df.get_column("iid").cast(pl.Utf8).to_list()
     oov = ds.vocab_size("iid") - 1
-    for code, value in zip(codes, raw):
+    for code, value in zip(codes, raw, strict=True):
         assert code == (vocab.index(value) + 1 if value in vocab else oov)
     assert codes.min() >= 1  # 0 is reserved for padding
 
@@ -38,7 +38,7 @@ def test_multi_categorical_and_numeric_encoding(tmp_path, toy_schema):
     ds = prepare(FrameSource(df, "toy"), toy_schema, tmp_path / "d", progress=False)
     tags = np.asarray(ds.col("multi__tags"))
     vocab = ds.stats["tags"].vocab
-    for cell, row in zip(df.get_column("tags").to_list()[:50], tags[:50]):
+    for cell, row in zip(df.get_column("tags").to_list()[:50], tags[:50], strict=True):
         vals = [v for v in cell.split("|") if v != ""]
         expect = [vocab.index(v) + 1 if v in vocab else len(vocab) + 1 for v in vals][:3]
         assert row.tolist() == expect + [0] * (3 - len(expect))
@@ -88,10 +88,13 @@ def _write_csv(tmp_path, df, name="log.csv"):
     return p
 
 
-@pytest.mark.parametrize("mutate, needle", [
-    (lambda df: df.drop("price"), r"missing columns \['price'\]"),
-    (lambda df: df.with_columns(extra=pl.lit(1)), r"unexpected columns \['extra'\]"),
-])
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda df: df.drop("price"), r"missing columns \['price'\]"),
+        (lambda df: df.with_columns(extra=pl.lit(1)), r"unexpected columns \['extra'\]"),
+    ],
+)
 def test_missing_and_extra_columns(tmp_path, toy_schema, mutate, needle):
     p = _write_csv(tmp_path, mutate(_frame()))
     with pytest.raises(DataError, match=needle):
@@ -105,14 +108,17 @@ def _with_cell(df, row, column, value):
     return df.with_columns(pl.Series(column, s, dtype=pl.Utf8))
 
 
-@pytest.mark.parametrize("column, value, needle", [
-    ("price", "abc", r"log.csv, column 'price', row 8: expected a number, got 'abc'"),
-    ("price", "nan", r"log.csv, column 'price', row 8: missing or non-finite value"),
-    ("ts", "yesterday", r"log.csv, column 'ts', row 8: unparseable timestamp 'yesterday'"),
-    ("uid", None, r"log.csv, column 'uid', row 8: null user key"),
-    ("ts", None, r"log.csv, column 'ts', row 8: null timestamp"),
-    ("click", "x", r"log.csv, column 'click', row 8: expected a number"),
-])
+@pytest.mark.parametrize(
+    "column, value, needle",
+    [
+        ("price", "abc", r"log.csv, column 'price', row 8: expected a number, got 'abc'"),
+        ("price", "nan", r"log.csv, column 'price', row 8: missing or non-finite value"),
+        ("ts", "yesterday", r"log.csv, column 'ts', row 8: unparseable timestamp 'yesterday'"),
+        ("uid", None, r"log.csv, column 'uid', row 8: null user key"),
+        ("ts", None, r"log.csv, column 'ts', row 8: null timestamp"),
+        ("click", "x", r"log.csv, column 'click', row 8: expected a number"),
+    ],
+)
 def test_bad_cells_name_file_column_row(tmp_path, toy_schema, column, value, needle):
     p = _write_csv(tmp_path, _with_cell(_frame(), 7, column, value))
     with pytest.raises(DataError, match=needle):
@@ -133,7 +139,8 @@ def test_duplicate_instance_ids_are_reported(tmp_path, toy_schema):
     df = _frame()
     dup = pl.concat([df, df.slice(4, 1)])
     p = _write_csv(tmp_path, dup)
-    with pytest.raises(DataError, match=rf"column '\(derived instance id\)', row {dup.height}: duplicate instance id \(same as row 5\)"):
+    msg = rf"column '\(derived instance id\)', row {dup.height}: duplicate instance id \(same as row 5\)"
+    with pytest.raises(DataError, match=msg):
         prepare(FileSource(p), toy_schema, tmp_path / "out", progress=False)
 
 

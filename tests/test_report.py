@@ -1,5 +1,6 @@
 """Result tables: significance is only claimed over >= 3 paired seeds, and `sampletok report`'s pairwise
 comparisons equal an independent paired t-test over the seeds both models ran."""
+
 import json
 import subprocess
 import sys
@@ -14,9 +15,17 @@ from sampletok.report.tables import INDICATIVE_NOTE, load_results, pairwise_rows
 
 def _run(model: str, seed: int, auc: float, gauc: float = 0.7, logloss: float = 0.6) -> dict:
     """A run dict as `compare` writes it (only the fields the report reads)."""
-    return {"model": model, "seed": seed, "test": {"auc": auc, "gauc": gauc, "logloss": logloss},
-            "test_seen_users": {"auc": auc, "gauc": gauc, "logloss": logloss}, "valid": {"auc": auc},
-            "train_samples_per_s": 1000.0, "best_epoch": 1, "n_params": 10, "dataset": "fp"}
+    return {
+        "model": model,
+        "seed": seed,
+        "test": {"auc": auc, "gauc": gauc, "logloss": logloss},
+        "test_seen_users": {"auc": auc, "gauc": gauc, "logloss": logloss},
+        "valid": {"auc": auc},
+        "train_samples_per_s": 1000.0,
+        "best_epoch": 1,
+        "n_params": 10,
+        "dataset": "fp",
+    }
 
 
 def _row(md: str, label: str) -> str:
@@ -138,8 +147,7 @@ def test_load_results_merges_directories_and_refuses_conflicting_runs(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "sampletok.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "sampletok.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_report_command_prints_and_writes_markdown_and_errors_in_one_line(tmp_path):
@@ -152,8 +160,10 @@ def test_report_command_prints_and_writes_markdown_and_errors_in_one_line(tmp_pa
     assert "a − ref" in r.stdout and "b − ref" in r.stdout
     md = (d1 / "pairwise-ref.md").read_text()
     assert pairwise_table(load_results([d1, d2]), "ref", metric="gauc") in md
-    for args, message in [(["--reference", "nope"], "no runs labelled 'nope'"),
-                          (["--reference", "ref", "--against", "zz"], "no runs labelled 'zz'")]:
+    for args, message in [
+        (["--reference", "nope"], "no runs labelled 'nope'"),
+        (["--reference", "ref", "--against", "zz"], "no runs labelled 'zz'"),
+    ]:
         r = _cli("report", str(d1), *args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr

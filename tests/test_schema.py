@@ -21,17 +21,20 @@ def test_yaml_round_trip_and_stable_fingerprint(tmp_path, toy_schema):
     assert changed.fingerprint() != toy_schema.fingerprint()
 
 
-@pytest.mark.parametrize("patch, needle", [
-    ({"features": TOY_SCHEMA["features"] + [TOY_SCHEMA["features"][0]]}, "defined twice"),
-    ({"sequence": {"fields": ["nope"]}}, "sequence field 'nope'"),
-    ({"sequence": {"fields": ["price"]}}, "must be categorical"),
-    ({"labels": [{"name": "click", "task": False}]}, "at least one label"),
-    ({"item": "nope"}, "item field 'nope'"),
-    ({"features": [{"name": "x", "type": "float", "group": "user"}]}, "features.0.type"),
-    ({"features": [{"name": "x", "type": "numeric", "group": "other"}]}, "features.0.group"),
-    ({"labels": [{"name": "uid"}]}, "both as label and feature"),
-    ({"unknown_key": 1}, "unknown_key"),
-])
+@pytest.mark.parametrize(
+    "patch, needle",
+    [
+        ({"features": TOY_SCHEMA["features"] + [TOY_SCHEMA["features"][0]]}, "defined twice"),
+        ({"sequence": {"fields": ["nope"]}}, "sequence field 'nope'"),
+        ({"sequence": {"fields": ["price"]}}, "must be categorical"),
+        ({"labels": [{"name": "click", "task": False}]}, "at least one label"),
+        ({"item": "nope"}, "item field 'nope'"),
+        ({"features": [{"name": "x", "type": "float", "group": "user"}]}, "features.0.type"),
+        ({"features": [{"name": "x", "type": "numeric", "group": "other"}]}, "features.0.group"),
+        ({"labels": [{"name": "uid"}]}, "both as label and feature"),
+        ({"unknown_key": 1}, "unknown_key"),
+    ],
+)
 def test_invalid_schemas_name_the_problem(patch, needle):
     with pytest.raises(SchemaError, match=needle):
         Schema.from_dict({**TOY_SCHEMA, **patch}, origin="s.yaml")

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 
@@ -20,7 +19,8 @@ def trained(synth_prepared):
     model.train()
     for batch in loader:
         out = model(batch)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, batch.labels) + sum(out.aux_losses.values())
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, batch.labels)
+        loss = bce + sum(out.aux_losses.values())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -35,8 +35,9 @@ def test_training_step_losses(trained, synth_prepared):
     trained.eval()
     assert {"align", "vq_commit", "vq_entropy", "aux_label"} <= set(out.aux_losses)
     assert all(torch.isfinite(v) for v in out.aux_losses.values())
-    assert trained.tokenizer.n_tokens == sum(-(-len(synth_prepared.schema.fields_of_group(g)) // 4)
-                                             for g in ("user", "item", "context", "cross"))
+    assert trained.tokenizer.n_tokens == sum(
+        -(-len(synth_prepared.schema.fields_of_group(g)) // 4) for g in ("user", "item", "context", "cross")
+    )
 
 
 def test_padding_rows_never_influence_the_target():
@@ -82,7 +83,7 @@ def test_eval_scores_do_not_depend_on_the_batch(trained, synth_prepared):
     loader = BatchLoader(synth_prepared, rows, 50, hist_len=10)
     with torch.no_grad():
         together = trained(loader.build(rows)).logits
-        alone = torch.cat([trained(loader.build(rows[i:i + 1])).logits for i in range(5)])
+        alone = torch.cat([trained(loader.build(rows[i : i + 1])).logits for i in range(5)])
     torch.testing.assert_close(alone, together[:5], atol=1e-5, rtol=1e-5)
 
 
@@ -113,8 +114,7 @@ def test_history_labels_count_only_once_known(trained, synth_prepared):
         assert not torch.allclose(trained(dataclasses.replace(batch, hist_labels=flipped)).logits, base)
 
 
-@pytest.mark.parametrize("variant", [{"mixer": "pool"}, {"quantize_history": False},
-                                     {"history_fields": ["item_id"]}])
+@pytest.mark.parametrize("variant", [{"mixer": "pool"}, {"quantize_history": False}, {"history_fields": ["item_id"]}])
 def test_ablation_variants_train(variant, synth_prepared):
     model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **{**SMALL, **variant})
     model.prepare_data(synth_prepared, seed=0)
@@ -138,8 +138,11 @@ def test_history_fields_hide_the_other_fields_of_past_samples(synth_prepared):
     batch = BatchLoader(synth_prepared, rows, 32, hist_len=8).build(rows)
     item_col = [f.name for f in layout.cat_fields].index("item_id")
     scrambled = dataclasses.replace(
-        batch, cat=torch.where(torch.arange(batch.cat.shape[1]) == item_col, batch.cat, batch.cat.flip(0)),
-        num=batch.num.flip(0), multi=batch.multi.flip(0))
+        batch,
+        cat=torch.where(torch.arange(batch.cat.shape[1]) == item_col, batch.cat, batch.cat.flip(0)),
+        num=batch.num.flip(0),
+        multi=batch.multi.flip(0),
+    )
     with torch.no_grad():
         torch.testing.assert_close(model.tokenizer.project(scrambled, keep), model.tokenizer.project(batch, keep))
         assert not torch.allclose(model.tokenizer.project(scrambled), model.tokenizer.project(batch))

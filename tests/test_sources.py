@@ -34,7 +34,9 @@ def test_event_context_uses_strictly_earlier_events_only():
 
 def test_ml_latest_layout(tmp_path):
     (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,10,4.5,100\n1,11,2.0,200\n2,10,5.0,150\n")
-    (tmp_path / "movies.csv").write_text('movieId,title,genres\n10,Heat (1995),Action|Crime\n11,"Up, Up (2009)",(no genres listed)\n')
+    (tmp_path / "movies.csv").write_text(
+        'movieId,title,genres\n10,Heat (1995),Action|Crime\n11,"Up, Up (2009)",(no genres listed)\n'
+    )
     (tmp_path / "tags.csv").write_text("userId,movieId,tag,timestamp\n1,10,good,150\n1,11,meh,200\n")
     src, schema = load_movielens(tmp_path)
     df = src.frame
@@ -72,6 +74,7 @@ def test_dense_synthetic_log_has_unique_samples_and_prepares(tmp_path):
 
 def test_unique_event_times_moves_only_repeats():
     from sampletok.data.sources.synthetic import _unique_event_times
+
     uid, item = np.array([0, 0, 0, 1, 0]), np.array([5, 5, 5, 5, 6])
     ts = np.array([10, 10, 10, 10, 11])
     out = _unique_event_times(uid, ts, item)

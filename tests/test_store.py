@@ -15,15 +15,21 @@ from sampletok.store import LocalTokenStore
 
 def _instances(n, seed=0, dim=4):
     rng = np.random.default_rng(seed)
-    return dict(instance_id=np.arange(n) + 1000 * seed, user=rng.integers(0, 5, n), ts=rng.integers(0, 30, n),
-                payload=rng.normal(size=(n, dim)).astype(np.float32), side=rng.integers(0, 2, (n, 1)).astype(float),
-                avail=None)
+    return dict(
+        instance_id=np.arange(n) + 1000 * seed,
+        user=rng.integers(0, 5, n),
+        ts=rng.integers(0, 30, n),
+        payload=rng.normal(size=(n, dim)).astype(np.float32),
+        side=rng.integers(0, 2, (n, 1)).astype(float),
+        avail=None,
+    )
 
 
 def _make(tmp_path, dtype="float32", name="s"):
     """An empty committed store (later appends commit one version each)."""
-    store = LocalTokenStore.create(tmp_path / name, producer="p1", payload_shape=(4,), label_names=["click"],
-                                   dtype=dtype)
+    store = LocalTokenStore.create(
+        tmp_path / name, producer="p1", payload_shape=(4,), label_names=["click"], dtype=dtype
+    )
     store.commit()
     return store
 
@@ -94,7 +100,7 @@ def test_killed_writer_leaves_previous_state_readable(tmp_path):
         import numpy as np
         import os
         from sampletok.store import LocalTokenStore
-        s = LocalTokenStore.open({str(tmp_path / 's')!r}, on_before_commit=lambda: os._exit(137))
+        s = LocalTokenStore.open({str(tmp_path / "s")!r}, on_before_commit=lambda: os._exit(137))
         s.append(instance_id=np.arange(10) + 10**6, user=np.zeros(10, int), ts=np.arange(10),
                  payload=np.ones((10, 4)), side=np.ones((10, 1)))
     """)
@@ -115,7 +121,7 @@ def test_killed_writer_with_sigkill_mid_append(tmp_path):
     script = textwrap.dedent(f"""
         import numpy as np
         from sampletok.store import LocalTokenStore
-        s = LocalTokenStore.open({str(tmp_path / 's')!r})
+        s = LocalTokenStore.open({str(tmp_path / "s")!r})
         print("ready", flush=True)
         for k in range(100000):
             s.append(instance_id=np.arange(50) + 10**6 + 50 * k, user=np.zeros(50, int), ts=np.arange(50),
@@ -124,6 +130,7 @@ def test_killed_writer_with_sigkill_mid_append(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     assert proc.stdout.readline().strip() == b"ready"
     import time
+
     time.sleep(0.5)
     proc.kill()
     proc.wait()
@@ -135,8 +142,9 @@ def test_killed_writer_with_sigkill_mid_append(tmp_path):
 
 def test_a_store_is_readable_only_once_complete(tmp_path):
     """An export that dies before its commit leaves no store (or the previous one), never a partial one."""
-    staged = LocalTokenStore.create(tmp_path / "s", producer="p1", payload_shape=(4,), label_names=["click"],
-                                    dtype="float32")
+    staged = LocalTokenStore.create(
+        tmp_path / "s", producer="p1", payload_shape=(4,), label_names=["click"], dtype="float32"
+    )
     staged.append(**_instances(20))
     with pytest.raises(StoreError, match="not a token store"):
         LocalTokenStore.open(tmp_path / "s")
@@ -149,8 +157,9 @@ def test_overwrite_keeps_the_old_store_until_the_new_one_is_committed(tmp_path):
     old.append(**_instances(20))
     reader = LocalTokenStore.open(tmp_path / "s")
     before = reader.fetch(np.arange(5), np.full(5, 40), 8)
-    new = LocalTokenStore.create(tmp_path / "s", producer="p2", payload_shape=(4,), label_names=["click"],
-                                 dtype="float32", overwrite=True)
+    new = LocalTokenStore.create(
+        tmp_path / "s", producer="p2", payload_shape=(4,), label_names=["click"], dtype="float32", overwrite=True
+    )
     new.append(**_instances(7, seed=5))
     # not committed yet: a new reader still gets the old store, whole
     assert LocalTokenStore.open(tmp_path / "s").meta["producer"] == "p1"
@@ -185,7 +194,7 @@ def test_concurrent_writer_processes_lose_no_append(tmp_path):
         import numpy as np
         from sampletok.store import LocalTokenStore
         w = int(sys.argv[1])
-        s = LocalTokenStore.open({str(tmp_path / 's')!r})
+        s = LocalTokenStore.open({str(tmp_path / "s")!r})
         for k in range(15):
             s.append(instance_id=np.arange(3) + 10**6 * w + 10 * k, user=np.full(3, w), ts=np.arange(3) + 10 * k,
                      payload=np.full((3, 4), float(w)), side=np.ones((3, 1)))

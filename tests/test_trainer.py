@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sampletok.data.batches import BatchLoader, history_index
+from sampletok.data.batches import BatchLoader
 from sampletok.errors import ConfigError
 from sampletok.train.experiment import ModelSpec, run_model
 from sampletok.train.trainer import TrainConfig
@@ -64,8 +63,9 @@ def test_killed_run_resumes_to_the_same_result(synth_prepared, tmp_path):
     """)
     full = subprocess.run([sys.executable, "-c", script, str(tmp_path / "full")], capture_output=True, text=True)
     assert full.returncode == 0, full.stderr
-    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "killed"), "2"], capture_output=True,
-                            text=True)
+    killed = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "killed"), "2"], capture_output=True, text=True
+    )
     assert killed.returncode == 137 and (tmp_path / "killed" / "checkpoint.pt").exists()
     resumed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "killed")], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
@@ -82,7 +82,7 @@ def test_early_stopping_and_lr_decay(synth_prepared):
     best = max(h["valid_monitor"] for h in hist)
     assert hist[r["best_epoch"] - 1]["valid_monitor"] == best
     assert r["valid"]["auc"] - r["valid"]["logloss"] == pytest.approx(best)  # the default monitor
-    assert all(h["valid_monitor"] <= best for h in hist[r["best_epoch"]:])
+    assert all(h["valid_monitor"] <= best for h in hist[r["best_epoch"] :])
     lrs = [h["lr"] for h in hist]
     assert min(lrs) < lrs[0]
 
@@ -100,6 +100,7 @@ def test_per_model_train_overrides_are_validated_and_recorded():
 
 def test_recent_rows_keeps_the_latest_requests(synth_prepared):
     from sampletok.train.experiment import recent_rows
+
     ds = synth_prepared
     rows = ds.rows("train")
     assert recent_rows(rows, None) is rows
@@ -115,6 +116,7 @@ def test_finished_runs_made_before_a_new_train_option_are_reused():
     from types import SimpleNamespace
 
     from sampletok.train.experiment import Experiment, _same_run
+
     exp = Experiment.model_validate({"dataset": {"kind": "synthetic"}, "models": [{"name": "din"}]})
     ds = SimpleNamespace(fingerprint="f")
     old = TrainConfig().model_dump(mode="json")
@@ -142,22 +144,32 @@ def _fit_with_scores(synth_prepared, scores, monitor):
     """fit() with the validation metrics of each epoch scripted (the model still trains for real)."""
     from unittest import mock
 
+    from sampletok.data.batches import FeatureLayout
     from sampletok.models import build_model
     from sampletok.train import trainer
-    from sampletok.data.batches import FeatureLayout
+
     ds = synth_prepared
     model = build_model("dnn", FeatureLayout.from_dataset(ds))
     loader = BatchLoader(ds, ds.rows("train")[:512], 512)
     it = iter(scores)
     with mock.patch.object(trainer, "evaluate", lambda m, l: dict(next(it), n=1)):
-        return trainer.fit(model, loader, loader, TrainConfig(max_epochs=len(scores), patience=10, monitor=monitor),
-                           seed=0, progress=False)
+        return trainer.fit(
+            model,
+            loader,
+            loader,
+            TrainConfig(max_epochs=len(scores), patience=10, monitor=monitor),
+            seed=0,
+            progress=False,
+        )
 
 
 def test_combined_monitor_keeps_the_calibrated_epoch(synth_prepared):
     """The DIN-on-KuaiRand pattern: AUC creeps up while LogLoss explodes after epoch 1."""
-    scores = [{"auc": 0.912, "gauc": 0.7, "logloss": 0.29}, {"auc": 0.918, "gauc": 0.7, "logloss": 1.67},
-              {"auc": 0.927, "gauc": 0.7, "logloss": 1.9}]
+    scores = [
+        {"auc": 0.912, "gauc": 0.7, "logloss": 0.29},
+        {"auc": 0.918, "gauc": 0.7, "logloss": 1.67},
+        {"auc": 0.927, "gauc": 0.7, "logloss": 1.9},
+    ]
     assert _fit_with_scores(synth_prepared, scores, {"auc": 1.0}).best_epoch == 3
     assert _fit_with_scores(synth_prepared, scores, {"auc": 1.0, "logloss": -1.0}).best_epoch == 1
     with pytest.raises(Exception, match="monitor metrics must be among"):
@@ -166,6 +178,7 @@ def test_combined_monitor_keeps_the_calibrated_epoch(synth_prepared):
 
 def test_nan_validation_metric_stops_and_never_silently_returns_the_last_epoch(synth_prepared):
     from sampletok.errors import TrainingError
+
     nan = float("nan")
     ok = {"auc": 0.7, "gauc": 0.6, "logloss": 0.5}
     r = _fit_with_scores(synth_prepared, [ok, {**ok, "logloss": nan}, ok], {"auc": 1.0, "logloss": -1.0})
@@ -193,6 +206,7 @@ def test_oov_replacement_trains_the_oov_row_only_in_training(synth_prepared):
     assert torch.equal(noisy.build(rows).cat, a.cat)
     # the OOV row of the user field receives gradient
     from sampletok.models import build_model
+
     model = build_model("dnn", lay)
     out = model(b).logits.sum()
     out.backward()
@@ -200,17 +214,55 @@ def test_oov_replacement_trains_the_oov_row_only_in_training(synth_prepared):
 
 
 def test_frozen_embeddings_stay_put_while_the_rest_trains(synth_prepared):
-    from sampletok.models import build_model
     from sampletok.data.batches import FeatureLayout
+    from sampletok.models import build_model
     from sampletok.train.trainer import fit
+
     ds = synth_prepared
     model = build_model("dnn", FeatureLayout.from_dataset(ds))
     loader = BatchLoader(ds, ds.rows("train")[:1024], 256, shuffle=True)
     cfg = TrainConfig(max_epochs=2, patience=5, freeze_embeddings_after=1, monitor={"auc": 1})
     snapshots = []
-    fit(model, loader, loader, cfg, seed=0, progress=False,
-        on_epoch_end=lambda e: snapshots.append({k: v.clone() for k, v in model.state_dict().items()}))
+    fit(
+        model,
+        loader,
+        loader,
+        cfg,
+        seed=0,
+        progress=False,
+        on_epoch_end=lambda e: snapshots.append({k: v.clone() for k, v in model.state_dict().items()}),
+    )
     emb = [k for k in snapshots[0] if k.startswith("embed.tables")]
     other = [k for k in snapshots[0] if not k.startswith("embed.") and snapshots[0][k].is_floating_point()]
     assert emb and all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in emb)
     assert any(not torch.equal(snapshots[0][k], snapshots[1][k]) for k in other)
+
+
+def test_platt_calibration_lowers_logloss_and_keeps_ranking(synth_prepared):
+    from sampletok.data.batches import FeatureLayout
+    from sampletok.models import build_model
+    from sampletok.train.metrics import all_metrics, logloss
+    from sampletok.train.trainer import fit_calibration, predict
+
+    ds = synth_prepared
+    from sampletok.train.trainer import fit
+
+    model = build_model("dnn", FeatureLayout.from_dataset(ds))
+    train = BatchLoader(ds, ds.rows("train"), 512, shuffle=True)
+    fit(model, train, BatchLoader(ds, ds.rows("valid"), 4096), TrainConfig(max_epochs=1), seed=0, progress=False)
+    model.eval()
+    with torch.no_grad():  # a badly scaled model: logits 5× too large, shifted
+        model.calibration.copy_(torch.tensor([5.0, 2.0]))
+    loader = BatchLoader(ds, ds.rows("valid"), 4096)
+    p0, y, u = predict(model, loader)
+    a, b = fit_calibration(model, loader)
+    p1, _, _ = predict(model, loader)
+    m0, m1 = all_metrics(y, p0, u), all_metrics(y, p1, u)
+    assert m1["logloss"] < m0["logloss"] and m1["auc"] == pytest.approx(m0["auc"], abs=1e-4)  # float32 ties only
+    assert m1["gauc"] == pytest.approx(m0["gauc"], abs=1e-4)
+    # the optimum: no other (a, b) on a grid around it does better
+    z = np.log(p1 / (1 - p1))
+    best = logloss(y, p1)
+    for da in (-0.1, 0.1):
+        for db in (-0.1, 0.1):
+            assert logloss(y, 1 / (1 + np.exp(-((1 + da) * z + db)))) >= best - 1e-9

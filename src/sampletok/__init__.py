@@ -1,4 +1,5 @@
 """sampletok: turn a user's whole past raw samples into tokens for ranking models."""
+
 from sampletok.schema import Schema
 
 __version__ = "0.1.0"

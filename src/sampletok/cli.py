@@ -1,58 +1,93 @@
 """The ``sampletok`` command line. Errors meant for the user are printed as one line (exit code 2)."""
+
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import typer
 import yaml
 from rich.console import Console
 
-from sampletok.errors import SampletokError
+from sampletok.errors import ConfigError, SampletokError, one_line, validated, validation_message, yaml_message
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Turn a user's whole past raw samples into tokens for ranking models (IAT, SIF).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Turn a user's whole past raw samples into tokens for ranking models (IAT, SIF).",
+)
 console = Console()
 
 
-def _parse_params(items: list[str]) -> dict:
+def _parse_params(items: list[str] | None) -> dict:
     """``key=value`` pairs, values parsed as YAML (numbers, lists, booleans)."""
     out = {}
     for it in items or []:
         if "=" not in it:
-            raise SampletokError(f"parameter '{it}' is not key=value")
+            raise ConfigError(f"--param '{it}' is not key=value")
         k, v = it.split("=", 1)
-        out[k] = yaml.safe_load(v)
+        try:
+            out[k] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--param {k}: value {v!r} is not valid YAML ({yaml_message(e)})") from None
     return out
 
 
-def _dataset_config(movielens: Optional[Path], files: Optional[list[Path]], schema: Optional[Path],
-                    synthetic: bool, prepared: Optional[Path], out: Optional[Path], users: int, fields: int,
-                    seed: int):
+def _train_config(**options):
+    """TrainConfig from CLI options (named by their TrainConfig field); a bad value names the option."""
+    from sampletok.train.trainer import TrainConfig
+
+    return validated(TrainConfig, options, names=_TRAIN_FLAGS)
+
+
+_TRAIN_FLAGS = {"max_epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "hist_len": "--hist-len"}
+
+
+def _dataset_config(
+    movielens: Path | None,
+    files: list[Path] | None,
+    schema: Path | None,
+    synthetic: bool,
+    prepared: Path | None,
+    out: Path | None,
+    users: int,
+    fields: int,
+    seed: int,
+):
     from sampletok.train.experiment import DatasetConfig
 
     chosen = [x for x in (movielens, files, synthetic or None, prepared) if x]
     if len(chosen) != 1:
-        raise SampletokError("give exactly one of --movielens, --files (with --schema), --synthetic, --data")
+        raise ConfigError("give exactly one of --movielens, --files (with --schema), --synthetic, --data")
+    if schema and not files:
+        raise ConfigError("--schema is read only with --files")
     if movielens:
         return DatasetConfig(kind="movielens", path=str(movielens), prepared_dir=str(out) if out else None)
     if files:
-        return DatasetConfig(kind="files", path=[str(f) for f in files][0] if len(files) == 1 else None,
-                             schema_path=str(schema) if schema else None, prepared_dir=str(out) if out else None)
+        return DatasetConfig(
+            kind="files",
+            path=[str(f) for f in files][0] if len(files) == 1 else None,
+            schema_path=str(schema) if schema else None,
+            prepared_dir=str(out) if out else None,
+        )
     if synthetic:
-        return DatasetConfig(kind="synthetic", synthetic={"n_users": users, "n_fields": fields, "seed": seed},
-                             prepared_dir=str(out) if out else None)
+        return DatasetConfig(
+            kind="synthetic",
+            synthetic={"n_users": users, "n_fields": fields, "seed": seed},
+            prepared_dir=str(out) if out else None,
+        )
     return DatasetConfig(kind="prepared", path=str(prepared))
 
 
 @app.command()
 def prepare(
-    movielens: Optional[Path] = typer.Option(None, help="MovieLens folder (ml-100k or ml-latest/ml-25m layout)"),
-    files: Optional[list[Path]] = typer.Option(None, "--files", help="CSV/TSV/Parquet raw-sample log"),
-    schema: Optional[Path] = typer.Option(None, help="schema YAML for --files"),
+    movielens: Path | None = typer.Option(None, help="MovieLens folder (ml-100k or ml-latest/ml-25m layout)"),
+    kuairand: Path | None = typer.Option(None, help="KuaiRand likes folder (likes.tsv + user_features.csv)"),
+    files: list[Path] | None = typer.Option(None, "--files", help="CSV/TSV/Parquet raw-sample log"),
+    schema: Path | None = typer.Option(None, help="schema YAML for --files"),
     synthetic: bool = typer.Option(False, help="generate a synthetic log"),
     users: int = typer.Option(2000, help="synthetic: users"),
     fields: int = typer.Option(24, help="synthetic: feature fields"),
@@ -62,49 +97,69 @@ def prepare(
 ):
     """Validate and encode a raw-sample log into a prepared (memory-mapped) dataset."""
     from sampletok.data.prepare import prepare as do_prepare
-    from sampletok.data.sources import FileSource
+    from sampletok.data.sources import FileSource, RawSource
     from sampletok.data.sources.movielens import load_movielens
     from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
     from sampletok.schema import Schema
 
-    _dataset_config(movielens, files, schema, synthetic, None, out, users, fields, seed)
-    if movielens:
+    if kuairand and (movielens or files or synthetic):
+        raise ConfigError("give exactly one of --movielens, --kuairand, --files (with --schema), --synthetic")
+    if not kuairand:
+        _dataset_config(movielens, files, schema, synthetic, None, out, users, fields, seed)
+    source: RawSource
+    if kuairand:
+        from sampletok.data.sources.kuairand import load_kuairand
+
+        source, sch = load_kuairand(kuairand)
+    elif movielens:
         source, sch = load_movielens(movielens)
     elif files:
         if not schema:
-            raise SampletokError("--files needs --schema")
+            raise ConfigError("--files needs --schema")
         source, sch = FileSource(files), Schema.from_yaml(schema)
     else:
-        source, sch = generate_source(SyntheticConfig(n_users=users, n_fields=fields, seed=seed))
+        syn = validated(
+            SyntheticConfig,
+            {"n_users": users, "n_fields": fields, "seed": seed},
+            names={"n_users": "--users", "n_fields": "--fields", "seed": "--seed"},
+        )
+        source, sch = generate_source(syn)
     ds = do_prepare(source, sch, out, force=force)
     m = ds.manifest
-    console.print(f"prepared [bold]{m['n_rows']:,}[/] rows of {m['n_users']:,} users into {out} "
-                  f"(splits {m['split_rows']}, {m['seconds']} s)")
+    console.print(
+        f"prepared [bold]{m['n_rows']:,}[/] rows of {m['n_users']:,} users into {out} "
+        f"(splits {m['split_rows']}, {m['seconds']} s)"
+    )
 
 
 @app.command()
 def train(
     data: Path = typer.Option(..., help="prepared dataset directory"),
     model: str = typer.Option("din", help="model name (see `sampletok models`)"),
-    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="model parameter key=value"),
+    param: list[str] | None = typer.Option(None, "--param", "-p", help="model parameter key=value"),
     seed: int = typer.Option(2021),
     epochs: int = typer.Option(20, help="max epochs"),
     batch_size: int = typer.Option(1024),
     lr: float = typer.Option(1e-3),
     out: Path = typer.Option(Path("runs/train"), help="run directory (checkpoint, model, result)"),
-    resume: bool = typer.Option(True, help="resume from a checkpoint in --out"),
+    restart: bool = typer.Option(
+        False,
+        help="ignore a checkpoint in --out and train afresh (by default a "
+        "checkpoint of the same run is resumed, one of another run is refused)",
+    ),
 ):
     """Train one model on a prepared dataset; writes checkpoint.pt, model.pt and result.json."""
     from sampletok.data.prepare import PreparedDataset
     from sampletok.train.experiment import ModelSpec, run_model
-    from sampletok.train.trainer import TrainConfig
 
+    cfg = _train_config(max_epochs=epochs, batch_size=batch_size, lr=lr)
     ds = PreparedDataset(data).load_into_memory()
-    cfg = TrainConfig(max_epochs=epochs, batch_size=batch_size, lr=lr)
-    r = run_model(ds, ModelSpec(name=model, params=_parse_params(param)), cfg, seed, run_dir=out, resume=resume)
-    console.print(f"{model}: test AUC {r['test']['auc']:.4f} GAUC {r['test']['gauc']:.4f} "
-                  f"LogLoss {r['test']['logloss']:.4f} (best epoch {r['best_epoch']}, "
-                  f"{r['train_samples_per_s']:.0f} train samples/s) → {out}")
+    r = run_model(ds, ModelSpec(name=model, params=_parse_params(param)), cfg, seed, run_dir=out, resume=not restart)
+    console.print(
+        f"{model}: test AUC {r['test']['auc']:.4f} GAUC {r['test']['gauc']:.4f} "
+        f"LogLoss {r['test']['logloss']:.4f} (best epoch {r['best_epoch']}, "
+        f"{r['train_samples_per_s']:.0f} train samples/s) → {out}"
+    )
 
 
 @app.command()
@@ -121,7 +176,7 @@ def evaluate(
     from sampletok.train.trainer import evaluate as do_eval
 
     if split not in ("train", "valid", "test"):
-        raise SampletokError(f"unknown split '{split}'")
+        raise ConfigError(f"--split: '{split}' is not one of train, valid, test")
     ds = PreparedDataset(data).load_into_memory()
     model, hist_len = load_trained(ds, run)
     m = do_eval(model, BatchLoader(ds, ds.rows(split, seen_users_only), 4096, hist_len=hist_len), progress=True)
@@ -131,24 +186,35 @@ def evaluate(
 @app.command()
 def compare(
     config: Path = typer.Argument(..., help="experiment YAML (configs/experiments/*.yaml)"),
-    out: Optional[Path] = typer.Option(None, help="output directory (default runs/<experiment name>)"),
-    seeds: Optional[int] = typer.Option(None, help="use the first N seeds 2021, 2022, ... instead"),
-    models: Optional[str] = typer.Option(None, help="comma-separated model labels to keep"),
-    epochs: Optional[int] = typer.Option(None, help="override max epochs"),
+    out: Path | None = typer.Option(None, help="output directory (default runs/<experiment name>)"),
+    seeds: int | None = typer.Option(None, help="use the first N seeds 2021, 2022, ... instead"),
+    models: str | None = typer.Option(None, help="comma-separated model labels to keep"),
+    epochs: int | None = typer.Option(None, help="override max epochs"),
 ):
     """Run several models × seeds on one dataset: results.json, results.md (mean ± std, paired t-tests), plots."""
-    from sampletok.train.experiment import Experiment, compare as do_compare
+    from sampletok.train.experiment import Experiment
+    from sampletok.train.experiment import compare as do_compare
 
     exp = Experiment.from_yaml(config)
-    if seeds:
+    if seeds is not None:
+        if seeds < 1:
+            raise ConfigError(f"--seeds: must be at least 1 (got {seeds})")
         exp = exp.model_copy(update={"seeds": [2021 + i for i in range(seeds)]})
-    if models:
-        keep = models.split(",")
+    if models is not None:
+        keep = [m.strip() for m in models.split(",") if m.strip()]
+        labels = [m.display for m in exp.models]
+        unknown = [m for m in keep if m not in labels]
+        if unknown or not keep:
+            raise ConfigError(
+                f"--models: no model labelled {', '.join(unknown) or repr(models)} in {config} "
+                f"(labels: {', '.join(labels)})"
+            )
         exp = exp.model_copy(update={"models": [m for m in exp.models if m.display in keep]})
-        if not exp.models:
-            raise SampletokError(f"no model labelled {keep} in {config}")
-    if epochs:
-        exp = exp.model_copy(update={"train": exp.train.model_copy(update={"max_epochs": epochs})})
+    if epochs is not None:
+        train = validated(
+            type(exp.train), {**exp.train.model_dump(), "max_epochs": epochs}, names={"max_epochs": "--epochs"}
+        )
+        exp = exp.model_copy(update={"train": train})
     do_compare(exp, out or Path("runs") / exp.name)
 
 
@@ -163,8 +229,10 @@ def list_models():
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("runs/demo"), help="output directory"),
-         quick: bool = typer.Option(False, help="smaller data and fewer epochs (for smoke tests)")):
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="output directory"),
+    quick: bool = typer.Option(False, help="smaller data and fewer epochs (for smoke tests)"),
+):
     """End to end on the embedded synthetic default: generate → prepare → train baselines (and IAT, SIF where
     available) → results table and report. No download."""
     from sampletok.demo import run_demo
@@ -176,22 +244,70 @@ iat_app = typer.Typer(no_args_is_help=True, help="IAT: source models and instanc
 app.add_typer(iat_app, name="iat")
 
 
+@iat_app.command("build")
+def iat_build(
+    data: Path = typer.Option(..., help="prepared dataset directory"),
+    store: Path = typer.Option(..., help="token store directory to (re)write"),
+    scheme: str = typer.Option("user", help="temporal | user | user_stream"),
+    param: list[str] | None = typer.Option(None, "--param", "-p", help="IATSourceConfig field key=value"),
+    seed: int = typer.Option(2021),
+):
+    """Train a source model and export every instance's token, time-causally by default (fold k's tokens from
+    the state trained on earlier folds only; `-p export_order=in_sample` for the leaky ablation)."""
+    import torch
+
+    from sampletok.data.prepare import PreparedDataset
+    from sampletok.tokenizers.iat import causal_embeddings, export_to_store, train_source
+
+    ds = PreparedDataset(data).load_into_memory()
+    cfg = _source_config(scheme, _parse_params(param))
+    if cfg.export_order == "causal":
+        emb, model = causal_embeddings(ds, cfg, seed)
+    else:
+        model, emb = train_source(ds, cfg, seed), None
+    st = export_to_store(model, ds, store, embeddings=emb)
+    torch.save(
+        {"config": cfg.model_dump(), "state_dict": model.state_dict(), "dataset": ds.fingerprint},
+        store / "source_model.pt",
+    )
+    console.print(
+        f"exported {len(st):,} {cfg.export_order} instance tokens → {store} (producer "
+        f"{st.meta['producer']}; final source model {store / 'source_model.pt'})",
+        soft_wrap=True,
+    )
+
+
+def _source_config(scheme: str, params: dict):
+    from sampletok.tokenizers.iat import IATSourceConfig
+
+    return validated(
+        IATSourceConfig,
+        {"scheme": scheme, **params},
+        "IAT source config",
+        names={
+            "scheme": "-p scheme" if "scheme" in params else "--scheme",
+            **{k: f"-p {k}" for k in params if k != "scheme"},
+        },
+    )
+
+
 @iat_app.command("fit-source")
 def iat_fit_source(
     data: Path = typer.Option(..., help="prepared dataset directory"),
     out: Path = typer.Option(..., help="where to save the source model (.pt)"),
     scheme: str = typer.Option("user", help="temporal | user | user_stream"),
-    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="IATSourceConfig field key=value"),
+    param: list[str] | None = typer.Option(None, "--param", "-p", help="IATSourceConfig field key=value"),
     seed: int = typer.Option(2021),
 ):
-    """Train an IAT source model on the training window of a prepared dataset."""
+    """Train an IAT source model on the whole training window (for `iat export`: an in-sample export; the
+    time-causal store downstream training should read is `iat build`'s)."""
     import torch
 
     from sampletok.data.prepare import PreparedDataset
-    from sampletok.tokenizers.iat import IATSourceConfig, train_source
+    from sampletok.tokenizers.iat import train_source
 
     ds = PreparedDataset(data).load_into_memory()
-    cfg = IATSourceConfig(scheme=scheme, **_parse_params(param))
+    cfg = _source_config(scheme, _parse_params(param)).model_copy(update={"export_order": "in_sample"})
     model = train_source(ds, cfg, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": cfg.model_dump(), "state_dict": model.state_dict(), "dataset": ds.fingerprint}, out)
@@ -203,9 +319,10 @@ def iat_export(
     data: Path = typer.Option(..., help="prepared dataset directory"),
     model: Path = typer.Option(..., help="source model written by `sampletok iat fit-source`"),
     store: Path = typer.Option(..., help="token store directory to (re)write"),
-    dtype: Optional[str] = typer.Option(None, help="payload dtype: float16 | float32 | int8"),
+    dtype: str | None = typer.Option(None, help="payload dtype: float16 | float32 | int8"),
 ):
-    """Embed every instance with a source model and write the tokens (+ labels) to a token store."""
+    """Embed every instance with one source model (in-sample: training-window tokens come from parameters that
+    saw later labels; use `iat build` for the causal store) and write the tokens (+ labels) to a token store."""
     import torch
 
     from sampletok.data.batches import FeatureLayout
@@ -213,17 +330,31 @@ def iat_export(
     from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, export_to_store
 
     ds = PreparedDataset(data).load_into_memory()
-    saved = torch.load(model, weights_only=False)
+    if not model.is_file():
+        raise ConfigError(f"--model {model}: file not found (write one with `sampletok iat fit-source`)")
+    try:
+        saved = torch.load(model, weights_only=False)
+    except Exception as e:  # not a torch file at all: pickle, zip or EOF errors
+        raise ConfigError(f"--model {model}: not a source model file ({one_line(e)})") from None
+    if not (isinstance(saved, dict) and {"config", "state_dict", "dataset"} <= set(saved)):
+        raise ConfigError(f"--model {model}: not a source model written by `sampletok iat fit-source`")
     if saved.get("dataset") != ds.fingerprint:
-        raise SampletokError(f"{model}: trained on dataset {saved.get('dataset')}, not {ds.fingerprint}")
-    cfg = IATSourceConfig(**{**saved["config"], **({"dtype": dtype} if dtype else {})})
+        raise ConfigError(f"{model}: trained on dataset {saved.get('dataset')}, not {ds.fingerprint}")
+    cfg = validated(
+        IATSourceConfig,
+        {**saved["config"], **({"dtype": dtype} if dtype else {})},
+        "IAT source config",
+        names={"dtype": "--dtype"},
+    )
     src = SourceModel(FeatureLayout.from_dataset(ds), cfg)
     src.load_state_dict(saved["state_dict"])
     st = export_to_store(src, ds, store)
     b = st.bytes_per_instance()
-    console.print(f"exported {len(st):,} instance tokens → {store} "
-                  f"({st.meta['export_instances_per_s']:,.0f} instances/s, {b['payload']:.0f} payload bytes "
-                  f"+ {b['keys'] + b['side']:.0f} key/side bytes per instance, producer {st.meta['producer']})")
+    console.print(
+        f"exported {len(st):,} instance tokens → {store} "
+        f"({st.meta['export_instances_per_s']:,.0f} instances/s, {b['payload']:.0f} payload bytes "
+        f"+ {b['keys'] + b['side']:.0f} key/side bytes per instance, producer {st.meta['producer']})"
+    )
 
 
 sif_app = typer.Typer(no_args_is_help=True, help="SIF: HGAQ sample tokenizer + SIF-Mixer, code export.")
@@ -234,7 +365,7 @@ app.add_typer(sif_app, name="sif")
 def sif_fit(
     data: Path = typer.Option(..., help="prepared dataset directory"),
     out: Path = typer.Option(Path("runs/sif"), help="run directory"),
-    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="SIF parameter key=value (hgaq={...})"),
+    param: list[str] | None = typer.Option(None, "--param", "-p", help="SIF parameter key=value (hgaq={...})"),
     hist_len: int = typer.Option(20, help="history rows L"),
     epochs: int = typer.Option(5),
     seed: int = typer.Option(2021),
@@ -242,11 +373,10 @@ def sif_fit(
     """Jointly train the HGAQ tokenizer and the SIF-Mixer (history quantized on the fly)."""
     from sampletok.data.prepare import PreparedDataset
     from sampletok.train.experiment import ModelSpec, run_model
-    from sampletok.train.trainer import TrainConfig
 
     ds = PreparedDataset(data).load_into_memory()
-    r = run_model(ds, ModelSpec(name="sif", params=_parse_params(param)),
-                  TrainConfig(max_epochs=epochs, hist_len=hist_len), seed, run_dir=out)
+    cfg = _train_config(max_epochs=epochs, hist_len=hist_len)
+    r = run_model(ds, ModelSpec(name="sif", params=_parse_params(param)), cfg, seed, run_dir=out)
     console.print(f"sif: test AUC {r['test']['auc']:.4f} GAUC {r['test']['gauc']:.4f} → {out}")
 
 
@@ -258,29 +388,108 @@ def sif_export(
 ):
     """Frozen export of every instance's HGAQ codes (uint8 T × M) to a token store."""
     from sampletok.data.prepare import PreparedDataset
-    from sampletok.models.sif import export_codes
+    from sampletok.models.sif import SIF, export_codes
     from sampletok.train.experiment import load_trained
 
     ds = PreparedDataset(data).load_into_memory()
     model, _ = load_trained(ds, run)
+    if not isinstance(model, SIF):
+        raise ConfigError(
+            f"--run {run}: holds a '{model.name}' model, not a SIF model (train one with `sampletok sif fit`)"
+        )
     st = export_codes(model.eval(), ds, store)
     b = st.bytes_per_instance()
-    console.print(f"exported codes of {len(st):,} instances → {store} ({st.meta['export_instances_per_s']:,.0f} "
-                  f"instances/s, {b['payload']:.0f} payload bytes per instance, codebook {st.meta['codebook_version']})")
+    console.print(
+        f"exported codes of {len(st):,} instances → {store} ({st.meta['export_instances_per_s']:,.0f} "
+        f"instances/s, {b['payload']:.0f} payload bytes per instance, codebook {st.meta['codebook_version']})"
+    )
     from sampletok.report.codebooks import write_codebook_report
 
-    u = write_codebook_report(np.asarray(st.load_into_memory()._columns()["payload"]), model.cfg.codes, run,
-                              model.tokenizer.sub_tokens)
-    console.print(f"codebook utilization: mean perplexity {u['mean_perplexity']:.1f} of {model.cfg.codes}, "
-                  f"{u['dead_fraction']:.1%} codes unused → {run / 'codebooks.png'}")
+    u = write_codebook_report(
+        np.asarray(st.load_into_memory()._columns()["payload"]), model.cfg.codes, run, model.tokenizer.sub_tokens
+    )
+    console.print(
+        f"codebook utilization: mean perplexity {u['mean_perplexity']:.1f} of {model.cfg.codes}, "
+        f"{u['dead_fraction']:.1%} codes unused → {run / 'codebooks.png'}"
+    )
+
+
+@app.command()
+def report(
+    results: list[Path] = typer.Argument(
+        ..., help="output folder(s) of `sampletok compare` (or their results.json); several are merged"
+    ),
+    reference: str = typer.Option(..., help="label of the model every other is compared with"),
+    against: list[str] | None = typer.Option(None, help="label to compare (repeatable; default: every other)"),
+    metric: str | None = typer.Option(
+        None,
+        help="order the rows by this metric's Δ, best first: auc, gauc or logloss (default: the order of the results)",
+    ),
+    out: Path | None = typer.Option(
+        None, help="markdown file to write (default: pairwise-REFERENCE.md in the first results folder)"
+    ),
+):
+    """Each model vs the reference, paired over the seeds both ran: n, mean Δ and paired-t p of test AUC, GAUC
+    and LogLoss (rows with fewer than 3 paired seeds are marked as indicative)."""
+    import re
+
+    from sampletok.report.tables import load_results, pairwise_rich, pairwise_table
+
+    runs = load_results(results)
+    md = pairwise_table(runs, reference, against or None, metric)
+    console.print(
+        pairwise_rich(runs, reference, against or None, metric, title=f"paired over shared seeds, vs {reference}")
+    )
+    first = results[0] if results[0].is_dir() else results[0].parent
+    path = out or first / f"pairwise-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', reference)}.md"
+    sources = ", ".join(f"`{r}`" for r in results)
+    path.write_text(
+        f"Test metrics paired over the seeds both models ran (`sampletok report`, from {sources}); "
+        f"Δ = model − {reference}, p: two-sided paired t-test.\n\n{md}\n"
+    )
+    console.print(f"→ {path}")
+
+
+def _print_error(message: str) -> None:
+    """``error: message`` on stderr as exactly one line, whatever the terminal width (no wrapping, no markup)."""
+    from rich.text import Text
+
+    Console(stderr=True, soft_wrap=True).print(Text.assemble(("error:", "red"), " ", one_line(message)))
 
 
 def main() -> None:
+    import importlib
+
+    from pydantic import ValidationError
+
+    try:  # typer >= 0.2x vendors click; older typer runs on the click package
+        click_errors = importlib.import_module("typer._click.exceptions")
+    except ImportError:  # pragma: no cover
+        click_errors = importlib.import_module("click.exceptions")
+    ClickException = click_errors.ClickException
+    NoArgsIsHelpError = getattr(click_errors, "NoArgsIsHelpError", ())  # click < 8.2 has none
+
     try:
-        app()
+        code = app(standalone_mode=False)
     except SampletokError as e:
-        Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False)
+        _print_error(str(e))
         sys.exit(2)
+    except ValidationError as e:  # a configuration not validated where it was built: still one line
+        _print_error(
+            f"invalid {e.title}: {validation_message(e, names=_TRAIN_FLAGS if e.title == 'TrainConfig' else None)}"
+        )
+        sys.exit(2)
+    except NoArgsIsHelpError as e:  # the help was printed already (as typer does in standalone mode)
+        sys.exit(e.exit_code)
+    except ClickException as e:  # usage errors (missing option, bad value, unknown command): one line too
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _print_error(e.format_message() + hint)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        _print_error("aborted")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

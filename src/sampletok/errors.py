@@ -1,4 +1,5 @@
 """Errors a user can act on. The CLI prints them as one line; nothing else is caught."""
+
 from __future__ import annotations
 
 
@@ -59,8 +60,14 @@ def validation_message(e, prefix: str = "", names: dict[str, str] | None = None)
     return "; ".join(parts)
 
 
-def validated(cls, data, where: str | None = None, prefix: str = "", names: dict[str, str] | None = None,
-              error: type[SampletokError] = ConfigError):
+def validated(
+    cls,
+    data,
+    where: str | None = None,
+    prefix: str = "",
+    names: dict[str, str] | None = None,
+    error: type[SampletokError] = ConfigError,
+):
     """``cls.model_validate(data)``, a pydantic ValidationError turned into one-line ``error`` (ConfigError):
     ``where: field: message; ...``."""
     from pydantic import ValidationError

@@ -14,6 +14,7 @@ Example:
     >>> [f.name for f in schema.fields_of_group("item")]
     ['iid']
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,7 +26,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sampletok.errors import SchemaError
+from sampletok.errors import SchemaError, yaml_message
 
 GROUPS: tuple[str, ...] = ("user", "item", "context", "cross")
 
@@ -95,7 +96,7 @@ class Schema(_Strict):
     allow_extra_columns: bool = False
 
     @model_validator(mode="after")
-    def _check_references(self) -> "Schema":
+    def _check_references(self) -> Schema:
         names = [f.name for f in self.features]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -164,18 +165,25 @@ class Schema(_Strict):
 
     # ------------------------------------------------------------------ io
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "Schema":
+    def from_yaml(cls, path: str | Path) -> Schema:
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             raise SchemaError(f"{path}: schema file not found") from None
+        except OSError as e:
+            raise SchemaError(f"{path}: cannot read the schema file: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise SchemaError(f"{path}: not valid YAML: {e}") from None
+            raise SchemaError(f"{path}: not valid YAML: {yaml_message(e)}") from None
+        if not isinstance(data, dict):
+            raise SchemaError(
+                f"{path}: a schema must be a YAML mapping (name, user, timestamp, labels, features), "
+                f"got {'an empty file' if data is None else type(data).__name__}"
+            )
         return cls.from_dict(data, origin=str(path))
 
     @classmethod
-    def from_dict(cls, data: dict, origin: str = "<dict>") -> "Schema":
+    def from_dict(cls, data: dict, origin: str = "<dict>") -> Schema:
         try:
             return cls.model_validate(data)
         except ValidationError as e:

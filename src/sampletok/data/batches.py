@@ -5,10 +5,11 @@ same user strictly before the request time, from :class:`~sampletok.data.history
 declare nothing special: they read the parts they need. Building a batch is a handful of NumPy gathers,
 no per-sample Python.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,20 +36,24 @@ class FeatureLayout:
     features: list[FeatureField] | None = None  # every field in schema order (SIF sub-token assignment)
 
     @classmethod
-    def from_dataset(cls, ds: PreparedDataset) -> "FeatureLayout":
+    def from_dataset(cls, ds: PreparedDataset) -> FeatureLayout:
         s: Schema = ds.schema
         cat = [f for f in s.features if f.type != FieldType.multi_categorical and f.is_categorical_like]
         multi = [f for f in s.features if f.type == FieldType.multi_categorical]
         num = [f for f in s.features if not f.is_categorical_like]
         seq = s.sequence.fields if s.sequence else []
         return cls(
-            cat_fields=cat, multi_fields=multi, num_fields=num,
+            cat_fields=cat,
+            multi_fields=multi,
+            num_fields=num,
             vocab_sizes={f.name: ds.vocab_size(f.name) for f in s.features if f.is_categorical_like},
-            task_labels=s.task_labels, all_labels=s.label_names,
+            task_labels=s.task_labels,
+            all_labels=s.label_names,
             seq_cat=[f for f in seq if s.field(f).type == FieldType.categorical],
             seq_multi=[f for f in seq if s.field(f).type == FieldType.multi_categorical],
             multi_len=max([f.max_len for f in multi], default=1),
-            groups={f.name: f.group for f in s.features}, features=list(s.features),
+            groups={f.name: f.group for f in s.features},
+            features=list(s.features),
         )
 
     @property
@@ -87,7 +92,7 @@ class Batch:
         known = self.hist_label_mask.to(self.hist_labels.dtype)
         return torch.cat([self.hist_labels * known, known], dim=-1)
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 
     def __len__(self) -> int:
@@ -107,9 +112,18 @@ class BatchLoader:
             embedding is trained; ``build`` alone never replaces.
     """
 
-    def __init__(self, ds: PreparedDataset, rows: np.ndarray, batch_size: int = 1024, hist_len: int | None = None,
-                 shuffle: bool = False, seed: int = 0, index: HistoryIndex | None = None,
-                 layout: FeatureLayout | None = None, oov_rate: float = 0.0):
+    def __init__(
+        self,
+        ds: PreparedDataset,
+        rows: np.ndarray,
+        batch_size: int = 1024,
+        hist_len: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        index: HistoryIndex | None = None,
+        layout: FeatureLayout | None = None,
+        oov_rate: float = 0.0,
+    ):
         self.ds, self.rows = ds, np.asarray(rows, dtype=np.int64)
         self.oov_rate = oov_rate
         self.layout = layout or FeatureLayout.from_dataset(ds)
@@ -135,14 +149,16 @@ class BatchLoader:
         # the sequence fields alone, plus an all-padding row n that empty history positions point at: one
         # gather per batch builds the history, with no per-field selection or masking pass
         self._seq_cat = np.concatenate([self._cat[:, seq_cat_idx], np.zeros((1, len(seq_cat_idx)), np.int32)])
-        self._seq_multi = np.concatenate([self._multi[:, seq_multi_idx],
-                                          np.zeros((1, len(seq_multi_idx), lay.multi_len), np.int32)])
+        self._seq_multi = np.concatenate(
+            [self._multi[:, seq_multi_idx], np.zeros((1, len(seq_multi_idx), lay.multi_len), np.int32)]
+        )
         self._user = np.asarray(ds.col("_user_key"))
         self._ts = np.asarray(ds.col("_ts"))
         # OOV code per column (0 = never replaced: bucketized numerics have no unseen values)
         true_cat = [f.type == FieldType.categorical for f in lay.cat_fields]
-        self._cat_oov = np.array([lay.vocab_sizes[f.name] - 1 if c else 0 for f, c in zip(lay.cat_fields, true_cat)],
-                                 np.int64)
+        self._cat_oov = np.array(
+            [lay.vocab_sizes[f.name] - 1 if c else 0 for f, c in zip(lay.cat_fields, true_cat, strict=True)], np.int64
+        )
         self._multi_oov = np.array([lay.vocab_sizes[f.name] - 1 for f in lay.multi_fields], np.int64)
         self._seq_cat_oov, self._seq_multi_oov = self._cat_oov[seq_cat_idx], self._multi_oov[seq_multi_idx]
 
@@ -158,18 +174,23 @@ class BatchLoader:
             rows = rows[np.random.default_rng(self.seed * 100_003 + self.epoch).permutation(len(rows))]
         oov_rng = np.random.default_rng(self.seed * 100_019 + self.epoch) if self.oov_rate > 0 else None
         for start in range(0, len(rows), self.batch_size):
-            batch = self.build(rows[start:start + self.batch_size])
+            batch = self.build(rows[start : start + self.batch_size])
             yield self._replace_by_oov(batch, oov_rng) if oov_rng is not None else batch
 
     def _replace_by_oov(self, b: Batch, rng: np.random.Generator) -> Batch:
         """Each present categorical value → its field's OOV code with probability ``oov_rate``."""
-        for name, oov, field_axis in (("cat", self._cat_oov, 1), ("multi", self._multi_oov, 2),
-                                      ("hist_cat", self._seq_cat_oov, 1), ("hist_multi", self._seq_multi_oov, 2)):
+        for name, oov, field_axis in (
+            ("cat", self._cat_oov, 1),
+            ("multi", self._multi_oov, 2),
+            ("hist_cat", self._seq_cat_oov, 1),
+            ("hist_multi", self._seq_multi_oov, 2),
+        ):
             setattr(b, name, torch.from_numpy(self._swap_last_axes(getattr(b, name).numpy(), oov, rng, field_axis)))
         return b
 
-    def _swap_last_axes(self, x: np.ndarray, oov: np.ndarray, rng: np.random.Generator, field_axis_from_end: int
-                        ) -> np.ndarray:
+    def _swap_last_axes(
+        self, x: np.ndarray, oov: np.ndarray, rng: np.random.Generator, field_axis_from_end: int
+    ) -> np.ndarray:
         """``x`` with its fields on axis ``-field_axis_from_end``; padding (0) and OOV-less fields stay."""
         shape = [1] * x.ndim
         shape[x.ndim - field_axis_from_end] = len(oov)
@@ -188,12 +209,20 @@ class BatchLoader:
         hist_labels = self._all_labels[np.where(h.mask, h.rows, 0)] * h.label_mask
         t = torch.from_numpy
         return Batch(
-            cat=t(self._cat[rows].astype(np.int64)), multi=t(self._multi[rows].astype(np.int64)),
-            num=t(self._num[rows]), labels=t(self._labels[rows]),
-            hist_cat=t(hist_cat.astype(np.int64)), hist_multi=t(hist_multi.astype(np.int64)),
-            hist_mask=t(h.mask), hist_gap=t(h.gap), hist_rows=t(h.rows),
-            hist_labels=t(hist_labels.astype(np.float32)), hist_label_mask=t(h.label_mask),
-            user=t(users.astype(np.int64)), ts=t(ts.astype(np.int64)), rows=t(rows),
+            cat=t(self._cat[rows].astype(np.int64)),
+            multi=t(self._multi[rows].astype(np.int64)),
+            num=t(self._num[rows]),
+            labels=t(self._labels[rows]),
+            hist_cat=t(hist_cat.astype(np.int64)),
+            hist_multi=t(hist_multi.astype(np.int64)),
+            hist_mask=t(h.mask),
+            hist_gap=t(h.gap),
+            hist_rows=t(h.rows),
+            hist_labels=t(hist_labels.astype(np.float32)),
+            hist_label_mask=t(h.label_mask),
+            user=t(users.astype(np.int64)),
+            ts=t(ts.astype(np.int64)),
+            rows=t(rows),
         )
 
 

@@ -15,11 +15,14 @@ Example:
     >>> h.rows.tolist(), h.mask.tolist()
     ([[-1, -1, 0]], [[False, False, True]])
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from sampletok.errors import DataError
 
 
 @dataclass
@@ -60,11 +63,18 @@ class HistoryIndex:
         self._ts_min = int(ts.min()) if self.n_rows else 0
         ts_span = (int(ts.max()) - self._ts_min + 2) if self.n_rows else 2
         if (len(self._users) + 1) * ts_span >= 2**62:
-            raise ValueError("timestamp span × users too large for the composite key; rescale timestamps")
+            raise DataError(
+                "timestamps",
+                f"span {ts_span - 2} × {len(self._users)} users is too large for the "
+                "history index (must stay below 2^62); rescale the timestamp column (e.g. to seconds)",
+            )
         self._span = ts_span
         self._key = self._user_rank.astype(np.int64) * ts_span + (self.sorted_ts - self._ts_min)
-        starts = np.flatnonzero(np.r_[True, self.sorted_user[1:] != self.sorted_user[:-1]]) if self.n_rows else \
-            np.zeros(0, dtype=np.int64)
+        starts = (
+            np.flatnonzero(np.r_[True, self.sorted_user[1:] != self.sorted_user[:-1]])
+            if self.n_rows
+            else np.zeros(0, dtype=np.int64)
+        )
         self._user_start = starts
 
     def _positions(self, users: np.ndarray, request_ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,8 +83,11 @@ class HistoryIndex:
         request_ts = np.asarray(request_ts, dtype=np.int64)
         rank = np.searchsorted(self._users, users)
         rank_c = np.minimum(rank, max(len(self._users) - 1, 0))
-        known = (rank < len(self._users)) & (self._users[rank_c] == users) if len(self._users) else \
-            np.zeros(len(users), dtype=bool)
+        known = (
+            (rank < len(self._users)) & (self._users[rank_c] == users)
+            if len(self._users)
+            else np.zeros(len(users), dtype=bool)
+        )
         rel = np.clip(request_ts - self._ts_min, 0, self._span - 1)
         end = np.searchsorted(self._key, rank_c * self._span + rel, side="left")
         start = self._user_start[rank_c] if len(self._users) else np.zeros(len(users), dtype=np.int64)
@@ -92,8 +105,9 @@ class HistoryIndex:
         mask = offs[None, :] >= -length[:, None]
         if self.n_rows == 0:
             zeros = np.zeros((b, n), np.float32)
-            return History(np.full((b, n), -1, np.int64), mask, zeros, np.zeros((b, n, len(self.label_delay)), bool),
-                           length)
+            return History(
+                np.full((b, n), -1, np.int64), mask, zeros, np.zeros((b, n, len(self.label_delay)), bool), length
+            )
         pos = end[:, None] + offs[None, :]
         np.maximum(pos, 0, out=pos)
         rows = self.order[pos]
@@ -114,8 +128,9 @@ class HistoryIndex:
         return end - start
 
 
-def fetch_reference(user: np.ndarray, ts: np.ndarray, label_delay: list[int], users: np.ndarray,
-                    request_ts: np.ndarray, n: int) -> History:
+def fetch_reference(
+    user: np.ndarray, ts: np.ndarray, label_delay: list[int], users: np.ndarray, request_ts: np.ndarray, n: int
+) -> History:
     """Plain, obviously-correct loop over requests (the reference the fast path is tested against)."""
     user, ts = np.asarray(user), np.asarray(ts)
     b, n_labels = len(users), len(label_delay)
@@ -124,7 +139,7 @@ def fetch_reference(user: np.ndarray, ts: np.ndarray, label_delay: list[int], us
     gap = np.zeros((b, n), dtype=np.float32)
     label_mask = np.zeros((b, n, n_labels), dtype=bool)
     length = np.zeros(b, dtype=np.int64)
-    for i, (u, t) in enumerate(zip(users, request_ts)):
+    for i, (u, t) in enumerate(zip(users, request_ts, strict=True)):
         past = [r for r in range(len(ts)) if user[r] == u and ts[r] < t]
         past.sort(key=lambda r: (ts[r], r))
         past = past[-n:] if n else []

@@ -10,6 +10,7 @@ Three streaming passes over the source, each holding one chunk at a time (plus p
 Everything is written to a temporary directory that is renamed into place at the end, so a crash never leaves a
 half-written dataset. Re-preparation is skipped when the source, schema and split are unchanged.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import cast
 
 import numpy as np
 import polars as pl
@@ -47,7 +48,7 @@ class SplitSpec(BaseModel):
     cut_ts: tuple[int, int] | None = None
 
     @model_validator(mode="after")
-    def _sum(self) -> "SplitSpec":
+    def _sum(self) -> SplitSpec:
         if self.cut_ts is None and not math.isclose(self.train + self.valid + self.test, 1.0, abs_tol=1e-6):
             raise ValueError("train + valid + test must be 1")
         if self.cut_ts is not None and self.cut_ts[0] > self.cut_ts[1]:
@@ -68,8 +69,8 @@ def assign_splits(ts: np.ndarray, spec: SplitSpec) -> np.ndarray:
     n_train = int(round(n * spec.train))
     n_valid = int(round(n * spec.valid))
     out[order[:n_train]] = 0
-    out[order[n_train:n_train + n_valid]] = 1
-    out[order[n_train + n_valid:]] = 2
+    out[order[n_train : n_train + n_valid]] = 1
+    out[order[n_train + n_valid :]] = 2
     return out
 
 
@@ -108,7 +109,8 @@ def parse_timestamp(chunk: RawChunk, column: str, unit: str) -> np.ndarray:
         arr = s.to_numpy()
         bad = ~np.isfinite(arr) | (arr != np.floor(arr))
         if bad.any():
-            raise DataError(chunk.origin, f"timestamp {arr[bad][0]!r} is not a whole number", column, _where(chunk, bad))
+            msg = f"timestamp {arr[bad][0]!r} is not a whole number"
+            raise DataError(chunk.origin, msg, column, _where(chunk, bad))
         return arr.astype(np.int64)
     if s.dtype.is_integer():
         return s.cast(pl.Int64).to_numpy()
@@ -183,8 +185,12 @@ def _check_finite(chunk: RawChunk, f: FeatureField, x: np.ndarray) -> np.ndarray
     bad = ~np.isfinite(x)
     if bad.any():
         if f.nan_policy == "error":
-            raise DataError(chunk.origin, f"missing or non-finite value {x[bad][0]!r} (nan_policy: fill fills it)",
-                            f.name, _where(chunk, bad))
+            raise DataError(
+                chunk.origin,
+                f"missing or non-finite value {x[bad][0]!r} (nan_policy: fill fills it)",
+                f.name,
+                _where(chunk, bad),
+            )
         x = np.where(bad, f.fill_value, x)
     return x
 
@@ -204,9 +210,16 @@ class PreparedDataset:
         manifest = self.root / "manifest.json"
         if not manifest.exists():
             raise DataError(str(self.root), "not a prepared dataset (no manifest.json); run `sampletok prepare`")
-        self.manifest = json.loads(manifest.read_text())
-        self.schema = Schema.model_validate(self.manifest["schema"])
-        self.stats = {k: FieldStats(**v) for k, v in self.manifest["fields"].items()}
+        try:
+            self.manifest = json.loads(manifest.read_text())
+            self.schema = Schema.model_validate(self.manifest["schema"])
+            self.stats = {k: FieldStats(**v) for k, v in self.manifest["fields"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON, pydantic and shape errors
+            raise DataError(
+                str(manifest),
+                f"unreadable manifest ({type(e).__name__}: {e}); prepare the dataset "
+                "again with `sampletok prepare --force`",
+            ) from None
         self._cols: dict[str, np.ndarray] = {}
 
     def col(self, name: str) -> np.ndarray:
@@ -214,7 +227,7 @@ class PreparedDataset:
             self._cols[name] = np.load(self.root / "columns" / f"{name}.npy", mmap_mode="r")
         return self._cols[name]
 
-    def load_into_memory(self) -> "PreparedDataset":
+    def load_into_memory(self) -> PreparedDataset:
         """Replace memory maps by RAM arrays (faster random gathers for small datasets)."""
         for name in self.manifest["columns"]:
             self._cols[name] = np.ascontiguousarray(self.col(name))
@@ -259,8 +272,16 @@ class PreparedDataset:
 
 
 def _source_key(source: RawSource, schema: Schema, split: SplitSpec) -> str:
-    payload = json.dumps({"v": PREP_VERSION, "src": source.fingerprint(), "schema": schema.fingerprint(),
-                          "split": split.model_dump(mode="json"), "polars": pl.__version__}, sort_keys=True)
+    payload = json.dumps(
+        {
+            "v": PREP_VERSION,
+            "src": source.fingerprint(),
+            "schema": schema.fingerprint(),
+            "split": split.model_dump(mode="json"),
+            "polars": pl.__version__,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -274,8 +295,14 @@ def _check_columns(source: RawSource, schema: Schema) -> None:
         raise DataError(source.name, f"unexpected columns {extra} (declare them or set allow_extra_columns: true)")
 
 
-def prepare(source: RawSource, schema: Schema, out_dir: str | Path, split: SplitSpec | None = None,
-            force: bool = False, progress: bool = True) -> PreparedDataset:
+def prepare(
+    source: RawSource,
+    schema: Schema,
+    out_dir: str | Path,
+    split: SplitSpec | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> PreparedDataset:
     """Encode ``source`` under ``schema`` into ``out_dir`` (skipped if already prepared from the same inputs)."""
     from tqdm.auto import tqdm
 
@@ -289,6 +316,17 @@ def prepare(source: RawSource, schema: Schema, out_dir: str | Path, split: Split
                 return PreparedDataset(out_dir)
         except json.JSONDecodeError:
             pass
+    # the output is replaced whole at the end: never a file or a folder that is not a prepared dataset
+    if (
+        out_dir.exists()
+        and not (out_dir / "manifest.json").exists()
+        and (not out_dir.is_dir() or any(out_dir.iterdir()))
+    ):
+        raise DataError(
+            str(out_dir),
+            "exists and is not a prepared dataset (no manifest.json), so it is not "
+            "replaced; prepare into a new or empty folder",
+        )
     t0 = time.time()
     bar = tqdm(desc=f"prepare {schema.name}", unit="pass", total=3, disable=None if progress else True)
 
@@ -307,14 +345,18 @@ def prepare(source: RawSource, schema: Schema, out_dir: str | Path, split: Split
         if schema.instance_id:
             iid_s = as_str(chunk, schema.instance_id)
             if iid_s.null_count():
-                raise DataError(chunk.origin, "null instance id", schema.instance_id,
-                                _where(chunk, iid_s.is_null().to_numpy()))
+                raise DataError(
+                    chunk.origin, "null instance id", schema.instance_id, _where(chunk, iid_s.is_null().to_numpy())
+                )
         else:
             parts = [u, pl.Series(ts).cast(pl.Utf8)]
             if schema.item:
                 parts.insert(1, as_str(chunk, schema.item).fill_null(""))
-            iid_s = pl.DataFrame({f"k{i}": p for i, p in enumerate(parts)}).select(
-                pl.concat_str(pl.all(), separator="\x1f")).to_series()
+            iid_s = (
+                pl.DataFrame({f"k{i}": p for i, p in enumerate(parts)})
+                .select(pl.concat_str(pl.all(), separator="\x1f"))
+                .to_series()
+            )
         iid = iid_s.hash(seed=20260422).reinterpret(signed=True).to_numpy()
         users.append(u)
         ts_parts.append(ts)
@@ -341,7 +383,7 @@ def prepare(source: RawSource, schema: Schema, out_dir: str | Path, split: Split
     offset = 0
     for chunk in source.iter_chunks(feat_cols):
         h = chunk.frame.height
-        train = split_code[offset:offset + h] == 0
+        train = split_code[offset : offset + h] == 0
         offset += h
         if not train.any():
             continue
@@ -361,7 +403,8 @@ def prepare(source: RawSource, schema: Schema, out_dir: str | Path, split: Split
             else:
                 vals = _list_cells(chunk, f).filter(pl.Series(train)).list.head(f.max_len).explode().drop_nulls()
             vc = vals.value_counts()
-            acc.counts.setdefault(f.name, Counter()).update(dict(zip(vc[:, 0].to_list(), vc[:, 1].to_list())))
+            seen = dict(zip(vc[:, 0].to_list(), vc[:, 1].to_list(), strict=True))
+            acc.counts.setdefault(f.name, Counter()).update(seen)
     stats: dict[str, FieldStats] = {}
     for f in schema.features:
         if f.type == FieldType.numeric:
@@ -392,7 +435,7 @@ def prepare(source: RawSource, schema: Schema, out_dir: str | Path, split: Split
         arrays["_ts"][:] = ts_all
         arrays["_instance_id"][:] = iid_all
         arrays["_split"][:] = split_code
-        lookup = {f.name: _vocab_frame(stats[f.name]) for f in schema.features if stats[f.name].vocab is not None}
+        lookup = {f.name: _vocab_frame(v) for f in schema.features if (v := stats[f.name].vocab) is not None}
         offset = 0
         label_cols = [l.name for l in schema.labels]
         for chunk in source.iter_chunks(label_cols + feat_cols):
@@ -418,22 +461,29 @@ def prepare(source: RawSource, schema: Schema, out_dir: str | Path, split: Split
                 elif f.type == FieldType.categorical:
                     arrays[f"cat__{f.name}"][sl] = _encode(as_str(chunk, f.name), lookup[f.name], st.vocab_size - 1)
                 else:
-                    arrays[f"multi__{f.name}"][sl] = _encode_lists(_list_cells(chunk, f), lookup[f.name],
-                                                                  st.vocab_size - 1, f.max_len)
+                    arrays[f"multi__{f.name}"][sl] = _encode_lists(
+                        _list_cells(chunk, f), lookup[f.name], st.vocab_size - 1, f.max_len
+                    )
         for a in arrays.values():
             a.flush()
         del arrays
         checksums = {p.stem: _sha256(p) for p in sorted((tmp / "columns").glob("*.npy"))}
         tr = ts_all[split_code == 0]
         manifest = {
-            "key": key, "prep_version": PREP_VERSION, "schema": schema.model_dump(mode="json"),
-            "schema_hash": schema.fingerprint(), "source": source.name, "n_rows": n, "n_users": n_users,
+            "key": key,
+            "prep_version": PREP_VERSION,
+            "schema": schema.model_dump(mode="json"),
+            "schema_hash": schema.fingerprint(),
+            "source": source.name,
+            "n_rows": n,
+            "n_users": n_users,
             "time_range": [int(ts_all.min()), int(ts_all.max())],
             "train_time_range": [int(tr.min()), int(tr.max())] if len(tr) else None,
             "split": split.model_dump(mode="json"),
             "split_rows": {name: int((split_code == i).sum()) for i, name in enumerate(SPLIT_NAMES)},
             "fields": {k: v.__dict__ for k, v in stats.items()},
-            "columns": checksums, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "columns": checksums,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.time() - t0, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -474,8 +524,12 @@ def _open_outputs(folder: Path, schema: Schema, n: int) -> dict[str, np.memmap]:
     def mm(name: str, dtype, shape) -> np.memmap:
         return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
 
-    out = {"_user_key": mm("_user_key", np.int64, (n,)), "_ts": mm("_ts", np.int64, (n,)),
-           "_instance_id": mm("_instance_id", np.int64, (n,)), "_split": mm("_split", np.int8, (n,))}
+    out = {
+        "_user_key": mm("_user_key", np.int64, (n,)),
+        "_ts": mm("_ts", np.int64, (n,)),
+        "_instance_id": mm("_instance_id", np.int64, (n,)),
+        "_split": mm("_split", np.int8, (n,)),
+    }
     for lab in schema.labels:
         out[f"label__{lab.name}"] = mm(f"label__{lab.name}", np.float32, (n,))
     for f in schema.features:
@@ -488,9 +542,10 @@ def _open_outputs(folder: Path, schema: Schema, n: int) -> dict[str, np.memmap]:
     return out
 
 
-def _vocab_frame(st: FieldStats) -> pl.DataFrame:
-    return pl.DataFrame({"value": pl.Series(st.vocab, dtype=pl.Utf8),
-                         "code": pl.Series(np.arange(1, len(st.vocab) + 1, dtype=np.int32))})
+def _vocab_frame(vocab: list[str]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"value": pl.Series(vocab, dtype=pl.Utf8), "code": pl.Series(np.arange(1, len(vocab) + 1, dtype=np.int32))}
+    )
 
 
 def _encode(values: pl.Series, vocab: pl.DataFrame, oov: int) -> np.ndarray:
@@ -512,7 +567,8 @@ def _encode_lists(cells: pl.Series, vocab: pl.DataFrame, oov: int, max_len: int)
     offsets = offsets - offsets[0]
     lens = np.diff(offsets)
     lens[np.asarray(arr.is_null())] = 0
-    flat = pl.from_arrow(arr.flatten()) if len(arr.flatten()) else pl.Series([], dtype=pl.Utf8)
+    # an Arrow array (not a table) converts to a Series
+    flat = cast(pl.Series, pl.from_arrow(arr.flatten())) if len(arr.flatten()) else pl.Series([], dtype=pl.Utf8)
     flat_codes = _encode(flat.cast(pl.Utf8), vocab, oov)
     row = np.repeat(np.arange(n), lens)
     pos = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)

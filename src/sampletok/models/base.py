@@ -1,9 +1,10 @@
 """What every ranking model shares: the output contract and the registry."""
+
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -24,11 +25,15 @@ class RankingModel(nn.Module):
     """Base class: ``forward(batch) -> ModelOutput``. Subclasses are registered by name."""
 
     name: str = ""
+    calibration: torch.Tensor  # [2] buffer (a, b), see __init__
 
     def __init__(self, layout: FeatureLayout):
         super().__init__()
         self.layout = layout
         self.n_tasks = len(layout.task_labels)
+        # score = sigmoid(a * logit + b) at prediction time: Platt scaling fitted on the validation split
+        # (identity unless ``TrainConfig.calibrate``); monotone, so AUC and GAUC are unchanged
+        self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
 
     def forward(self, batch: Batch) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -88,12 +93,16 @@ def _checked_params(name: str, cls: type, params: dict) -> dict:
     if not params:
         return params
     try:
-        hints = typing.get_type_hints(cls.__init__)
+        init = next(vars(c)["__init__"] for c in cls.__mro__ if "__init__" in vars(c))
+        hints = typing.get_type_hints(init)
+        fields: dict[str, typing.Any] = {k: (hints.get(k, typing.Any), ...) for k in params}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            checker = create_model(f"{name} parameters", __config__=ConfigDict(
-                arbitrary_types_allowed=True, protected_namespaces=()),
-                **{k: (hints.get(k, typing.Any), ...) for k in params})
+            checker = create_model(
+                f"{name} parameters",
+                __config__=ConfigDict(arbitrary_types_allowed=True, protected_namespaces=()),
+                **fields,
+            )
     except Exception:  # an annotation pydantic cannot build a validator for: the constructor checks
         return params
     try:

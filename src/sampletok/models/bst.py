@@ -1,6 +1,9 @@
 """BST (Chen et al., 2019): a Transformer over the history items and the target item (with recency
 encodings); the target position's output joins the field embeddings in an MLP."""
+
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -13,15 +16,25 @@ from sampletok.nn.layers import RecencyEncoding, key_padding_mask
 
 @register("bst")
 class BST(RankingModel):
-    def __init__(self, layout: FeatureLayout, embed_dim: int = 16, layers: int = 1, heads: int = 2,
-                 hidden: list[int] = (256, 128, 64), dropout: float = 0.1, extra_dim: int = 0):
+    def __init__(
+        self,
+        layout: FeatureLayout,
+        embed_dim: int = 16,
+        layers: int = 1,
+        heads: int = 2,
+        hidden: Sequence[int] = (256, 128, 64),
+        dropout: float = 0.1,
+        extra_dim: int = 0,
+    ):
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         d = self.embed.seq_dim
         self.recency = RecencyEncoding(d)
         self.target_pos = nn.Parameter(torch.zeros(d))
         self.blocks = nn.ModuleList(TransformerBlock(d, heads) for _ in range(layers))
-        self.mlp = MLP(self.embed.n_tokens * embed_dim + d + extra_dim, list(hidden), out_dim=self.n_tasks, dropout=dropout)
+        self.mlp = MLP(
+            self.embed.n_tokens * embed_dim + d + extra_dim, list(hidden), out_dim=self.n_tasks, dropout=dropout
+        )
 
     def forward(self, batch: Batch) -> ModelOutput:
         return ModelOutput(self.predict_from(self.feature_input(batch)))

@@ -1,5 +1,8 @@
 """DCNv2 (Wang et al., 2021): cross network and DNN in parallel over the same input (fields + pooled history)."""
+
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,8 +15,14 @@ from sampletok.nn.layers import masked_mean
 
 @register("dcnv2")
 class DCNv2(RankingModel):
-    def __init__(self, layout: FeatureLayout, embed_dim: int = 16, cross_layers: int = 3,
-                 hidden: list[int] = (256, 128, 64), dropout: float = 0.1):
+    def __init__(
+        self,
+        layout: FeatureLayout,
+        embed_dim: int = 16,
+        cross_layers: int = 3,
+        hidden: Sequence[int] = (256, 128, 64),
+        dropout: float = 0.1,
+    ):
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         self.use_history = bool(layout.seq_cat or layout.seq_multi)

@@ -16,7 +16,10 @@ Example:
     >>> model(BatchLoader(ds, rows, 4, hist_len=8).build(rows)).logits.shape
     torch.Size([4, 1])
 """
+
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -28,9 +31,16 @@ from sampletok.nn import MLP, FeatureEmbedding, TargetAttention
 
 @register("din")
 class DIN(RankingModel):
-    def __init__(self, layout: FeatureLayout, embed_dim: int = 16, hidden: list[int] = (256, 128, 64),
-                 attention_hidden: list[int] = (64, 32), dropout: float = 0.1, extra_dim: int = 0,
-                 history_labels: bool = False):
+    def __init__(
+        self,
+        layout: FeatureLayout,
+        embed_dim: int = 16,
+        hidden: Sequence[int] = (256, 128, 64),
+        attention_hidden: Sequence[int] = (64, 32),
+        dropout: float = 0.1,
+        extra_dim: int = 0,
+        history_labels: bool = False,
+    ):
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         self.label_side = nn.Linear(2 * len(layout.all_labels), self.embed.seq_dim) if history_labels else None

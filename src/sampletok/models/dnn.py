@@ -1,5 +1,8 @@
 """DNN: every field embedding plus the mean of the history item embeddings → MLP."""
+
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -11,8 +14,14 @@ from sampletok.nn.layers import masked_mean
 
 @register("dnn")
 class DNN(RankingModel):
-    def __init__(self, layout: FeatureLayout, embed_dim: int = 16, hidden: list[int] = (256, 128, 64),
-                 dropout: float = 0.1, use_history: bool = True):
+    def __init__(
+        self,
+        layout: FeatureLayout,
+        embed_dim: int = 16,
+        hidden: Sequence[int] = (256, 128, 64),
+        dropout: float = 0.1,
+        use_history: bool = True,
+    ):
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         self.use_history = use_history and bool(layout.seq_cat or layout.seq_multi)

@@ -13,18 +13,18 @@ per (dataset, source config, seed) and cached, or read from ``store`` when given
 time-causal (``source: {export_order: causal}``): no token a training request reads was made by parameters
 that saw that request's label or a later one.
 """
+
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
-import numpy as np
 import torch
 from torch import nn
 
 from sampletok.data.batches import Batch, FeatureLayout
 from sampletok.errors import ConfigError
 from sampletok.models.base import ModelOutput, RankingModel, build_model, register
-from sampletok.nn import MLP, TargetAttention, TransformerBlock
+from sampletok.nn import MLP, FeatureEmbedding, TargetAttention, TransformerBlock
 from sampletok.nn.layers import RecencyEncoding, key_padding_mask
 from sampletok.store import LocalTokenStore
 from sampletok.tokenizers.iat import IATSourceConfig, build_or_load_store
@@ -32,14 +32,38 @@ from sampletok.tokenizers.iat import IATSourceConfig, build_or_load_store
 BASES = ("din", "bst", "rankmixer")
 
 
+class _Base(Protocol):
+    """What IAT reads of its base model (one of BASES): field embeddings and the interaction block's input."""
+
+    embed: FeatureEmbedding
+
+    def feature_input(self, batch: Batch) -> torch.Tensor: ...
+
+    def predict_from(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 @register("iat")
 class IAT(RankingModel):
-    def __init__(self, layout: FeatureLayout, base: str = "din", base_params: dict[str, Any] | None = None,
-                 source: dict[str, Any] | None = None, store: str | None = None, length: int = 256,
-                 token_dim: int = 64, side_dim: int = 64, side_info: bool = True,
-                 query: Literal["compressed", "id"] = "compressed", seq_model: Literal["transformer", "din"] = "transformer",
-                 placement: Literal["before", "after"] = "before", out_dim: int = 32, heads: int = 2,
-                 encoder_layers: int = 1, ffn_mult: int = 4, cache_dir: str = "runs/iat-cache"):
+    def __init__(
+        self,
+        layout: FeatureLayout,
+        base: str = "din",
+        base_params: dict[str, Any] | None = None,
+        source: dict[str, Any] | None = None,
+        store: str | None = None,
+        length: int = 256,
+        token_dim: int = 64,
+        side_dim: int = 64,
+        side_info: bool = True,
+        query: Literal["compressed", "id"] = "compressed",
+        seq_model: Literal["transformer", "din"] = "transformer",
+        placement: Literal["before", "after"] = "before",
+        out_dim: int = 32,
+        heads: int = 2,
+        encoder_layers: int = 1,
+        ffn_mult: int = 4,
+        cache_dir: str = "runs/iat-cache",
+    ):
         super().__init__(layout)
         if base not in BASES:
             raise ConfigError(f"IAT base must be one of {BASES}, got '{base}'")
@@ -47,8 +71,8 @@ class IAT(RankingModel):
         self.store_path, self.cache_dir = store, cache_dir
         self.length, self.side_info, self.query_kind = length, side_info, query
         self.seq_kind, self.placement = seq_model, placement
-        self.base = build_model(base, layout, **{**(base_params or {}),
-                                                 "extra_dim": out_dim if placement == "before" else 0})
+        params = {**(base_params or {}), "extra_dim": out_dim if placement == "before" else 0}
+        self.base = cast(_Base, build_model(base, layout, **params))
         d_tok = token_dim + (side_dim if side_info else 0)
         self.adapt = MLP(self.source_cfg.emb_dim, [token_dim], out_dim=token_dim)
         n_labels = len(layout.all_labels)
@@ -73,8 +97,10 @@ class IAT(RankingModel):
         if self.store_path:
             self.store = LocalTokenStore.open(self.store_path)
             if self.store.meta.get("dataset") != ds.fingerprint:
-                raise ConfigError(f"{self.store_path}: store was exported for dataset {self.store.meta.get('dataset')}"
-                                  f", not {ds.fingerprint}")
+                raise ConfigError(
+                    f"{self.store_path}: store was exported for dataset {self.store.meta.get('dataset')}"
+                    f", not {ds.fingerprint}"
+                )
         else:
             self.store = build_or_load_store(ds, self.source_cfg, seed, self.cache_dir, progress, build=build)
         if self.store.meta.get("kind") != "iat" or self.store.meta["payload_shape"] != [self.source_cfg.emb_dim]:

@@ -1,7 +1,10 @@
 """OneTrans-style unified Transformer (Zhang et al., 2025): history items (sequential tokens) and every
 non-sequential field (one token each) in one stack. Sequential tokens attend causally among themselves;
 non-sequential tokens attend to all valid history and to each other. Output: mean of non-sequential tokens."""
+
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -14,13 +17,21 @@ from sampletok.nn.layers import RecencyEncoding
 
 @register("onetrans")
 class OneTrans(RankingModel):
-    def __init__(self, layout: FeatureLayout, embed_dim: int = 16, width: int = 32, layers: int = 2,
-                 heads: int = 2, hidden: list[int] = (64,), dropout: float = 0.1):
+    def __init__(
+        self,
+        layout: FeatureLayout,
+        embed_dim: int = 16,
+        width: int = 32,
+        layers: int = 2,
+        heads: int = 2,
+        hidden: Sequence[int] = (64,),
+        dropout: float = 0.1,
+    ):
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         f = self.embed.n_tokens
         # per-field projections (non-shared, as OneTrans' NS tokenizer), as one batched weight
-        self.ns_proj = nn.Parameter(torch.randn(f, embed_dim, width) / embed_dim ** 0.5)
+        self.ns_proj = nn.Parameter(torch.randn(f, embed_dim, width) / embed_dim**0.5)
         self.ns_bias = nn.Parameter(torch.zeros(f, width))
         self.seq_proj = nn.Linear(self.embed.seq_dim, width)
         self.recency = RecencyEncoding(width)

@@ -1,6 +1,9 @@
 """RankMixer (Zhu et al., 2025): feature tokens (fields + a target-attended history token) are projected into
 T tokens of width D and mixed by parameter-free token mixing and per-token FFNs."""
+
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,8 +15,17 @@ from sampletok.nn import MLP, FeatureEmbedding, RankMixerBlock, TargetAttention
 
 @register("rankmixer")
 class RankMixer(RankingModel):
-    def __init__(self, layout: FeatureLayout, embed_dim: int = 16, tokens: int = 8, width: int = 64,
-                 layers: int = 2, hidden: list[int] = (64,), dropout: float = 0.1, extra_dim: int = 0):
+    def __init__(
+        self,
+        layout: FeatureLayout,
+        embed_dim: int = 16,
+        tokens: int = 8,
+        width: int = 64,
+        layers: int = 2,
+        hidden: Sequence[int] = (64,),
+        dropout: float = 0.1,
+        extra_dim: int = 0,
+    ):
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         self.attention = TargetAttention(self.embed.seq_dim)

@@ -11,8 +11,10 @@ they never influence the target. Loss: BCE + ``vq_weight`` · (commitment + entr
 Model width: the sub-tokens (d0 = 16) are projected up to ``width`` (default 32) before mixing, so 4 heads
 have 8 dimensions each (8 heads on d0 = 16 would leave 2-dim heads).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -69,11 +71,24 @@ class FlatBlock(nn.Module):
 
 @register("sif")
 class SIF(RankingModel):
-    def __init__(self, layout: FeatureLayout, hgaq: dict[str, Any] | None = None, width: int = 32, blocks: int = 4,
-                 heads: int = 4, hidden: list[int] = (64,), mixer: Literal["factored", "flat", "pool"] = "factored",
-                 vq_weight: float = 1.0, align_weight: float = 0.25, store: str | None = None,
-                 history_labels: bool = True, history_fields: list[str] | None = None,
-                 quantize_history: bool = True):
+    history_keep: torch.Tensor | None  # buffer [F] bool: the fields a history row keeps (None: all)
+
+    def __init__(
+        self,
+        layout: FeatureLayout,
+        hgaq: dict[str, Any] | None = None,
+        width: int = 32,
+        blocks: int = 4,
+        heads: int = 4,
+        hidden: Sequence[int] = (64,),
+        mixer: Literal["factored", "flat", "pool"] = "factored",
+        vq_weight: float = 1.0,
+        align_weight: float = 0.25,
+        store: str | None = None,
+        history_labels: bool = True,
+        history_fields: list[str] | None = None,
+        quantize_history: bool = True,
+    ):
         super().__init__(layout)
         self.cfg = validated(HGAQConfig, {} if hgaq is None else hgaq, prefix="hgaq.")
         self.tokenizer = SampleTokenizer(layout, self.cfg)
@@ -94,8 +109,9 @@ class SIF(RankingModel):
         unknown = sorted(set(history_fields or []) - set(names))
         if unknown:
             raise ConfigError(f"history_fields {unknown} are not fields of the schema ({names})")
-        self.register_buffer("history_keep", None if history_fields is None else
-                             torch.tensor([n in history_fields for n in names]))
+        self.register_buffer(
+            "history_keep", None if history_fields is None else torch.tensor([n in history_fields for n in names])
+        )
         self.quantize_history, self.mixer = quantize_history, mixer
         block = FlatBlock if mixer == "flat" else MixerBlock
         self.blocks = nn.ModuleList(block(width, heads) for _ in range(blocks))
@@ -117,8 +133,10 @@ class SIF(RankingModel):
 
     def use_store(self, store: LocalTokenStore) -> None:
         """Read history codes from ``store`` (refused unless its codebook is this model's)."""
-        self.tokenizer.decode(np.zeros((1, self.tokenizer.n_tokens, self.cfg.levels), np.uint8),
-                              version=store.meta.get("codebook_version"))
+        self.tokenizer.decode(
+            np.zeros((1, self.tokenizer.n_tokens, self.cfg.levels), np.uint8),
+            version=store.meta.get("codebook_version"),
+        )
         self.store = store
 
     def _history(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -137,8 +155,7 @@ class SIF(RankingModel):
             f = self.store.fetch(batch.user.numpy(), batch.ts.numpy(), l, dequantize=False)
             if not np.array_equal(f.mask, mask.numpy()):
                 raise ConfigError("the code store does not hold the same history rows as the dataset")
-            out[mask] = self.tokenizer.decode(f.payload[f.mask],
-                                              version=self.store.meta.get("codebook_version"))
+            out[mask] = self.tokenizer.decode(f.payload[f.mask], version=self.store.meta.get("codebook_version"))
             labels = torch.from_numpy(np.concatenate([f.side, f.side_mask.astype(np.float32)], axis=-1))
             return out, labels, {}
         if self._rows is None:
@@ -179,8 +196,9 @@ class SIF(RankingModel):
         return ModelOutput(self.head(h[:, 0].mean(1)), aux)
 
 
-def export_codes(model: SIF, ds, path, batch_size: int = 8192, progress: bool = True,
-                 workers: int | None = 1) -> LocalTokenStore:
+def export_codes(
+    model: SIF, ds, path, batch_size: int = 8192, progress: bool = True, workers: int | None = 1
+) -> LocalTokenStore:
     """Frozen export: every instance's codes [T, M] (+ labels and availability) into a token store.
 
     ``workers=1`` (default) encodes batch after batch with torch's intra-op threads: the [T, 1024, V] distance
@@ -205,12 +223,21 @@ def export_codes(model: SIF, ds, path, batch_size: int = 8192, progress: bool = 
     labels = ds.schema.labels
     ts = np.asarray(ds.col("_ts"))
     dtype = "uint8" if model.cfg.codes <= 256 else "uint16"
-    store = LocalTokenStore.create(path, producer=model.tokenizer.rvq.version(), payload_shape=(t, m),
-                                   label_names=[l.name for l in labels], dtype=dtype, overwrite=True,
-                                   extra_meta={"kind": "sif", "dataset": ds.fingerprint,
-                                               "codebook_version": model.tokenizer.rvq.version(),
-                                               "hgaq": model.cfg.model_dump(),
-                                               "export_instances_per_s": ds.n_rows / max(sec, 1e-9)})
+    store = LocalTokenStore.create(
+        path,
+        producer=model.tokenizer.rvq.version(),
+        payload_shape=(t, m),
+        label_names=[l.name for l in labels],
+        dtype=dtype,
+        overwrite=True,
+        extra_meta={
+            "kind": "sif",
+            "dataset": ds.fingerprint,
+            "codebook_version": model.tokenizer.rvq.version(),
+            "hgaq": model.cfg.model_dump(),
+            "export_instances_per_s": ds.n_rows / max(sec, 1e-9),
+        },
+    )
     side = np.stack([np.asarray(ds.col(f"label__{l.name}")) for l in labels], 1)
     avail = ts[:, None] + np.array(ds.schema.label_delays(), np.int64)[None, :]
     store.append(np.asarray(ds.col("_instance_id")), np.asarray(ds.col("_user_key")), ts, codes, side, avail)

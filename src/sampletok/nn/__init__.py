@@ -1,4 +1,5 @@
 """Layers shared by every model: embeddings, MLP, attention (SDPA), Transformer, RankMixer, DCNv2 cross."""
+
 from sampletok.nn.embedding import FeatureEmbedding
 from sampletok.nn.layers import MLP, CrossNetV2, RankMixerBlock, TargetAttention, TransformerBlock
 

@@ -11,7 +11,10 @@ Example:
     >>> emb.embed_items(torch.tensor([[[1], [2]]]), torch.zeros(1, 2, 0, 1, dtype=torch.long)).shape
     torch.Size([1, 2, 4])
 """
+
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +50,11 @@ class _Tables(nn.ModuleDict):
     def _k(name: str) -> str:
         return "f_" + name.replace(".", "__")
 
-    def __init__(self, tables: dict[str, nn.Module]):
+    def __init__(self, tables: dict[str, nn.Embedding]):
         super().__init__({self._k(k): v for k, v in tables.items()})
 
-    def __getitem__(self, name: str) -> nn.Module:
-        return super().__getitem__(self._k(name))
+    def __getitem__(self, name: str) -> nn.Embedding:
+        return cast(nn.Embedding, super().__getitem__(self._k(name)))
 
 
 class FeatureEmbedding(nn.Module):
@@ -61,13 +64,15 @@ class FeatureEmbedding(nn.Module):
     def __init__(self, layout: FeatureLayout, dim: int = 16):
         super().__init__()
         self.layout, self.dim = layout, dim
-        self.tables = _Tables({
+        tables = {
             f.name: nn.Embedding(layout.vocab_sizes[f.name], dim, padding_idx=0)
-            for f in layout.cat_fields + layout.multi_fields})
-        for t in self.tables.values():
+            for f in layout.cat_fields + layout.multi_fields
+        }
+        for t in tables.values():
             nn.init.normal_(t.weight, std=0.01)
             with torch.no_grad():
                 t.weight[0].zero_()
+        self.tables = _Tables(tables)
         n_num = len(layout.num_fields)
         self.num_weight = nn.Parameter(torch.randn(n_num, dim) * 0.01)
         self.num_bias = nn.Parameter(torch.zeros(n_num, dim))

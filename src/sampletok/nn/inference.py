@@ -15,11 +15,12 @@ Example:
     >>> out[:, 0].tolist()
     [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 import torch
@@ -34,8 +35,14 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def map_row_batches(fn: Callable[[np.ndarray], None], n_rows: int, batch_size: int, workers: int | None = None,
-                    progress: bool = True, desc: str = "batches") -> None:
+def map_row_batches(
+    fn: Callable[[np.ndarray], None],
+    n_rows: int,
+    batch_size: int,
+    workers: int | None = None,
+    progress: bool = True,
+    desc: str = "batches",
+) -> None:
     """Call ``fn(rows)`` for consecutive row batches [0, batch_size), [batch_size, 2·batch_size), ... on
     ``workers`` threads, each in inference mode with one torch intra-op thread; ``fn`` writes its result into
     disjoint rows of a preallocated output. The process-wide torch thread count is restored afterwards."""

@@ -1,18 +1,29 @@
 """Building blocks. Attention always goes through ``torch.nn.functional.scaled_dot_product_attention``."""
+
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sampletok.errors import ConfigError
+
 
 class MLP(nn.Sequential):
     """Linear → activation → dropout stacks; ``out_dim`` adds a final linear layer without activation."""
 
-    def __init__(self, in_dim: int, hidden: list[int], out_dim: int | None = None, dropout: float = 0.0,
-                 activation: type[nn.Module] = nn.ReLU, batch_norm: bool = False):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: list[int],
+        out_dim: int | None = None,
+        dropout: float = 0.0,
+        activation: type[nn.Module] = nn.ReLU,
+        batch_norm: bool = False,
+    ):
         layers: list[nn.Module] = []
         d = in_dim
         for h in hidden:
@@ -46,7 +57,7 @@ class TargetAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """query [B, d], keys [B, n, d], mask [B, n] → [B, d]."""
-        first = self.score[0]
+        first = cast(nn.Linear, self.score[0])
         wq, wk, wd, wp = first.weight.split(self.dim, dim=1)  # each [h, d]
         per_request = (wk - wd).t() + query.unsqueeze(-1) * wp.t()  # [B, d, h]
         h = torch.baddbmm(F.linear(query, wq + wd, first.bias).unsqueeze(1), keys, per_request)  # [B, n, h]
@@ -68,15 +79,16 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} not divisible by heads {heads}")
+        if heads < 1 or dim % heads:
+            raise ConfigError(f"attention width {dim} is not divisible by heads {heads}: change the heads (or width)")
         self.heads, self.dropout = heads, dropout
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         context = x if context is None else context
         b, lq, d = x.shape
         lk = context.shape[1]
@@ -87,8 +99,9 @@ class MultiHeadAttention(nn.Module):
             attn_mask = None  # nothing masked: SDPA's unmasked kernels are faster
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.out(y.transpose(1, 2).reshape(b, lq, d))
 
 
@@ -106,8 +119,9 @@ class TransformerBlock(nn.Module):
         self.attn = MultiHeadAttention(dim, heads)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = self.norm1(x)
         x = x + self.attn(h, None if context is None else self.norm1(context), attn_mask)
         return x + self.ffn(self.norm2(x))
@@ -129,8 +143,8 @@ class RankMixerBlock(nn.Module):
 
     def __init__(self, n_tokens: int, dim: int, ffn_mult: int = 4, dropout: float = 0.0):
         super().__init__()
-        if dim % n_tokens:
-            raise ValueError(f"RankMixer width {dim} must be divisible by the token count {n_tokens}")
+        if n_tokens < 1 or dim % n_tokens:
+            raise ConfigError(f"RankMixer width {dim} must be divisible by the token count {n_tokens}")
         self.t, self.d = n_tokens, dim
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         # per-token FFN weights: [T, d, k*d] and [T, k*d, d]

@@ -12,6 +12,7 @@ Example::
     >>> write_codebook_report(codes, 16, Path(tempfile.mkdtemp()))["mean_perplexity"] > 15
     True
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ def codebook_utilization(codes: np.ndarray, n_codes: int) -> dict[str, np.ndarra
     return {"perplexity": np.exp(entropy), "dead_codes": (counts == 0).sum(-1)}
 
 
-def write_codebook_report(codes: np.ndarray, n_codes: int, out_dir: Path,
-                          sub_tokens: list[list[str]] | None = None) -> dict:
+def write_codebook_report(
+    codes: np.ndarray, n_codes: int, out_dir: Path, sub_tokens: list[list[str]] | None = None
+) -> dict:
     """Write ``codebooks.json`` and ``codebooks.png`` (perplexity and dead codes per sub-token and level)."""
     import matplotlib
 
@@ -43,17 +45,24 @@ def write_codebook_report(codes: np.ndarray, n_codes: int, out_dir: Path,
 
     u = codebook_utilization(codes, n_codes)
     t, m = u["perplexity"].shape
-    summary = {"n_codes": n_codes, "n_samples": int(len(codes)), "perplexity": u["perplexity"].round(2).tolist(),
-               "dead_codes": u["dead_codes"].tolist(), "mean_perplexity": float(u["perplexity"].mean()),
-               "dead_fraction": float(u["dead_codes"].sum() / (t * m * n_codes)), "sub_tokens": sub_tokens}
+    summary = {
+        "n_codes": n_codes,
+        "n_samples": int(len(codes)),
+        "perplexity": u["perplexity"].round(2).tolist(),
+        "dead_codes": u["dead_codes"].tolist(),
+        "mean_perplexity": float(u["perplexity"].mean()),
+        "dead_fraction": float(u["dead_codes"].sum() / (t * m * n_codes)),
+        "sub_tokens": sub_tokens,
+    }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "codebooks.json").write_text(json.dumps(summary, indent=1))
-    labels = [f"{i}: {', '.join(s)[:28]}" if sub_tokens else str(i) for i, s in
-              enumerate(sub_tokens or [[]] * t)]
+    labels = [f"{i}: {', '.join(s)[:28]}" if sub_tokens else str(i) for i, s in enumerate(sub_tokens or [[]] * t)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 1.2 + 0.45 * t))
-    for ax, key, title, vmax in ((axes[0], "perplexity", f"perplexity (max {n_codes})", n_codes),
-                                 (axes[1], "dead_codes", "unused codes", n_codes)):
+    for ax, key, title, vmax in (
+        (axes[0], "perplexity", f"perplexity (max {n_codes})", n_codes),
+        (axes[1], "dead_codes", "unused codes", n_codes),
+    ):
         im = ax.imshow(u[key], aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
         for (i, j), v in np.ndenumerate(u[key]):
             ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="w" if v < vmax / 2 else "k", fontsize=8)

@@ -1,9 +1,12 @@
 """Result tables (mean ± std over seeds), paired t-tests against a reference model, and plots."""
+
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.table import Table
@@ -11,8 +14,13 @@ from scipy import stats
 
 from sampletok.errors import ConfigError
 
-METRICS = [("test", "auc", "AUC", True), ("test", "gauc", "GAUC", True), ("test", "logloss", "LogLoss", False),
-           ("test_seen_users", "auc", "AUC seen", True), ("test_seen_users", "gauc", "GAUC seen", True)]
+METRICS = [
+    ("test", "auc", "AUC", True),
+    ("test", "gauc", "GAUC", True),
+    ("test", "logloss", "LogLoss", False),
+    ("test_seen_users", "auc", "AUC seen", True),
+    ("test_seen_users", "gauc", "GAUC seen", True),
+]
 
 
 def _by_model(runs: list[dict]) -> dict[str, dict[int, dict]]:
@@ -22,8 +30,9 @@ def _by_model(runs: list[dict]) -> dict[str, dict[int, dict]]:
     return out
 
 
-def paired_ttest(runs: list[dict], model: str, reference: str, part: str = "test", metric: str = "auc"
-                 ) -> tuple[float, float, int]:
+def paired_ttest(
+    runs: list[dict], model: str, reference: str, part: str = "test", metric: str = "auc"
+) -> tuple[float, float, int]:
     """(mean difference model − reference, two-sided p of a paired t-test over shared seeds, n seeds)."""
     by = _by_model(runs)
     seeds = sorted(set(by[model]) & set(by[reference]))
@@ -62,7 +71,7 @@ def summary_rows(runs: list[dict], reference: str) -> list[dict]:
     rows = []
     for model, per_seed in by.items():
         rs = list(per_seed.values())
-        row = {"model": model, "seeds": len(rs), "tests": {}}
+        row: dict[str, Any] = {"model": model, "seeds": len(rs), "tests": {}}
         for part, key, label, _ in METRICS:
             v = np.array([r[part][key] for r in rs])
             row[label] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
@@ -96,8 +105,9 @@ def markdown_table(runs: list[dict], reference: str) -> str:
     and ΔAUC/p when significant (p < 0.05, >= 3 paired seeds); rows with fewer paired seeds are marked †."""
     rows = summary_rows(runs, reference)
     bold = _best_significant(rows)
-    heads = (["model", "seeds"] + [m[2] for m in METRICS]
-             + ["ΔAUC vs ref", "p", "train samples/s", "best epoch", "params"])
+    heads = (
+        ["model", "seeds"] + [m[2] for m in METRICS] + ["ΔAUC vs ref", "p", "train samples/s", "best epoch", "params"]
+    )
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     marked = False
     for r in rows:
@@ -125,10 +135,13 @@ def rich_table(runs: list[dict], reference: str, title: str = "") -> Table:
         t.add_column(h, justify="left" if h == "model" else "right")
     for r in rows:
         few = "ΔAUC vs ref" in r and r["paired seeds"] < MIN_SEEDS
-        t.add_row(r["model"], *[f"{r[k][0]:.4f}±{r[k][1]:.4f}" for k in ("AUC", "GAUC", "LogLoss", "AUC seen")],
-                  f"{r['ΔAUC vs ref']:+.4f}" if "ΔAUC vs ref" in r else "ref",
-                  (_fmt_p(r["p"]) if "p" in r else "") + (INDICATIVE if few else ""),
-                  f"{r['train samples/s']:,.0f}")
+        t.add_row(
+            r["model"],
+            *[f"{r[k][0]:.4f}±{r[k][1]:.4f}" for k in ("AUC", "GAUC", "LogLoss", "AUC seen")],
+            f"{r['ΔAUC vs ref']:+.4f}" if "ΔAUC vs ref" in r else "ref",
+            (_fmt_p(r["p"]) if "p" in r else "") + (INDICATIVE if few else ""),
+            f"{r['train samples/s']:,.0f}",
+        )
     if any("ΔAUC vs ref" in r and r["paired seeds"] < MIN_SEEDS for r in rows):
         t.caption = INDICATIVE_NOTE
     return t
@@ -138,7 +151,7 @@ def rich_table(runs: list[dict], reference: str, title: str = "") -> Table:
 PAIRWISE_METRICS = [("auc", "AUC", True), ("gauc", "GAUC", True), ("logloss", "LogLoss", False)]
 
 
-def load_results(paths: list[str | Path]) -> list[dict]:
+def load_results(paths: Sequence[str | Path]) -> list[dict]:
     """The runs of one or more ``results.json`` files written by ``compare`` (a directory or the file itself),
     merged. A (label, seed) in two files must be the same run (same test metrics); anything else is an error."""
     runs: dict[tuple[str, int], tuple[dict, Path]] = {}
@@ -155,8 +168,10 @@ def load_results(paths: list[str | Path]) -> list[dict]:
         for r in file_runs:
             key = (r["model"], int(r["seed"]))
             if key in runs and not _same_results(runs[key][0], r):
-                raise ConfigError(f"run '{key[0]}' seed {key[1]} has different results in {runs[key][1]} and "
-                                  f"{path}: give the runs distinct labels")
+                raise ConfigError(
+                    f"run '{key[0]}' seed {key[1]} has different results in {runs[key][1]} and "
+                    f"{path}: give the runs distinct labels"
+                )
             runs.setdefault(key, (r, path))
     datasets = {r["dataset"] for r, _ in runs.values() if "dataset" in r}
     if len(datasets) > 1:
@@ -168,16 +183,18 @@ def _same_results(a: dict, b: dict) -> bool:
     return all(a.get(part) == b.get(part) for part in ("test", "test_seen_users", "valid"))
 
 
-def pairwise_rows(runs: list[dict], reference: str, against: list[str] | None = None,
-                  metric: str | None = None) -> list[dict]:
+def pairwise_rows(
+    runs: list[dict], reference: str, against: list[str] | None = None, metric: str | None = None
+) -> list[dict]:
     """Each model (``against``, default every other) vs ``reference``, paired over their shared seeds: n and,
     per metric, (mean Δ model − reference, two-sided paired-t p). ``metric`` orders the rows by its Δ, best
     first (default: the order of the runs)."""
     labels = list(_by_model(runs))
     unknown = [m for m in [reference, *(against or [])] if m not in labels]
     if unknown:
-        raise ConfigError(f"no runs labelled {', '.join(repr(m) for m in unknown)}; the results have: "
-                          f"{', '.join(labels)}")
+        raise ConfigError(
+            f"no runs labelled {', '.join(repr(m) for m in unknown)}; the results have: {', '.join(labels)}"
+        )
     if metric is not None and metric not in {k for k, _, _ in PAIRWISE_METRICS}:
         raise ConfigError(f"unknown metric '{metric}'; use one of auc, gauc, logloss")
     rows = []
@@ -193,8 +210,9 @@ def pairwise_rows(runs: list[dict], reference: str, against: list[str] | None = 
     return rows
 
 
-def pairwise_table(runs: list[dict], reference: str, against: list[str] | None = None,
-                   metric: str | None = None) -> str:
+def pairwise_table(
+    runs: list[dict], reference: str, against: list[str] | None = None, metric: str | None = None
+) -> str:
     """Markdown of :func:`pairwise_rows`: Δ and p bold when significant (p < 0.05 over >= 3 paired seeds);
     rows with fewer paired seeds are marked † after every p and explained under the table."""
     rows = pairwise_rows(runs, reference, against, metric)
@@ -206,16 +224,19 @@ def pairwise_table(runs: list[dict], reference: str, against: list[str] | None =
         for _, label, _ in PAIRWISE_METRICS:
             d, p = r[label]
             sig = significant(p, r["n"])
-            cells += [_bold("" if np.isnan(d) else f"{d:+.4f}", sig),
-                      _bold(_fmt_p(p), sig) + (INDICATIVE if few else "")]
+            cells += [
+                _bold("" if np.isnan(d) else f"{d:+.4f}", sig),
+                _bold(_fmt_p(p), sig) + (INDICATIVE if few else ""),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     if any(r["n"] < MIN_SEEDS for r in rows):
         lines += ["", INDICATIVE_NOTE]
     return "\n".join(lines)
 
 
-def pairwise_rich(runs: list[dict], reference: str, against: list[str] | None = None,
-                  metric: str | None = None, title: str = "") -> Table:
+def pairwise_rich(
+    runs: list[dict], reference: str, against: list[str] | None = None, metric: str | None = None, title: str = ""
+) -> Table:
     """The same comparison as :func:`pairwise_table`, as a rich table for the terminal."""
     t = Table(title=title)
     for h in ["comparison", "seeds"] + [h for _, lab, _ in PAIRWISE_METRICS for h in (f"Δ{lab}", "p")]:
@@ -227,8 +248,10 @@ def pairwise_rich(runs: list[dict], reference: str, against: list[str] | None = 
         for _, label, _ in PAIRWISE_METRICS:
             d, p = r[label]
             style = "bold" if significant(p, r["n"]) else ""
-            cells += [f"[{style}]{d:+.4f}[/]" if style else ("" if np.isnan(d) else f"{d:+.4f}"),
-                      (f"[{style}]{_fmt_p(p)}[/]" if style else _fmt_p(p)) + few]
+            cells += [
+                f"[{style}]{d:+.4f}[/]" if style else ("" if np.isnan(d) else f"{d:+.4f}"),
+                (f"[{style}]{_fmt_p(p)}[/]" if style else _fmt_p(p)) + few,
+            ]
         t.add_row(*cells)
     if any(r["n"] < MIN_SEEDS for r in rows):
         t.caption = INDICATIVE_NOTE
@@ -244,7 +267,8 @@ def plot_results(runs: list[dict], path: Path, title: str = "") -> None:
     by = _by_model(runs)
     models = list(by)
     fig, axes = plt.subplots(1, 3, figsize=(4 + 1.3 * len(models), 4))
-    for ax, (key, label) in zip(axes, [("auc", "test AUC"), ("gauc", "test GAUC"), ("logloss", "test LogLoss")]):
+    panels = [("auc", "test AUC"), ("gauc", "test GAUC"), ("logloss", "test LogLoss")]
+    for ax, (key, label) in zip(axes, panels, strict=True):
         vals = [[r["test"][key] for r in by[m].values()] for m in models]
         means = [np.mean(v) for v in vals]
         ax.bar(range(len(models)), means, yerr=[np.std(v) for v in vals], capsize=3, color="#4c72b0")
@@ -264,11 +288,13 @@ def plot_results(runs: list[dict], path: Path, title: str = "") -> None:
 def write_report(runs: list[dict], out_dir: Path, reference: str, title: str = "") -> Table:
     md = markdown_table(runs, reference)
     seeds = sorted({r["seed"] for r in runs})
-    text = (f"# {title}\n\nSeeds: {seeds}. Mean ± sample std over seeds; p: two-sided paired t-test of test AUC "
-            f"against `{reference}` over the same seeds. 'seen' = test rows of users with training events. "
-            f"Bold: significant against the reference (p < {ALPHA} over >= {MIN_SEEDS} paired seeds; for a "
-            f"metric column, the best mean of the column).\n\n"
-            f"{md}\n\n![results](results.png)\n")
+    text = (
+        f"# {title}\n\nSeeds: {seeds}. Mean ± sample std over seeds; p: two-sided paired t-test of test AUC "
+        f"against `{reference}` over the same seeds. 'seen' = test rows of users with training events. "
+        f"Bold: significant against the reference (p < {ALPHA} over >= {MIN_SEEDS} paired seeds; for a "
+        f"metric column, the best mean of the column).\n\n"
+        f"{md}\n\n![results](results.png)\n"
+    )
     (out_dir / "results.md").write_text(text)
     plot_results(runs, out_dir / "results.png", title)
     return rich_table(runs, reference, title)

@@ -3,6 +3,7 @@
 ``LocalTokenStore`` (a directory of memory-mapped segments) is the embedded default; another backend
 (e.g. Redis) implements the same ``append`` / ``fetch`` / ``meta`` surface.
 """
+
 from sampletok.store.local import Fetched, LocalTokenStore
 
 __all__ = ["Fetched", "LocalTokenStore"]

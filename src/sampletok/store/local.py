@@ -34,6 +34,7 @@ Example:
     >>> LocalTokenStore.open(store.root).fetch(np.array([7]), np.array([20]), n=2).payload.tolist()
     [[[0.0, 0.0], [1.0, 2.0]]]
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -42,18 +43,25 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import cast
 
 import numpy as np
 
 from sampletok.data.history import HistoryIndex
 from sampletok.errors import StoreError
 
-PAYLOAD_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8, "uint8": np.uint8,
-                  "uint16": np.uint16, "int16": np.int16}
+PAYLOAD_DTYPES = {
+    "float16": np.float16,
+    "float32": np.float32,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "uint16": np.uint16,
+    "int16": np.int16,
+}
 STORE_FORMAT = 1
 
 
@@ -94,8 +102,14 @@ class LocalTokenStore:
     ``on_before_commit`` is called after a write's segments are on disk and before ``CURRENT`` switches (tests
     inject a crash there)."""
 
-    def __init__(self, root: Path, manifest: dict, manifest_name: str, staged: bool = False,
-                 on_before_commit: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        manifest: dict,
+        manifest_name: str,
+        staged: bool = False,
+        on_before_commit: Callable[[], None] | None = None,
+    ):
         self.root, self.manifest, self.manifest_name = root, manifest, manifest_name
         self.staged = staged
         self.on_before_commit = on_before_commit
@@ -104,9 +118,17 @@ class LocalTokenStore:
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def create(cls, root: str | Path, producer: str, payload_shape: tuple[int, ...], label_names: list[str],
-               dtype: str = "float16", extra_meta: dict | None = None, overwrite: bool = False,
-               on_before_commit: Callable[[], None] | None = None) -> "LocalTokenStore":
+    def create(
+        cls,
+        root: str | Path,
+        producer: str,
+        payload_shape: tuple[int, ...],
+        label_names: list[str],
+        dtype: str = "float16",
+        extra_meta: dict | None = None,
+        overwrite: bool = False,
+        on_before_commit: Callable[[], None] | None = None,
+    ) -> LocalTokenStore:
         """A new store, staged: appends write segments that become visible only at :meth:`commit`."""
         root = Path(root)
         if dtype not in PAYLOAD_DTYPES:
@@ -114,14 +136,23 @@ class LocalTokenStore:
         if (root / "CURRENT").exists() and not overwrite:
             raise StoreError(f"{root}: a token store already exists (pass overwrite=True to replace it)")
         (root / "segments").mkdir(parents=True, exist_ok=True)
-        meta = {"format": STORE_FORMAT, "producer": producer, "payload_shape": list(payload_shape),
-                "dtype": dtype, "labels": list(label_names), "created_at": time.time(), **(extra_meta or {})}
-        return cls(root, {"meta": meta, "segments": [], "version": 0}, "", staged=True,
-                   on_before_commit=on_before_commit)
+        meta = {
+            "format": STORE_FORMAT,
+            "producer": producer,
+            "payload_shape": list(payload_shape),
+            "dtype": dtype,
+            "labels": list(label_names),
+            "created_at": time.time(),
+            **(extra_meta or {}),
+        }
+        return cls(
+            root, {"meta": meta, "segments": [], "version": 0}, "", staged=True, on_before_commit=on_before_commit
+        )
 
     @classmethod
-    def open(cls, root: str | Path, expect_producer: str | None = None,
-             on_before_commit: Callable[[], None] | None = None) -> "LocalTokenStore":
+    def open(
+        cls, root: str | Path, expect_producer: str | None = None, on_before_commit: Callable[[], None] | None = None
+    ) -> LocalTokenStore:
         """The committed version of a store, its segments memory-mapped now (see the module docstring)."""
         root = Path(root)
         name, manifest = _read_current(root)
@@ -134,8 +165,10 @@ class LocalTokenStore:
     def check_producer(self, expected: str) -> None:
         got = self.meta["producer"]
         if got != expected:
-            raise StoreError(f"{self.root}: tokens were written by producer {got}, but the model expects "
-                             f"{expected}; re-export the store with the matching model")
+            raise StoreError(
+                f"{self.root}: tokens were written by producer {got}, but the model expects "
+                f"{expected}; re-export the store with the matching model"
+            )
 
     @property
     def meta(self) -> dict:
@@ -201,8 +234,15 @@ class LocalTokenStore:
                 shutil.rmtree(self.root / "segments" / seg, ignore_errors=True)
 
     # ------------------------------------------------------------------ writes
-    def append(self, instance_id: np.ndarray, user: np.ndarray, ts: np.ndarray, payload: np.ndarray,
-               side: np.ndarray | None = None, avail: np.ndarray | None = None) -> None:
+    def append(
+        self,
+        instance_id: np.ndarray,
+        user: np.ndarray,
+        ts: np.ndarray,
+        payload: np.ndarray,
+        side: np.ndarray | None = None,
+        avail: np.ndarray | None = None,
+    ) -> None:
         """Add instances. ``payload`` [k, *payload_shape] (float, quantized to the store dtype, or codes);
         ``side`` [k, A] label values; ``avail`` [k, A] the time each label becomes known. On a committed store
         the append is committed at once (a new version); on a staged one it waits for :meth:`commit`."""
@@ -213,10 +253,18 @@ class LocalTokenStore:
         if payload.shape != (k, *shape):
             raise StoreError(f"{self.root}: payload shape {payload.shape} is not ({k}, {', '.join(map(str, shape))})")
         side = np.zeros((k, a), np.float32) if side is None else np.asarray(side, np.float32).reshape(k, a)
-        avail = np.broadcast_to(np.asarray(ts, np.int64)[:, None], (k, a)) if avail is None else \
-            np.asarray(avail, np.int64).reshape(k, a)
-        arrays = {"instance_id": np.asarray(instance_id, np.int64), "user": np.asarray(user, np.int64),
-                  "ts": np.asarray(ts, np.int64), "side": side, "avail": np.ascontiguousarray(avail)}
+        avail = (
+            np.broadcast_to(np.asarray(ts, np.int64)[:, None], (k, a))
+            if avail is None
+            else np.asarray(avail, np.int64).reshape(k, a)
+        )
+        arrays: dict[str, np.ndarray] = {
+            "instance_id": np.asarray(instance_id, np.int64),
+            "user": np.asarray(user, np.int64),
+            "ts": np.asarray(ts, np.int64),
+            "side": side,
+            "avail": np.ascontiguousarray(avail),
+        }
         arrays.update(self._encode_payload(payload))
         name = self._write_segment(arrays)
         if self.staged:
@@ -226,8 +274,9 @@ class LocalTokenStore:
         with self._locked():
             # another process may have committed since we opened: build on what is current now
             current, latest = _read_current(self.root)
-            self._publish({**latest, "segments": latest["segments"] + [name], "version": latest["version"] + 1},
-                          replaces=current)
+            self._publish(
+                {**latest, "segments": latest["segments"] + [name], "version": latest["version"] + 1}, replaces=current
+            )
 
     def _encode_payload(self, payload: np.ndarray) -> dict[str, np.ndarray]:
         dt = self.meta["dtype"]
@@ -238,7 +287,7 @@ class LocalTokenStore:
             q = np.clip(np.rint(flat / scale[:, None]), -127, 127).astype(np.int8)
             return {"payload": q.reshape(payload.shape), "scale": scale.astype(np.float32)}
         if dt in ("uint8", "uint16", "int16"):
-            info = np.iinfo(PAYLOAD_DTYPES[dt])
+            info = np.iinfo(cast("type[np.integer]", PAYLOAD_DTYPES[dt]))
             if payload.size and (payload.min() < info.min or payload.max() > info.max):
                 raise StoreError(f"{self.root}: codes out of range for {dt}")
             return {"payload": payload.astype(PAYLOAD_DTYPES[dt])}
@@ -303,7 +352,7 @@ class LocalTokenStore:
             self._index = HistoryIndex(np.asarray(c["user"]), np.asarray(c["ts"]))
         return self._index
 
-    def load_into_memory(self) -> "LocalTokenStore":
+    def load_into_memory(self) -> LocalTokenStore:
         self._cache = {k: np.ascontiguousarray(v) for k, v in self._columns().items()}
         return self
 
@@ -313,12 +362,16 @@ class LocalTokenStore:
         before_ts = np.asarray(before_ts, np.int64)
         if len(c["ts"]) == 0:
             h = HistoryIndex(np.zeros(1, np.int64), np.full(1, np.iinfo(np.int64).max // 4)).fetch(
-                np.asarray(users), before_ts, n)
+                np.asarray(users), before_ts, n
+            )
         else:
             h = self.index.fetch(np.asarray(users), before_ts, n)
         safe = np.where(h.mask, h.rows, 0)
-        payload = c["payload"][safe] if len(c["ts"]) else np.zeros((len(users), n, *self.meta["payload_shape"]),
-                                                                     self.payload_dtype)
+        payload = (
+            c["payload"][safe]
+            if len(c["ts"])
+            else np.zeros((len(users), n, *self.meta["payload_shape"]), self.payload_dtype)
+        )
         if dequantize and self.meta["dtype"] in ("float16", "float32", "int8"):
             payload = payload.astype(np.float32)
             if self.meta["dtype"] == "int8":
@@ -367,10 +420,14 @@ def _load_segments(root: Path, segments: list[str], meta: dict) -> dict[str, lis
     if not parts:
         shape = tuple(meta["payload_shape"])
         a = len(meta["labels"])
-        parts = {"instance_id": [np.zeros(0, np.int64)], "user": [np.zeros(0, np.int64)],
-                 "ts": [np.zeros(0, np.int64)], "side": [np.zeros((0, a), np.float32)],
-                 "avail": [np.zeros((0, a), np.int64)],
-                 "payload": [np.zeros((0, *shape), PAYLOAD_DTYPES[meta["dtype"]])]}
+        parts = {
+            "instance_id": [np.zeros(0, np.int64)],
+            "user": [np.zeros(0, np.int64)],
+            "ts": [np.zeros(0, np.int64)],
+            "side": [np.zeros((0, a), np.float32)],
+            "avail": [np.zeros((0, a), np.int64)],
+            "payload": [np.zeros((0, *shape), PAYLOAD_DTYPES[meta["dtype"]])],
+        }
         if meta["dtype"] == "int8":
             parts["scale"] = [np.zeros(0, np.float32)]
     return parts

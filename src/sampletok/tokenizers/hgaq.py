@@ -20,6 +20,7 @@ Example:
     >>> [len(t) for t in assign_sub_tokens(s, fields_per_token=2)]
     [2, 2, 1]
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sampletok.data.batches import Batch, FeatureLayout
-from sampletok.errors import StoreError
+from sampletok.errors import ConfigError, StoreError
 from sampletok.nn import MLP, FeatureEmbedding
 from sampletok.schema import GROUPS, Schema
 
@@ -66,7 +67,11 @@ def assign_sub_tokens(schema: Schema | list, fields_per_token: int) -> list[list
         for f in fields:
             if f.sub_token is not None:
                 if f.sub_token >= k:
-                    raise ValueError(f"field '{f.name}' pinned to sub-token {f.sub_token}, group '{g}' has {k}")
+                    raise ConfigError(
+                        f"schema field '{f.name}' pinned to sub-token {f.sub_token}, group '{g}' has "
+                        f"{k} (fields_per_token {fields_per_token}): lower its sub_token or "
+                        "hgaq.fields_per_token"
+                    )
                 slots[f.sub_token].append(f.name)
         free = [f.name for f in fields if f.sub_token is None]
         for name in free:  # fill the emptiest slot first, in order: sub-tokens of about B fields
@@ -77,6 +82,12 @@ def assign_sub_tokens(schema: Schema | list, fields_per_token: int) -> list[list
 
 class ResidualVQ(nn.Module):
     """T independent M-level residual quantizers with EMA codebooks, data init and dead-code restart."""
+
+    # buffers (registered in __init__)
+    codebook: torch.Tensor
+    ema_count: torch.Tensor
+    ema_sum: torch.Tensor
+    initialized: torch.Tensor
 
     def __init__(self, n_tokens: int, cfg: HGAQConfig):
         super().__init__()
@@ -120,7 +131,7 @@ class ResidualVQ(nn.Module):
         if index_bits > 8 or lhs.dtype != torch.float32:
             out = torch.empty(t, n, dtype=torch.long, device=lhs.device)
             for i in range(0, n, block):  # loop over row blocks (N / 1024 iterations), not samples
-                out[:, i:i + block] = torch.bmm(lhs[:, i:i + block], rhs).min(-1).indices
+                out[:, i : i + block] = torch.bmm(lhs[:, i : i + block], rhs).min(-1).indices
             return out
         r2 = lhs[..., :-1].pow(2).sum(-1, keepdim=True)  # [T, N, 1]
         code_ids = torch.arange(v, dtype=torch.int32, device=lhs.device)
@@ -162,7 +173,9 @@ class ResidualVQ(nn.Module):
         dist = (r.unsqueeze(2) - cb.unsqueeze(0)).pow(2).sum(-1)
         return dist.argmin(-1)
 
-    def forward(self, x: torch.Tensor, update: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, update: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Quantize x [N, T, d] → (straight-through quantized [N, T, d], codes [N, T, M], losses)."""
         cfg = self.cfg
         if update and self.training and not bool(self.initialized):
@@ -182,8 +195,11 @@ class ResidualVQ(nn.Module):
                 # entropy (skipped when encoding or evaluating: nothing would use it)
                 cb = self.codebook[:, level].clone()  # a snapshot: the EMA update below writes in place
                 rs = r if sub is None else r[sub]
-                d_soft = (rs.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("ntd,tvd->ntv", rs, cb)
-                          + cb.pow(2).sum(-1).unsqueeze(0))
+                d_soft = (
+                    rs.pow(2).sum(-1, keepdim=True)
+                    - 2 * torch.einsum("ntd,tvd->ntv", rs, cb)
+                    + cb.pow(2).sum(-1).unsqueeze(0)
+                )
                 p = torch.softmax(-d_soft / cfg.entropy_temperature, dim=-1)
                 per_sample = -(p * torch.log(p + 1e-9)).sum(-1).mean()
                 avg = p.mean(0)
@@ -261,10 +277,13 @@ class ResidualVQ(nn.Module):
 class SampleTokenizer(nn.Module):
     """Fields → sub-token vectors ``P x`` [N, T, d0] → residual VQ codes [N, T, M] (+ auxiliary label head)."""
 
+    field_index: torch.Tensor  # buffer [T, fmax]: field positions of each sub-token
+
     def __init__(self, layout: FeatureLayout, cfg: HGAQConfig):
         super().__init__()
         self.cfg = cfg
         self.embed = FeatureEmbedding(layout, cfg.field_dim)
+        assert layout.features is not None, "HGAQ needs the layout's schema fields (FeatureLayout.from_dataset)"
         self.sub_tokens = assign_sub_tokens(layout.features, cfg.fields_per_token)
         order = {n: i for i, n in enumerate(layout.field_names)}
         t, fmax = len(self.sub_tokens), max(len(s) for s in self.sub_tokens)
@@ -291,8 +310,9 @@ class SampleTokenizer(nn.Module):
         grouped = e[:, self.field_index].flatten(2)  # [N, T, fmax * d_e]
         return torch.einsum("ntk,tkd->ntd", grouped, self.proj) + self.proj_bias
 
-    def forward(self, batch: Batch, keep: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: Batch, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(quantized [N, T, d0], codes [N, T, M], losses incl. the auxiliary label loss)."""
         x = self.project(batch, keep)
         q, codes, losses = self.rvq(x)
@@ -312,8 +332,10 @@ class SampleTokenizer(nn.Module):
     def decode(self, codes: np.ndarray | torch.Tensor, version: str | None = None) -> torch.Tensor:
         """Summed code vectors; refuses codes made with other codebooks when ``version`` is given."""
         if version is not None and version != self.rvq.version():
-            raise StoreError(f"codes were made with codebook version {version}, this tokenizer has "
-                             f"{self.rvq.version()}; re-export the codes")
+            raise StoreError(
+                f"codes were made with codebook version {version}, this tokenizer has "
+                f"{self.rvq.version()}; re-export the codes"
+            )
         return self.rvq.decode(torch.as_tensor(np.asarray(codes)))
 
 

@@ -26,6 +26,7 @@ The source model is trained on the training window only. How it embeds the insta
 
 ``z`` reads only the instance's own features and its own past rows (never a label).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,9 +46,9 @@ from tqdm.auto import tqdm
 from sampletok.data.batches import Batch, BatchLoader, FeatureLayout, history_index
 from sampletok.data.history import HistoryIndex
 from sampletok.data.prepare import PreparedDataset
+from sampletok.errors import StoreError
 from sampletok.nn import MLP, FeatureEmbedding, TargetAttention, TransformerBlock
 from sampletok.nn.inference import map_row_batches
-from sampletok.errors import StoreError
 from sampletok.store import LocalTokenStore
 
 
@@ -61,8 +62,11 @@ class IATSourceConfig(BaseModel):
     sit_layers: int = Field(2, ge=1)
     sit_heads: int = Field(2, ge=1)
     window: int = Field(64, ge=2, description="user-order: instances per user window")
-    hist_len: int | None = Field(None, ge=0, description="length of the instance's own short behaviour "
-                                 "sequence (None: the schema's sequence max_len)")
+    hist_len: int | None = Field(
+        None,
+        ge=0,
+        description="length of the instance's own short behaviour sequence (None: the schema's sequence max_len)",
+    )
     stream_context: int = Field(63, ge=1, description="user_stream: previous embeddings read (T-1)")
     two_pass: bool = False
     epochs: int = Field(2, ge=1)
@@ -70,12 +74,17 @@ class IATSourceConfig(BaseModel):
     lr: float = 1e-3
     export: Literal["pre_sit", "post_sit"] = "pre_sit"
     export_order: Literal["causal", "in_sample"] = Field(
-        "causal", description="causal: fold k's tokens from the state trained on folds < k; in_sample: one model "
-        "trained on the whole training window embeds every instance (leaks later labels into training tokens)")
+        "causal",
+        description="causal: fold k's tokens from the state trained on folds < k; in_sample: one model "
+        "trained on the whole training window embeds every instance (leaks later labels into training tokens)",
+    )
     folds: int = Field(8, ge=2, description="causal export: time folds of the training window")
     dtype: Literal["float16", "float32", "int8"] = "float16"
-    rows_where: dict[str, list] | None = Field(None, description="train on / export only instances whose fields "
-                                               "take these values (e.g. a source domain for transfer)")
+    rows_where: dict[str, list] | None = Field(
+        None,
+        description="train on / export only instances whose fields "
+        "take these values (e.g. a source domain for transfer)",
+    )
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
@@ -102,7 +111,7 @@ class SourceModel(nn.Module):
     def compress(self, batch: Batch) -> torch.Tensor:
         """[B, emb_dim] InsEmb of each instance in the batch."""
         x = self.embed(batch).flatten(1)
-        if self.has_seq:
+        if self.attention is not None:  # the schema has a behaviour sequence
             interest = self.attention(self.embed.target_item(batch), self.embed.history(batch), batch.hist_mask)
             x = torch.cat([x, interest], dim=1)
         return torch.tanh(self.bottleneck(self.trunk(x)))
@@ -180,8 +189,14 @@ class SourceTrainer:
         self.layout = FeatureLayout.from_dataset(ds)
         self.model = SourceModel(self.layout, cfg)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        self.loader = BatchLoader(ds, np.zeros(0, np.int64), cfg.batch_size, index=history_index(ds),
-                                  layout=self.layout, hist_len=cfg.hist_len)
+        self.loader = BatchLoader(
+            ds,
+            np.zeros(0, np.int64),
+            cfg.batch_size,
+            index=history_index(ds),
+            layout=self.layout,
+            hist_len=cfg.hist_len,
+        )
         self.steps = 0  # rounds of ``train`` so far: seeds differ from fold to fold
 
     def train(self, rows: np.ndarray, progress: bool = True, desc: str = "") -> None:
@@ -196,9 +211,14 @@ class SourceTrainer:
                 continue
             if cfg.scheme == "temporal":
                 n_steps = (len(rows) + cfg.batch_size - 1) // cfg.batch_size
-                for i in tqdm(range(0, len(rows), cfg.batch_size), total=n_steps, leave=False,
-                              desc=f"IAT source (temporal){desc} epoch {epoch + 1}", disable=None if progress else True):
-                    batch = loader.build(rows[i:i + cfg.batch_size])
+                for i in tqdm(
+                    range(0, len(rows), cfg.batch_size),
+                    total=n_steps,
+                    leave=False,
+                    desc=f"IAT source (temporal){desc} epoch {epoch + 1}",
+                    disable=None if progress else True,
+                ):
+                    batch = loader.build(rows[i : i + cfg.batch_size])
                     loss = _bce(model.predict(model.compress(batch), None), batch.labels)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -210,12 +230,16 @@ class SourceTrainer:
                 rng = np.random.default_rng(self.seed * 7919 + self.steps * 101 + epoch)
                 for reverse in passes:
                     order = rng.permutation(len(wins))
-                    for i in tqdm(range(0, len(wins), per_step), desc=f"IAT source (user{' rev' if reverse else ''})"
-                                  f"{desc} epoch {epoch + 1}", leave=False, disable=None if progress else True):
-                        w = wins[order[i:i + per_step]]
+                    for i in tqdm(
+                        range(0, len(wins), per_step),
+                        desc=f"IAT source (user{' rev' if reverse else ''}){desc} epoch {epoch + 1}",
+                        leave=False,
+                        disable=None if progress else True,
+                    ):
+                        w = wins[order[i : i + per_step]]
                         if reverse:  # reverse time order inside each window, padding stays at the end
                             lens = (w >= 0).sum(1)
-                            idx = (lens[:, None] - 1 - np.arange(w.shape[1])[None, :])
+                            idx = lens[:, None] - 1 - np.arange(w.shape[1])[None, :]
                             w = np.where(idx >= 0, np.take_along_axis(w, np.maximum(idx, 0), 1), -1)
                         loss = _window_loss(model, loader, w)
                         opt.zero_grad(set_to_none=True)
@@ -242,8 +266,9 @@ def fold_of_rows(ds: PreparedDataset, cfg: IATSourceConfig) -> np.ndarray:
     return out
 
 
-def causal_embeddings(ds: PreparedDataset, cfg: IATSourceConfig, seed: int, progress: bool = True
-                      ) -> tuple[np.ndarray, SourceModel]:
+def causal_embeddings(
+    ds: PreparedDataset, cfg: IATSourceConfig, seed: int, progress: bool = True
+) -> tuple[np.ndarray, SourceModel]:
     """[N, emb_dim] tokens of the causal export and the final source model (see the module docstring)."""
     trainer = SourceTrainer(ds, cfg, seed)
     fold = fold_of_rows(ds, cfg)
@@ -270,16 +295,28 @@ def _window_loss(model: SourceModel, loader: BatchLoader, w: np.ndarray) -> torc
     return _bce(model.predict(z_flat, ctx), batch.labels)
 
 
-def _train_stream_epoch(model: SourceModel, opt, loader: BatchLoader, ds: PreparedDataset, rows: np.ndarray,
-                        cfg: IATSourceConfig, progress: bool, epoch: int) -> None:
+def _train_stream_epoch(
+    model: SourceModel,
+    opt,
+    loader: BatchLoader,
+    ds: PreparedDataset,
+    rows: np.ndarray,
+    cfg: IATSourceConfig,
+    progress: bool,
+    epoch: int,
+) -> None:
     """Global time order; previous embeddings come from what was already written (stop-gradient)."""
     n = ds.n_rows
     buffer = np.zeros((n, cfg.emb_dim), np.float32)
     written = np.zeros(n, bool)
     idx = HistoryIndex(np.asarray(ds.col("_user_key"))[rows], np.asarray(ds.col("_ts"))[rows])
-    for i in tqdm(range(0, len(rows), cfg.batch_size), desc=f"IAT source (stream) epoch {epoch + 1}", leave=False,
-                  disable=None if progress else True):
-        cur = rows[i:i + cfg.batch_size]
+    for i in tqdm(
+        range(0, len(rows), cfg.batch_size),
+        desc=f"IAT source (stream) epoch {epoch + 1}",
+        leave=False,
+        disable=None if progress else True,
+    ):
+        cur = rows[i : i + cfg.batch_size]
         batch = loader.build(cur)
         h = idx.fetch(batch.user.numpy(), batch.ts.numpy(), cfg.stream_context)
         prev_rows = np.where(h.mask, rows[np.where(h.mask, h.rows, 0)], 0)
@@ -295,14 +332,21 @@ def _train_stream_epoch(model: SourceModel, opt, loader: BatchLoader, ds: Prepar
 
 
 @torch.no_grad()
-def embed_all(model: SourceModel, ds: PreparedDataset, batch_size: int = 1024, progress: bool = True,
-              workers: int | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+def embed_all(
+    model: SourceModel,
+    ds: PreparedDataset,
+    batch_size: int = 1024,
+    progress: bool = True,
+    workers: int | None = None,
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
     """[len(rows), emb_dim] exported embedding of ``rows`` (default: every row; pre-SIT z, or post-SIT per
     ``cfg.export``), computed on ``workers`` threads (default: every core; see :mod:`sampletok.nn.inference`)."""
     model.eval()
     layout = FeatureLayout.from_dataset(ds)
-    loader = BatchLoader(ds, np.zeros(0, np.int64), batch_size, index=history_index(ds), layout=layout,
-                         hist_len=model.cfg.hist_len)
+    loader = BatchLoader(
+        ds, np.zeros(0, np.int64), batch_size, index=history_index(ds), layout=layout, hist_len=model.cfg.hist_len
+    )
     rows = np.arange(ds.n_rows) if rows is None else np.asarray(rows, np.int64)
     if model.cfg.export == "pre_sit" or not model.use_sit:
         out = np.zeros((len(rows), model.cfg.emb_dim), np.float32)
@@ -314,8 +358,9 @@ def embed_all(model: SourceModel, ds: PreparedDataset, batch_size: int = 1024, p
         return out
     # post-SIT: a token depends on its user window, so whole windows are run and the asked rows picked out
     full = np.zeros((ds.n_rows, model.cfg.emb_dim), np.float32)
-    wins = user_windows(np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts")), np.arange(ds.n_rows),
-                        model.cfg.window)
+    wins = user_windows(
+        np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts")), np.arange(ds.n_rows), model.cfg.window
+    )
 
     def embed_windows(idx: np.ndarray) -> None:
         w = wins[idx]
@@ -326,13 +371,25 @@ def embed_all(model: SourceModel, ds: PreparedDataset, batch_size: int = 1024, p
         z[vm] = z_flat
         full[w[valid]] = model.run_sit(z, vm)[vm].numpy()
 
-    map_row_batches(embed_windows, len(wins), max(1, batch_size // model.cfg.window), workers, progress,
-                    desc="IAT export (post-SIT)")
+    map_row_batches(
+        embed_windows,
+        len(wins),
+        max(1, batch_size // model.cfg.window),
+        workers,
+        progress,
+        desc="IAT export (post-SIT)",
+    )
     return full[rows]
 
 
-def export_to_store(model: SourceModel, ds: PreparedDataset, path: str | Path, progress: bool = True,
-                    chunk: int = 1 << 20, embeddings: np.ndarray | None = None) -> LocalTokenStore:
+def export_to_store(
+    model: SourceModel,
+    ds: PreparedDataset,
+    path: str | Path,
+    progress: bool = True,
+    chunk: int = 1 << 20,
+    embeddings: np.ndarray | None = None,
+) -> LocalTokenStore:
     """Write every instance's token, with its labels and their availability times, to a token store.
     ``embeddings`` [N, emb_dim] are the tokens (the causal export's); by default ``model`` embeds every
     instance (in-sample)."""
@@ -341,13 +398,22 @@ def export_to_store(model: SourceModel, ds: PreparedDataset, path: str | Path, p
     seconds = time.time() - t0
     labels = ds.schema.labels
     keep = np.flatnonzero(ds.where(model.cfg.rows_where))
-    store = LocalTokenStore.create(path, producer=producer_id(model, ds), payload_shape=(model.cfg.emb_dim,),
-                                   label_names=[l.name for l in labels], dtype=model.cfg.dtype, overwrite=True,
-                                   extra_meta={"kind": "iat", "dataset": ds.fingerprint,
-                                               "source_config": model.cfg.model_dump(),
-                                               "export_order": "causal" if embeddings is not None else "in_sample",
-                                               "export_seconds": seconds,
-                                               "export_instances_per_s": ds.n_rows / max(seconds, 1e-9)})
+    store = LocalTokenStore.create(
+        path,
+        producer=producer_id(model, ds),
+        payload_shape=(model.cfg.emb_dim,),
+        label_names=[l.name for l in labels],
+        dtype=model.cfg.dtype,
+        overwrite=True,
+        extra_meta={
+            "kind": "iat",
+            "dataset": ds.fingerprint,
+            "source_config": model.cfg.model_dump(),
+            "export_order": "causal" if embeddings is not None else "in_sample",
+            "export_seconds": seconds,
+            "export_instances_per_s": ds.n_rows / max(seconds, 1e-9),
+        },
+    )
     ts = np.asarray(ds.col("_ts"))[keep]
     side = np.stack([np.asarray(ds.col(f"label__{l.name}"))[keep] for l in labels], 1)
     avail = ts[:, None] + np.array(ds.schema.label_delays(), np.int64)[None, :]
@@ -360,8 +426,14 @@ def export_to_store(model: SourceModel, ds: PreparedDataset, path: str | Path, p
     return store
 
 
-def build_or_load_store(ds: PreparedDataset, cfg: IATSourceConfig, seed: int, cache_dir: str | Path,
-                        progress: bool = True, build: bool = True) -> LocalTokenStore:
+def build_or_load_store(
+    ds: PreparedDataset,
+    cfg: IATSourceConfig,
+    seed: int,
+    cache_dir: str | Path,
+    progress: bool = True,
+    build: bool = True,
+) -> LocalTokenStore:
     """Train + export once per (dataset, source config, seed); later calls reuse the cached store (only a
     committed, complete one). ``build=False`` refuses to train when the cache has no such store."""
     path = Path(cache_dir) / f"{ds.fingerprint}-{cfg.fingerprint()}-{seed}"
@@ -370,8 +442,10 @@ def build_or_load_store(ds: PreparedDataset, cfg: IATSourceConfig, seed: int, ca
         if store.meta.get("dataset") == ds.fingerprint and store.meta.get("source_config") == cfg.model_dump():
             return store
     if not build:
-        raise StoreError(f"{path}: no IAT token store of this source config and seed (the one the model was "
-                         "trained with); it is never rebuilt at scoring time: train the model again")
+        raise StoreError(
+            f"{path}: no IAT token store of this source config and seed (the one the model was "
+            "trained with); it is never rebuilt at scoring time: train the model again"
+        )
     if cfg.export_order == "causal":
         emb, model = causal_embeddings(ds, cfg, seed, progress)
     else:

@@ -1,11 +1,12 @@
 """Experiments as data: a YAML names the dataset, the models (with parameters), the training set-up and
 the seeds. ``run_model`` trains and tests one (model, seed); ``compare`` is a loop over them."""
+
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -14,10 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sampletok.data.batches import BatchLoader, FeatureLayout, history_index
 from sampletok.data.prepare import PreparedDataset, SplitSpec, prepare
-from sampletok.errors import ConfigError, StoreError
-from sampletok.errors import validated, validation_message as _errors, yaml_message
+from sampletok.errors import ConfigError, StoreError, one_line, validated, yaml_message
+from sampletok.errors import validation_message as _errors
 from sampletok.models import build_model
-from sampletok.train.trainer import TrainConfig, evaluate, fit, save_json, save_torch, set_seed
+from sampletok.train.trainer import TrainConfig, evaluate, fit, fit_calibration, save_json, save_torch, set_seed
+
+if TYPE_CHECKING:
+    from sampletok.models.base import RankingModel
 
 
 class DatasetConfig(BaseModel):
@@ -37,8 +41,11 @@ class ModelSpec(BaseModel):
     name: str
     label: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
-    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the experiment's training "
-                                  "config for this model only, e.g. {hist_len: 50} in a history-length sweep")
+    train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of the experiment's training "
+        "config for this model only, e.g. {hist_len: 50} in a history-length sweep",
+    )
 
     @property
     def display(self) -> str:
@@ -62,11 +69,14 @@ class Experiment(BaseModel):
     seeds: list[int] = Field([2021, 2022, 2023], min_length=1)
     models: list[ModelSpec] = Field(min_length=1)
     reference: str | None = Field(None, description="label of the model every other is t-tested against")
-    requests: dict[str, list] | None = Field(None, description="train/evaluate only on request rows whose "
-                                             "fields take these values, e.g. {domain: [1]}; history is unfiltered")
+    requests: dict[str, list] | None = Field(
+        None,
+        description="train/evaluate only on request rows whose "
+        "fields take these values, e.g. {domain: [1]}; history is unfiltered",
+    )
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "Experiment":
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> Experiment:
         try:
             data = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
@@ -76,8 +86,10 @@ class Experiment(BaseModel):
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {yaml_message(e)}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: an experiment must be a YAML mapping (name, dataset, models, ...), "
-                              f"got {'an empty file' if data is None else type(data).__name__}")
+            raise ConfigError(
+                f"{path}: an experiment must be a YAML mapping (name, dataset, models, ...), "
+                f"got {'an empty file' if data is None else type(data).__name__}"
+            )
         data.update(overrides or {})
         exp = validated(cls, data, f"{path}: invalid experiment")
         labels = [m.display for m in exp.models]
@@ -88,28 +100,30 @@ class Experiment(BaseModel):
 
 def load_dataset(cfg: DatasetConfig, progress: bool = True) -> PreparedDataset:
     """Prepare (or reuse) the dataset an experiment names."""
-    from sampletok.data.sources import FileSource
+    from sampletok.data.sources import FileSource, RawSource
     from sampletok.data.sources.movielens import load_movielens
     from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
     from sampletok.schema import Schema
 
     if cfg.kind != "synthetic" and not cfg.path:
         raise ConfigError(f"dataset.path: needed for dataset kind '{cfg.kind}'")
+    path = cfg.path or ""
+    source: RawSource
     if cfg.kind == "prepared":
-        return PreparedDataset(cfg.path)
+        return PreparedDataset(path)
     if cfg.kind == "movielens":
-        source, schema = load_movielens(cfg.path)
+        source, schema = load_movielens(path)
         default_dir = f"runs/prepared/{schema.name}"
     elif cfg.kind == "kuairand":
         from sampletok.data.sources.kuairand import load_kuairand
 
-        source, schema = load_kuairand(cfg.path)
+        source, schema = load_kuairand(path)
         default_dir = f"runs/prepared/{schema.name}"
     elif cfg.kind == "files":
         if not cfg.schema_path:
             raise ConfigError("dataset kind 'files' needs schema_path")
         schema = Schema.from_yaml(cfg.schema_path)
-        source = FileSource(cfg.path)
+        source = FileSource(path)
         default_dir = f"runs/prepared/{schema.name}"
     else:
         syn = validated(SyntheticConfig, cfg.synthetic, prefix="dataset.synthetic.")
@@ -118,17 +132,31 @@ def load_dataset(cfg: DatasetConfig, progress: bool = True) -> PreparedDataset:
     return prepare(source, schema, cfg.prepared_dir or default_dir, cfg.split, progress=progress)
 
 
-def run_fingerprint(ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed: int,
-                    requests: dict[str, list] | None = None) -> dict:
+def run_fingerprint(
+    ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed: int, requests: dict[str, list] | None = None
+) -> dict:
     """What makes a run this run: a checkpoint is resumed only under the same fingerprint."""
-    return {"model": spec.name, "params": json.loads(json.dumps(spec.params, default=str)),
-            "train": train_cfg.model_dump(mode="json"), "dataset": ds.fingerprint, "seed": seed,
-            "requests": requests}
+    return {
+        "model": spec.name,
+        "params": json.loads(json.dumps(spec.params, default=str)),
+        "train": train_cfg.model_dump(mode="json"),
+        "dataset": ds.fingerprint,
+        "seed": seed,
+        "requests": requests,
+    }
 
 
-def run_model(ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed: int,
-              run_dir: str | Path | None = None, progress: bool = True, resume: bool = True,
-              requests: dict[str, list] | None = None, on_epoch_end=None) -> dict:
+def run_model(
+    ds: PreparedDataset,
+    spec: ModelSpec,
+    train_cfg: TrainConfig,
+    seed: int,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    requests: dict[str, list] | None = None,
+    on_epoch_end=None,
+) -> dict:
     """Train one model with one seed and return its validation/test metrics and speed. A checkpoint in
     ``run_dir`` is resumed only if it was written by the same run (else a one-line error; ``resume=False``
     trains afresh)."""
@@ -138,39 +166,89 @@ def run_model(ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed
     model.prepare_data(ds, seed=seed, run_dir=run_dir, progress=progress)
     index = history_index(ds)
     hist_len = train_cfg.hist_len
-    mk = lambda rows, bs, shuffle: BatchLoader(ds, rows, bs, hist_len=hist_len, shuffle=shuffle, seed=seed,
-                                               index=index, layout=layout,
-                                               oov_rate=train_cfg.oov_rate if shuffle else 0.0)
-    rows = lambda split, seen=False: ds.rows(split, seen_users_only=seen, where=requests)
+
+    def mk(request_rows: np.ndarray, batch_size: int, shuffle: bool) -> BatchLoader:
+        # one loader type for train/valid/test; only the training loader shuffles and replaces by OOV
+        return BatchLoader(
+            ds,
+            request_rows,
+            batch_size,
+            hist_len=hist_len,
+            shuffle=shuffle,
+            seed=seed,
+            index=index,
+            layout=layout,
+            oov_rate=train_cfg.oov_rate if shuffle else 0.0,
+        )
+
+    def rows(split: str, seen: bool = False) -> np.ndarray:
+        return ds.rows(split, seen_users_only=seen, where=requests)
+
     train_loader = mk(recent_rows(rows("train"), train_cfg.train_recent_fraction), train_cfg.batch_size, True)
     valid_loader = mk(rows("valid"), train_cfg.eval_batch_size, False)
     t0 = time.time()
-    result = fit(model, train_loader, valid_loader, train_cfg, seed, run_dir=run_dir, resume=resume,
-                 progress=progress, fingerprint=run_fingerprint(ds, spec, train_cfg, seed, requests),
-                 on_epoch_end=on_epoch_end)
+    result = fit(
+        model,
+        train_loader,
+        valid_loader,
+        train_cfg,
+        seed,
+        run_dir=run_dir,
+        resume=resume,
+        progress=progress,
+        fingerprint=run_fingerprint(ds, spec, train_cfg, seed, requests),
+        on_epoch_end=on_epoch_end,
+    )
     wall = time.time() - t0
+    calibration = fit_calibration(model, valid_loader) if train_cfg.calibrate else None
     test_rows, seen_rows = rows("test"), rows("test", True)
     t_inf = time.time()
     test = evaluate(model, mk(test_rows, train_cfg.eval_batch_size, False))
     infer_sps = len(test_rows) / max(time.time() - t_inf, 1e-9)
     # every test user seen in training (always on synthetic logs): the same rows, not scored twice
-    seen = test if np.array_equal(seen_rows, test_rows) else evaluate(
-        model, mk(seen_rows, train_cfg.eval_batch_size, False))
+    seen = (
+        test
+        if np.array_equal(seen_rows, test_rows)
+        else evaluate(model, mk(seen_rows, train_cfg.eval_batch_size, False))
+    )
     out = {
-        "model": spec.display, "name": spec.name, "params": spec.params, "seed": seed,
-        "test": test, "test_seen_users": seen, "valid": result.best_valid, "best_epoch": result.best_epoch,
-        "epochs": len(result.history), "history": result.history, "stopped": result.stopped,
-        "monitor": train_cfg.monitor, "producer": model.data_producer(),
-        "train_samples_per_s": result.train_samples_per_s, "fit_wall_s": wall, "infer_samples_per_s": infer_sps,
+        "model": spec.display,
+        "name": spec.name,
+        "params": spec.params,
+        "seed": seed,
+        "test": test,
+        "test_seen_users": seen,
+        "valid": result.best_valid,
+        "best_epoch": result.best_epoch,
+        "epochs": len(result.history),
+        "history": result.history,
+        "stopped": result.stopped,
+        "monitor": train_cfg.monitor,
+        "producer": model.data_producer(),
+        "calibration": calibration,
+        "train_samples_per_s": result.train_samples_per_s,
+        "fit_wall_s": wall,
+        "infer_samples_per_s": infer_sps,
         "n_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
-        "dataset": ds.fingerprint, "torch_threads": torch.get_num_threads(),
-        "train": train_cfg.model_dump(mode="json"), "requests": requests,
+        "dataset": ds.fingerprint,
+        "torch_threads": torch.get_num_threads(),
+        "train": train_cfg.model_dump(mode="json"),
+        "requests": requests,
     }
     if run_dir:
         # the producer of the tokens/codes the model was trained on: scoring with another store is refused
-        save_torch({"name": spec.name, "params": spec.params, "state_dict": model.state_dict(),
-                    "dataset": ds.fingerprint, "hist_len": hist_len, "seed": seed,
-                    "producer": model.data_producer()}, Path(run_dir) / "model.pt")
+        save_torch(
+            {
+                "name": spec.name,
+                "params": spec.params,
+                "state_dict": model.state_dict(),
+                "dataset": ds.fingerprint,
+                "hist_len": hist_len,
+                "seed": seed,
+                "producer": model.data_producer(),
+            },
+            Path(run_dir) / "model.pt",
+        )
         save_json(out, Path(run_dir) / "result.json")
     return out
 
@@ -180,15 +258,20 @@ def recent_rows(rows: np.ndarray, fraction: float | None) -> np.ndarray:
     them when ``fraction`` is None."""
     if fraction is None:
         return rows
-    return rows[len(rows) - int(np.ceil(fraction * len(rows))):]
+    return rows[len(rows) - int(np.ceil(fraction * len(rows))) :]
 
 
-def load_trained(ds: PreparedDataset, run_dir: str | Path) -> tuple["RankingModel", int | None]:
+def load_trained(ds: PreparedDataset, run_dir: str | Path) -> tuple[RankingModel, int | None]:
     """A model saved by :func:`run_model`, refused if it was trained on another dataset."""
     path = Path(run_dir) / "model.pt"
     if not path.exists():
         raise ConfigError(f"{run_dir}: no model.pt (train a model there first)")
-    saved = torch.load(path, weights_only=False)
+    try:
+        saved = torch.load(path, weights_only=False)
+    except Exception as e:  # truncated or not a torch file: pickle, zip or EOF errors
+        raise ConfigError(f"{path}: unreadable ({one_line(e)}); train the model again") from None
+    if not isinstance(saved, dict) or not {"name", "params", "state_dict", "dataset"} <= set(saved):
+        raise ConfigError(f"{path}: not a model saved by `sampletok train`")
     if saved["dataset"] != ds.fingerprint:
         raise ConfigError(f"{path}: trained on dataset {saved['dataset']}, not {ds.fingerprint}")
     model = build_model(saved["name"], FeatureLayout.from_dataset(ds), **saved["params"])
@@ -196,14 +279,23 @@ def load_trained(ds: PreparedDataset, run_dir: str | Path) -> tuple["RankingMode
     model.prepare_data(ds, seed=saved.get("seed", 0), run_dir=run_dir, progress=False, build=False)
     got, want = model.data_producer(), saved.get("producer")
     if got != want:
-        raise StoreError(f"{path}: the model was trained with tokens of producer {want}, but the store it would "
-                         f"read now was written by {got}; evaluate with the store it was trained with")
-    model.load_state_dict(saved["state_dict"])
+        raise StoreError(
+            f"{path}: the model was trained with tokens of producer {want}, but the store it would "
+            f"read now was written by {got}; evaluate with the store it was trained with"
+        )
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except RuntimeError as e:
+        raise ConfigError(
+            f"{path}: weights do not fit the model {saved['name']} of this version "
+            f"({one_line(e)[:200]}); train the model again"
+        ) from None
     return model, saved["hist_len"]
 
 
-def compare(exp: Experiment, out_dir: str | Path, progress: bool = True, ds: PreparedDataset | None = None
-            ) -> list[dict]:
+def compare(
+    exp: Experiment, out_dir: str | Path, progress: bool = True, ds: PreparedDataset | None = None
+) -> list[dict]:
     """Every model × seed of an experiment on one prepared dataset; writes results.json, results.md, plots.
     Finished (model, seed) runs found in ``out_dir`` are reused, so an interrupted compare resumes."""
     from rich.console import Console
@@ -229,19 +321,27 @@ def compare(exp: Experiment, out_dir: str | Path, progress: bool = True, ds: Pre
                 if _same_run(cached, spec, train_cfgs[spec.display], exp, ds):
                     runs.append(cached)
                     continue
-                console.print(f"[yellow]{run_dir}: finished with another configuration, training again[/]",
-                              soft_wrap=True)
+                console.print(
+                    f"[yellow]{run_dir}: finished with another configuration, training again[/]", soft_wrap=True
+                )
                 for stale in run_dir.iterdir():  # a stale checkpoint must not be resumed either
                     stale.unlink() if stale.is_file() else None
-            r = run_model(ds, spec, train_cfgs[spec.display], seed, run_dir=run_dir, progress=progress,
-                          requests=exp.requests)
-            console.print(f"[bold]{spec.display}[/] seed {seed}: test AUC {r['test']['auc']:.4f} "
-                          f"GAUC {r['test']['gauc']:.4f} LogLoss {r['test']['logloss']:.4f} "
-                          f"({r['train_samples_per_s']:.0f} samples/s, best epoch {r['best_epoch']})")
+            r = run_model(
+                ds, spec, train_cfgs[spec.display], seed, run_dir=run_dir, progress=progress, requests=exp.requests
+            )
+            console.print(
+                f"[bold]{spec.display}[/] seed {seed}: test AUC {r['test']['auc']:.4f} "
+                f"GAUC {r['test']['gauc']:.4f} LogLoss {r['test']['logloss']:.4f} "
+                f"({r['train_samples_per_s']:.0f} samples/s, best epoch {r['best_epoch']})"
+            )
             runs.append(r)
-    (out_dir / "results.json").write_text(json.dumps({"experiment": exp.model_dump(mode="json"),
-                                                      "dataset": ds.manifest["source"], "runs": runs},
-                                                     indent=1, default=float))
+    (out_dir / "results.json").write_text(
+        json.dumps(
+            {"experiment": exp.model_dump(mode="json"), "dataset": ds.manifest["source"], "runs": runs},
+            indent=1,
+            default=float,
+        )
+    )
     table = write_report(runs, out_dir, reference=exp.reference or labels[0], title=exp.name)
     console.print(table)
     return runs
@@ -250,8 +350,11 @@ def compare(exp: Experiment, out_dir: str | Path, progress: bool = True, ds: Pre
 def _same_run(cached: dict, spec: ModelSpec, train: TrainConfig, exp: Experiment, ds: PreparedDataset) -> bool:
     """Whether a finished run was made by this model, parameters, dataset, training config and request filter
     (runs written before ``train``/``requests`` were recorded are matched on the rest)."""
-    same = (cached.get("name") == spec.name and cached.get("params") == spec.params
-            and cached.get("dataset") == ds.fingerprint)
+    same = (
+        cached.get("name") == spec.name
+        and cached.get("params") == spec.params
+        and cached.get("dataset") == ds.fingerprint
+    )
     if "train" in cached:  # validated, so a field added since the run was made compares at its default
         same &= TrainConfig.model_validate(cached["train"]) == train
     if "requests" in cached:

@@ -7,6 +7,7 @@ Example:
     >>> round(auc(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.4, 0.3])), 3)
     0.75
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -59,5 +60,9 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
 
 
 def all_metrics(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray) -> dict[str, float]:
-    return {"auc": auc(labels, probs), "gauc": gauc(labels, probs, groups), "logloss": logloss(labels, probs),
-            "n": int(len(labels))}
+    return {
+        "auc": auc(labels, probs),
+        "gauc": gauc(labels, probs, groups),
+        "logloss": logloss(labels, probs),
+        "n": int(len(labels)),
+    }

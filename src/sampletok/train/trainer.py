@@ -15,6 +15,7 @@ Example:
     >>> cfg.patience, monitor_score({"auc": 0.75, "logloss": 0.5}, cfg.monitor)
     (2, 0.25)
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,9 +23,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,19 +50,36 @@ class TrainConfig(BaseModel):
     patience: int = Field(2, ge=1, description="epochs without a better monitor score before stopping")
     monitor: dict[str, float] = Field(
         default_factory=lambda: {"auc": 1.0, "logloss": -1.0},
-        description="validation score to maximize: weights of auc, gauc, logloss (FuxiCTR's {AUC: 1, logloss: -1})")
+        description="validation score to maximize: weights of auc, gauc, logloss (FuxiCTR's {AUC: 1, logloss: -1})",
+    )
     oov_rate: float = Field(
-        0.0, ge=0, lt=1, description="training only: each categorical value of a request (and of its item-ID "
+        0.0,
+        ge=0,
+        lt=1,
+        description="training only: each categorical value of a request (and of its item-ID "
         "history) is replaced by the field's OOV code with this probability, so the OOV row is trained and "
-        "unseen users/items at test time get a learned embedding instead of an untouched random one")
+        "unseen users/items at test time get a learned embedding instead of an untouched random one",
+    )
     lr_decay: float = Field(0.1, gt=0, le=1, description="lr factor after an epoch without improvement")
     hist_len: int | None = Field(None, ge=0, description="history positions (default: schema sequence max_len)")
     train_recent_fraction: float | None = Field(
-        None, gt=0, le=1, description="train on the latest fraction (by time) of the train split's requests only; "
-        "earlier rows stay history. For long-history runs whose cost per request forbids the whole window")
+        None,
+        gt=0,
+        le=1,
+        description="train on the latest fraction (by time) of the train split's requests only; "
+        "earlier rows stay history. For long-history runs whose cost per request forbids the whole window",
+    )
+    calibrate: bool = Field(
+        False,
+        description="after training, fit Platt scaling (a · logit + b) on the validation "
+        "split; monotone, so it changes LogLoss only",
+    )
     freeze_embeddings_after: int | None = Field(
-        None, ge=1, description="stop updating every embedding table after this many epochs (the rest of the "
-        "model keeps training): the remedy of Zhang et al. (CIKM 2022) for ID embeddings that overfit in epoch 2")
+        None,
+        ge=1,
+        description="stop updating every embedding table after this many epochs (the rest of the "
+        "model keeps training): the remedy of Zhang et al. (CIKM 2022) for ID embeddings that overfit in epoch 2",
+    )
     grad_clip: float | None = 10.0
     threads: int | None = Field(None, ge=1)
 
@@ -102,10 +121,34 @@ def predict(model: RankingModel, loader: BatchLoader, progress: bool = False) ->
     model.eval()
     probs, labels, users = [], [], []
     for batch in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
-        probs.append(torch.sigmoid(model(batch).logits[:, 0]).cpu().numpy())
+        a, b = model.calibration
+        probs.append(torch.sigmoid(a * model(batch).logits[:, 0] + b).cpu().numpy())
         labels.append(batch.labels[:, 0].numpy())
         users.append(batch.user.numpy())
     return np.concatenate(probs), np.concatenate(labels), np.concatenate(users)
+
+
+@torch.no_grad()
+def fit_calibration(model: RankingModel, loader: BatchLoader, iters: int = 50) -> tuple[float, float]:
+    """Platt scaling: (a, b) minimizing the LogLoss of sigmoid(a · logit + b) on ``loader`` (the validation
+    split), by Newton's method on the two parameters with a kept > 0 (a monotone increasing map never
+    reorders scores); stored in ``model.calibration``."""
+    model.calibration.copy_(torch.tensor([1.0, 0.0]))
+    p, y, _ = predict(model, loader)
+    z = np.log(np.clip(p, 1e-7, 1 - 1e-7) / np.clip(1 - p, 1e-7, 1)).astype(np.float64)
+    x = np.stack([z, np.ones_like(z)], 1)
+    w = np.array([1.0, 0.0])
+    for _ in range(iters):
+        q = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = x.T @ (q - y)
+        hess = (x * (q * (1 - q))[:, None]).T @ x + 1e-6 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        w[0] = max(w[0], 1e-3)
+        if np.abs(step).max() < 1e-8:
+            break
+    model.calibration.copy_(torch.tensor(w, dtype=torch.float32))
+    return float(w[0]), float(w[1])
 
 
 def evaluate(model: RankingModel, loader: BatchLoader, progress: bool = False) -> dict[str, float]:
@@ -133,9 +176,18 @@ def save_json(obj: Any, path: Path) -> None:
     save_atomic(path, lambda fh: json.dump(obj, fh, indent=1, default=float), binary=False)
 
 
-def fit(model: RankingModel, train: BatchLoader, valid: BatchLoader, cfg: TrainConfig, seed: int,
-        run_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
-        fingerprint: dict | None = None, on_epoch_end: Callable[[int], None] | None = None) -> FitResult:
+def fit(
+    model: RankingModel,
+    train: BatchLoader,
+    valid: BatchLoader,
+    cfg: TrainConfig,
+    seed: int,
+    run_dir: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    fingerprint: dict | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> FitResult:
     """Train ``model`` in place; the best epoch's weights are restored before returning.
 
     ``fingerprint`` describes the run (model, params, train config, dataset, seed); a checkpoint in
@@ -145,13 +197,25 @@ def fit(model: RankingModel, train: BatchLoader, valid: BatchLoader, cfg: TrainC
         torch.set_num_threads(cfg.threads)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt_path = Path(run_dir) / "checkpoint.pt" if run_dir else None
-    state: dict[str, Any] = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "best_valid": {}, "bad": 0,
-                             "history": [], "best_state": None, "seconds": 0.0, "samples": 0, "stopped": None}
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "best_score": -math.inf,
+        "best_epoch": 0,
+        "best_valid": {},
+        "bad": 0,
+        "history": [],
+        "best_state": None,
+        "seconds": 0.0,
+        "samples": 0,
+        "stopped": None,
+    }
     if ckpt_path and resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
         if ck.get("fingerprint") != fingerprint:
-            raise ConfigError(f"{ckpt_path}: checkpoint of another run ({_fingerprint_diff(ck.get('fingerprint'), fingerprint)}); "
-                              "pass --restart to train afresh or choose another --out")
+            raise ConfigError(
+                f"{ckpt_path}: checkpoint of another run ({_fingerprint_diff(ck.get('fingerprint'), fingerprint)}); "
+                "pass --restart to train afresh or choose another --out"
+            )
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
         state = ck["state"]
@@ -165,7 +229,9 @@ def fit(model: RankingModel, train: BatchLoader, valid: BatchLoader, cfg: TrainC
         train.set_epoch(epoch)
         model.train()
         t0, n_seen, loss_sum = time.time(), 0, 0.0
-        bar = tqdm(train, desc=f"{model.name} seed {seed} epoch {epoch + 1}", leave=False, disable=None if progress else True)
+        bar = tqdm(
+            train, desc=f"{model.name} seed {seed} epoch {epoch + 1}", leave=False, disable=None if progress else True
+        )
         for batch in bar:
             out = model(batch)
             loss = F.binary_cross_entropy_with_logits(out.logits, batch.labels)
@@ -181,34 +247,53 @@ def fit(model: RankingModel, train: BatchLoader, valid: BatchLoader, cfg: TrainC
         state["seconds"] += time.time() - t0
         state["samples"] += n_seen
         metrics = evaluate(model, valid)
-        state["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1),
-                                 **{f"valid_{k}": v for k, v in metrics.items()},
-                                 "lr": opt.param_groups[0]["lr"]})
+        state["history"].append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / max(n_seen, 1),
+                **{f"valid_{k}": v for k, v in metrics.items()},
+                "lr": opt.param_groups[0]["lr"],
+            }
+        )
         score = monitor_score(metrics, cfg.monitor)
         state["history"][-1]["valid_monitor"] = score
         if math.isnan(score):
             # a NaN score is never "no better": stop here and keep the best finite epoch (or fail below)
             state["stopped"] = f"validation monitor is NaN at epoch {epoch + 1} ({metrics})"
         elif score > state["best_score"]:
-            state.update(best_score=score, best_epoch=epoch + 1, best_valid=metrics, bad=0,
-                         best_state=copy.deepcopy(model.state_dict()))
+            state.update(
+                best_score=score,
+                best_epoch=epoch + 1,
+                best_valid=metrics,
+                bad=0,
+                best_state=copy.deepcopy(model.state_dict()),
+            )
         else:
             state["bad"] += 1
             for g in opt.param_groups:
                 g["lr"] *= cfg.lr_decay
         state["epoch"] = epoch + 1
         if ckpt_path:
-            save_torch({"model": model.state_dict(), "optim": opt.state_dict(), "state": state,
-                        "fingerprint": fingerprint}, ckpt_path)
+            save_torch(
+                {"model": model.state_dict(), "optim": opt.state_dict(), "state": state, "fingerprint": fingerprint},
+                ckpt_path,
+            )
         if on_epoch_end is not None:
             on_epoch_end(state["epoch"])
     if state["best_state"] is None:
-        raise TrainingError(f"{model.name}: no epoch had a finite validation monitor "
-                            f"({state['stopped'] or 'no epoch ran'}); lower the learning rate or check the data")
+        raise TrainingError(
+            f"{model.name}: no epoch had a finite validation monitor "
+            f"({state['stopped'] or 'no epoch ran'}); lower the learning rate or check the data"
+        )
     model.load_state_dict(state["best_state"])
-    return FitResult(best_epoch=state["best_epoch"], best_valid=state["best_valid"], history=state["history"],
-                     train_seconds=state["seconds"],
-                     train_samples_per_s=state["samples"] / max(state["seconds"], 1e-9), stopped=state["stopped"])
+    return FitResult(
+        best_epoch=state["best_epoch"],
+        best_valid=state["best_valid"],
+        history=state["history"],
+        train_seconds=state["seconds"],
+        train_samples_per_s=state["samples"] / max(state["seconds"], 1e-9),
+        stopped=state["stopped"],
+    )
 
 
 def _fingerprint_diff(old: dict | None, new: dict | None) -> str:

@@ -4,11 +4,13 @@ Every reader yields :class:`RawChunk` objects that remember where their rows cam
 the file and the row. The per-chunk code in :mod:`sampletok.data.prepare` is all a distributed engine would
 need to run.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol, cast
 
 import polars as pl
 import pyarrow as pa
@@ -64,8 +66,12 @@ class FileSource:
     """CSV/TSV or Parquet files at any path, read in chunks. CSV cells arrive as strings and are typed by
     the schema during preparation, so a bad cell is reported with its row instead of failing inference."""
 
-    def __init__(self, paths: str | Path | Sequence[str | Path], chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                 delimiter: str | None = None):
+    def __init__(
+        self,
+        paths: str | Path | Sequence[str | Path],
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        delimiter: str | None = None,
+    ):
         if isinstance(paths, (str, Path)):
             paths = [paths]
         self.paths = [Path(p) for p in paths]
@@ -77,7 +83,7 @@ class FileSource:
         self.chunk_rows, self.delimiter = chunk_rows, delimiter
         self.name = ",".join(str(p) for p in self.paths)
         cols = [self._columns_of(p) for p in self.paths]
-        for p, c in zip(self.paths[1:], cols[1:]):
+        for p, c in zip(self.paths[1:], cols[1:], strict=True):
             if c != cols[0]:
                 raise DataError(str(p), f"columns {c} differ from {self.paths[0]}'s {cols[0]}")
         self._columns = cols[0]
@@ -94,7 +100,7 @@ class FileSource:
         try:
             if self._is_parquet(p):
                 return list(pq.ParquetFile(p).schema_arrow.names)
-            with open(p, "r", encoding="utf-8", errors="replace") as fh:
+            with open(p, encoding="utf-8", errors="replace") as fh:
                 header = fh.readline().rstrip("\r\n")
             return header.split(self._delim(p))
         except (OSError, pa.ArrowInvalid) as e:
@@ -110,7 +116,7 @@ class FileSource:
             try:
                 if self._is_parquet(p):
                     for batch in pq.ParquetFile(p).iter_batches(batch_size=self.chunk_rows, columns=columns):
-                        df = pl.from_arrow(batch)
+                        df = cast(pl.DataFrame, pl.from_arrow(batch))  # a RecordBatch converts to a DataFrame
                         yield RawChunk(str(p), row, df)
                         row += df.height
                 else:
@@ -122,10 +128,11 @@ class FileSource:
                         convert_options=pacsv.ConvertOptions(
                             column_types={c: pa.string() for c in names},
                             include_columns=list(columns) if columns is not None else None,
-                            strings_can_be_null=True),
+                            strings_can_be_null=True,
+                        ),
                     )
                     for batch in reader:
-                        df = pl.from_arrow(batch)
+                        df = cast(pl.DataFrame, pl.from_arrow(batch))
                         for start in range(0, df.height, self.chunk_rows):
                             part = df.slice(start, self.chunk_rows)
                             yield RawChunk(str(p), row, part)

@@ -10,6 +10,7 @@ granularity, so events of the same feed load never see each other). The event's 
 Repeated rows: the log holds exact duplicate rows and rows repeating (user, video, time); only the first of
 each (user, video, time) is kept and the count is reported in :attr:`KuaiRandLog.dropped_duplicates`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,7 @@ def read_kuairand(path: str | Path) -> KuaiRandLog:
     if missing:
         raise DataError(str(path / "likes.tsv"), f"missing columns {missing} (not the KuaiRand likes layout)")
     nums = ["time_ms", "duration_ms", "play_time_ms", "label", *RESPONSES]
-    events = events.with_row_index("_order").with_columns(
-        [pl.col(c).cast(pl.Int64, strict=False) for c in nums])
+    events = events.with_row_index("_order").with_columns([pl.col(c).cast(pl.Int64, strict=False) for c in nums])
     bad = events.filter(pl.any_horizontal([pl.col(c).is_null() for c in nums]))
     if bad.height:
         row = int(bad["_order"][0]) + 2  # 1-based, after the header
@@ -52,14 +52,21 @@ def read_kuairand(path: str | Path) -> KuaiRandLog:
     dropped = n - events.height
     unknown = events.join(users, on="user_id", how="anti")
     if unknown.height:
-        raise DataError(str(path / "user_features.csv"), f"user {unknown['user_id'][0]!r} of likes.tsv is missing",
-                        "user_id")
+        raise DataError(
+            str(path / "user_features.csv"), f"user {unknown['user_id'][0]!r} of likes.tsv is missing", "user_id"
+        )
     df = events.join(users, on="user_id", how="left").sort("_order")
     df = df.with_columns(_ts_s=pl.col("time_ms") // 1000)
-    ctx = (df.group_by("user_id", "_ts_s").agg(pl.len().alias("_n")).sort("user_id", "_ts_s")
-           .with_columns(user_count=(pl.col("_n").cum_sum().over("user_id") - pl.col("_n")).cast(pl.Float64),
-                         gap_prev=(pl.col("_ts_s") - pl.col("_ts_s").shift(1).over("user_id")).fill_null(-1)
-                         .cast(pl.Float64)).drop("_n"))
+    ctx = (
+        df.group_by("user_id", "_ts_s")
+        .agg(pl.len().alias("_n"))
+        .sort("user_id", "_ts_s")
+        .with_columns(
+            user_count=(pl.col("_n").cum_sum().over("user_id") - pl.col("_n")).cast(pl.Float64),
+            gap_prev=(pl.col("_ts_s") - pl.col("_ts_s").shift(1).over("user_id")).fill_null(-1).cast(pl.Float64),
+        )
+        .drop("_n")
+    )
     df = df.join(ctx, on=["user_id", "_ts_s"], how="left", maintain_order="left")
     play_s = pl.col("play_time_ms").cast(pl.Float64) / 1000.0
     dur_s = pl.col("duration_ms").cast(pl.Float64) / 1000.0

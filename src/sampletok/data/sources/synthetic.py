@@ -22,11 +22,12 @@ chunk by chunk with bounded memory and the same seed always gives the same rows)
 
 ``bayes_optimal_auc`` scores the true ``p_click`` on the test window: the best AUC any model can reach.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -36,8 +37,23 @@ from sampletok.data.sources.files import RawChunk
 from sampletok.schema import Schema
 
 DAY = 86_400
-BASE_FIELDS = ["user_id", "age", "gender", "city", "item_id", "category", "brand", "hour", "weekday", "channel",
-               "device", "promo", "price_bucket", "item_pop", "domain"]
+BASE_FIELDS = [
+    "user_id",
+    "age",
+    "gender",
+    "city",
+    "item_id",
+    "category",
+    "brand",
+    "hour",
+    "weekday",
+    "channel",
+    "device",
+    "promo",
+    "price_bucket",
+    "item_pop",
+    "domain",
+]
 
 
 class SyntheticConfig(BaseModel):
@@ -90,12 +106,20 @@ def schema_for(cfg: SyntheticConfig) -> Schema:
     ]
     for group, names in cfg.extra_fields.items():
         feats += [{"name": n, "type": "categorical", "group": group} for n in names]
-    return Schema.model_validate({
-        "name": f"synthetic-{cfg.fingerprint()}", "user": "user_key", "timestamp": "ts", "item": "item_id",
-        "labels": [{"name": "click", "task": True},
-                   {"name": "conversion", "task": False, "delay": cfg.conversion_delay}],
-        "features": feats, "sequence": {"fields": ["item_id", "category"], "max_len": 50},
-    })
+    return Schema.model_validate(
+        {
+            "name": f"synthetic-{cfg.fingerprint()}",
+            "user": "user_key",
+            "timestamp": "ts",
+            "item": "item_id",
+            "labels": [
+                {"name": "click", "task": True},
+                {"name": "conversion", "task": False, "delay": cfg.conversion_delay},
+            ],
+            "features": feats,
+            "sequence": {"fields": ["item_id", "category"], "max_len": 50},
+        }
+    )
 
 
 class _World:
@@ -171,8 +195,9 @@ def _events_for_block(cfg: SyntheticConfig, world: _World, block: int) -> pl.Dat
     r = rng.random(n)
     for s in np.unique(slot):  # loop over (domain, category) slots, not samples
         m = slot == s
-        item[m] = world.slot_items[s][np.minimum(np.searchsorted(world.slot_cdf[s], r[m]),
-                                                 len(world.slot_items[s]) - 1)]
+        item[m] = world.slot_items[s][
+            np.minimum(np.searchsorted(world.slot_cdf[s], r[m]), len(world.slot_items[s]) - 1)
+        ]
     ts = _unique_event_times(uid, ts, item)
     t_frac = (ts - 1_700_000_000) / horizon
     u_t = u0[uid] + drift[uid] * t_frac[:, None]
@@ -191,8 +216,7 @@ def _events_for_block(cfg: SyntheticConfig, world: _World, block: int) -> pl.Dat
     item_pop = world.pop[item] * season * 1000
     regime = (np.floor(t_frac * horizon / regime_period[uid] + regime_offset[uid]) % cfg.regimes).astype(np.int64)
     evening = ((hour >= 18) & (hour <= 23)).astype(np.float64)
-    logit = (-0.3 + 2.0 * affinity + 0.6 * promo - 0.3 * price_z + 0.2 * evening
-             + phi[uid, regime, channel])
+    logit = -0.3 + 2.0 * affinity + 0.6 * promo - 0.3 * price_z + 0.2 * evening + phi[uid, regime, channel]
     p_click = 1 / (1 + np.exp(-logit))
     click = (rng.random(n) < p_click).astype(np.int8)
     p_conv = 1 / (1 + np.exp(-(-1.0 + 1.5 * affinity)))
@@ -201,11 +225,25 @@ def _events_for_block(cfg: SyntheticConfig, world: _World, block: int) -> pl.Dat
     gender = (u0[:, 1] + rng.normal(0, 0.3, n_u) > 0).astype(np.int64)
     city = rng.integers(0, 50, n_u)
     cols = {
-        "user_key": (uid + u0_id).astype(np.int64), "ts": ts, "click": click, "conversion": conversion,
-        "user_id": (uid + u0_id).astype(np.int64), "age": age[uid], "gender": gender[uid], "city": city[uid],
-        "item_id": item, "category": world.item_cat[item], "brand": world.brand[item], "hour": hour,
-        "weekday": weekday, "channel": channel, "device": device, "promo": promo, "price_bucket": price_bucket,
-        "item_pop": item_pop, "domain": domain,
+        "user_key": (uid + u0_id).astype(np.int64),
+        "ts": ts,
+        "click": click,
+        "conversion": conversion,
+        "user_id": (uid + u0_id).astype(np.int64),
+        "age": age[uid],
+        "gender": gender[uid],
+        "city": city[uid],
+        "item_id": item,
+        "category": world.item_cat[item],
+        "brand": world.brand[item],
+        "hour": hour,
+        "weekday": weekday,
+        "channel": channel,
+        "device": device,
+        "promo": promo,
+        "price_bucket": price_bucket,
+        "item_pop": item_pop,
+        "domain": domain,
     }
     j = 0
     for group, names in cfg.extra_fields.items():
@@ -231,8 +269,9 @@ class SyntheticSource:
 
     def __init__(self, cfg: SyntheticConfig, domain: int | None = None):
         self.cfg, self.domain = cfg, domain
-        self.name = f"synthetic(seed={cfg.seed}, users={cfg.n_users}, fields={cfg.n_fields}" + \
-                    (f", domain={domain})" if domain is not None else ")")
+        self.name = f"synthetic(seed={cfg.seed}, users={cfg.n_users}, fields={cfg.n_fields}" + (
+            f", domain={domain})" if domain is not None else ")"
+        )
         self._world: _World | None = None
         self.schema = schema_for(cfg)
 
@@ -292,6 +331,11 @@ def bayes_optimal_auc(cfg: SyntheticConfig, split=None, domain: int | None = Non
     y, p = test.get_column("click").to_numpy(), test.get_column("_p_click").to_numpy()
     regime = test.get_column("_regime_logit").to_numpy()
     logit = np.log(p) - np.log1p(-p)
-    return {"auc": auc(y, p), "gauc": gauc(y, p, test.get_column("user_key").to_numpy()),
-            "logloss": logloss(y, p), "auc_without_regime": auc(y, logit - regime),
-            "auc_regime_only": auc(y, regime), "n_test": int(len(y))}
+    return {
+        "auc": auc(y, p),
+        "gauc": gauc(y, p, test.get_column("user_key").to_numpy()),
+        "logloss": logloss(y, p),
+        "auc_without_regime": auc(y, logit - regime),
+        "auc_regime_only": auc(y, regime),
+        "n_test": int(len(y)),
+    }
