@@ -381,14 +381,25 @@ def test_train_into_a_folder_of_another_run_is_refused_then_restarted(small_prep
 def test_iat_build_writes_a_causal_store_the_iat_model_reads(small_prepared, tmp_path):
     data, store = str(small_prepared.root), tmp_path / "store"
     src = "{scheme: user, epochs: 1, hidden: [16], decompress: [8], emb_dim: 8, window: 8, folds: 3}"
-    r = _cli("iat", "build", "--data", data, "--store", str(store), "-p", "hidden=[16]", "-p", "decompress=[8]",
-             "-p", "emb_dim=8", "-p", "window=8", "-p", "folds=3", "-p", "epochs=1")
+    params = ["hidden=[16]", "decompress=[8]", "emb_dim=8", "window=8", "folds=3", "epochs=1"]
+    r = _cli("iat", "build", "--data", data, "--store", str(store), *[a for p in params for a in ("-p", p)])
     assert r.returncode == 0, r.stderr
     from sampletok.store import LocalTokenStore
 
     st = LocalTokenStore.open(store)
     assert st.meta["export_order"] == "causal" and len(st) == small_prepared.n_rows
-    r = _cli("train", "--data", data, "--model", "iat", "--epochs", "1", "--out", str(tmp_path / "run"),
-             "-p", f"store={store}", "-p", f"source={src}", "-p", "length=8")
+    run_params = [f"store={store}", f"source={src}", "length=8"]
+    r = _cli(
+        "train",
+        "--data",
+        data,
+        "--model",
+        "iat",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        *[a for p in run_params for a in ("-p", p)],
+    )
     assert r.returncode == 0, r.stderr
     assert _cli("evaluate", "--data", data, "--run", str(tmp_path / "run")).returncode == 0
