@@ -16,10 +16,11 @@ from sampletok.train.trainer import TrainConfig
 FAST = dict(epochs=1, hidden=[32], decompress=[16], emb_dim=8, window=16, batch_size=256, dtype="float32")
 
 
-def _with_later_labels_flipped(ds: PreparedDataset, t_cut: int) -> PreparedDataset:
-    """The same dataset, every label of a row with ts >= t_cut flipped."""
+def _with_later_labels_flipped(ds: PreparedDataset, t_cut: int, delay: int = 0) -> PreparedDataset:
+    """The same dataset, every label of a row known at or after t_cut (ts + delay >= t_cut) flipped."""
     other = PreparedDataset(ds.root).load_into_memory()
-    late = np.asarray(ds.col("_ts")) >= t_cut
+    other.schema = ds.schema
+    late = np.asarray(ds.col("_ts")) + delay >= t_cut
     for lab in ds.schema.label_names:
         y = np.array(ds.col(f"label__{lab}"))
         y[late] = 1 - y[late]
@@ -38,7 +39,8 @@ def test_causal_tokens_never_depend_on_later_labels(synth_prepared, scheme):
     flipped = _with_later_labels_flipped(ds, t_cut)
     emb, _ = causal_embeddings(ds, cfg, seed=3, progress=False)
     emb_flipped, _ = causal_embeddings(flipped, cfg, seed=3, progress=False)
-    early = ts < t_cut
+    # fold 2 itself is embedded before training on it: every token up to the end of fold 2 is unchanged
+    early = fold <= 2
     np.testing.assert_array_equal(emb[early], emb_flipped[early])
     assert not np.allclose(emb[~early], emb_flipped[~early])  # later tokens did learn from the labels
     # the in-sample ablation leaks: early tokens change when only later labels change
@@ -46,6 +48,27 @@ def test_causal_tokens_never_depend_on_later_labels(synth_prepared, scheme):
     a = embed_all(train_source(ds, ins, 3, progress=False), ds, progress=False, workers=1)
     b = embed_all(train_source(flipped, ins, 3, progress=False), flipped, progress=False, workers=1)
     assert not np.allclose(a[early], b[early])
+
+
+def test_causal_tokens_wait_for_delayed_task_labels(synth_prepared):
+    """With a 2-day task-label delay, a fold's state trains only on labels known before the fold starts."""
+    from sampletok.schema import Schema
+
+    torch.set_num_threads(1)
+    ds = PreparedDataset(synth_prepared.root).load_into_memory()
+    spec = ds.schema.model_dump(mode="json")
+    day = 86_400
+    spec["labels"] = [{**lab, "delay": 2 * day} if lab["task"] else lab for lab in spec["labels"]]
+    ds.schema = Schema.model_validate(spec)
+    cfg = IATSourceConfig(scheme="user", folds=4, **FAST)
+    fold = fold_of_rows(ds, cfg)
+    t_cut = int(np.asarray(ds.col("_ts"))[fold == 2].min())
+    flipped = _with_later_labels_flipped(ds, t_cut, delay=2 * day)
+    emb, _ = causal_embeddings(ds, cfg, seed=3, progress=False)
+    emb_flipped, _ = causal_embeddings(flipped, cfg, seed=3, progress=False)
+    early = fold <= 2
+    np.testing.assert_array_equal(emb[early], emb_flipped[early])
+    assert not np.allclose(emb[~early], emb_flipped[~early])
 
 
 def test_folds_cut_the_training_window_by_time(synth_prepared):

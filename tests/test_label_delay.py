@@ -87,3 +87,21 @@ def test_iat_and_sif_stores_use_the_same_availability(ms_log, tmp_path):
         np.testing.assert_array_equal(avail[:, 1], store_ts + HOUR_MS)
         f = store.fetch(users[rows], ts[rows], 8)
         np.testing.assert_array_equal(f.side_mask[:, :, 1], known)
+
+
+def test_history_gaps_are_seconds_on_an_ms_log(ms_log, tmp_path):
+    ds = ms_log
+    rows = np.arange(ds.n_rows)
+    b = BatchLoader(ds, rows, len(rows), hist_len=8).build(rows)
+    ts = np.asarray(ds.col("_ts"))
+    m = b.hist_mask.numpy()
+    want = (b.ts.numpy()[:, None] - ts[np.where(m, b.hist_rows.numpy(), 0)]) / 1000.0
+    np.testing.assert_allclose(b.hist_gap.numpy()[m], want[m], rtol=1e-6)
+    assert b.hist_gap.numpy()[m].min() >= 5.0 - 1e-6  # the 5 s neighbour, not 5,000
+    src = SourceModel(
+        FeatureLayout.from_dataset(ds),
+        IATSourceConfig(scheme="temporal", epochs=1, hidden=[8], decompress=[8], emb_dim=4, dtype="float32"),
+    )
+    store = export_to_store(src.eval(), ds, tmp_path / "iat", progress=False)
+    f = store.fetch(b.user.numpy(), b.ts.numpy(), 8)
+    np.testing.assert_allclose(f.gap[f.mask], b.hist_gap.numpy()[m], rtol=1e-6)

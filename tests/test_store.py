@@ -110,7 +110,7 @@ def test_killed_writer_leaves_previous_state_readable(tmp_path):
     after = reopened.fetch(np.arange(5), np.full(5, 40), 8)
     np.testing.assert_array_equal(before.payload, after.payload)
     assert len(reopened) == 20
-    reopened.gc()  # the orphan segment of the dead writer is removed
+    reopened.gc(min_age_s=0)  # the orphan segment of the dead writer is removed
     assert sorted(p.name for p in (tmp_path / "s" / "segments").iterdir()) == reopened.manifest["segments"]
 
 
@@ -206,3 +206,48 @@ def test_concurrent_writer_processes_lose_no_append(tmp_path):
     ids = np.sort(np.asarray(final._columns()["instance_id"]))
     want = np.sort(np.concatenate([np.arange(3) + 10**6 * w + 10 * k for w in (1, 2) for k in range(15)]))
     np.testing.assert_array_equal(ids, want)
+
+
+def test_an_appender_never_writes_into_a_store_that_replaced_its_own(tmp_path):
+    old = _make(tmp_path)
+    old.append(**_instances(5))
+    new = LocalTokenStore.create(
+        tmp_path / "s", producer="p2", payload_shape=(4,), label_names=["click"], dtype="float32", overwrite=True
+    )
+    new.append(**_instances(3, seed=2))
+    new.commit()
+    with pytest.raises(StoreError, match="replaced since it was opened"):
+        old.append(**_instances(5, seed=3))
+    assert len(LocalTokenStore.open(tmp_path / "s")) == 3
+
+
+def test_two_creates_without_overwrite_do_not_replace_each_other(tmp_path):
+    a = LocalTokenStore.create(tmp_path / "s", producer="a", payload_shape=(4,), label_names=["click"])
+    b = LocalTokenStore.create(tmp_path / "s", producer="b", payload_shape=(4,), label_names=["click"])
+    a.commit()
+    with pytest.raises(StoreError, match="another writer created a token store here first"):
+        b.commit()
+    assert LocalTokenStore.open(tmp_path / "s").meta["producer"] == "a"
+
+
+def test_a_missing_segment_is_an_error_not_a_smaller_store(tmp_path):
+    import shutil
+
+    store = _make(tmp_path)
+    store.append(**_instances(10))
+    store.append(**_instances(10, seed=1))
+    shutil.rmtree(tmp_path / "s" / "segments" / store.manifest["segments"][0])
+    with pytest.raises(StoreError, match="missing or incomplete"):
+        LocalTokenStore.open(tmp_path / "s")
+
+
+def test_gc_spares_the_young_segments_of_a_create_staging_beside_it(tmp_path):
+    committed = _make(tmp_path)
+    committed.append(**_instances(5))
+    staging = LocalTokenStore.create(
+        tmp_path / "s", producer="p1", payload_shape=(4,), label_names=["click"], dtype="float32", overwrite=True
+    )
+    staging.append(**_instances(7, seed=4))
+    LocalTokenStore.open(tmp_path / "s").gc()  # default min age: a just-written segment is not an orphan yet
+    staging.commit()
+    assert len(LocalTokenStore.open(tmp_path / "s")) == 7

@@ -121,8 +121,10 @@ def test_finished_runs_made_before_a_new_train_option_are_reused():
     ds = SimpleNamespace(fingerprint="f")
     old = TrainConfig().model_dump(mode="json")
     del old["train_recent_fraction"]  # a result.json written before the option existed
-    cached = {"name": "din", "params": {}, "dataset": "f", "train": old, "requests": None}
+    cached = {"name": "din", "params": {}, "dataset": "f", "train": old, "requests": None, "monitor": {"auc": 1}}
     assert _same_run(cached, exp.models[0], TrainConfig(), exp, ds)
+    # a run from before the correctness round (AUC-only stopping, in-sample IAT) is never reused
+    assert not _same_run({k: v for k, v in cached.items() if k != "monitor"}, exp.models[0], TrainConfig(), exp, ds)
     assert not _same_run(cached, exp.models[0], TrainConfig(train_recent_fraction=0.5), exp, ds)
     assert not _same_run({**cached, "dataset": "g"}, exp.models[0], TrainConfig(), exp, ds)
 
@@ -238,31 +240,57 @@ def test_frozen_embeddings_stay_put_while_the_rest_trains(synth_prepared):
     assert any(not torch.equal(snapshots[0][k], snapshots[1][k]) for k in other)
 
 
-def test_platt_calibration_lowers_logloss_and_keeps_ranking(synth_prepared):
+@pytest.mark.parametrize("overconfidence", [5.0, 60.0])
+def test_platt_calibration_lowers_logloss_and_keeps_ranking(synth_prepared, overconfidence):
+    """A model whose logits are `overconfidence`× too large (60×: near-saturated, where plain Newton steps
+    diverged) is recalibrated to the LogLoss optimum without reordering its scores."""
     from sampletok.data.batches import FeatureLayout
     from sampletok.models import build_model
+    from sampletok.train import trainer as _tr
     from sampletok.train.metrics import all_metrics, logloss
-    from sampletok.train.trainer import fit_calibration, predict
+    from sampletok.train.trainer import fit, predict, predict_logits
+
+    fit_calibration = _tr.fit_calibration
 
     ds = synth_prepared
-    from sampletok.train.trainer import fit
-
     model = build_model("dnn", FeatureLayout.from_dataset(ds))
     train = BatchLoader(ds, ds.rows("train"), 512, shuffle=True)
     fit(model, train, BatchLoader(ds, ds.rows("valid"), 4096), TrainConfig(max_epochs=1), seed=0, progress=False)
     model.eval()
-    with torch.no_grad():  # a badly scaled model: logits 5× too large, shifted
-        model.calibration.copy_(torch.tensor([5.0, 2.0]))
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight *= overconfidence
+        head.bias *= overconfidence
     loader = BatchLoader(ds, ds.rows("valid"), 4096)
     p0, y, u = predict(model, loader)
     a, b = fit_calibration(model, loader)
     p1, _, _ = predict(model, loader)
     m0, m1 = all_metrics(y, p0, u), all_metrics(y, p1, u)
-    assert m1["logloss"] < m0["logloss"] and m1["auc"] == pytest.approx(m0["auc"], abs=1e-4)  # float32 ties only
-    assert m1["gauc"] == pytest.approx(m0["gauc"], abs=1e-4)
-    # the optimum: no other (a, b) on a grid around it does better
-    z = np.log(p1 / (1 - p1))
+    assert m1["logloss"] < m0["logloss"] and m1["logloss"] < 0.7
+    assert m1["auc"] == pytest.approx(m0["auc"], abs=1e-9) and m1["gauc"] == pytest.approx(m0["gauc"], abs=1e-9)
+    # the optimum: no (a, b) on a grid around it does better
+    z, _, _ = predict_logits(model, loader)
     best = logloss(y, p1)
-    for da in (-0.1, 0.1):
+    for da in (0.9, 1.1):
         for db in (-0.1, 0.1):
-            assert logloss(y, 1 / (1 + np.exp(-((1 + da) * z + db)))) >= best - 1e-9
+            assert logloss(y, 1 / (1 + np.exp(-(a * da * z + b + db)))) >= best - 1e-9
+
+
+def test_a_diverged_model_never_wins_early_stopping(synth_prepared):
+    """NaN scores through the real predict path: all metrics NaN, so training fails instead of keeping it."""
+    from sampletok.data.batches import FeatureLayout
+    from sampletok.errors import TrainingError
+    from sampletok.models import build_model
+    from sampletok.train.metrics import all_metrics
+    from sampletok.train.trainer import fit
+
+    y, u = np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1])
+    assert all(np.isnan(v) for k, v in all_metrics(y, np.array([0.1, np.nan, 0.2, 0.9]), u).items() if k != "n")
+    ds = synth_prepared
+    model = build_model("dnn", FeatureLayout.from_dataset(ds))
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.bias.fill_(float("nan"))
+    loader = BatchLoader(ds, ds.rows("train")[:512], 512)
+    with pytest.raises(TrainingError, match="no epoch had a finite validation monitor"):
+        fit(model, loader, loader, TrainConfig(max_epochs=2, monitor={"auc": 1}), seed=0, progress=False)

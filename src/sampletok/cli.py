@@ -474,6 +474,9 @@ def main() -> None:
     except SampletokError as e:
         _print_error(str(e))
         sys.exit(2)
+    except OSError as e:  # a path the user gave cannot be read or written: name it, one line
+        _print_error(f"{e.filename or ''}: {e.strerror or e}" if e.filename else str(e))
+        sys.exit(2)
     except ValidationError as e:  # a configuration not validated where it was built: still one line
         _print_error(
             f"invalid {e.title}: {validation_message(e, names=_TRAIN_FLAGS if e.title == 'TrainConfig' else None)}"

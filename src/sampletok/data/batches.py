@@ -154,6 +154,7 @@ class BatchLoader:
         )
         self._user = np.asarray(ds.col("_user_key"))
         self._ts = np.asarray(ds.col("_ts"))
+        self._ticks_per_second = float(ds.schema.ticks_per_second)  # hist_gap is seconds on ms logs too
         # OOV code per column (0 = never replaced: bucketized numerics have no unseen values)
         true_cat = [f.type == FieldType.categorical for f in lay.cat_fields]
         self._cat_oov = np.array(
@@ -216,7 +217,7 @@ class BatchLoader:
             hist_cat=t(hist_cat.astype(np.int64)),
             hist_multi=t(hist_multi.astype(np.int64)),
             hist_mask=t(h.mask),
-            hist_gap=t(h.gap),
+            hist_gap=t(h.gap / np.float32(self._ticks_per_second)),
             hist_rows=t(h.rows),
             hist_labels=t(hist_labels.astype(np.float32)),
             hist_label_mask=t(h.label_mask),

@@ -73,7 +73,7 @@ class Fetched:
     side: np.ndarray  # [B, n, A] float32 labels, 0 where not yet available
     side_mask: np.ndarray  # [B, n, A] bool label known before the request
     mask: np.ndarray  # [B, n] bool
-    gap: np.ndarray  # [B, n] float32 request_ts - ts
+    gap: np.ndarray  # [B, n] float32 seconds from the token to the request (meta ticks_per_second)
     rows: np.ndarray  # [B, n] store row ids, -1 where padded
 
 
@@ -112,6 +112,7 @@ class LocalTokenStore:
     ):
         self.root, self.manifest, self.manifest_name = root, manifest, manifest_name
         self.staged = staged
+        self.overwrite = False  # create(overwrite=True): commit may replace a store committed meanwhile
         self.on_before_commit = on_before_commit
         self._cache: dict[str, np.ndarray] | None = None
         self._index: HistoryIndex | None = None
@@ -145,9 +146,11 @@ class LocalTokenStore:
             "created_at": time.time(),
             **(extra_meta or {}),
         }
-        return cls(
+        store = cls(
             root, {"meta": meta, "segments": [], "version": 0}, "", staged=True, on_before_commit=on_before_commit
         )
+        store.overwrite = overwrite
+        return store
 
     @classmethod
     def open(
@@ -155,11 +158,15 @@ class LocalTokenStore:
     ) -> LocalTokenStore:
         """The committed version of a store, its segments memory-mapped now (see the module docstring)."""
         root = Path(root)
-        name, manifest = _read_current(root)
-        store = cls(root, manifest, name, on_before_commit=on_before_commit)
+        if not (root / "CURRENT").exists():
+            _read_current(root)  # the one-line "not a token store" error, without creating a LOCK file
+        # shared lock: no commit, compaction or gc runs between reading CURRENT and mapping its segments
+        with _flock(root, fcntl.LOCK_SH):
+            name, manifest = _read_current(root)
+            store = cls(root, manifest, name, on_before_commit=on_before_commit)
+            store._columns()
         if expect_producer is not None:
             store.check_producer(expect_producer)
-        store._columns()
         return store
 
     def check_producer(self, expected: str) -> None:
@@ -185,13 +192,8 @@ class LocalTokenStore:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         """Exclusive writer lock (flock on ``LOCK``): one commit at a time, across processes."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "LOCK", "a") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        with _flock(self.root, fcntl.LOCK_EX):
+            yield
 
     def _publish(self, manifest: dict, replaces: str = "") -> None:
         """Write ``manifest`` and switch ``CURRENT`` to it (caller holds the lock); then drop the manifest file
@@ -214,6 +216,7 @@ class LocalTokenStore:
         _fsync_dir(self.root)
         self.manifest, self.manifest_name, self.staged = manifest, name, False
         self._cache, self._index = None, None
+        self._columns()  # map the new version now, under the lock, before anything can remove its files
         if replaces and replaces != name:
             (self.root / replaces).unlink(missing_ok=True)
 
@@ -225,6 +228,11 @@ class LocalTokenStore:
             old_segments: list[str] = []
             old_manifest = ""
             version = 1
+            if (self.root / "CURRENT").exists() and not self.overwrite:
+                raise StoreError(
+                    f"{self.root}: another writer created a token store here first (create it with "
+                    "overwrite=True to replace it)"
+                )
             if (self.root / "CURRENT").exists():
                 old_manifest, old = _read_current(self.root)
                 old_segments, version = old["segments"], old["version"] + 1
@@ -266,14 +274,21 @@ class LocalTokenStore:
             "avail": np.ascontiguousarray(avail),
         }
         arrays.update(self._encode_payload(payload))
-        name = self._write_segment(arrays)
         if self.staged:
+            name = self._write_segment(arrays)
             self.manifest = {**self.manifest, "segments": self.manifest["segments"] + [name]}
             self._cache, self._index = None, None
             return
         with self._locked():
-            # another process may have committed since we opened: build on what is current now
+            # another process may have committed since we opened: build on what is current now, unless the
+            # store was replaced by another one (other producer, shape or labels) since
             current, latest = _read_current(self.root)
+            if latest["meta"] != self.meta:
+                raise StoreError(
+                    f"{self.root}: the store was replaced since it was opened (producer "
+                    f"{latest['meta'].get('producer')}, was {self.meta.get('producer')}); open it again"
+                )
+            name = self._write_segment(arrays)  # under the lock, so a concurrent gc cannot take it
             self._publish(
                 {**latest, "segments": latest["segments"] + [name], "version": latest["version"] + 1}, replaces=current
             )
@@ -323,17 +338,20 @@ class LocalTokenStore:
             for s in segs:
                 shutil.rmtree(self.root / "segments" / s, ignore_errors=True)
 
-    def gc(self) -> None:
-        """Remove segment folders and temporaries not named by the current manifest (left by crashes). Do not
-        run it while another process stages a :meth:`create` into the same folder."""
+    def gc(self, min_age_s: float = 600.0) -> None:
+        """Remove segment folders and temporaries not named by the current manifest (left by crashes) that are
+        older than ``min_age_s``: a :meth:`create` staging into the same folder writes its segments outside the
+        lock, and must not lose them to a concurrent gc."""
         with self._locked():
             _, latest = _read_current(self.root)
             live = set(latest["segments"])
+            cutoff = time.time() - min_age_s
             for p in (self.root / "segments").iterdir():
-                if p.name not in live:
+                if p.name not in live and p.stat().st_mtime <= cutoff:
                     shutil.rmtree(p, ignore_errors=True)
             for p in self.root.glob(".*tmp-*"):
-                p.unlink(missing_ok=True)
+                if p.stat().st_mtime <= cutoff:
+                    p.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reads
     def _columns(self) -> dict[str, np.ndarray]:
@@ -385,7 +403,8 @@ class LocalTokenStore:
             a = len(self.meta["labels"])
             side_mask = np.zeros((len(users), n, a), bool)
             side = np.zeros((len(users), n, a), np.float32)
-        return Fetched(payload=payload, side=side, side_mask=side_mask, mask=h.mask, gap=h.gap, rows=h.rows)
+        gap = h.gap / np.float32(self.meta.get("ticks_per_second", 1))  # seconds, whatever the log's unit
+        return Fetched(payload=payload, side=side, side_mask=side_mask, mask=h.mask, gap=gap, rows=h.rows)
 
     def bytes_per_instance(self) -> dict[str, float]:
         c = self._columns()
@@ -394,6 +413,18 @@ class LocalTokenStore:
         keys = c["instance_id"].nbytes + c["user"].nbytes + c["ts"].nbytes
         side = c["side"].nbytes + c["avail"].nbytes
         return {"payload": payload / n, "keys": keys / n, "side": side / n, "total": (payload + keys + side) / n}
+
+
+@contextmanager
+def _flock(root: Path, mode: int) -> Iterator[None]:
+    """flock on ``root/LOCK`` (exclusive for writers, shared for readers opening a version)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "LOCK", "a") as fh:
+        fcntl.flock(fh.fileno(), mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _read_current(root: Path) -> tuple[str, dict]:
@@ -414,9 +445,16 @@ def _read_current(root: Path) -> tuple[str, dict]:
 def _load_segments(root: Path, segments: list[str], meta: dict) -> dict[str, list[np.ndarray]]:
     """Memory maps of every column of the given segments (empty arrays of the right shape when none)."""
     parts: dict[str, list[np.ndarray]] = {}
+    need = {"instance_id", "user", "ts", "side", "avail", "payload"} | ({"scale"} if meta["dtype"] == "int8" else set())
     for s in segments:
-        for f in sorted((root / "segments" / s).glob("*.npy")):
-            parts.setdefault(f.stem, []).append(np.load(f, mmap_mode="r"))
+        files = {f.stem: f for f in (root / "segments" / s).glob("*.npy")}
+        if not need <= set(files):  # never read a version with a missing segment as a smaller store
+            raise StoreError(
+                f"{root}: segment {s} of the manifest is missing or incomplete "
+                f"(lacks {sorted(need - set(files))}); the store is corrupt, export it again"
+            )
+        for stem in sorted(files):
+            parts.setdefault(stem, []).append(np.load(files[stem], mmap_mode="r"))
     if not parts:
         shape = tuple(meta["payload_shape"])
         a = len(meta["labels"])

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from sampletok.atomic import exclusive, save_torch
 from sampletok.data.batches import Batch, BatchLoader, FeatureLayout, history_index
 from sampletok.data.history import HistoryIndex
 from sampletok.data.prepare import PreparedDataset
@@ -269,17 +270,29 @@ def fold_of_rows(ds: PreparedDataset, cfg: IATSourceConfig) -> np.ndarray:
 def causal_embeddings(
     ds: PreparedDataset, cfg: IATSourceConfig, seed: int, progress: bool = True
 ) -> tuple[np.ndarray, SourceModel]:
-    """[N, emb_dim] tokens of the causal export and the final source model (see the module docstring)."""
+    """[N, emb_dim] tokens of the causal export and the final source model (see the module docstring).
+
+    The state that embeds fold k has trained only on rows whose task labels were *known* before fold k
+    starts (``ts + delay <`` its first timestamp): with a label delay, a row of fold k-1 trains in a later
+    round, or never when its label arrives after the training window."""
     trainer = SourceTrainer(ds, cfg, seed)
     fold = fold_of_rows(ds, cfg)
+    ts = np.asarray(ds.col("_ts"))
     train_rows = ds.rows("train", where=cfg.rows_where)
+    task_delay = max(d for d, lab in zip(ds.schema.label_delays(), ds.schema.labels, strict=True) if lab.task)
+    known_at = ts[train_rows] + task_delay
+    trained = np.zeros(len(train_rows), bool)
     out = np.zeros((ds.n_rows, cfg.emb_dim), np.float32)
     for k in range(cfg.folds + 1):
         rows_k = np.flatnonzero(fold == k)
-        if len(rows_k):  # embed fold k with the state trained on folds < k
+        if len(rows_k):  # embed fold k with the state trained on labels known before it starts
             out[rows_k] = embed_all(trainer.model, ds, rows=rows_k, progress=progress)
         if k < cfg.folds:
-            trainer.train(train_rows[fold[train_rows] == k], progress=progress, desc=f" fold {k + 1}/{cfg.folds}")
+            later = ts[(fold > k) & (fold < cfg.folds)]
+            next_start = int(later.min()) if len(later) else int(ts[train_rows].max()) + 1
+            now = ~trained & (known_at < next_start)
+            trainer.train(train_rows[now], progress=progress, desc=f" fold {k + 1}/{cfg.folds}")
+            trained |= now
     trainer.model.eval()
     return out, trainer.model
 
@@ -406,7 +419,7 @@ def export_to_store(
         dtype=model.cfg.dtype,
         overwrite=True,
         extra_meta={
-            "kind": "iat",
+            "kind": "iat", "ticks_per_second": ds.schema.ticks_per_second,
             "dataset": ds.fingerprint,
             "source_config": model.cfg.model_dump(),
             "export_order": "causal" if embeddings is not None else "in_sample",
@@ -437,23 +450,20 @@ def build_or_load_store(
     """Train + export once per (dataset, source config, seed); later calls reuse the cached store (only a
     committed, complete one). ``build=False`` refuses to train when the cache has no such store."""
     path = Path(cache_dir) / f"{ds.fingerprint}-{cfg.fingerprint()}-{seed}"
-    if (path / "CURRENT").exists():
-        store = LocalTokenStore.open(path)
-        if store.meta.get("dataset") == ds.fingerprint and store.meta.get("source_config") == cfg.model_dump():
-            return store
-    if not build:
-        raise StoreError(
-            f"{path}: no IAT token store of this source config and seed (the one the model was "
-            "trained with); it is never rebuilt at scoring time: train the model again"
-        )
-    if cfg.export_order == "causal":
-        emb, model = causal_embeddings(ds, cfg, seed, progress)
-    else:
-        model, emb = train_source(ds, cfg, seed, progress), None
-    torch.save({"config": cfg.model_dump(), "state_dict": model.state_dict()}, _ensure(path.parent) / f"{path.name}.pt")
-    return export_to_store(model, ds, path, progress, embeddings=emb)
-
-
-def _ensure(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    # one builder per key: a second experiment asking for the same store waits, then reuses it
+    with exclusive(path.parent / f".{path.name}.build-lock"):
+        if (path / "CURRENT").exists():
+            store = LocalTokenStore.open(path)
+            if store.meta.get("dataset") == ds.fingerprint and store.meta.get("source_config") == cfg.model_dump():
+                return store
+        if not build:
+            raise StoreError(
+                f"{path}: no IAT token store of this source config and seed (the one the model was "
+                "trained with); it is never rebuilt at scoring time: train the model again"
+            )
+        if cfg.export_order == "causal":
+            emb, model = causal_embeddings(ds, cfg, seed, progress)
+        else:
+            model, emb = train_source(ds, cfg, seed, progress), None
+        save_torch({"config": cfg.model_dump(), "state_dict": model.state_dict()}, path.parent / f"{path.name}.pt")
+        return export_to_store(model, ds, path, progress, embeddings=emb)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -13,12 +14,13 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sampletok.atomic import save_json, save_torch
 from sampletok.data.batches import BatchLoader, FeatureLayout, history_index
 from sampletok.data.prepare import PreparedDataset, SplitSpec, prepare
 from sampletok.errors import ConfigError, StoreError, one_line, validated, yaml_message
 from sampletok.errors import validation_message as _errors
 from sampletok.models import build_model
-from sampletok.train.trainer import TrainConfig, evaluate, fit, fit_calibration, save_json, save_torch, set_seed
+from sampletok.train.trainer import TrainConfig, evaluate, fit, fit_calibration, set_seed
 
 if TYPE_CHECKING:
     from sampletok.models.base import RankingModel
@@ -133,11 +135,18 @@ def load_dataset(cfg: DatasetConfig, progress: bool = True) -> PreparedDataset:
 
 
 def run_fingerprint(
-    ds: PreparedDataset, spec: ModelSpec, train_cfg: TrainConfig, seed: int, requests: dict[str, list] | None = None
+    ds: PreparedDataset,
+    spec: ModelSpec,
+    train_cfg: TrainConfig,
+    seed: int,
+    requests: dict[str, list] | None = None,
+    producer: str | None = None,
 ) -> dict:
-    """What makes a run this run: a checkpoint is resumed only under the same fingerprint."""
+    """What makes a run this run: a checkpoint is resumed only under the same fingerprint (including the
+    producer of the token store the model reads, so re-exported tokens never resume an old checkpoint)."""
     return {
         "model": spec.name,
+        "producer": producer,
         "params": json.loads(json.dumps(spec.params, default=str)),
         "train": train_cfg.model_dump(mode="json"),
         "dataset": ds.fingerprint,
@@ -155,11 +164,16 @@ def run_model(
     progress: bool = True,
     resume: bool = True,
     requests: dict[str, list] | None = None,
-    on_epoch_end=None,
+    on_epoch_end: Callable[[int], None] | None = None,
+    on_mismatch: Literal["error", "restart"] = "error",
 ) -> dict:
     """Train one model with one seed and return its validation/test metrics and speed. A checkpoint in
-    ``run_dir`` is resumed only if it was written by the same run (else a one-line error; ``resume=False``
-    trains afresh)."""
+    ``run_dir`` is resumed only if it was written by the same run (else a one-line error, or a fresh start
+    with ``on_mismatch="restart"``); ``resume=False`` trains afresh and first removes the folder's old
+    checkpoint, model and result, so a crash cannot leave another run's model beside the new checkpoint."""
+    if run_dir is not None and not resume:
+        for name in ("checkpoint.pt", "model.pt", "result.json"):
+            (Path(run_dir) / name).unlink(missing_ok=True)
     set_seed(seed)
     layout = FeatureLayout.from_dataset(ds)
     model = build_model(spec.name, layout, **spec.params)
@@ -196,8 +210,9 @@ def run_model(
         run_dir=run_dir,
         resume=resume,
         progress=progress,
-        fingerprint=run_fingerprint(ds, spec, train_cfg, seed, requests),
+        fingerprint=run_fingerprint(ds, spec, train_cfg, seed, requests, model.data_producer()),
         on_epoch_end=on_epoch_end,
+        on_mismatch=on_mismatch,
     )
     wall = time.time() - t0
     calibration = fit_calibration(model, valid_loader) if train_cfg.calibrate else None
@@ -229,7 +244,7 @@ def run_model(
         "train_samples_per_s": result.train_samples_per_s,
         "fit_wall_s": wall,
         "infer_samples_per_s": infer_sps,
-        "n_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "n_params": int(sum(p.numel() for p in model.parameters())),  # frozen tables count too
         "dataset": ds.fingerprint,
         "torch_threads": torch.get_num_threads(),
         "train": train_cfg.model_dump(mode="json"),
@@ -326,8 +341,16 @@ def compare(
                 )
                 for stale in run_dir.iterdir():  # a stale checkpoint must not be resumed either
                     stale.unlink() if stale.is_file() else None
+            # compare owns its run folders: an interrupted run of another configuration is started afresh
             r = run_model(
-                ds, spec, train_cfgs[spec.display], seed, run_dir=run_dir, progress=progress, requests=exp.requests
+                ds,
+                spec,
+                train_cfgs[spec.display],
+                seed,
+                run_dir=run_dir,
+                progress=progress,
+                requests=exp.requests,
+                on_mismatch="restart",
             )
             console.print(
                 f"[bold]{spec.display}[/] seed {seed}: test AUC {r['test']['auc']:.4f} "
@@ -335,12 +358,9 @@ def compare(
                 f"({r['train_samples_per_s']:.0f} samples/s, best epoch {r['best_epoch']})"
             )
             runs.append(r)
-    (out_dir / "results.json").write_text(
-        json.dumps(
-            {"experiment": exp.model_dump(mode="json"), "dataset": ds.manifest["source"], "runs": runs},
-            indent=1,
-            default=float,
-        )
+    save_json(
+        {"experiment": exp.model_dump(mode="json"), "dataset": ds.manifest["source"], "runs": runs},
+        out_dir / "results.json",
     )
     table = write_report(runs, out_dir, reference=exp.reference or labels[0], title=exp.name)
     console.print(table)
@@ -349,9 +369,12 @@ def compare(
 
 def _same_run(cached: dict, spec: ModelSpec, train: TrainConfig, exp: Experiment, ds: PreparedDataset) -> bool:
     """Whether a finished run was made by this model, parameters, dataset, training config and request filter
-    (runs written before ``train``/``requests`` were recorded are matched on the rest)."""
+    (runs written before ``train``/``requests`` were recorded are matched on the rest). Runs made before the
+    correctness round (no ``monitor`` recorded: AUC-only stopping, in-sample IAT tokens under the same
+    parameters) are never reused."""
     same = (
-        cached.get("name") == spec.name
+        "monitor" in cached
+        and cached.get("name") == spec.name
         and cached.get("params") == spec.params
         and cached.get("dataset") == ds.fingerprint
     )

@@ -60,6 +60,11 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
 
 
 def all_metrics(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """AUC, GAUC, LogLoss and n. A non-finite score makes every metric NaN: sorting NaNs gives an arbitrary
+    (even perfect) AUC, and a diverged model must never look best to early stopping."""
+    if not np.all(np.isfinite(probs)):
+        nan = float("nan")
+        return {"auc": nan, "gauc": nan, "logloss": nan, "n": int(len(labels))}
     return {
         "auc": auc(labels, probs),
         "gauc": gauc(labels, probs, groups),

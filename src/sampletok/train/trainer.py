@@ -19,14 +19,12 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
+from sampletok.atomic import save_torch
 from sampletok.data.batches import BatchLoader
 from sampletok.errors import ConfigError, TrainingError
 from sampletok.models.base import RankingModel
@@ -116,64 +115,49 @@ def set_seed(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict(model: RankingModel, loader: BatchLoader, progress: bool = False) -> tuple[np.ndarray, ...]:
-    """(probabilities of the first task label, labels, user keys) over a loader, in loader order."""
+def predict_logits(model: RankingModel, loader: BatchLoader, progress: bool = False) -> tuple[np.ndarray, ...]:
+    """(float64 logits of the first task label before calibration, labels, user keys), in loader order."""
     model.eval()
-    probs, labels, users = [], [], []
+    logits, labels, users = [], [], []
     for batch in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
-        a, b = model.calibration
-        probs.append(torch.sigmoid(a * model(batch).logits[:, 0] + b).cpu().numpy())
+        logits.append(model(batch).logits[:, 0].double().cpu().numpy())
         labels.append(batch.labels[:, 0].numpy())
         users.append(batch.user.numpy())
-    return np.concatenate(probs), np.concatenate(labels), np.concatenate(users)
+    return np.concatenate(logits), np.concatenate(labels), np.concatenate(users)
 
 
-@torch.no_grad()
-def fit_calibration(model: RankingModel, loader: BatchLoader, iters: int = 50) -> tuple[float, float]:
+def predict(model: RankingModel, loader: BatchLoader, progress: bool = False) -> tuple[np.ndarray, ...]:
+    """(probabilities of the first task label, labels, user keys) over a loader, in loader order. Computed in
+    float64: float32 rounds every logit above ~17 to probability 1.0, which ties confident scores."""
+    z, y, u = predict_logits(model, loader, progress)
+    a, b = (float(v) for v in model.calibration)
+    return 1.0 / (1.0 + np.exp(-(a * z + b))), y, u
+
+
+def fit_calibration(model: RankingModel, loader: BatchLoader) -> tuple[float, float]:
     """Platt scaling: (a, b) minimizing the LogLoss of sigmoid(a · logit + b) on ``loader`` (the validation
-    split), by Newton's method on the two parameters with a kept > 0 (a monotone increasing map never
-    reorders scores); stored in ``model.calibration``."""
-    model.calibration.copy_(torch.tensor([1.0, 0.0]))
-    p, y, _ = predict(model, loader)
-    z = np.log(np.clip(p, 1e-7, 1 - 1e-7) / np.clip(1 - p, 1e-7, 1)).astype(np.float64)
-    x = np.stack([z, np.ones_like(z)], 1)
-    w = np.array([1.0, 0.0])
-    for _ in range(iters):
-        q = 1.0 / (1.0 + np.exp(-(x @ w)))
-        grad = x.T @ (q - y)
-        hess = (x * (q * (1 - q))[:, None]).T @ x + 1e-6 * np.eye(2)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        w[0] = max(w[0], 1e-3)
-        if np.abs(step).max() < 1e-8:
-            break
-    model.calibration.copy_(torch.tensor(w, dtype=torch.float32))
+    split), with a > 0 (a monotone increasing map never reorders scores, so AUC and GAUC stay); stored in
+    ``model.calibration``. Bounded L-BFGS on the raw float64 logits (Newton steps diverge on the near-separable
+    logits of an overconfident model)."""
+    from scipy.optimize import minimize
+
+    z, y, _ = predict_logits(model, loader)
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        s = w[0] * z + w[1]
+        # log(1 + e^s) - y s, stably; its gradient is (sigmoid(s) - y) · (z, 1)
+        q = 1.0 / (1.0 + np.exp(-s))
+        return float(np.mean(np.logaddexp(0.0, s) - y * s)), np.array([np.mean((q - y) * z), np.mean(q - y)])
+
+    w = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B", bounds=[(1e-3, 1e3), (None, None)]).x
+    with torch.no_grad():
+        model.calibration.copy_(torch.tensor(w, dtype=torch.float32))
     return float(w[0]), float(w[1])
 
 
 def evaluate(model: RankingModel, loader: BatchLoader, progress: bool = False) -> dict[str, float]:
     p, y, u = predict(model, loader, progress)
     return all_metrics(y, p, u)
-
-
-def save_atomic(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
-    """Write a file through ``write(fh)`` to a temporary name, fsync it, then rename it into place: a crash
-    leaves the old file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb" if binary else "w") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def save_torch(obj: Any, path: Path) -> None:
-    save_atomic(path, lambda fh: torch.save(obj, fh))
-
-
-def save_json(obj: Any, path: Path) -> None:
-    save_atomic(path, lambda fh: json.dump(obj, fh, indent=1, default=float), binary=False)
 
 
 def fit(
@@ -187,6 +171,7 @@ def fit(
     progress: bool = True,
     fingerprint: dict | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    on_mismatch: Literal["error", "restart"] = "error",
 ) -> FitResult:
     """Train ``model`` in place; the best epoch's weights are restored before returning.
 
@@ -209,8 +194,12 @@ def fit(
         "samples": 0,
         "stopped": None,
     }
-    if ckpt_path and resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+    if ckpt_path and fingerprint is None:
+        raise ConfigError(f"{run_dir}: a run folder needs the run's fingerprint (see run_model)")
+    ck = torch.load(ckpt_path, weights_only=False) if ckpt_path and resume and ckpt_path.exists() else None
+    if ck is not None and ck.get("fingerprint") != fingerprint and on_mismatch == "restart":
+        ck = None
+    if ck is not None:
         if ck.get("fingerprint") != fingerprint:
             raise ConfigError(
                 f"{ckpt_path}: checkpoint of another run ({_fingerprint_diff(ck.get('fingerprint'), fingerprint)}); "
