@@ -231,7 +231,8 @@ def export_codes(
         dtype=dtype,
         overwrite=True,
         extra_meta={
-            "kind": "sif", "ticks_per_second": ds.schema.ticks_per_second,
+            "kind": "sif",
+            "ticks_per_second": ds.schema.ticks_per_second,
             "dataset": ds.fingerprint,
             "codebook_version": model.tokenizer.rvq.version(),
             "hgaq": model.cfg.model_dump(),

@@ -419,7 +419,8 @@ def export_to_store(
         dtype=model.cfg.dtype,
         overwrite=True,
         extra_meta={
-            "kind": "iat", "ticks_per_second": ds.schema.ticks_per_second,
+            "kind": "iat",
+            "ticks_per_second": ds.schema.ticks_per_second,
             "dataset": ds.fingerprint,
             "source_config": model.cfg.model_dump(),
             "export_order": "causal" if embeddings is not None else "in_sample",
