@@ -2,6 +2,7 @@
 comparisons equal an independent paired t-test over the seeds both models ran."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -147,7 +148,11 @@ def test_load_results_merges_directories_and_refuses_conflicting_runs(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "sampletok.cli", *args], capture_output=True, text=True, timeout=120)
+    # a wide console, so the printed table's cells are not truncated (errors are one line at any width)
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "sampletok.cli", *args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def test_report_command_prints_and_writes_markdown_and_errors_in_one_line(tmp_path):
@@ -169,3 +174,5 @@ def test_report_command_prints_and_writes_markdown_and_errors_in_one_line(tmp_pa
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = _cli("report", str(tmp_path / "missing"), "--reference", "ref")
     assert r.returncode == 2 and "no results.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("report", str(d1), "--reference", "ref", "--out", str(tmp_path / "no" / "such" / "dir" / "x.md"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
