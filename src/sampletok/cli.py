@@ -11,7 +11,15 @@ import typer
 import yaml
 from rich.console import Console
 
-from sampletok.errors import ConfigError, SampletokError, one_line, validated, validation_message, yaml_message
+from sampletok.errors import (
+    ConfigError,
+    SampletokError,
+    load_torch_dict,
+    one_line,
+    validated,
+    validation_message,
+    yaml_message,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -323,21 +331,19 @@ def iat_export(
 ):
     """Embed every instance with one source model (in-sample: training-window tokens come from parameters that
     saw later labels; use `iat build` for the causal store) and write the tokens (+ labels) to a token store."""
-    import torch
 
     from sampletok.data.batches import FeatureLayout
     from sampletok.data.prepare import PreparedDataset
     from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, export_to_store
 
     ds = PreparedDataset(data).load_into_memory()
-    if not model.is_file():
-        raise ConfigError(f"--model {model}: file not found (write one with `sampletok iat fit-source`)")
-    try:
-        saved = torch.load(model, weights_only=False)
-    except Exception as e:  # not a torch file at all: pickle, zip or EOF errors
-        raise ConfigError(f"--model {model}: not a source model file ({one_line(e)})") from None
-    if not (isinstance(saved, dict) and {"config", "state_dict", "dataset"} <= set(saved)):
-        raise ConfigError(f"--model {model}: not a source model written by `sampletok iat fit-source`")
+    saved = load_torch_dict(
+        model,
+        {"config", "state_dict", "dataset"},
+        "source model",
+        "write one with `sampletok iat fit-source`",
+        option="--model",
+    )
     if saved.get("dataset") != ds.fingerprint:
         raise ConfigError(f"{model}: trained on dataset {saved.get('dataset')}, not {ds.fingerprint}")
     cfg = validated(

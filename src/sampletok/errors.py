@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class SampletokError(Exception):
     """Base of every error meant for the user (printed as one line by the CLI)."""
@@ -87,3 +89,41 @@ def yaml_message(e: Exception) -> str:
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e)
     return one_line(f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem)
+
+
+def load_yaml_mapping(path: str | Path, what: str, keys: str, error: type[SampletokError]) -> dict:
+    """A YAML file that must hold a mapping (a schema, an experiment): every way it can fail is one ``error``
+    line naming the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: {what} file not found") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what} file: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {yaml_message(e)}") from None
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else type(data).__name__
+        raise error(f"{path}: {'an' if what[0] in 'aeiou' else 'a'} {what} must be a YAML mapping ({keys}), got {got}")
+    return data
+
+
+def load_torch_dict(path: str | Path, keys: set[str], what: str, hint: str, option: str = "") -> dict:
+    """A ``torch.save``d dict with at least ``keys``; an unreadable or foreign file is one ConfigError line
+    naming the ``option`` that gave the path, if any."""
+    import torch
+
+    path = Path(path)
+    where = f"{option} {path}" if option else str(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: file not found ({hint})")
+    try:
+        saved = torch.load(path, weights_only=False)
+    except Exception as e:  # truncated or not a torch file: pickle, zip or EOF errors
+        raise ConfigError(f"{where}: not a {what} file ({one_line(e)}); {hint}") from None
+    if not (isinstance(saved, dict) and keys <= set(saved)):
+        raise ConfigError(f"{where}: not a {what} ({hint})")
+    return saved

@@ -26,7 +26,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sampletok.errors import SchemaError, yaml_message
+from sampletok.errors import SchemaError, load_yaml_mapping
 
 GROUPS: tuple[str, ...] = ("user", "item", "context", "cross")
 
@@ -166,20 +166,7 @@ class Schema(_Strict):
     # ------------------------------------------------------------------ io
     @classmethod
     def from_yaml(cls, path: str | Path) -> Schema:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise SchemaError(f"{path}: schema file not found") from None
-        except OSError as e:
-            raise SchemaError(f"{path}: cannot read the schema file: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise SchemaError(f"{path}: not valid YAML: {yaml_message(e)}") from None
-        if not isinstance(data, dict):
-            raise SchemaError(
-                f"{path}: a schema must be a YAML mapping (name, user, timestamp, labels, features), "
-                f"got {'an empty file' if data is None else type(data).__name__}"
-            )
+        data = load_yaml_mapping(path, "schema", "name, user, timestamp, labels, features", SchemaError)
         return cls.from_dict(data, origin=str(path))
 
     @classmethod

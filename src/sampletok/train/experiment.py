@@ -11,13 +11,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sampletok.atomic import save_json, save_torch
 from sampletok.data.batches import BatchLoader, FeatureLayout, history_index
 from sampletok.data.prepare import PreparedDataset, SplitSpec, prepare
-from sampletok.errors import ConfigError, StoreError, one_line, validated, yaml_message
+from sampletok.errors import ConfigError, StoreError, load_torch_dict, load_yaml_mapping, one_line, validated
 from sampletok.errors import validation_message as _errors
 from sampletok.models import build_model
 from sampletok.train.trainer import TrainConfig, evaluate, fit, fit_calibration, set_seed
@@ -79,19 +78,7 @@ class Experiment(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> Experiment:
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: experiment file not found") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the experiment file: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {yaml_message(e)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{path}: an experiment must be a YAML mapping (name, dataset, models, ...), "
-                f"got {'an empty file' if data is None else type(data).__name__}"
-            )
+        data = load_yaml_mapping(path, "experiment", "name, dataset, models, ...", ConfigError)
         data.update(overrides or {})
         exp = validated(cls, data, f"{path}: invalid experiment")
         labels = [m.display for m in exp.models]
@@ -279,14 +266,12 @@ def recent_rows(rows: np.ndarray, fraction: float | None) -> np.ndarray:
 def load_trained(ds: PreparedDataset, run_dir: str | Path) -> tuple[RankingModel, int | None]:
     """A model saved by :func:`run_model`, refused if it was trained on another dataset."""
     path = Path(run_dir) / "model.pt"
-    if not path.exists():
-        raise ConfigError(f"{run_dir}: no model.pt (train a model there first)")
-    try:
-        saved = torch.load(path, weights_only=False)
-    except Exception as e:  # truncated or not a torch file: pickle, zip or EOF errors
-        raise ConfigError(f"{path}: unreadable ({one_line(e)}); train the model again") from None
-    if not isinstance(saved, dict) or not {"name", "params", "state_dict", "dataset"} <= set(saved):
-        raise ConfigError(f"{path}: not a model saved by `sampletok train`")
+    saved = load_torch_dict(
+        path,
+        {"name", "params", "state_dict", "dataset"},
+        "model saved by `sampletok train`",
+        "train a model there first",
+    )
     if saved["dataset"] != ds.fingerprint:
         raise ConfigError(f"{path}: trained on dataset {saved['dataset']}, not {ds.fingerprint}")
     model = build_model(saved["name"], FeatureLayout.from_dataset(ds), **saved["params"])
