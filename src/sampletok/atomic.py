@@ -34,11 +34,12 @@ def save_json(obj: Any, path: Path) -> None:
 
 
 @contextmanager
-def exclusive(lock_path: Path) -> Iterator[None]:
-    """An exclusive flock on ``lock_path`` (created if missing), across processes."""
+def locked(lock_path: Path, shared: bool = False) -> Iterator[None]:
+    """An flock on ``lock_path`` (created if missing), across processes: exclusive for writers, shared for
+    readers that must not interleave with one."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:

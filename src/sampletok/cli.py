@@ -262,25 +262,15 @@ def iat_build(
 ):
     """Train a source model and export every instance's token, time-causally by default (fold k's tokens from
     the state trained on earlier folds only; `-p export_order=in_sample` for the leaky ablation)."""
-    import torch
-
     from sampletok.data.prepare import PreparedDataset
-    from sampletok.tokenizers.iat import causal_embeddings, export_to_store, train_source
+    from sampletok.tokenizers.iat import build_store, source_model_path
 
     ds = PreparedDataset(data).load_into_memory()
     cfg = _source_config(scheme, _parse_params(param))
-    if cfg.export_order == "causal":
-        emb, model = causal_embeddings(ds, cfg, seed)
-    else:
-        model, emb = train_source(ds, cfg, seed), None
-    st = export_to_store(model, ds, store, embeddings=emb)
-    torch.save(
-        {"config": cfg.model_dump(), "state_dict": model.state_dict(), "dataset": ds.fingerprint},
-        store / "source_model.pt",
-    )
+    st = build_store(ds, cfg, seed, store)
     console.print(
         f"exported {len(st):,} {cfg.export_order} instance tokens → {store} (producer "
-        f"{st.meta['producer']}; final source model {store / 'source_model.pt'})",
+        f"{st.meta['producer']}; final source model {source_model_path(store)})",
         soft_wrap=True,
     )
 

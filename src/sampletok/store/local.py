@@ -37,7 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -51,6 +50,7 @@ from typing import cast
 
 import numpy as np
 
+from sampletok.atomic import locked, save_atomic
 from sampletok.data.history import HistoryIndex
 from sampletok.errors import StoreError
 
@@ -161,7 +161,7 @@ class LocalTokenStore:
         if not (root / "CURRENT").exists():
             _read_current(root)  # the one-line "not a token store" error, without creating a LOCK file
         # shared lock: no commit, compaction or gc runs between reading CURRENT and mapping its segments
-        with _flock(root, fcntl.LOCK_SH):
+        with locked(root / "LOCK", shared=True):
             name, manifest = _read_current(root)
             store = cls(root, manifest, name, on_before_commit=on_before_commit)
             store._columns()
@@ -192,7 +192,7 @@ class LocalTokenStore:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         """Exclusive writer lock (flock on ``LOCK``): one commit at a time, across processes."""
-        with _flock(self.root, fcntl.LOCK_EX):
+        with locked(self.root / "LOCK"):
             yield
 
     def _publish(self, manifest: dict, replaces: str = "") -> None:
@@ -201,18 +201,8 @@ class LocalTokenStore:
         if self.on_before_commit is not None:
             self.on_before_commit()
         name = f"manifest-{manifest['version']:06d}.json"
-        tmp = self.root / f".{name}.tmp-{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump(manifest, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.root / name)
-        cur_tmp = self.root / f".CURRENT.tmp-{os.getpid()}"
-        with open(cur_tmp, "w") as fh:
-            fh.write(name)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(cur_tmp, self.root / "CURRENT")  # the commit point
+        save_atomic(self.root / name, lambda fh: json.dump(manifest, fh), binary=False)
+        save_atomic(self.root / "CURRENT", lambda fh: fh.write(name), binary=False)  # the commit point
         _fsync_dir(self.root)
         self.manifest, self.manifest_name, self.staged = manifest, name, False
         self._cache, self._index = None, None
@@ -413,18 +403,6 @@ class LocalTokenStore:
         keys = c["instance_id"].nbytes + c["user"].nbytes + c["ts"].nbytes
         side = c["side"].nbytes + c["avail"].nbytes
         return {"payload": payload / n, "keys": keys / n, "side": side / n, "total": (payload + keys + side) / n}
-
-
-@contextmanager
-def _flock(root: Path, mode: int) -> Iterator[None]:
-    """flock on ``root/LOCK`` (exclusive for writers, shared for readers opening a version)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "LOCK", "a") as fh:
-        fcntl.flock(fh.fileno(), mode)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _read_current(root: Path) -> tuple[str, dict]:

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from sampletok.atomic import exclusive, save_torch
+from sampletok.atomic import locked, save_torch
 from sampletok.data.batches import Batch, BatchLoader, FeatureLayout, history_index
 from sampletok.data.history import HistoryIndex
 from sampletok.data.prepare import PreparedDataset
@@ -281,6 +281,12 @@ def causal_embeddings(
     train_rows = ds.rows("train", where=cfg.rows_where)
     task_delay = max(d for d, lab in zip(ds.schema.label_delays(), ds.schema.labels, strict=True) if lab.task)
     known_at = ts[train_rows] + task_delay
+    # start of every fold after k: its first timestamp (a fold can be empty when equal timestamps straddle a
+    # cut, then the next non-empty one's); the end of the training window after the last fold
+    first_ts = np.full(cfg.folds + 1, int(ts[train_rows].max()) + 1 if len(train_rows) else 0, np.int64)
+    inside = fold < cfg.folds
+    np.minimum.at(first_ts, fold[inside], ts[inside])
+    next_start = np.minimum.accumulate(first_ts[::-1])[::-1][1:]  # [folds]: start of folds k+1.. or window end
     trained = np.zeros(len(train_rows), bool)
     out = np.zeros((ds.n_rows, cfg.emb_dim), np.float32)
     for k in range(cfg.folds + 1):
@@ -288,9 +294,7 @@ def causal_embeddings(
         if len(rows_k):  # embed fold k with the state trained on labels known before it starts
             out[rows_k] = embed_all(trainer.model, ds, rows=rows_k, progress=progress)
         if k < cfg.folds:
-            later = ts[(fold > k) & (fold < cfg.folds)]
-            next_start = int(later.min()) if len(later) else int(ts[train_rows].max()) + 1
-            now = ~trained & (known_at < next_start)
+            now = ~trained & (known_at < next_start[k])
             trainer.train(train_rows[now], progress=progress, desc=f" fold {k + 1}/{cfg.folds}")
             trained |= now
     trainer.model.eval()
@@ -452,7 +456,7 @@ def build_or_load_store(
     committed, complete one). ``build=False`` refuses to train when the cache has no such store."""
     path = Path(cache_dir) / f"{ds.fingerprint}-{cfg.fingerprint()}-{seed}"
     # one builder per key: a second experiment asking for the same store waits, then reuses it
-    with exclusive(path.parent / f".{path.name}.build-lock"):
+    with locked(path.parent / f".{path.name}.build-lock"):
         if (path / "CURRENT").exists():
             store = LocalTokenStore.open(path)
             if store.meta.get("dataset") == ds.fingerprint and store.meta.get("source_config") == cfg.model_dump():
@@ -462,9 +466,24 @@ def build_or_load_store(
                 f"{path}: no IAT token store of this source config and seed (the one the model was "
                 "trained with); it is never rebuilt at scoring time: train the model again"
             )
-        if cfg.export_order == "causal":
-            emb, model = causal_embeddings(ds, cfg, seed, progress)
-        else:
-            model, emb = train_source(ds, cfg, seed, progress), None
-        save_torch({"config": cfg.model_dump(), "state_dict": model.state_dict()}, path.parent / f"{path.name}.pt")
-        return export_to_store(model, ds, path, progress, embeddings=emb)
+        return build_store(ds, cfg, seed, path, progress)
+
+
+def build_store(
+    ds: PreparedDataset, cfg: IATSourceConfig, seed: int, path: str | Path, progress: bool = True
+) -> LocalTokenStore:
+    """Train a source model and export every instance's token to ``path`` in ``cfg.export_order`` (causal or
+    in-sample); the final source model is saved beside the tokens as ``source_model.pt`` (what
+    `sampletok iat export` reads)."""
+    if cfg.export_order == "causal":
+        emb, model = causal_embeddings(ds, cfg, seed, progress)
+    else:
+        model, emb = train_source(ds, cfg, seed, progress), None
+    store = export_to_store(model, ds, path, progress, embeddings=emb)
+    saved = {"config": cfg.model_dump(), "state_dict": model.state_dict(), "dataset": ds.fingerprint}
+    save_torch(saved, source_model_path(path))
+    return store
+
+
+def source_model_path(store_path: str | Path) -> Path:
+    return Path(store_path) / "source_model.pt"

@@ -8,7 +8,7 @@ overfit in their second epoch (Zhang et al., CIKM 2022), where train loss collap
 explodes and validation AUC may still creep up, so AUC alone keeps the memorized model.
 
 A checkpoint records the fingerprint of the run that wrote it (model, parameters, training config, dataset,
-seed); resuming under another fingerprint is refused with one line (or pass ``restart=True``).
+seed); resuming under another fingerprint is refused with one line (``resume=False`` starts afresh).
 
 Example:
     >>> cfg = TrainConfig(max_epochs=1)
@@ -197,14 +197,14 @@ def fit(
     if ckpt_path and fingerprint is None:
         raise ConfigError(f"{run_dir}: a run folder needs the run's fingerprint (see run_model)")
     ck = torch.load(ckpt_path, weights_only=False) if ckpt_path and resume and ckpt_path.exists() else None
-    if ck is not None and ck.get("fingerprint") != fingerprint and on_mismatch == "restart":
-        ck = None
-    if ck is not None:
-        if ck.get("fingerprint") != fingerprint:
+    if ck is not None and ck.get("fingerprint") != fingerprint:
+        if on_mismatch == "error":
             raise ConfigError(
                 f"{ckpt_path}: checkpoint of another run ({_fingerprint_diff(ck.get('fingerprint'), fingerprint)}); "
                 "pass --restart to train afresh or choose another --out"
             )
+        ck = None  # on_mismatch="restart": start this run afresh
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
         state = ck["state"]
@@ -236,16 +236,16 @@ def fit(
         state["seconds"] += time.time() - t0
         state["samples"] += n_seen
         metrics = evaluate(model, valid)
+        score = monitor_score(metrics, cfg.monitor)
         state["history"].append(
             {
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / max(n_seen, 1),
                 **{f"valid_{k}": v for k, v in metrics.items()},
                 "lr": opt.param_groups[0]["lr"],
+                "valid_monitor": score,
             }
         )
-        score = monitor_score(metrics, cfg.monitor)
-        state["history"][-1]["valid_monitor"] = score
         if math.isnan(score):
             # a NaN score is never "no better": stop here and keep the best finite epoch (or fail below)
             state["stopped"] = f"validation monitor is NaN at epoch {epoch + 1} ({metrics})"
