@@ -50,10 +50,13 @@ def read_kuairand(path: str | Path) -> KuaiRandLog:
     n = events.height
     events = events.unique(subset=["user_id", "video_id", "time_ms"], keep="first", maintain_order=True)
     dropped = n - events.height
-    unknown = events.join(users, on="user_id", how="anti")
+    unknown = events.join(users, on="user_id", how="anti").sort("_order")
     if unknown.height:
         raise DataError(
-            str(path / "user_features.csv"), f"user {unknown['user_id'][0]!r} of likes.tsv is missing", "user_id"
+            str(path / "likes.tsv"),
+            f"user {unknown['user_id'][0]!r} is not in user_features.csv",
+            "user_id",
+            int(unknown["_order"][0]) + 2,  # 1-based, after the header
         )
     df = events.join(users, on="user_id", how="left").sort("_order")
     df = df.with_columns(_ts_s=pl.col("time_ms") // 1000)
