@@ -38,7 +38,8 @@ TOY_SCHEMA = {
     "user": "uid",
     "timestamp": "ts",
     "item": "iid",
-    "labels": [{"name": "click"}, {"name": "buy", "task": False, "delay": 5}],
+    "labels": [{"name": "click"}],
+    "responses": [{"name": "buy", "type": "binary", "delay": 5}],
     "features": [
         {"name": "uid", "type": "categorical", "group": "user"},
         {"name": "iid", "type": "categorical", "group": "item"},

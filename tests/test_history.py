@@ -36,7 +36,7 @@ def test_fast_fetch_equals_reference_and_never_leaks(case):
     np.testing.assert_array_equal(fast.rows, ref.rows)
     np.testing.assert_array_equal(fast.mask, ref.mask)
     np.testing.assert_array_equal(fast.gap, ref.gap)
-    np.testing.assert_array_equal(fast.label_mask, ref.label_mask)
+    np.testing.assert_array_equal(fast.response_mask, ref.response_mask)
     np.testing.assert_array_equal(fast.length, ref.length)
     # no leakage: every returned row belongs to the user and is strictly earlier
     r = fast.rows[fast.mask]
@@ -46,8 +46,8 @@ def test_fast_fetch_equals_reference_and_never_leaks(case):
     # a label is visible only when ts + delay < request time
     for k, d in enumerate(delays):
         assert np.all(
-            ts[fast.rows[fast.label_mask[:, :, k]]] + d
-            < np.broadcast_to(qt[:, None], fast.rows.shape)[fast.label_mask[:, :, k]]
+            ts[fast.rows[fast.response_mask[:, :, k]]] + d
+            < np.broadcast_to(qt[:, None], fast.rows.shape)[fast.response_mask[:, :, k]]
         )
 
 

@@ -21,10 +21,11 @@ def _with_later_labels_flipped(ds: PreparedDataset, t_cut: int, delay: int = 0) 
     other = PreparedDataset(ds.root).load_into_memory()
     other.schema = ds.schema
     late = np.asarray(ds.col("_ts")) + delay >= t_cut
-    for lab in ds.schema.label_names:
-        y = np.array(ds.col(f"label__{lab}"))
+    for lab in ds.schema.response_names:
+        col = f"label__{lab}" if lab in ds.schema.task_labels else f"resp__{lab}"
+        y = np.array(ds.col(col))
         y[late] = 1 - y[late]
-        other._cols[f"label__{lab}"] = y
+        other._cols[col] = y
     return other
 
 
@@ -58,7 +59,7 @@ def test_causal_tokens_wait_for_delayed_task_labels(synth_prepared):
     ds = PreparedDataset(synth_prepared.root).load_into_memory()
     spec = ds.schema.model_dump(mode="json")
     day = 86_400
-    spec["labels"] = [{**lab, "delay": 2 * day} if lab["task"] else lab for lab in spec["labels"]]
+    spec["labels"] = [{**lab, "delay": 2 * day} for lab in spec["labels"]]
     ds.schema = Schema.model_validate(spec)
     cfg = IATSourceConfig(scheme="user", folds=4, **FAST)
     fold = fold_of_rows(ds, cfg)

@@ -1,9 +1,11 @@
-"""The KuaiRand reader on a tiny log in its shipped layout: repeated events dropped and counted, context from
-strictly earlier seconds only, bad cells and unknown users reported with file, column and row."""
+"""The KuaiRand reader on a tiny log in its shipped layout: repeated events kept by the reader and removed by
+the schema's duplicates policy (counted in the manifest), context from strictly earlier seconds only, bad
+cells and unknown users reported with file, column and row."""
 
 import polars as pl
 import pytest
 
+from sampletok.data.prepare import prepare
 from sampletok.data.sources.kuairand import load_kuairand, read_kuairand
 from sampletok.errors import DataError
 
@@ -28,7 +30,7 @@ def _write(folder, events, users=(1, 2)):
     return folder
 
 
-def test_repeats_are_dropped_and_context_counts_strictly_earlier_seconds(tmp_path):
+def test_repeats_are_removed_by_the_policy_and_context_counts_strictly_earlier_seconds(tmp_path):
     events = [
         _event(1, 10, 1_000_000),
         _event(1, 10, 1_000_000),
@@ -36,14 +38,17 @@ def test_repeats_are_dropped_and_context_counts_strictly_earlier_seconds(tmp_pat
         _event(1, 12, 5_000_000),
         _event(2, 10, 2_000_000),
     ]
-    log = read_kuairand(_write(tmp_path / "k", events))
-    assert log.dropped_duplicates == 1 and log.frame.height == 4
-    u1 = log.frame.filter(pl.col("user_id") == "1").sort("time_ms")
-    # the two events of the same second see nothing of each other; the later one sees both
+    frame = read_kuairand(_write(tmp_path / "k", events))
+    assert frame.height == 5
+    u1 = frame.filter(pl.col("user_id") == "1").unique(["video_id", "time_ms"], maintain_order=True).sort("time_ms")
+    # the two events of the same second see nothing of each other; the later one sees both (a repeat counts once)
     assert u1["user_count"].to_list() == [0.0, 0.0, 2.0]
     assert u1["play_ratio"].to_list() == [0.5, 0.5, 0.5]
     source, schema = load_kuairand(tmp_path / "k")
     assert schema.timestamp_unit == "ms" and set(source.columns) == set(schema.raw_columns)
+    ds = prepare(source, schema, tmp_path / "ds", progress=False)
+    assert ds.n_rows == 4
+    assert ds.manifest["duplicates"] == {"policy": "keep_first", "repeated_ids": 1, "rows_removed": 1}
 
 
 @pytest.mark.parametrize(

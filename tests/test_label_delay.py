@@ -34,7 +34,8 @@ def ms_log(tmp_path_factory):
             "timestamp": "ts",
             "timestamp_unit": "ms",
             "item": "iid",
-            "labels": [{"name": "click"}, {"name": "buy", "task": False, "delay": 3600}],
+            "labels": [{"name": "click"}],
+            "responses": [{"name": "buy", "delay": 3600}],
             "features": [
                 {"name": "uid", "type": "categorical", "group": "user"},
                 {"name": "iid", "type": "categorical", "group": "item"},
@@ -54,17 +55,17 @@ def _expected_known(ds, users, req_ts, n):
 
 
 def test_delay_is_seconds_on_an_ms_log(ms_log):
-    assert ms_log.schema.label_delays() == [0, HOUR_MS]
+    assert ms_log.schema.response_delays() == [0, HOUR_MS]
     ds = ms_log
     rows = np.arange(ds.n_rows)
     users, ts = np.asarray(ds.col("_user_key"))[rows], np.asarray(ds.col("_ts"))[rows]
     h, known = _expected_known(ds, users, ts, 8)
     # a row 5 s before a request is in its history, but its 1-hour label is not yet known
     assert (h.mask & ~known).any() and known.any()
-    np.testing.assert_array_equal(h.label_mask[:, :, 1], known)
+    np.testing.assert_array_equal(h.response_mask[:, :, 1], known)
     batch = BatchLoader(ds, rows, len(rows), hist_len=8).build(rows)
-    np.testing.assert_array_equal(batch.hist_label_mask[:, :, 1].numpy(), known)
-    assert (batch.hist_labels[:, :, 1].numpy()[~known] == 0).all()
+    np.testing.assert_array_equal(batch.hist_response_mask[:, :, 1].numpy(), known)
+    assert (batch.hist_responses[:, :, 1].numpy()[~known] == 0).all()
 
 
 def test_iat_and_sif_stores_use_the_same_availability(ms_log, tmp_path):

@@ -34,24 +34,24 @@ def test_forward_backward(name, data, request):
     assert not torch.allclose(a, b)
 
 
-def test_din_history_labels_count_only_once_known(synth_prepared):
+def test_din_history_responses_count_only_once_known(synth_prepared):
     """DIN's label-aware history: a past label not yet known at the request cannot change the score,
     whatever its value; flipping a known one does; without the option labels are not read at all."""
     torch.manual_seed(0)
     layout = FeatureLayout.from_dataset(synth_prepared)
     rows = synth_prepared.rows("test")[:128]
     batch = BatchLoader(synth_prepared, rows, 128, hist_len=10).build(rows)
-    unknown, known = ~batch.hist_label_mask & batch.hist_mask.unsqueeze(-1), batch.hist_label_mask
+    unknown, known = ~batch.hist_response_mask & batch.hist_mask.unsqueeze(-1), batch.hist_response_mask
     assert unknown.any() and known.any()
-    poked, flipped = batch.hist_labels.clone(), batch.hist_labels.clone()
+    poked, flipped = batch.hist_responses.clone(), batch.hist_responses.clone()
     poked[unknown] = 7.0
     flipped[known] = 1 - flipped[known]
     for with_labels in (True, False):
-        model = build_model("din", layout, history_labels=with_labels).eval()
+        model = build_model("din", layout, history_responses=with_labels).eval()
         with torch.no_grad():
             base = model(batch).logits
-            torch.testing.assert_close(model(dataclasses.replace(batch, hist_labels=poked)).logits, base)
-            changed = model(dataclasses.replace(batch, hist_labels=flipped)).logits
+            torch.testing.assert_close(model(dataclasses.replace(batch, hist_responses=poked)).logits, base)
+            changed = model(dataclasses.replace(batch, hist_responses=flipped)).logits
         assert torch.allclose(changed, base) is not with_labels
 
 

@@ -27,7 +27,7 @@ def test_yaml_round_trip_and_stable_fingerprint(tmp_path, toy_schema):
         ({"features": TOY_SCHEMA["features"] + [TOY_SCHEMA["features"][0]]}, "defined twice"),
         ({"sequence": {"fields": ["nope"]}}, "sequence field 'nope'"),
         ({"sequence": {"fields": ["price"]}}, "must be categorical"),
-        ({"labels": [{"name": "click", "task": False}]}, "at least one label"),
+        ({"labels": [{"name": "click", "task": False}]}, "declare it under responses"),
         ({"item": "nope"}, "item field 'nope'"),
         ({"features": [{"name": "x", "type": "float", "group": "user"}]}, "features.0.type"),
         ({"features": [{"name": "x", "type": "numeric", "group": "other"}]}, "features.0.group"),

@@ -95,23 +95,23 @@ def test_flat_mixer_ablation_runs(synth_prepared):
     assert out.logits.shape == (32, 1)
 
 
-def test_history_labels_count_only_once_known(trained, synth_prepared):
-    """Past responses reach the model through hist_labels; a label not yet known at the request (mask False)
+def test_history_responses_count_only_once_known(trained, synth_prepared):
+    """Past responses reach the model through hist_responses; a label not yet known at the request (mask False)
     cannot change the score whatever its value, a known one does."""
     import dataclasses
 
     rows = synth_prepared.rows("test")[:128]
     batch = BatchLoader(synth_prepared, rows, 128, hist_len=10).build(rows)
-    unknown, known = ~batch.hist_label_mask & batch.hist_mask.unsqueeze(-1), batch.hist_label_mask
+    unknown, known = ~batch.hist_response_mask & batch.hist_mask.unsqueeze(-1), batch.hist_response_mask
     assert unknown.any() and known.any()
     with torch.no_grad():
         base = trained(batch).logits
-        poked = batch.hist_labels.clone()
+        poked = batch.hist_responses.clone()
         poked[unknown] = 7.0
-        torch.testing.assert_close(trained(dataclasses.replace(batch, hist_labels=poked)).logits, base)
-        flipped = batch.hist_labels.clone()
+        torch.testing.assert_close(trained(dataclasses.replace(batch, hist_responses=poked)).logits, base)
+        flipped = batch.hist_responses.clone()
         flipped[known] = 1 - flipped[known]
-        assert not torch.allclose(trained(dataclasses.replace(batch, hist_labels=flipped)).logits, base)
+        assert not torch.allclose(trained(dataclasses.replace(batch, hist_responses=flipped)).logits, base)
 
 
 @pytest.mark.parametrize("variant", [{"mixer": "pool"}, {"quantize_history": False}, {"history_fields": ["item_id"]}])

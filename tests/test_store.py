@@ -49,10 +49,10 @@ def test_fetch_matches_history_index_and_never_leaks(tmp_path_factory, n, seed, 
     ref = HistoryIndex(allc["user"], allc["ts"], [3]).fetch(qu, qt, length)
     np.testing.assert_array_equal(got.mask, ref.mask)
     np.testing.assert_array_equal(got.gap, ref.gap)
-    np.testing.assert_array_equal(got.side_mask, ref.label_mask)
+    np.testing.assert_array_equal(got.side_mask, ref.response_mask)
     safe = np.where(ref.mask, ref.rows, 0)
     np.testing.assert_allclose(got.payload, np.where(ref.mask[..., None], allc["payload"][safe], 0))
-    np.testing.assert_allclose(got.side, np.where(ref.label_mask, allc["side"][safe], 0))
+    np.testing.assert_allclose(got.side, np.where(ref.response_mask, allc["side"][safe], 0))
     assert np.all(allc["ts"][got.rows[got.mask]] < np.broadcast_to(qt[:, None], got.rows.shape)[got.mask])
 
 

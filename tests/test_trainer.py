@@ -28,11 +28,11 @@ def test_batches_never_leak(synth_prepared):
     assert np.all(ts[hr[m]] < req_ts[m])
     assert np.all(user[hr[m]] == np.broadcast_to(b.user.numpy()[:, None], hr.shape)[m])
     delays = np.array([l.delay for l in ds.schema.labels])
-    lm = b.hist_label_mask.numpy()
+    lm = b.hist_response_mask.numpy()
     for k, d in enumerate(delays):
         assert np.all(ts[hr[lm[:, :, k]]] + d < req_ts[lm[:, :, k]])
         hidden = m & ~lm[:, :, k]
-        assert np.all(b.hist_labels.numpy()[:, :, k][hidden] == 0)
+        assert np.all(b.hist_responses.numpy()[:, :, k][hidden] == 0)
     assert (m & ~lm[:, :, 1]).any()  # the delayed conversion label really is hidden sometimes
     # history features equal the dataset's own rows
     item = np.asarray(ds.col("cat__item_id"))

@@ -67,11 +67,57 @@ class FeatureField(_Strict):
 
 
 class LabelSpec(_Strict):
-    """A label column; ``delay`` seconds after the event it becomes known (visible to requests after ts+delay)."""
+    """A task label (trained on); ``delay`` seconds after the event it becomes known (visible to requests after
+    ts+delay). On a past row it is also a response (see :class:`ResponseSpec`)."""
 
     name: str
     delay: int = Field(0, ge=0)
-    task: bool = Field(True, description="trained on; side labels (task=false) only feed history side info")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_side_labels(cls, data):
+        if isinstance(data, dict) and "task" in data:
+            if data["task"] is False:
+                raise ValueError(
+                    f"label '{data.get('name')}' has task: false; a column that is not trained on is a response:"
+                    " declare it under responses: (type binary, numeric or categorical)"
+                )
+            data = {k: v for k, v in data.items() if k != "task"}
+        return data
+
+
+class ResponseSpec(_Strict):
+    """An outcome of the event that is not trained on (click, play time, a reason code...). For the request it
+    is never a feature; on a past row it is a history input, seen only once known: ``delay`` seconds after the
+    event, or at the time in the ``known_at`` column (same unit as the timestamp; null = never known)."""
+
+    name: str
+    type: Literal["binary", "numeric", "categorical"] = "binary"
+    # numeric: the same normalizations as numeric features, fitted on the training window
+    normalize: Literal["none", "standard", "log_standard", "bucketize"] = "standard"
+    buckets: int = Field(16, ge=2, description="quantile buckets when normalize=bucketize")
+    min_count: int = Field(1, ge=1, description="categorical: values seen fewer times in train map to OOV")
+    delay: int = Field(0, ge=0)
+    known_at: str | None = Field(None, description="column with the time the response became known")
+
+    @model_validator(mode="after")
+    def _one_availability(self) -> ResponseSpec:
+        if self.known_at is not None and self.delay:
+            raise ValueError(f"response '{self.name}': give either delay or known_at, not both")
+        return self
+
+    @property
+    def is_categorical_like(self) -> bool:
+        """True when the prepared column holds vocabulary codes (categorical, bucketized numeric)."""
+        return self.type == "categorical" or (self.type == "numeric" and self.normalize == "bucketize")
+
+    @property
+    def nan_policy(self) -> str:  # read by the numeric fitting shared with features
+        return "error"
+
+    @property
+    def fill_value(self) -> float:
+        return 0.0
 
 
 class SequenceSpec(_Strict):
@@ -91,9 +137,15 @@ class Schema(_Strict):
     instance_id: str | None = None
     timestamp_unit: Literal["s", "ms"] = "s"
     labels: list[LabelSpec]
+    responses: list[ResponseSpec] = Field(default_factory=list)
     features: list[FeatureField]
     sequence: SequenceSpec | None = None
     allow_extra_columns: bool = False
+    duplicates: Literal["error", "drop", "keep_first"] = Field(
+        "error",
+        description="rows repeating an instance id (derived: user, item, timestamp): error (naming both rows), "
+        "drop every such row, or keep the first in file order; the count goes in the manifest",
+    )
 
     @model_validator(mode="after")
     def _check_references(self) -> Schema:
@@ -101,10 +153,21 @@ class Schema(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"feature fields defined twice: {dup}")
-        if not any(l.task for l in self.labels):
-            raise ValueError("at least one label must have task: true")
-        label_names = [l.name for l in self.labels]
-        clash = sorted(set(label_names) & set(names))
+        if not self.labels:
+            raise ValueError("at least one label is needed")
+        outcomes = self.response_names
+        dup = sorted({n for n in outcomes if outcomes.count(n) > 1})
+        if dup:
+            raise ValueError(f"labels/responses defined twice: {dup}")
+        for r in self.responses:
+            if r.name in names:
+                raise ValueError(
+                    f"response '{r.name}' is also a feature: a response is an outcome of the request, "
+                    "never its feature (remove it from features)"
+                )
+            if r.known_at is not None and r.known_at in names + outcomes + [self.user, self.timestamp]:
+                raise ValueError(f"response '{r.name}': known_at column '{r.known_at}' is used elsewhere")
+        clash = sorted({l.name for l in self.labels} & set(names))
         if clash:
             raise ValueError(f"columns used both as label and feature: {clash}")
         if self.item is not None and self.item not in names:
@@ -131,22 +194,36 @@ class Schema(_Strict):
 
     @property
     def task_labels(self) -> list[str]:
-        return [l.name for l in self.labels if l.task]
+        return [l.name for l in self.labels]
 
     @property
-    def label_names(self) -> list[str]:
-        return [l.name for l in self.labels]
+    def response_names(self) -> list[str]:
+        """What a past row contributes besides its features, in history order: the task labels, then the
+        declared responses."""
+        return [l.name for l in self.labels] + [r.name for r in self.responses]
+
+    def response(self, name: str) -> ResponseSpec:
+        for r in self.responses:
+            if r.name == name:
+                return r
+        raise KeyError(name)
 
     @property
     def ticks_per_second(self) -> int:
         """Timestamp ticks per second (1 for ``s``, 1000 for ``ms``)."""
         return 1000 if self.timestamp_unit == "ms" else 1
 
-    def label_delays(self) -> list[int]:
-        """Each label's availability delay in the log's timestamp unit. ``LabelSpec.delay`` is in seconds; this
-        is the one place it is converted, so every reader of availability (history index, store exports)
-        agrees on ms logs too."""
-        return [l.delay * self.ticks_per_second for l in self.labels]
+    def response_delays(self) -> list[int]:
+        """Each response's (task labels first) availability delay in the log's timestamp unit (0 where a
+        ``known_at`` column says when). Delays are seconds in the schema; this is the one place they are
+        converted, so every reader of availability (history index, store exports) agrees on ms logs too."""
+        delays = [l.delay for l in self.labels] + [r.delay for r in self.responses]
+        return [d * self.ticks_per_second for d in delays]
+
+    @property
+    def task_delay(self) -> int:
+        """The longest task-label delay in timestamp ticks: when a row's training target is complete."""
+        return max(l.delay for l in self.labels) * self.ticks_per_second
 
     @property
     def raw_columns(self) -> list[str]:
@@ -154,7 +231,8 @@ class Schema(_Strict):
         cols = [self.user, self.timestamp]
         if self.instance_id:
             cols.append(self.instance_id)
-        cols += [l.name for l in self.labels]
+        cols += self.response_names
+        cols += [r.known_at for r in self.responses if r.known_at]
         cols += [f.name for f in self.features if f.name not in cols]
         return cols
 

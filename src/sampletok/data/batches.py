@@ -9,7 +9,7 @@ no per-sample Python.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -28,12 +28,13 @@ class FeatureLayout:
     num_fields: list[FeatureField]
     vocab_sizes: dict[str, int]
     task_labels: list[str]
-    all_labels: list[str]
+    responses: list[str]  # what a past row adds to its features: task labels, then declared responses
     seq_cat: list[str]  # sequence fields that are categorical (first one is the item id)
     seq_multi: list[str]
     multi_len: int
     groups: dict[str, str]
     features: list[FeatureField] | None = None  # every field in schema order (SIF sub-token assignment)
+    response_vocab_sizes: dict[str, int] = field(default_factory=dict)  # categorical responses (others: value)
 
     @classmethod
     def from_dataset(cls, ds: PreparedDataset) -> FeatureLayout:
@@ -48,12 +49,13 @@ class FeatureLayout:
             num_fields=num,
             vocab_sizes={f.name: ds.vocab_size(f.name) for f in s.features if f.is_categorical_like},
             task_labels=s.task_labels,
-            all_labels=s.label_names,
+            responses=s.response_names,
             seq_cat=[f for f in seq if s.field(f).type == FieldType.categorical],
             seq_multi=[f for f in seq if s.field(f).type == FieldType.multi_categorical],
             multi_len=max([f.max_len for f in multi], default=1),
             groups={f.name: f.group for f in s.features},
             features=list(s.features),
+            response_vocab_sizes={r: v for r in s.response_names if (v := ds.response_vocab_size(r))},
         )
 
     @property
@@ -69,7 +71,8 @@ class FeatureLayout:
 @dataclass
 class Batch:
     """Tensors of one batch. Shapes: B requests, F_c categorical, F_m multi (padded to L_m), F_n numeric,
-    n history positions (right-aligned, most recent last), S_c/S_m sequence fields, Y task labels, A all labels."""
+    n history positions (right-aligned, most recent last), S_c/S_m sequence fields, Y task labels, R responses
+    (:attr:`FeatureLayout.responses`: the task labels, then the schema's responses)."""
 
     cat: torch.Tensor  # [B, F_c] int64
     multi: torch.Tensor  # [B, F_m, L_m] int64
@@ -80,17 +83,11 @@ class Batch:
     hist_mask: torch.Tensor  # [B, n] bool
     hist_gap: torch.Tensor  # [B, n] float32 seconds between history row and request
     hist_rows: torch.Tensor  # [B, n] int64 dataset row ids, -1 where padded
-    hist_labels: torch.Tensor  # [B, n, A] float32, 0 where not yet known
-    hist_label_mask: torch.Tensor  # [B, n, A] bool
+    hist_responses: torch.Tensor  # [B, n, R] float32 value or vocabulary code, 0 where not yet known
+    hist_response_mask: torch.Tensor  # [B, n, R] bool, True where known before the request
     user: torch.Tensor  # [B] int64 user key (GAUC groups)
     ts: torch.Tensor  # [B] int64 request time
     rows: torch.Tensor  # [B] int64 dataset row ids of the requests
-
-    def history_label_features(self) -> torch.Tensor:
-        """[B, n, 2A] each history row's labels (zero unless already known at the request) and known-flags:
-        the label side input of every model that reads past responses."""
-        known = self.hist_label_mask.to(self.hist_labels.dtype)
-        return torch.cat([self.hist_labels * known, known], dim=-1)
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
@@ -141,7 +138,7 @@ class BatchLoader:
             m = np.asarray(ds.col(f"multi__{f.name}"))
             self._multi[:, i, : m.shape[1]] = m
         self._labels = _stack([ds.col(f"label__{l}") for l in lay.task_labels], (n, 0), np.float32)
-        self._all_labels = _stack([ds.col(f"label__{l}") for l in lay.all_labels], (n, 0), np.float32)
+        self._responses = _stack([ds.response_column(r) for r in lay.responses], (n, 0), np.float32)
         cat_pos = {f.name: i for i, f in enumerate(lay.cat_fields)}
         multi_pos = {f.name: i for i, f in enumerate(lay.multi_fields)}
         seq_cat_idx = np.array([cat_pos[f] for f in lay.seq_cat], dtype=np.int64)
@@ -207,7 +204,7 @@ class BatchLoader:
         h = self.index.fetch(users, ts, n)
         padded = np.where(h.mask, h.rows, len(self._seq_cat) - 1)  # empty positions → the padding row
         hist_cat, hist_multi = self._seq_cat[padded], self._seq_multi[padded]
-        hist_labels = self._all_labels[np.where(h.mask, h.rows, 0)] * h.label_mask
+        hist_responses = self._responses[np.where(h.mask, h.rows, 0)] * h.response_mask
         t = torch.from_numpy
         return Batch(
             cat=t(self._cat[rows].astype(np.int64)),
@@ -219,8 +216,8 @@ class BatchLoader:
             hist_mask=t(h.mask),
             hist_gap=t(h.gap / np.float32(self._ticks_per_second)),
             hist_rows=t(h.rows),
-            hist_labels=t(hist_labels.astype(np.float32)),
-            hist_label_mask=t(h.label_mask),
+            hist_responses=t(hist_responses.astype(np.float32)),
+            hist_response_mask=t(h.response_mask),
             user=t(users.astype(np.int64)),
             ts=t(ts.astype(np.int64)),
             rows=t(rows),
@@ -231,7 +228,12 @@ def history_index(ds: PreparedDataset) -> HistoryIndex:
     """The history index over every row of a prepared dataset (cached on the dataset object)."""
     cached = getattr(ds, "_history_index", None)
     if cached is None:
-        cached = HistoryIndex(np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts")), ds.schema.label_delays())
+        cached = HistoryIndex(
+            np.asarray(ds.col("_user_key")),
+            np.asarray(ds.col("_ts")),
+            ds.schema.response_delays(),
+            ds.response_known_at(),
+        )
         ds._history_index = cached  # type: ignore[attr-defined]
     return cached
 

@@ -3,7 +3,8 @@
 Rows are sorted once by (user, timestamp, row id) into a CSR layout. ``fetch`` answers, for a batch of
 requests ``(user, request_ts)``, the row ids of the user's last ``n`` rows with ``ts < request_ts`` (strict:
 an event at the same second is never visible), right-aligned (most recent last), with a mask, the time gaps
-and a per-label availability mask (a label with delay ``d`` is visible only when ``ts + d < request_ts``).
+and a per-response availability mask (a response with delay ``d`` is visible only when
+``ts + d < request_ts``; one with a per-row known-at time ``k`` only when ``k < request_ts``).
 
 The fast path is one ``np.searchsorted`` over a composite (user, ts) key plus one gather; ``fetch_reference``
 is the plain per-request loop it is property-tested against.
@@ -32,7 +33,7 @@ class History:
     rows: np.ndarray  # [B, n] int64 row ids, -1 where padded
     mask: np.ndarray  # [B, n] bool, True where a real past row
     gap: np.ndarray  # [B, n] float32 request_ts - ts(row), 0 where padded
-    label_mask: np.ndarray  # [B, n, n_labels] bool, True where that label was known before the request
+    response_mask: np.ndarray  # [B, n, R] bool, True where that response was known before the request
     length: np.ndarray  # [B] int64 number of real rows
 
 
@@ -42,11 +43,19 @@ class HistoryIndex:
     Args:
         user: [N] integer user key per row (any ints; equality is all that matters).
         ts: [N] int64 timestamps.
-        label_delay: per-label availability delays (same unit as ts); labels of a past row are visible to a
-            request at t only when ``ts + delay < t``.
+        response_delay: per-response availability delays (same unit as ts); a response of a past row is
+            visible to a request at t only when ``ts + delay < t``.
+        known_at: {response index: [N] int64 time it became known} for responses whose availability is a
+            column (their delay is ignored); visible only when ``known_at < t``.
     """
 
-    def __init__(self, user: np.ndarray, ts: np.ndarray, label_delay: list[int] | np.ndarray | None = None):
+    def __init__(
+        self,
+        user: np.ndarray,
+        ts: np.ndarray,
+        response_delay: list[int] | np.ndarray | None = None,
+        known_at: dict[int, np.ndarray] | None = None,
+    ):
         user = np.asarray(user, dtype=np.int64)
         ts = np.asarray(ts, dtype=np.int64)
         if user.shape != ts.shape or user.ndim != 1:
@@ -57,7 +66,8 @@ class HistoryIndex:
         self.sorted_user = user[self.order]
         self.sorted_ts = ts[self.order]
         self.ts = ts
-        self.label_delay = np.asarray(label_delay if label_delay is not None else [], dtype=np.int64)
+        self.response_delay = np.asarray(response_delay if response_delay is not None else [], dtype=np.int64)
+        self.known_at = {k: np.asarray(v, dtype=np.int64) for k, v in (known_at or {}).items()}
         # composite key (user rank, ts) → one sorted int64 array, so a batch of lookups is one searchsorted
         self._users, self._user_rank = np.unique(self.sorted_user, return_inverse=True)
         self._ts_min = int(ts.min()) if self.n_rows else 0
@@ -106,7 +116,7 @@ class HistoryIndex:
         if self.n_rows == 0:
             zeros = np.zeros((b, n), np.float32)
             return History(
-                np.full((b, n), -1, np.int64), mask, zeros, np.zeros((b, n, len(self.label_delay)), bool), length
+                np.full((b, n), -1, np.int64), mask, zeros, np.zeros((b, n, len(self.response_delay)), bool), length
             )
         pos = end[:, None] + offs[None, :]
         np.maximum(pos, 0, out=pos)
@@ -116,11 +126,13 @@ class HistoryIndex:
         rows[pad] = -1
         gap = (req[:, None] - row_ts).astype(np.float32)
         gap[pad] = 0
-        label_mask = np.empty((b, n, len(self.label_delay)), dtype=bool)
-        for k, d in enumerate(self.label_delay):  # a few labels, not samples
-            # valid rows already satisfy ts < request; a delay d > 0 also needs ts < request - d
-            label_mask[:, :, k] = mask if d <= 0 else mask & (row_ts < (req - d)[:, None])
-        return History(rows=rows, mask=mask, gap=gap, label_mask=label_mask, length=length)
+        response_mask = np.empty((b, n, len(self.response_delay)), dtype=bool)
+        for k, d in enumerate(self.response_delay):  # a few responses, not samples
+            if k in self.known_at:
+                response_mask[:, :, k] = mask & (self.known_at[k][np.maximum(rows, 0)] < req[:, None])
+            else:  # valid rows already satisfy ts < request; a delay d > 0 also needs ts < request - d
+                response_mask[:, :, k] = mask if d <= 0 else mask & (row_ts < (req - d)[:, None])
+        return History(rows=rows, mask=mask, gap=gap, response_mask=response_mask, length=length)
 
     def count_before(self, users: np.ndarray, request_ts: np.ndarray) -> np.ndarray:
         """How many rows each user has strictly before each request time."""
@@ -129,15 +141,21 @@ class HistoryIndex:
 
 
 def fetch_reference(
-    user: np.ndarray, ts: np.ndarray, label_delay: list[int], users: np.ndarray, request_ts: np.ndarray, n: int
+    user: np.ndarray,
+    ts: np.ndarray,
+    response_delay: list[int],
+    users: np.ndarray,
+    request_ts: np.ndarray,
+    n: int,
+    known_at: dict[int, np.ndarray] | None = None,
 ) -> History:
     """Plain, obviously-correct loop over requests (the reference the fast path is tested against)."""
-    user, ts = np.asarray(user), np.asarray(ts)
-    b, n_labels = len(users), len(label_delay)
+    user, ts, known_at = np.asarray(user), np.asarray(ts), known_at or {}
+    b, n_labels = len(users), len(response_delay)
     rows = np.full((b, n), -1, dtype=np.int64)
     mask = np.zeros((b, n), dtype=bool)
     gap = np.zeros((b, n), dtype=np.float32)
-    label_mask = np.zeros((b, n, n_labels), dtype=bool)
+    response_mask = np.zeros((b, n, n_labels), dtype=bool)
     length = np.zeros(b, dtype=np.int64)
     for i, (u, t) in enumerate(zip(users, request_ts, strict=True)):
         past = [r for r in range(len(ts)) if user[r] == u and ts[r] < t]
@@ -147,6 +165,7 @@ def fetch_reference(
         for j, r in enumerate(past):
             k = n - len(past) + j
             rows[i, k], mask[i, k], gap[i, k] = r, True, t - ts[r]
-            for lab, d in enumerate(label_delay):
-                label_mask[i, k, lab] = ts[r] + d < t
-    return History(rows=rows, mask=mask, gap=gap, label_mask=label_mask, length=length)
+            for lab, d in enumerate(response_delay):
+                known = known_at[lab][r] if lab in known_at else ts[r] + d
+                response_mask[i, k, lab] = known < t
+    return History(rows=rows, mask=mask, gap=gap, response_mask=response_mask, length=length)

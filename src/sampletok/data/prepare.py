@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sampletok.data.sources.files import RawChunk, RawSource
 from sampletok.errors import DataError
-from sampletok.schema import FeatureField, FieldType, Schema
+from sampletok.schema import FeatureField, FieldType, ResponseSpec, Schema
 
 PREP_VERSION = 1
 SPLIT_NAMES = ("train", "valid", "test")
@@ -80,10 +80,23 @@ def _where(chunk: RawChunk, mask: np.ndarray) -> int:
     return chunk.first_row + int(np.flatnonzero(mask)[0])
 
 
-def parse_timestamp(chunk: RawChunk, column: str, unit: str) -> np.ndarray:
+NEVER = np.iinfo(np.int64).max  # the known-at time of a response that never became known
+
+
+def parse_timestamp(chunk: RawChunk, column: str, unit: str, *, null_is_never: bool = False) -> np.ndarray:
+    """Column as int64 ticks of ``unit``; a null is an error, or :data:`NEVER` when ``null_is_never``."""
     s = chunk.frame.get_column(column)
     if s.null_count():
-        raise DataError(chunk.origin, "null timestamp", column, _where(chunk, s.is_null().to_numpy()))
+        null = s.is_null().to_numpy()
+        if not null_is_never:
+            raise DataError(chunk.origin, "null timestamp", column, _where(chunk, null))
+        frame = chunk.frame.with_columns(s.fill_null(strategy="forward").fill_null(strategy="backward"))
+        filled = RawChunk(origin=chunk.origin, first_row=chunk.first_row, frame=frame)
+        if filled.frame.get_column(column).null_count():  # every cell null
+            return np.full(len(s), NEVER, np.int64)
+        out = parse_timestamp(filled, column, unit)
+        out[null] = NEVER
+        return out
     if s.dtype == pl.Utf8:
         as_int = s.str.strip_chars().cast(pl.Int64, strict=False)
         if as_int.null_count() < len(s):  # integer timestamps: any cell that is not one is bad
@@ -177,11 +190,11 @@ class _FitAccumulator:
     samples: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
-def _transform_numeric(x: np.ndarray, f: FeatureField) -> np.ndarray:
+def _transform_numeric(x: np.ndarray, f: FeatureField | ResponseSpec) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x)) if f.normalize == "log_standard" else x
 
 
-def _check_finite(chunk: RawChunk, f: FeatureField, x: np.ndarray) -> np.ndarray:
+def _check_finite(chunk: RawChunk, f: FeatureField | ResponseSpec, x: np.ndarray) -> np.ndarray:
     bad = ~np.isfinite(x)
     if bad.any():
         if f.nan_policy == "error":
@@ -201,8 +214,9 @@ class PreparedDataset:
 
     Columns (all length N, in source row order):
       ``_user_key`` int64 dense user code over all rows, ``_ts`` int64, ``_instance_id`` int64, ``_split`` int8,
-      ``label__<name>`` float32, ``cat__<name>`` int32 codes, ``multi__<name>`` int32 [N, max_len],
-      ``num__<name>`` float32 normalized.
+      ``label__<name>`` float32, ``resp__<name>`` float32 (0/1, normalized value or vocabulary code),
+      ``known__<name>`` int64 (a response's known-at time), ``cat__<name>`` int32 codes,
+      ``multi__<name>`` int32 [N, max_len], ``num__<name>`` float32 normalized.
     """
 
     def __init__(self, root: str | Path):
@@ -264,6 +278,30 @@ class PreparedDataset:
 
     def vocab_size(self, field_name: str) -> int:
         return self.stats[field_name].vocab_size
+
+    # ------------------------------------------------------------------ responses of past rows
+    def response_column(self, name: str) -> np.ndarray:
+        """[N] float32 values of one response (task labels included), as models read it on a past row."""
+        return self.col(f"label__{name}" if name in self.schema.task_labels else f"resp__{name}")
+
+    def response_vocab_size(self, name: str) -> int:
+        """Embedding-table size of a categorical (or bucketized) response; 0 for one read as a value."""
+        if name in self.schema.task_labels or not self.schema.response(name).is_categorical_like:
+            return 0
+        return self.stats[name].vocab_size
+
+    def response_known_at(self) -> dict[int, np.ndarray]:
+        """{response index: [N] int64 time it became known} for responses with a ``known_at`` column."""
+        names = self.schema.response_names
+        return {names.index(r.name): self.col(f"known__{r.name}") for r in self.schema.responses if r.known_at}
+
+    def response_available_at(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """[N or len(rows), R] int64 time from which each response of each row is visible (strictly after)."""
+        rows = np.arange(self.n_rows) if rows is None else np.asarray(rows)
+        avail = np.asarray(self.col("_ts"))[rows, None] + np.array(self.schema.response_delays(), np.int64)[None]
+        for k, known in self.response_known_at().items():
+            avail[:, k] = np.asarray(known)[rows]
+        return avail
 
     def feature_column(self, f: FeatureField) -> str:
         if f.type == FieldType.multi_categorical:
@@ -368,10 +406,17 @@ def prepare(
     iid_all = np.concatenate(iid_parts)
     user_all = pl.concat(users)
     del users, ts_parts, iid_parts
+    keep, duplicates = _apply_duplicates_policy(iid_all, origins, schema)
+    if keep is not None:
+        ts_all, iid_all, user_all = ts_all[keep], iid_all[keep], user_all.filter(pl.Series(keep))
     n = len(ts_all)
-    _check_unique_ids(iid_all, origins, schema.instance_id or "(derived instance id)")
     user_key = (user_all.rank("dense") - 1).cast(pl.Int64).to_numpy()
     split_code = assign_splits(ts_all, split)
+    # split per source row (-1: a dropped duplicate), so passes 2 and 3 read the source as it is
+    source_split = split_code
+    if keep is not None:
+        source_split = np.full(len(keep), -1, np.int8)
+        source_split[keep] = split_code
     n_users = int(user_key.max()) + 1
     del user_all
     bar.update(1)
@@ -380,14 +425,16 @@ def prepare(
     acc = _FitAccumulator()
     stride = max(1, int(np.ceil((split_code == 0).sum() / _MAX_BUCKET_SAMPLE)))
     feat_cols = [f.name for f in schema.features]
+    # numeric and categorical responses are fitted like features (binary ones are kept as 0/1)
+    fitted: list[FeatureField | ResponseSpec] = [*schema.features, *(r for r in schema.responses if r.type != "binary")]
     offset = 0
-    for chunk in source.iter_chunks(feat_cols):
+    for chunk in source.iter_chunks(feat_cols + [r.name for r in schema.responses]):
         h = chunk.frame.height
-        train = split_code[offset : offset + h] == 0
+        train = source_split[offset : offset + h] == 0
         offset += h
         if not train.any():
             continue
-        for f in schema.features:
+        for f in fitted:
             if f.type == FieldType.numeric:
                 x = _check_finite(chunk, f, as_float(chunk, f.name, allow_null=True))[train]
                 x = _transform_numeric(x, f)
@@ -401,12 +448,13 @@ def prepare(
             if f.type == FieldType.categorical:
                 vals = as_str(chunk, f.name).filter(pl.Series(train)).drop_nulls()
             else:
+                assert isinstance(f, FeatureField)  # responses are never multi-valued
                 vals = _list_cells(chunk, f).filter(pl.Series(train)).list.head(f.max_len).explode().drop_nulls()
             vc = vals.value_counts()
             seen = dict(zip(vc[:, 0].to_list(), vc[:, 1].to_list(), strict=True))
             acc.counts.setdefault(f.name, Counter()).update(seen)
     stats: dict[str, FieldStats] = {}
-    for f in schema.features:
+    for f in fitted:
         if f.type == FieldType.numeric:
             cnt, s1, s2 = acc.sums.get(f.name, [0.0, 0.0, 0.0])
             mean = s1 / cnt if cnt else 0.0
@@ -435,34 +483,55 @@ def prepare(
         arrays["_ts"][:] = ts_all
         arrays["_instance_id"][:] = iid_all
         arrays["_split"][:] = split_code
-        lookup = {f.name: _vocab_frame(v) for f in schema.features if (v := stats[f.name].vocab) is not None}
-        offset = 0
+        lookup = {f.name: _vocab_frame(v) for f in fitted if (v := stats[f.name].vocab) is not None}
+        written = 0
         label_cols = [l.name for l in schema.labels]
-        for chunk in source.iter_chunks(label_cols + feat_cols):
+        known_cols = [r.known_at for r in schema.responses if r.known_at]
+        response_cols = [r.name for r in schema.responses] + known_cols + ([schema.timestamp] if known_cols else [])
+        offset = 0
+        for chunk in source.iter_chunks(label_cols + response_cols + feat_cols):
             h = chunk.frame.height
-            sl = slice(offset, offset + h)
+            in_log = source_split[offset : offset + h] >= 0
             offset += h
+            sl = slice(written, written + int(in_log.sum()))
+            written = sl.stop
+
+            def put(name: str, values: np.ndarray, out=arrays, in_log=in_log, sl=sl) -> None:
+                out[name][sl] = values[in_log]  # every row is checked; dropped duplicates are not written
+
             for lab in label_cols:
                 y = as_float(chunk, lab)
                 bad = ~np.isfinite(y)
                 if bad.any():
                     raise DataError(chunk.origin, "label is not a finite number", lab, _where(chunk, bad))
-                arrays[f"label__{lab}"][sl] = y
+                put(f"label__{lab}", y)
+            if known_cols:
+                row_ts = parse_timestamp(chunk, schema.timestamp, schema.timestamp_unit)
+            for r in schema.responses:
+                put(f"resp__{r.name}", _encode_response(chunk, r, stats.get(r.name), lookup.get(r.name)))
+                if r.known_at:
+                    known = parse_timestamp(chunk, r.known_at, schema.timestamp_unit, null_is_never=True)
+                    early = known < row_ts
+                    if early.any():
+                        msg = f"response '{r.name}' is known before its event (known_at < {schema.timestamp})"
+                        raise DataError(chunk.origin, msg, r.known_at, _where(chunk, early))
+                    put(f"known__{r.name}", known)
             for f in schema.features:
                 st = stats[f.name]
                 if f.type == FieldType.numeric:
                     x = _transform_numeric(_check_finite(chunk, f, as_float(chunk, f.name, allow_null=True)), f)
                     if f.normalize == "bucketize":
-                        arrays[f"cat__{f.name}"][sl] = np.searchsorted(np.asarray(st.edges), x, side="right") + 1
+                        put(f"cat__{f.name}", np.searchsorted(np.asarray(st.edges), x, side="right") + 1)
                     elif f.normalize == "none":
-                        arrays[f"num__{f.name}"][sl] = x
+                        put(f"num__{f.name}", x)
                     else:
-                        arrays[f"num__{f.name}"][sl] = (x - st.mean) / st.std
+                        put(f"num__{f.name}", (x - st.mean) / st.std)
                 elif f.type == FieldType.categorical:
-                    arrays[f"cat__{f.name}"][sl] = _encode(as_str(chunk, f.name), lookup[f.name], st.vocab_size - 1)
+                    put(f"cat__{f.name}", _encode(as_str(chunk, f.name), lookup[f.name], st.vocab_size - 1))
                 else:
-                    arrays[f"multi__{f.name}"][sl] = _encode_lists(
-                        _list_cells(chunk, f), lookup[f.name], st.vocab_size - 1, f.max_len
+                    put(
+                        f"multi__{f.name}",
+                        _encode_lists(_list_cells(chunk, f), lookup[f.name], st.vocab_size - 1, f.max_len),
                     )
         for a in arrays.values():
             a.flush()
@@ -481,6 +550,7 @@ def prepare(
             "train_time_range": [int(tr.min()), int(tr.max())] if len(tr) else None,
             "split": split.model_dump(mode="json"),
             "split_rows": {name: int((split_code == i).sum()) for i, name in enumerate(SPLIT_NAMES)},
+            "duplicates": duplicates,
             "fields": {k: v.__dict__ for k, v in stats.items()},
             "columns": checksums,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -500,11 +570,32 @@ def prepare(
     return PreparedDataset(out_dir)
 
 
-def _check_unique_ids(iid: np.ndarray, origins: list[tuple[str, int, int]], column: str) -> None:
+def _apply_duplicates_policy(
+    iid: np.ndarray, origins: list[tuple[str, int, int]], schema: Schema
+) -> tuple[np.ndarray | None, dict]:
+    """(rows to keep, or None for all; the manifest's report) under ``schema.duplicates``.
+
+    Rows sharing an instance id (derived: user, item, timestamp) are an error naming both rows, or all dropped
+    (``drop``), or all but the first in source order dropped (``keep_first``)."""
     order = np.argsort(iid, kind="stable")
-    dup = np.flatnonzero(iid[order][1:] == iid[order][:-1])
-    if len(dup) == 0:
-        return
+    same = iid[order][1:] == iid[order][:-1]
+    report = {"policy": schema.duplicates, "repeated_ids": 0, "rows_removed": 0}
+    if not same.any():
+        return None, report
+    if schema.duplicates == "error":
+        _raise_duplicate(iid, order, np.flatnonzero(same), origins, schema.instance_id or "(derived instance id)")
+    in_group = np.r_[same, False] | np.r_[False, same]  # sorted positions whose id repeats
+    later = np.r_[False, same]  # sorted positions after the first of their id (stable: first in file order)
+    keep = np.ones(len(iid), bool)
+    keep[order[in_group if schema.duplicates == "drop" else later]] = False
+    report["repeated_ids"] = int((np.r_[True, ~same] & in_group).sum())
+    report["rows_removed"] = int((~keep).sum())
+    return keep, report
+
+
+def _raise_duplicate(
+    iid: np.ndarray, order: np.ndarray, dup: np.ndarray, origins: list[tuple[str, int, int]], column: str
+) -> None:
     first, second = int(order[dup[0]]), int(order[dup[0] + 1])
 
     def locate(i: int) -> tuple[str, int]:
@@ -517,7 +608,36 @@ def _check_unique_ids(iid: np.ndarray, origins: list[tuple[str, int, int]], colu
 
     o2, r2 = locate(second)
     _, r1 = locate(first)
-    raise DataError(o2, f"duplicate instance id (same as row {r1}); {len(dup)} duplicates in all", column, r2)
+    raise DataError(
+        o2,
+        f"duplicate instance id (same as row {r1}); {len(dup)} duplicates in all "
+        "(set duplicates: drop or keep_first in the schema to remove them)",
+        column,
+        r2,
+    )
+
+
+def _encode_response(chunk: RawChunk, r: ResponseSpec, st: FieldStats | None, vocab: pl.DataFrame | None) -> np.ndarray:
+    """A response column as float32: 0/1 (binary), the normalized value (numeric) or the vocabulary code
+    (categorical, bucketized numeric)."""
+    if r.type == "categorical":
+        assert st is not None and vocab is not None
+        values = as_str(chunk, r.name)
+        if values.null_count():
+            raise DataError(chunk.origin, "missing value", r.name, _where(chunk, values.is_null().to_numpy()))
+        return _encode(values, vocab, st.vocab_size - 1).astype(np.float32)
+    x = as_float(chunk, r.name)
+    bad = ~np.isfinite(x) if r.type == "numeric" else ~np.isin(x, (0.0, 1.0))
+    if bad.any():
+        what = "not a finite number" if r.type == "numeric" else f"binary response is {x[bad][0]!r}, not 0 or 1"
+        raise DataError(chunk.origin, what, r.name, _where(chunk, bad))
+    if r.type == "binary":
+        return x.astype(np.float32)
+    assert st is not None
+    x = _transform_numeric(x, r)
+    if r.normalize == "bucketize":
+        return (np.searchsorted(np.asarray(st.edges), x, side="right") + 1).astype(np.float32)
+    return (x if r.normalize == "none" else (x - st.mean) / st.std).astype(np.float32)
 
 
 def _open_outputs(folder: Path, schema: Schema, n: int) -> dict[str, np.memmap]:
@@ -532,6 +652,10 @@ def _open_outputs(folder: Path, schema: Schema, n: int) -> dict[str, np.memmap]:
     }
     for lab in schema.labels:
         out[f"label__{lab.name}"] = mm(f"label__{lab.name}", np.float32, (n,))
+    for r in schema.responses:
+        out[f"resp__{r.name}"] = mm(f"resp__{r.name}", np.float32, (n,))  # value, or vocabulary code
+        if r.known_at:
+            out[f"known__{r.name}"] = mm(f"known__{r.name}", np.int64, (n,))
     for f in schema.features:
         if f.type == FieldType.multi_categorical:
             out[f"multi__{f.name}"] = mm(f"multi__{f.name}", np.int32, (n, f.max_len))

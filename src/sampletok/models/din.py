@@ -1,8 +1,9 @@
 """DIN (Zhou et al., 2018): target attention of the candidate item over the history (item id + side fields).
 
-``history_labels=True`` adds each past interaction's already-known labels to its history embedding (a linear
-map of labels + known-flags): the label-aware history SIF and IAT read, given to DIN so that a comparison
-can tell the value of past responses from the value of the method.
+``history_responses`` adds each past interaction's already-known responses (task labels and the schema's
+responses, through the shared :class:`~sampletok.nn.ResponseEncoder`) to its history embedding: the
+response-aware history SIF and IAT read, given to DIN so that a comparison can tell the value of past
+responses from the value of the method. ``True`` reads every response, a list the named ones.
 
 Example:
     >>> from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
@@ -11,7 +12,7 @@ Example:
     >>> import tempfile
     >>> src, schema = generate_source(SyntheticConfig(n_users=30, events_per_user=10, n_items=50))
     >>> ds = prepare(src, schema, tempfile.mkdtemp(), progress=False)
-    >>> model = DIN(FeatureLayout.from_dataset(ds), history_labels=True)
+    >>> model = DIN(FeatureLayout.from_dataset(ds), history_responses=True)
     >>> rows = ds.rows("test")[:4]
     >>> model(BatchLoader(ds, rows, 4, hist_len=8).build(rows)).logits.shape
     torch.Size([4, 1])
@@ -22,11 +23,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from sampletok.data.batches import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
-from sampletok.nn import MLP, FeatureEmbedding, TargetAttention
+from sampletok.nn import MLP, FeatureEmbedding, ResponseEncoder, TargetAttention
 
 
 @register("din")
@@ -39,11 +39,11 @@ class DIN(RankingModel):
         attention_hidden: Sequence[int] = (64, 32),
         dropout: float = 0.1,
         extra_dim: int = 0,
-        history_labels: bool = False,
+        history_responses: bool | list[str] = False,
     ):
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
-        self.label_side = nn.Linear(2 * len(layout.all_labels), self.embed.seq_dim) if history_labels else None
+        self.responses = ResponseEncoder(layout, self.embed.seq_dim, history_responses) if history_responses else None
         self.attention = TargetAttention(self.embed.seq_dim, list(attention_hidden))
         in_dim = self.embed.n_tokens * embed_dim + self.embed.seq_dim + extra_dim  # extra: e.g. an IAT token
         self.mlp = MLP(in_dim, list(hidden), out_dim=self.n_tasks, dropout=dropout)
@@ -51,8 +51,9 @@ class DIN(RankingModel):
     def interest(self, batch: Batch) -> torch.Tensor:
         """[B, seq_dim] attention-pooled history."""
         history = self.embed.history(batch)
-        if self.label_side is not None:
-            history = history + self.label_side(batch.history_label_features()) * batch.hist_mask.unsqueeze(-1)
+        if self.responses is not None:
+            past = self.responses(batch.hist_responses, batch.hist_response_mask)
+            history = history + past * batch.hist_mask.unsqueeze(-1)
         return self.attention(self.embed.target_item(batch), history, batch.hist_mask)
 
     def feature_input(self, batch: Batch) -> torch.Tensor:

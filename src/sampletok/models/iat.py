@@ -24,7 +24,7 @@ from torch import nn
 from sampletok.data.batches import Batch, FeatureLayout
 from sampletok.errors import ConfigError
 from sampletok.models.base import ModelOutput, RankingModel, build_model, register
-from sampletok.nn import MLP, FeatureEmbedding, TargetAttention, TransformerBlock
+from sampletok.nn import MLP, FeatureEmbedding, ResponseEncoder, TargetAttention, TransformerBlock
 from sampletok.nn.layers import RecencyEncoding, key_padding_mask
 from sampletok.store import LocalTokenStore
 from sampletok.tokenizers.iat import IATSourceConfig, build_or_load_store
@@ -55,6 +55,7 @@ class IAT(RankingModel):
         token_dim: int = 64,
         side_dim: int = 64,
         side_info: bool = True,
+        side_responses: bool | list[str] = True,
         query: Literal["compressed", "id"] = "compressed",
         seq_model: Literal["transformer", "din"] = "transformer",
         placement: Literal["before", "after"] = "before",
@@ -75,9 +76,8 @@ class IAT(RankingModel):
         self.base = cast(_Base, build_model(base, layout, **params))
         d_tok = token_dim + (side_dim if side_info else 0)
         self.adapt = MLP(self.source_cfg.emb_dim, [token_dim], out_dim=token_dim)
-        n_labels = len(layout.all_labels)
-        if side_info:
-            self.side = nn.Linear(2 * n_labels, side_dim)
+        if side_info:  # the instance's responses known at the request (all, the named, or none) + its time gap
+            self.side = ResponseEncoder(layout, side_dim, side_responses)
             self.recency = RecencyEncoding(side_dim)
         emb = self.base.embed
         q_in = emb.n_tokens * emb.dim if query == "compressed" else emb.seq_dim
@@ -118,8 +118,8 @@ class IAT(RankingModel):
         mask = torch.from_numpy(f.mask)
         tokens = self.adapt(torch.from_numpy(f.payload))
         if self.side_info:
-            side = torch.cat([torch.from_numpy(f.side), torch.from_numpy(f.side_mask).float()], dim=-1)
-            side = self.side(side) + self.recency(torch.from_numpy(f.gap), mask)
+            side = self.side(torch.from_numpy(f.side), torch.from_numpy(f.side_mask))
+            side = side + self.recency(torch.from_numpy(f.gap), mask)
             tokens = torch.cat([tokens, side], dim=-1)
         tokens = tokens * mask.unsqueeze(-1)
         emb = self.base.embed

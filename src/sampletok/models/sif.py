@@ -24,7 +24,7 @@ from torch import nn
 from sampletok.data.batches import Batch, BatchLoader, FeatureLayout, history_index
 from sampletok.errors import ConfigError, validated
 from sampletok.models.base import ModelOutput, RankingModel, register
-from sampletok.nn import MLP
+from sampletok.nn import MLP, ResponseEncoder
 from sampletok.nn.layers import MultiHeadAttention, RecencyEncoding, key_padding_mask
 from sampletok.store import LocalTokenStore
 from sampletok.tokenizers.hgaq import HGAQConfig, SampleTokenizer
@@ -85,7 +85,7 @@ class SIF(RankingModel):
         vq_weight: float = 1.0,
         align_weight: float = 0.25,
         store: str | None = None,
-        history_labels: bool = True,
+        history_responses: bool | list[str] = True,
         history_fields: list[str] | None = None,
         quantize_history: bool = True,
     ):
@@ -98,10 +98,9 @@ class SIF(RankingModel):
         self.token_pos = nn.Parameter(torch.zeros(t, width))
         self.target_row = nn.Parameter(torch.zeros(width))
         self.recency = RecencyEncoding(width)
-        # a past sample's response is part of the raw sample: its labels (only those already known at the
-        # request time, plus known-flags) are added to every sub-token of its row, like the recency encoding
-        self.history_labels = history_labels
-        self.label_side = nn.Linear(2 * len(layout.all_labels), width) if history_labels else None
+        # a past sample's responses are part of the raw sample: those already known at the request time are
+        # added to every sub-token of its row, like the recency encoding
+        self.responses = ResponseEncoder(layout, width, history_responses) if history_responses else None
         # ablations: which fields a history row carries (None = all: the whole raw sample), whether history
         # rows are quantized (False = the dense projection P x), and the mixer ("pool" averages each row's
         # sub-tokens into one token before mixing, i.e. sample-level attention only)
@@ -139,14 +138,14 @@ class SIF(RankingModel):
         )
         self.store = store
 
-    def _history(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """[B, L, T, d0] history sub-tokens, [B, L, 2A] known labels + known-flags (+ VQ losses when the
+    def _history(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+        """[B, L, T, d0] history sub-tokens, ([B, L, R] responses, [B, L, R] known) (+ VQ losses when the
         history is quantized on the fly)."""
         b, l = batch.hist_rows.shape
         t, d0 = self.tokenizer.n_tokens, self.cfg.d0
         out = torch.zeros(b, l, t, d0)
         mask = batch.hist_mask
-        labels = batch.history_label_features()
+        labels = (batch.hist_responses, batch.hist_response_mask)
         if not mask.any():
             return out, labels, {}
         if self.store is not None:
@@ -156,7 +155,7 @@ class SIF(RankingModel):
             if not np.array_equal(f.mask, mask.numpy()):
                 raise ConfigError("the code store does not hold the same history rows as the dataset")
             out[mask] = self.tokenizer.decode(f.payload[f.mask], version=self.store.meta.get("codebook_version"))
-            labels = torch.from_numpy(np.concatenate([f.side, f.side_mask.astype(np.float32)], axis=-1))
+            labels = (torch.from_numpy(f.side), torch.from_numpy(f.side_mask))
             return out, labels, {}
         if self._rows is None:
             raise ConfigError("SIF model needs prepare_data(ds, seed=...) before use")
@@ -185,8 +184,8 @@ class SIF(RankingModel):
         grid = torch.cat([target.unsqueeze(1), hist], dim=1)  # [B, L+1, T, d0]
         h = self.up(grid) + self.token_pos
         rec = self.recency(batch.hist_gap, batch.hist_mask)  # [B, L, width]
-        if self.label_side is not None:
-            rec = rec + self.label_side(hist_labels) * batch.hist_mask.unsqueeze(-1)
+        if self.responses is not None:
+            rec = rec + self.responses(*hist_labels) * batch.hist_mask.unsqueeze(-1)
         h = h + torch.cat([self.target_row.expand(len(batch), 1, -1), rec], dim=1).unsqueeze(2)
         row_mask = torch.cat([batch.hist_mask.new_ones(len(batch), 1), batch.hist_mask], dim=1)
         if self.mixer == "pool":
@@ -220,14 +219,13 @@ def export_codes(
     t0 = time.time()
     map_row_batches(encode, ds.n_rows, batch_size, workers, progress, desc="SIF export")
     sec = time.time() - t0
-    labels = ds.schema.labels
     ts = np.asarray(ds.col("_ts"))
     dtype = "uint8" if model.cfg.codes <= 256 else "uint16"
     store = LocalTokenStore.create(
         path,
         producer=model.tokenizer.rvq.version(),
         payload_shape=(t, m),
-        label_names=[l.name for l in labels],
+        label_names=ds.schema.response_names,
         dtype=dtype,
         overwrite=True,
         extra_meta={
@@ -239,8 +237,8 @@ def export_codes(
             "export_instances_per_s": ds.n_rows / max(sec, 1e-9),
         },
     )
-    side = np.stack([np.asarray(ds.col(f"label__{l.name}")) for l in labels], 1)
-    avail = ts[:, None] + np.array(ds.schema.label_delays(), np.int64)[None, :]
+    side = np.stack([np.asarray(ds.response_column(r)) for r in ds.schema.response_names], 1)
+    avail = ds.response_available_at()
     store.append(np.asarray(ds.col("_instance_id")), np.asarray(ds.col("_user_key")), ts, codes, side, avail)
     store.commit()
     return store

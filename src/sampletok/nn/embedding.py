@@ -115,3 +115,52 @@ class FeatureEmbedding(nn.Module):
     def history(self, batch: Batch) -> torch.Tensor:
         """[B, n, seq_dim] embeddings of the history items (zeros where padded)."""
         return self.embed_items(batch.hist_cat, batch.hist_multi) * batch.hist_mask.unsqueeze(-1)
+
+
+class ResponseEncoder(nn.Module):
+    """Embeds the responses of history rows (only those known at the request): the one way every model reads
+    past responses (DIN's ``history_responses``, IAT's side information, SIF's history rows, HSTU's action
+    encoder).
+
+    Value responses (task labels, binary, normalized numeric) enter a linear map together with a known-flag per
+    response, so "not known yet" differs from 0; categorical responses are looked up in their own table with
+    the code masked to padding (0) when not known.
+
+    Args:
+        layout: names the responses (:attr:`FeatureLayout.responses`) and their vocabularies.
+        dim: output width.
+        names: the responses read: None or True every one, a list those named, False or [] none (zeros).
+
+    Example:
+        >>> lay = FeatureLayout([], [], [], {}, ["y"], ["y", "reason"], [], [], 1, {},
+        ...                     response_vocab_sizes={"reason": 4})
+        >>> enc = ResponseEncoder(lay, dim=8)
+        >>> enc(torch.tensor([[[1.0, 3.0]]]), torch.tensor([[[True, False]]])).shape
+        torch.Size([1, 1, 8])
+    """
+
+    def __init__(self, layout: FeatureLayout, dim: int, names: bool | list[str] | None = None):
+        super().__init__()
+        names = list(layout.responses) if names is None or names is True else list(names or [])
+        unknown = sorted(set(names) - set(layout.responses))
+        if unknown:
+            raise ValueError(f"responses {unknown} are not in the schema (it has {layout.responses})")
+        index = {r: i for i, r in enumerate(layout.responses)}
+        vocab = layout.response_vocab_sizes
+        self.dim = dim
+        self._read = [index[r] for r in names]
+        self._values = [index[r] for r in names if not vocab.get(r)]
+        self._codes = [index[r] for r in names if vocab.get(r)]
+        self.dense = nn.Linear(len(self._values) + len(self._read), dim) if self._read else None
+        self.tables = nn.ModuleList(nn.Embedding(vocab[r], dim, padding_idx=0) for r in names if vocab.get(r))
+
+    def forward(self, responses: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """responses [..., R] (values or codes, 0 where unknown), known [..., R] bool → [..., dim]."""
+        if self.dense is None:
+            return responses.new_zeros(*responses.shape[:-1], self.dim)
+        k = known.to(responses.dtype)
+        x = torch.cat([responses[..., self._values] * k[..., self._values], k[..., self._read]], dim=-1)
+        out = self.dense(x)
+        for table, i in zip(self.tables, self._codes, strict=True):
+            out = out + table((responses[..., i] * k[..., i]).long())
+        return out

@@ -279,8 +279,7 @@ def causal_embeddings(
     fold = fold_of_rows(ds, cfg)
     ts = np.asarray(ds.col("_ts"))
     train_rows = ds.rows("train", where=cfg.rows_where)
-    task_delay = max(d for d, lab in zip(ds.schema.label_delays(), ds.schema.labels, strict=True) if lab.task)
-    known_at = ts[train_rows] + task_delay
+    known_at = ts[train_rows] + ds.schema.task_delay
     # start of every fold after k: its first timestamp (a fold can be empty when equal timestamps straddle a
     # cut, then the next non-empty one's); the end of the training window after the last fold
     first_ts = np.full(cfg.folds + 1, int(ts[train_rows].max()) + 1 if len(train_rows) else 0, np.int64)
@@ -413,13 +412,12 @@ def export_to_store(
     t0 = time.time()
     emb = embed_all(model, ds, progress=progress) if embeddings is None else embeddings
     seconds = time.time() - t0
-    labels = ds.schema.labels
     keep = np.flatnonzero(ds.where(model.cfg.rows_where))
     store = LocalTokenStore.create(
         path,
         producer=producer_id(model, ds),
         payload_shape=(model.cfg.emb_dim,),
-        label_names=[l.name for l in labels],
+        label_names=ds.schema.response_names,
         dtype=model.cfg.dtype,
         overwrite=True,
         extra_meta={
@@ -433,8 +431,8 @@ def export_to_store(
         },
     )
     ts = np.asarray(ds.col("_ts"))[keep]
-    side = np.stack([np.asarray(ds.col(f"label__{l.name}"))[keep] for l in labels], 1)
-    avail = ts[:, None] + np.array(ds.schema.label_delays(), np.int64)[None, :]
+    side = np.stack([np.asarray(ds.response_column(r))[keep] for r in ds.schema.response_names], 1)
+    avail = ds.response_available_at(keep)
     iid, user, emb = np.asarray(ds.col("_instance_id"))[keep], np.asarray(ds.col("_user_key"))[keep], emb[keep]
     for i in range(0, len(keep), chunk):
         sl = slice(i, i + chunk)

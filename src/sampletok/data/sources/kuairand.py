@@ -3,17 +3,17 @@ joined with ``user_features.csv`` on ``user_id``, from any path a user gives.
 
 A raw sample is one event: user fields, the video and its length, the hour, and context computed from the
 user's events *strictly* before it (gap since the previous earlier event, running count; at second
-granularity, so events of the same feed load never see each other). The event's responses are labels:
-``label`` (like/hate, the task) and click, long view, comment, follow, forward, profile entry, play time
-(log seconds) and play/length ratio as side labels.
+granularity, so events of the same feed load never see each other; repeated events count once). The
+event's outcomes are ``label`` (like/hate, the task) and the schema's responses: click, long view, comment,
+follow, forward, profile entry, play time (seconds), play/length ratio and comment stay time.
 
-Repeated rows: the log holds exact duplicate rows and rows repeating (user, video, time); only the first of
-each (user, video, time) is kept and the count is reported in :attr:`KuaiRandLog.dropped_duplicates`.
+Repeated rows: the log holds exact duplicate rows and rows repeating (user, video, time). The reader keeps
+them; the shipped schema's ``duplicates: keep_first`` removes all but the first of each when preparing and
+the manifest reports how many (``duplicates.rows_removed``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -26,30 +26,25 @@ from sampletok.schema import Schema
 RESPONSES = ["is_click", "long_view", "is_comment", "is_follow", "is_forward", "is_profile_enter"]
 
 
-@dataclass
-class KuaiRandLog:
-    frame: pl.DataFrame
-    dropped_duplicates: int
-
-
-def read_kuairand(path: str | Path) -> KuaiRandLog:
+def read_kuairand(path: str | Path) -> pl.DataFrame:
+    """The joined raw-sample frame of a KuaiRand likes folder, in file order."""
     path = Path(path)
     events = pl.read_csv(_need(path, "likes.tsv"), separator="\t", infer_schema_length=0)
     users = pl.read_csv(_need(path, "user_features.csv"), infer_schema_length=0)
-    need = ["user_id", "video_id", "time_ms", "hourmin", "duration_ms", "play_time_ms", "label", *RESPONSES]
+    need = [
+        "user_id", "video_id", "time_ms", "hourmin", "duration_ms", "play_time_ms", "comment_stay_time", "label",
+        *RESPONSES,
+    ]  # fmt: skip
     missing = [c for c in need if c not in events.columns]
     if missing:
         raise DataError(str(path / "likes.tsv"), f"missing columns {missing} (not the KuaiRand likes layout)")
-    nums = ["time_ms", "duration_ms", "play_time_ms", "label", *RESPONSES]
+    nums = ["time_ms", "duration_ms", "play_time_ms", "comment_stay_time", "label", *RESPONSES]
     events = events.with_row_index("_order").with_columns([pl.col(c).cast(pl.Int64, strict=False) for c in nums])
     bad = events.filter(pl.any_horizontal([pl.col(c).is_null() for c in nums]))
     if bad.height:
         row = int(bad["_order"][0]) + 2  # 1-based, after the header
         col = next(c for c in nums if bad[c][0] is None)
         raise DataError(str(path / "likes.tsv"), "expected an integer", col, row)
-    n = events.height
-    events = events.unique(subset=["user_id", "video_id", "time_ms"], keep="first", maintain_order=True)
-    dropped = n - events.height
     unknown = events.join(users, on="user_id", how="anti").sort("_order")
     if unknown.height:
         raise DataError(
@@ -61,7 +56,8 @@ def read_kuairand(path: str | Path) -> KuaiRandLog:
     df = events.join(users, on="user_id", how="left").sort("_order")
     df = df.with_columns(_ts_s=pl.col("time_ms") // 1000)
     ctx = (
-        df.group_by("user_id", "_ts_s")
+        df.unique(subset=["user_id", "video_id", "time_ms"])  # a repeated event counts once
+        .group_by("user_id", "_ts_s")
         .agg(pl.len().alias("_n"))
         .sort("user_id", "_ts_s")
         .with_columns(
@@ -76,14 +72,15 @@ def read_kuairand(path: str | Path) -> KuaiRandLog:
     df = df.with_columns(
         hour=(pl.col("hourmin").cast(pl.Int64, strict=False) // 100).fill_null(-1),
         duration_s=dur_s,
-        play_time_log_s=play_s.log1p(),
+        play_time_s=play_s,
         play_ratio=pl.when(dur_s > 0).then((play_s / dur_s).clip(0.0, 5.0)).otherwise(0.0),
+        comment_stay_s=pl.col("comment_stay_time").cast(pl.Float64) / 1000.0,
     ).drop("_order", "_ts_s")
-    return KuaiRandLog(df, dropped)
+    return df
 
 
 def load_kuairand(path: str | Path) -> tuple[FrameSource, Schema]:
     """The raw-sample log and shipped schema of a KuaiRand likes folder."""
-    log = read_kuairand(path)
+    frame = read_kuairand(path)
     schema = shipped_schema("kuairand")
-    return FrameSource(log.frame.select(schema.raw_columns), name=f"{path} (kuairand)"), schema
+    return FrameSource(frame.select(schema.raw_columns), name=f"{path} (kuairand)"), schema

@@ -112,10 +112,8 @@ def schema_for(cfg: SyntheticConfig) -> Schema:
             "user": "user_key",
             "timestamp": "ts",
             "item": "item_id",
-            "labels": [
-                {"name": "click", "task": True},
-                {"name": "conversion", "task": False, "delay": cfg.conversion_delay},
-            ],
+            "labels": [{"name": "click"}],
+            "responses": [{"name": "conversion", "type": "binary", "delay": cfg.conversion_delay}],
             "features": feats,
             "sequence": {"fields": ["item_id", "category"], "max_len": 50},
         }
