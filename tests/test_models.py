@@ -7,7 +7,7 @@ from sampletok.data.batches import BatchLoader, FeatureLayout
 from sampletok.errors import ConfigError
 from sampletok.models import MODELS, build_model
 
-BASELINES = ["dnn", "dcnv2", "din", "bst", "rankmixer", "onetrans"]
+BASELINES = ["dnn", "dcnv2", "din", "bst", "rankmixer", "onetrans", "hstu"]
 
 
 @pytest.mark.parametrize("name", BASELINES)

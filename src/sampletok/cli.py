@@ -134,9 +134,13 @@ def prepare(
         source, sch = generate_source(syn)
     ds = do_prepare(source, sch, out, force=force)
     m = ds.manifest
+    dups = m.get("duplicates") or {}
+    removed = (
+        f"; {dups['rows_removed']:,} repeated rows removed ({dups['policy']})" if dups.get("rows_removed") else ""
+    )
     console.print(
         f"prepared [bold]{m['n_rows']:,}[/] rows of {m['n_users']:,} users into {out} "
-        f"(splits {m['split_rows']}, {m['seconds']} s)"
+        f"(splits {m['split_rows']}, {m['seconds']} s{removed})"
     )
 
 
@@ -424,12 +428,15 @@ def report(
     out: Path | None = typer.Option(
         None, help="markdown file to write (default: pairwise-REFERENCE.md in the first results folder)"
     ),
+    by_history: bool = typer.Option(
+        False, help="also ΔAUC per history-length bucket of the test requests (TrainConfig.history_buckets)"
+    ),
 ):
     """Each model vs the reference, paired over the seeds both ran: n, mean Δ and paired-t p of test AUC, GAUC
     and LogLoss (rows with fewer than 3 paired seeds are marked as indicative)."""
     import re
 
-    from sampletok.report.tables import load_results, pairwise_rich, pairwise_table
+    from sampletok.report.tables import history_bucket_table, load_results, pairwise_rich, pairwise_table
 
     runs = load_results(results)
     md = pairwise_table(runs, reference, against or None, metric)
@@ -439,10 +446,15 @@ def report(
     first = results[0] if results[0].is_dir() else results[0].parent
     path = out or first / f"pairwise-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', reference)}.md"
     sources = ", ".join(f"`{r}`" for r in results)
-    path.write_text(
+    text = (
         f"Test metrics paired over the seeds both models ran (`sampletok report`, from {sources}); "
         f"Δ = model − {reference}, p: two-sided paired t-test.\n\n{md}\n"
     )
+    if by_history:
+        buckets = history_bucket_table(runs, reference, against or None)
+        console.print(buckets)
+        text += f"\nBy the test request's number of past events (mean AUC, paired ΔAUC, p):\n\n{buckets}\n"
+    path.write_text(text)
     console.print(f"→ {path}")
 
 

@@ -94,7 +94,7 @@ def parse_timestamp(chunk: RawChunk, column: str, unit: str, *, null_is_never: b
         filled = RawChunk(origin=chunk.origin, first_row=chunk.first_row, frame=frame)
         if filled.frame.get_column(column).null_count():  # every cell null
             return np.full(len(s), NEVER, np.int64)
-        out = parse_timestamp(filled, column, unit)
+        out = np.array(parse_timestamp(filled, column, unit), np.int64)  # a writable copy
         out[null] = NEVER
         return out
     if s.dtype == pl.Utf8:
@@ -629,7 +629,7 @@ def _encode_response(chunk: RawChunk, r: ResponseSpec, st: FieldStats | None, vo
     x = as_float(chunk, r.name)
     bad = ~np.isfinite(x) if r.type == "numeric" else ~np.isin(x, (0.0, 1.0))
     if bad.any():
-        what = "not a finite number" if r.type == "numeric" else f"binary response is {x[bad][0]!r}, not 0 or 1"
+        what = "not a finite number" if r.type == "numeric" else f"binary response is {float(x[bad][0])}, not 0 or 1"
         raise DataError(chunk.origin, what, r.name, _where(chunk, bad))
     if r.type == "binary":
         return x.astype(np.float32)

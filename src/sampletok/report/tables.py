@@ -30,14 +30,21 @@ def _by_model(runs: list[dict]) -> dict[str, dict[int, dict]]:
     return out
 
 
+def _part(run: dict, part: str) -> dict:
+    """``run[part]``; a path like ``test_by_history/<10`` reads nested parts."""
+    for key in part.split("/"):
+        run = run[key]
+    return run
+
+
 def paired_ttest(
     runs: list[dict], model: str, reference: str, part: str = "test", metric: str = "auc"
 ) -> tuple[float, float, int]:
     """(mean difference model − reference, two-sided p of a paired t-test over shared seeds, n seeds)."""
     by = _by_model(runs)
     seeds = sorted(set(by[model]) & set(by[reference]))
-    a = np.array([by[model][s][part][metric] for s in seeds])
-    b = np.array([by[reference][s][part][metric] for s in seeds])
+    a = np.array([_part(by[model][s], part)[metric] for s in seeds])
+    b = np.array([_part(by[reference][s], part)[metric] for s in seeds])
     if len(seeds) < 2 or np.allclose(a, b):
         return float(np.mean(a - b)) if len(seeds) else float("nan"), float("nan"), len(seeds)
     return float(np.mean(a - b)), float(stats.ttest_rel(a, b).pvalue), len(seeds)
@@ -256,6 +263,34 @@ def pairwise_rich(
     if any(r["n"] < MIN_SEEDS for r in rows):
         t.caption = INDICATIVE_NOTE
     return t
+
+
+def history_bucket_table(runs: list[dict], reference: str, against: list[str] | None = None) -> str:
+    """Markdown: per history-length bucket of the test requests (``test_by_history``), each model's mean AUC
+    and its paired ΔAUC (and p) against ``reference``; the header gives each bucket's rows."""
+    by = _by_model(runs)
+    with_buckets = [r for r in runs if r.get("test_by_history")]
+    if not with_buckets:
+        raise ConfigError("these results have no test_by_history (run them again with this version of compare)")
+    buckets = list(with_buckets[0]["test_by_history"])
+    sizes = {b: with_buckets[0]["test_by_history"][b]["n"] for b in buckets}
+    heads = ["model", "seeds"] + [f"{b} past events ({sizes[b]:,} rows): AUC, ΔAUC, p" for b in buckets]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    models = [reference, *(against or [m for m in by if m != reference])]
+    for model in models:
+        cells = [model, str(len(by[model]))]
+        for b in buckets:
+            part = f"test_by_history/{b}"
+            auc = np.mean([_part(r, part).get("auc", np.nan) for r in by[model].values()])
+            if model == reference:
+                cells.append(f"{auc:.4f}, ref")
+                continue
+            d, p, n = paired_ttest(runs, model, reference, part, "auc")
+            sig = significant(p, n)
+            mark = INDICATIVE if n < MIN_SEEDS else ""
+            cells.append(f"{auc:.4f}, {_bold(f'{d:+.4f}', sig)}, {_bold(_fmt_p(p), sig)}{mark}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot_results(runs: list[dict], path: Path, title: str = "") -> None:

@@ -19,7 +19,8 @@ from sampletok.data.prepare import PreparedDataset, SplitSpec, prepare
 from sampletok.errors import ConfigError, StoreError, load_torch_dict, load_yaml_mapping, one_line, validated
 from sampletok.errors import validation_message as _errors
 from sampletok.models import build_model
-from sampletok.train.trainer import TrainConfig, evaluate, fit, fit_calibration, set_seed
+from sampletok.train.metrics import all_metrics
+from sampletok.train.trainer import TrainConfig, evaluate, fit, fit_calibration, predict, set_seed
 
 if TYPE_CHECKING:
     from sampletok.models.base import RankingModel
@@ -135,11 +136,25 @@ def run_fingerprint(
         "model": spec.name,
         "producer": producer,
         "params": json.loads(json.dumps(spec.params, default=str)),
-        "train": train_cfg.model_dump(mode="json"),
+        "train": train_cfg.model_dump(mode="json", exclude={"history_buckets"}),  # evaluation only
         "dataset": ds.fingerprint,
         "seed": seed,
         "requests": requests,
     }
+
+
+def metrics_by_history(
+    index, ds: PreparedDataset, rows: np.ndarray, p: np.ndarray, y: np.ndarray, u: np.ndarray, cfg: TrainConfig
+) -> dict[str, dict[str, float]]:
+    """Test metrics per bucket of the requests' number of past events (``TrainConfig.history_buckets``), each
+    with its row count ``n``: both papers report gains that grow with the history a user has."""
+    past = index.count_before(np.asarray(ds.col("_user_key"))[rows], np.asarray(ds.col("_ts"))[rows])
+    bucket = np.searchsorted(np.asarray(cfg.history_buckets, np.int64), past, side="right")
+    out: dict[str, dict[str, float]] = {}
+    for k, label in enumerate(cfg.history_bucket_labels()):
+        m = bucket == k
+        out[label] = {**all_metrics(y[m], p[m], u[m]), "n": int(m.sum())} if m.any() else {"n": 0.0}
+    return out
 
 
 def run_model(
@@ -205,8 +220,10 @@ def run_model(
     calibration = fit_calibration(model, valid_loader) if train_cfg.calibrate else None
     test_rows, seen_rows = rows("test"), rows("test", True)
     t_inf = time.time()
-    test = evaluate(model, mk(test_rows, train_cfg.eval_batch_size, False))
+    p, y, u = predict(model, mk(test_rows, train_cfg.eval_batch_size, False))
     infer_sps = len(test_rows) / max(time.time() - t_inf, 1e-9)
+    test = all_metrics(y, p, u)
+    by_history = metrics_by_history(index, ds, test_rows, p, y, u, train_cfg)
     # every test user seen in training (always on synthetic logs): the same rows, not scored twice
     seen = (
         test
@@ -220,6 +237,7 @@ def run_model(
         "seed": seed,
         "test": test,
         "test_seen_users": seen,
+        "test_by_history": by_history,
         "valid": result.best_valid,
         "best_epoch": result.best_epoch,
         "epochs": len(result.history),

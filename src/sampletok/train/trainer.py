@@ -81,6 +81,25 @@ class TrainConfig(BaseModel):
     )
     grad_clip: float | None = 10.0
     threads: int | None = Field(None, ge=1)
+    history_buckets: list[int] = Field(
+        [10, 50],
+        description="evaluation only: test metrics are also reported per bucket of the request's number of "
+        "past events (all of the user's earlier rows, not only the hist_len read): < 10, 10-50, >= 50 by default",
+    )
+
+    @field_validator("history_buckets")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(v, v[1:], strict=False)) or any(x < 1 for x in v):
+            raise ValueError(f"history_buckets must be increasing positive counts, got {v}")
+        return v
+
+    def history_bucket_labels(self) -> list[str]:
+        """'<10', '10-50', '>=50' for edges [10, 50]."""
+        e = self.history_buckets
+        if not e:
+            return ["all"]
+        return [f"<{e[0]}"] + [f"{a}-{b}" for a, b in zip(e, e[1:], strict=False)] + [f">={e[-1]}"]
 
     @field_validator("monitor")
     @classmethod

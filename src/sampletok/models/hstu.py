@@ -1,0 +1,133 @@
+"""HSTU-style ranker (Zhai et al., 2024, "Actions Speak Louder than Words"), as in the DLRM-v3 ranking model of
+meta-recsys/generative-recommenders: the user's history is a sequence of events, each token the sum of the
+item's **content** embedding and an **action** encoding of the event's responses (only those known at the
+request, through the shared :class:`~sampletok.nn.ResponseEncoder`); a contextual token (the request's
+non-item fields) is prepended and the candidate (content + a learned "to be predicted" action) appended.
+
+STU layers (pointwise-SiLU attention instead of softmax, normalized by the sequence length, gated by ``U``):
+
+    U, V, Q, K = split(SiLU(W₁ · LN(X)))
+    A = SiLU(Q Kᵀ / √d_h + rab(Δt, Δpos)) / n ⊙ mask
+    X ← X + W₂ · (LN(A V) ⊙ U)
+
+with a relative attention bias from log-bucketed time gaps and relative positions (one learned scalar per
+bucket, as generative-recommenders' ``RelativeBucketedTimeAndPositionBasedBias``). History tokens attend
+causally (to earlier events and the context), the candidate to every event: it never sees itself as history.
+The head reads the candidate's output and the request's field embeddings.
+
+Example:
+    >>> from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
+    >>> from sampletok.data.prepare import prepare
+    >>> from sampletok.data.batches import BatchLoader, FeatureLayout
+    >>> import tempfile
+    >>> src, schema = generate_source(SyntheticConfig(n_users=30, events_per_user=10, n_items=50))
+    >>> ds = prepare(src, schema, tempfile.mkdtemp(), progress=False)
+    >>> model = HSTU(FeatureLayout.from_dataset(ds))
+    >>> rows = ds.rows("test")[:4]
+    >>> model(BatchLoader(ds, rows, 4, hist_len=8).build(rows)).logits.shape
+    torch.Size([4, 1])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sampletok.data.batches import Batch, FeatureLayout
+from sampletok.errors import ConfigError
+from sampletok.models.base import ModelOutput, RankingModel, register
+from sampletok.nn import MLP, FeatureEmbedding, ResponseEncoder
+
+
+class RelativeTimePositionBias(nn.Module):
+    """rab[i, j] = w_t[bucket(|t_i − t_j| seconds)] + w_p[i − j]; buckets are log base 2 of the gap."""
+
+    def __init__(self, max_len: int, time_buckets: int = 64):
+        super().__init__()
+        self.time_buckets, self.max_len = time_buckets, max_len
+        self.time_w = nn.Parameter(torch.zeros(time_buckets + 1))
+        self.pos_w = nn.Parameter(torch.zeros(2 * max_len - 1))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B, N] seconds (any origin) → [B, N, N]."""
+        n = t.shape[1]
+        dt = (t.unsqueeze(2) - t.unsqueeze(1)).abs()
+        bucket = torch.log2(dt.clamp(min=1.0)).long().clamp(max=self.time_buckets)
+        pos = torch.arange(n, device=t.device)
+        rel = (pos.unsqueeze(1) - pos.unsqueeze(0)).clamp(-self.max_len + 1, self.max_len - 1) + self.max_len - 1
+        return self.time_w[bucket] + self.pos_w[rel].unsqueeze(0)
+
+
+class STULayer(nn.Module):
+    """One HSTU layer (sequential transduction unit), residual."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if heads < 1 or width % heads:
+            raise ConfigError(f"HSTU width {width} is not divisible by heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.norm_in, self.norm_attn = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.uvqk = nn.Linear(width, 4 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+        """x [B, N, d], bias [B, N, N], mask [B, N, N] bool (True = may attend), n_valid [B] → [B, N, d]."""
+        b, n, d = x.shape
+        h, dh = self.heads, d // self.heads
+        u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).split(d, dim=-1)
+        q, k, v = (z.view(b, n, h, dh).transpose(1, 2) for z in (q, k, v))
+        scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(dh) + bias.unsqueeze(1)
+        attn = F.silu(scores) * mask.unsqueeze(1).to(x.dtype) / n_valid.view(b, 1, 1, 1).to(x.dtype)
+        y = torch.einsum("bhij,bhjd->bhid", attn, v).transpose(1, 2).reshape(b, n, d)
+        y = self.out(F.dropout(self.norm_attn(y) * u, self.dropout, self.training))
+        return x + y
+
+
+@register("hstu")
+class HSTU(RankingModel):
+    def __init__(
+        self,
+        layout: FeatureLayout,
+        embed_dim: int = 16,
+        width: int = 32,
+        layers: int = 2,
+        heads: int = 2,
+        hidden: Sequence[int] = (64,),
+        dropout: float = 0.1,
+        history_responses: bool | list[str] = True,
+        max_len: int = 1024,
+    ):
+        super().__init__(layout)
+        self.embed = FeatureEmbedding(layout, embed_dim)
+        self.content = nn.Linear(self.embed.seq_dim, width)
+        self.action = ResponseEncoder(layout, width, history_responses)
+        self.candidate_action = nn.Parameter(torch.zeros(width))
+        self.context = nn.Linear(self.embed.n_tokens * embed_dim, width)
+        self.bias = RelativeTimePositionBias(max_len + 2)
+        self.layers = nn.ModuleList(STULayer(width, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = MLP(width + self.embed.n_tokens * embed_dim, list(hidden), out_dim=self.n_tasks, dropout=dropout)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        fields = self.embed(batch).flatten(1)  # [B, F*e]
+        hist_mask = batch.hist_mask
+        b, n = hist_mask.shape
+        events = self.content(self.embed.history(batch)) + self.action(batch.hist_responses, batch.hist_response_mask)
+        events = events * hist_mask.unsqueeze(-1)
+        candidate = self.content(self.embed.target_item(batch)) + self.candidate_action
+        x = torch.cat([self.context(fields).unsqueeze(1), events, candidate.unsqueeze(1)], dim=1)  # [B, n+2, d]
+        # token times in seconds before the request: context and candidate at the request, events at their gaps
+        zero = batch.hist_gap.new_zeros(b, 1)
+        t = -torch.cat([zero, batch.hist_gap, zero], dim=1)
+        valid = torch.cat([hist_mask.new_ones(b, 1), hist_mask, hist_mask.new_ones(b, 1)], dim=1)
+        causal = torch.ones(n + 2, n + 2, dtype=torch.bool, device=x.device).tril()
+        mask = causal.unsqueeze(0) & valid.unsqueeze(1) & valid.unsqueeze(2)
+        n_valid = valid.sum(1)
+        bias = self.bias(t)
+        for layer in self.layers:
+            x = layer(x, bias, mask, n_valid)
+        return ModelOutput(self.head(torch.cat([self.norm(x[:, -1]), fields], dim=1)))
