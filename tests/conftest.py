@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +92,19 @@ SMALL_SYNTH = SyntheticConfig(n_users=300, n_items=300, events_per_user=40, n_fi
 def synth_prepared(tmp_path_factory) -> PreparedDataset:
     src, schema = generate_source(SMALL_SYNTH)
     return prepare(src, schema, tmp_path_factory.mktemp("synth") / "ds", SplitSpec(), progress=False).load_into_memory()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A real ``redis-server`` on a free loopback port in a temporary folder, stopped at the end. Skips where
+    the server is not installed, but fails when CI=true (``.ci/run`` installs it)."""
+    import shutil
+
+    from sampletok.store.redis import local_redis_server
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("redis-server is missing but CI=true: .ci/run must install it")
+        pytest.skip("redis-server not installed (apt-get install -y redis-server)")
+    with local_redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url

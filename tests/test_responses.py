@@ -56,7 +56,9 @@ def _frame(n: int = 400, seed: int = 0) -> pl.DataFrame:
             "watch_s": rng.exponential(30.0, n),
             "reason": rng.choice(["a", "b", "c"], n).tolist(),
             # known some seconds after the event; every 7th row never (null)
-            "reason_at": pl.Series([None if i % 7 == 0 else int(t + d) for i, (t, d) in enumerate(zip(ts, later))]),
+            "reason_at": pl.Series(
+                [None if i % 7 == 0 else int(t + d) for i, (t, d) in enumerate(zip(ts, later, strict=True))]
+            ),
             "depth": rng.integers(0, 100, n).astype(float),
             "iid": rng.integers(0, 25, n),
             "price": rng.normal(5.0, 1.0, n),
@@ -244,7 +246,7 @@ def test_store_exports_carry_response_availability(resp_ds, tmp_path):
             base = iat(b).logits
             f.side[unknown] = 5.0  # the fetched side values of unknown responses cannot matter
             original_fetch = store.fetch
-            store.fetch = lambda *a, **k: f  # type: ignore[method-assign]
+            store.fetch = lambda *a, f=f, **k: f  # type: ignore[method-assign]
             torch.testing.assert_close(iat(b).logits, base)
             f.side[f.side_mask] += 1.0  # known ones do, unless side_responses is off
             assert torch.allclose(iat(b).logits, base) is not side_responses

@@ -135,9 +135,7 @@ def prepare(
     ds = do_prepare(source, sch, out, force=force)
     m = ds.manifest
     dups = m.get("duplicates") or {}
-    removed = (
-        f"; {dups['rows_removed']:,} repeated rows removed ({dups['policy']})" if dups.get("rows_removed") else ""
-    )
+    removed = f"; {dups['rows_removed']:,} repeated rows removed ({dups['policy']})" if dups.get("rows_removed") else ""
     console.print(
         f"prepared [bold]{m['n_rows']:,}[/] rows of {m['n_users']:,} users into {out} "
         f"(splits {m['split_rows']}, {m['seconds']} s{removed})"

@@ -3,7 +3,8 @@
 ``history_responses`` adds each past interaction's already-known responses (task labels and the schema's
 responses, through the shared :class:`~sampletok.nn.ResponseEncoder`) to its history embedding: the
 response-aware history SIF and IAT read, given to DIN so that a comparison can tell the value of past
-responses from the value of the method. ``True`` reads every response, a list the named ones.
+responses from the value of the method. ``True`` reads every response, a list the named ones;
+``response_dropout`` hides a history row's responses with that probability while training.
 
 Example:
     >>> from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
@@ -40,10 +41,15 @@ class DIN(RankingModel):
         dropout: float = 0.1,
         extra_dim: int = 0,
         history_responses: bool | list[str] = False,
+        response_dropout: float = 0.0,
     ):
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
-        self.responses = ResponseEncoder(layout, self.embed.seq_dim, history_responses) if history_responses else None
+        self.responses = (
+            ResponseEncoder(layout, self.embed.seq_dim, history_responses, response_dropout)
+            if history_responses
+            else None
+        )
         self.attention = TargetAttention(self.embed.seq_dim, list(attention_hidden))
         in_dim = self.embed.n_tokens * embed_dim + self.embed.seq_dim + extra_dim  # extra: e.g. an IAT token
         self.mlp = MLP(in_dim, list(hidden), out_dim=self.n_tasks, dropout=dropout)

@@ -99,12 +99,13 @@ class HSTU(RankingModel):
         hidden: Sequence[int] = (64,),
         dropout: float = 0.1,
         history_responses: bool | list[str] = True,
+        response_dropout: float = 0.0,
         max_len: int = 1024,
     ):
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         self.content = nn.Linear(self.embed.seq_dim, width)
-        self.action = ResponseEncoder(layout, width, history_responses)
+        self.action = ResponseEncoder(layout, width, history_responses, response_dropout)
         self.candidate_action = nn.Parameter(torch.zeros(width))
         self.context = nn.Linear(self.embed.n_tokens * embed_dim, width)
         self.bias = RelativeTimePositionBias(max_len + 2)

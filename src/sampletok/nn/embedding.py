@@ -130,6 +130,8 @@ class ResponseEncoder(nn.Module):
         layout: names the responses (:attr:`FeatureLayout.responses`) and their vocabularies.
         dim: output width.
         names: the responses read: None or True every one, a list those named, False or [] none (zeros).
+        row_dropout: training only: each history row's responses are all treated as not yet known with this
+            probability (a regularizer: the model cannot lean on past responses alone).
 
     Example:
         >>> lay = FeatureLayout([], [], [], {}, ["y"], ["y", "reason"], [], [], 1, {},
@@ -139,8 +141,13 @@ class ResponseEncoder(nn.Module):
         torch.Size([1, 1, 8])
     """
 
-    def __init__(self, layout: FeatureLayout, dim: int, names: bool | list[str] | None = None):
+    def __init__(
+        self, layout: FeatureLayout, dim: int, names: bool | list[str] | None = None, row_dropout: float = 0.0
+    ):
         super().__init__()
+        if not 0.0 <= row_dropout < 1.0:
+            raise ValueError(f"response row_dropout must be in [0, 1), got {row_dropout}")
+        self.row_dropout = row_dropout
         names = list(layout.responses) if names is None or names is True else list(names or [])
         unknown = sorted(set(names) - set(layout.responses))
         if unknown:
@@ -159,6 +166,9 @@ class ResponseEncoder(nn.Module):
         if self.dense is None:
             return responses.new_zeros(*responses.shape[:-1], self.dim)
         k = known.to(responses.dtype)
+        if self.training and self.row_dropout > 0:
+            keep = torch.rand(k.shape[:-1], device=k.device) >= self.row_dropout
+            k = k * keep.unsqueeze(-1).to(k.dtype)
         x = torch.cat([responses[..., self._values] * k[..., self._values], k[..., self._read]], dim=-1)
         out = self.dense(x)
         for table, i in zip(self.tables, self._codes, strict=True):

@@ -1,9 +1,12 @@
-"""Token stores. One interface for both methods: IAT writes float embeddings, SIF writes integer codes.
+"""Token stores. One contract (:class:`~sampletok.store.base.TokenStore`) for both methods: IAT writes float
+embeddings, SIF writes integer codes.
 
-``LocalTokenStore`` (a directory of memory-mapped segments) is the embedded default; another backend
-(e.g. Redis) implements the same ``append`` / ``fetch`` / ``meta`` surface.
+``LocalTokenStore`` (a directory of memory-mapped segments) is the embedded default; ``RedisTokenStore``
+(``sampletok.store.redis``, the ``redis`` extra) serves the same ``append`` / ``fetch`` / ``meta`` from a
+Redis server. ``open_store`` opens either from a path or a ``redis://`` URL.
 """
 
-from sampletok.store.local import Fetched, LocalTokenStore
+from sampletok.store.base import Fetched, TokenStore, open_store
+from sampletok.store.local import LocalTokenStore
 
-__all__ = ["Fetched", "LocalTokenStore"]
+__all__ = ["Fetched", "LocalTokenStore", "TokenStore", "open_store"]

@@ -19,9 +19,8 @@ switched last (the commit point). So:
 * a reader memory-maps its version's segments when it opens, so a later commit or a compaction that removes
   those segments' files does not disturb it (POSIX keeps unlinked mapped files alive).
 
-``fetch(users, before_ts, n)`` has exactly the semantics of :class:`~sampletok.data.history.HistoryIndex`:
-the last ``n`` instances strictly before the request time, most recent last; side labels are zeroed unless
-they were available (``avail < request_ts``).
+``fetch(users, before_ts, n)`` has the semantics of :class:`~sampletok.store.base.TokenStore` (those of
+:class:`~sampletok.data.history.HistoryIndex`).
 
 Example:
     >>> import numpy as np, tempfile
@@ -44,37 +43,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 
 from sampletok.atomic import locked, save_atomic
 from sampletok.data.history import HistoryIndex
 from sampletok.errors import StoreError
+from sampletok.store.base import PAYLOAD_DTYPES, Fetched, check_append, check_dtype, decode_payload, encode_payload
 
-PAYLOAD_DTYPES = {
-    "float16": np.float16,
-    "float32": np.float32,
-    "int8": np.int8,
-    "uint8": np.uint8,
-    "uint16": np.uint16,
-    "int16": np.int16,
-}
 STORE_FORMAT = 1
-
-
-@dataclass
-class Fetched:
-    """Tokens of B requests × n positions (right-aligned, most recent last)."""
-
-    payload: np.ndarray  # [B, n, *payload_shape] float32 (dequantized) or integer codes
-    side: np.ndarray  # [B, n, A] float32 labels, 0 where not yet available
-    side_mask: np.ndarray  # [B, n, A] bool label known before the request
-    mask: np.ndarray  # [B, n] bool
-    gap: np.ndarray  # [B, n] float32 seconds from the token to the request (meta ticks_per_second)
-    rows: np.ndarray  # [B, n] store row ids, -1 where padded
 
 
 def _fsync_dir(path: Path) -> None:
@@ -132,8 +110,7 @@ class LocalTokenStore:
     ) -> LocalTokenStore:
         """A new store, staged: appends write segments that become visible only at :meth:`commit`."""
         root = Path(root)
-        if dtype not in PAYLOAD_DTYPES:
-            raise StoreError(f"payload dtype '{dtype}' not one of {sorted(PAYLOAD_DTYPES)}")
+        check_dtype(dtype)
         if (root / "CURRENT").exists() and not overwrite:
             raise StoreError(f"{root}: a token store already exists (pass overwrite=True to replace it)")
         (root / "segments").mkdir(parents=True, exist_ok=True)
@@ -244,26 +221,17 @@ class LocalTokenStore:
         """Add instances. ``payload`` [k, *payload_shape] (float, quantized to the store dtype, or codes);
         ``side`` [k, A] label values; ``avail`` [k, A] the time each label becomes known. On a committed store
         the append is committed at once (a new version); on a staged one it waits for :meth:`commit`."""
-        k = len(instance_id)
-        shape = tuple(self.meta["payload_shape"])
-        a = len(self.meta["labels"])
-        payload = np.asarray(payload)
-        if payload.shape != (k, *shape):
-            raise StoreError(f"{self.root}: payload shape {payload.shape} is not ({k}, {', '.join(map(str, shape))})")
-        side = np.zeros((k, a), np.float32) if side is None else np.asarray(side, np.float32).reshape(k, a)
-        avail = (
-            np.broadcast_to(np.asarray(ts, np.int64)[:, None], (k, a))
-            if avail is None
-            else np.asarray(avail, np.int64).reshape(k, a)
+        instance_id, user, ts, payload, side, avail = check_append(
+            str(self.root), self.meta, instance_id, user, ts, payload, side, avail
         )
         arrays: dict[str, np.ndarray] = {
-            "instance_id": np.asarray(instance_id, np.int64),
-            "user": np.asarray(user, np.int64),
-            "ts": np.asarray(ts, np.int64),
+            "instance_id": instance_id,
+            "user": user,
+            "ts": ts,
             "side": side,
-            "avail": np.ascontiguousarray(avail),
+            "avail": avail,
         }
-        arrays.update(self._encode_payload(payload))
+        arrays.update(encode_payload(payload, self.meta["dtype"], str(self.root)))
         if self.staged:
             name = self._write_segment(arrays)
             self.manifest = {**self.manifest, "segments": self.manifest["segments"] + [name]}
@@ -282,21 +250,6 @@ class LocalTokenStore:
             self._publish(
                 {**latest, "segments": latest["segments"] + [name], "version": latest["version"] + 1}, replaces=current
             )
-
-    def _encode_payload(self, payload: np.ndarray) -> dict[str, np.ndarray]:
-        dt = self.meta["dtype"]
-        if dt == "int8":  # symmetric per-row scale
-            flat = payload.reshape(len(payload), -1).astype(np.float32)
-            scale = np.abs(flat).max(axis=1) / 127.0
-            scale[scale == 0] = 1.0
-            q = np.clip(np.rint(flat / scale[:, None]), -127, 127).astype(np.int8)
-            return {"payload": q.reshape(payload.shape), "scale": scale.astype(np.float32)}
-        if dt in ("uint8", "uint16", "int16"):
-            info = np.iinfo(cast("type[np.integer]", PAYLOAD_DTYPES[dt]))
-            if payload.size and (payload.min() < info.min or payload.max() > info.max):
-                raise StoreError(f"{self.root}: codes out of range for {dt}")
-            return {"payload": payload.astype(PAYLOAD_DTYPES[dt])}
-        return {"payload": payload.astype(PAYLOAD_DTYPES[dt])}
 
     def _write_segment(self, arrays: dict[str, np.ndarray]) -> str:
         """Write a segment folder (fsynced, renamed into place) and return its name; not yet committed."""
@@ -380,11 +333,10 @@ class LocalTokenStore:
             if len(c["ts"])
             else np.zeros((len(users), n, *self.meta["payload_shape"]), self.payload_dtype)
         )
-        if dequantize and self.meta["dtype"] in ("float16", "float32", "int8"):
-            payload = payload.astype(np.float32)
-            if self.meta["dtype"] == "int8":
-                scale = c["scale"][safe] if len(c["ts"]) else np.zeros((len(users), n), np.float32)
-                payload *= scale.reshape(scale.shape + (1,) * (payload.ndim - 2))
+        scale = None
+        if self.meta["dtype"] == "int8":
+            scale = c["scale"][safe] if len(c["ts"]) else np.zeros((len(users), n), np.float32)
+        payload = decode_payload(payload, scale, self.meta["dtype"], dequantize)
         payload[~h.mask] = 0
         if len(c["ts"]):
             side_mask = h.mask[:, :, None] & (c["avail"][safe] < before_ts[:, None, None])
@@ -395,6 +347,10 @@ class LocalTokenStore:
             side = np.zeros((len(users), n, a), np.float32)
         gap = h.gap / np.float32(self.meta.get("ticks_per_second", 1))  # seconds, whatever the log's unit
         return Fetched(payload=payload, side=side, side_mask=side_mask, mask=h.mask, gap=gap, rows=h.rows)
+
+    def close(self) -> None:
+        """Drop this reader's memory maps (the store on disk is unchanged)."""
+        self._cache, self._index = None, None
 
     def bytes_per_instance(self) -> dict[str, float]:
         c = self._columns()

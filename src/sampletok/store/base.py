@@ -1,0 +1,132 @@
+"""The token-store contract every backend implements, the fetch result, and the payload codec they share.
+
+A token store holds, per user, time-ordered instances: an instance id, a timestamp, a payload (an IAT
+embedding or SIF codes), the instance's responses (``side``) and the time each became known (``avail``).
+``fetch(users, before_ts, n)`` has exactly the semantics of :class:`~sampletok.data.history.HistoryIndex`:
+the last ``n`` instances strictly before each request time, most recent last, ties in append order;
+responses are zeroed unless known before the request (``avail < before_ts``).
+
+Backends: :class:`~sampletok.store.local.LocalTokenStore` (a directory of memory-mapped segments, the embedded
+default) and :class:`~sampletok.store.redis.RedisTokenStore` (a Redis server, for serving and streaming
+appends). :func:`open_store` picks one from a path or a ``redis://`` URL.
+
+Example:
+    >>> import numpy as np
+    >>> encode_payload(np.array([[0.5, -1.0]]), "int8")["payload"].tolist()
+    [[64, -127]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, cast, runtime_checkable
+
+import numpy as np
+
+from sampletok.errors import StoreError
+
+PAYLOAD_DTYPES = {
+    "float16": np.float16,
+    "float32": np.float32,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "uint16": np.uint16,
+    "int16": np.int16,
+}
+
+
+@dataclass
+class Fetched:
+    """Tokens of B requests × n positions (right-aligned, most recent last)."""
+
+    payload: np.ndarray  # [B, n, *payload_shape] float32 (dequantized) or integer codes
+    side: np.ndarray  # [B, n, R] float32 responses, 0 where not yet known
+    side_mask: np.ndarray  # [B, n, R] bool response known before the request
+    mask: np.ndarray  # [B, n] bool
+    gap: np.ndarray  # [B, n] float32 seconds from the token to the request (meta ticks_per_second)
+    rows: np.ndarray  # [B, n] backend row ids (local: store row, redis: append sequence), -1 where padded
+
+
+@runtime_checkable
+class TokenStore(Protocol):
+    """What a ranking service, a streaming job and the exports need of a store."""
+
+    @property
+    def meta(self) -> dict: ...
+
+    def append(
+        self,
+        instance_id: np.ndarray,
+        user: np.ndarray,
+        ts: np.ndarray,
+        payload: np.ndarray,
+        side: np.ndarray | None = None,
+        avail: np.ndarray | None = None,
+    ) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def fetch(self, users: np.ndarray, before_ts: np.ndarray, n: int, dequantize: bool = True) -> Fetched: ...
+
+    def close(self) -> None: ...
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in PAYLOAD_DTYPES:
+        raise StoreError(f"payload dtype '{dtype}' not one of {sorted(PAYLOAD_DTYPES)}")
+
+
+def encode_payload(payload: np.ndarray, dtype: str, where: str = "store") -> dict[str, np.ndarray]:
+    """``payload`` in the store dtype: ``{"payload": ...}`` plus ``"scale"`` [k] for int8 (symmetric per row)."""
+    if dtype == "int8":
+        flat = payload.reshape(len(payload), -1).astype(np.float32)
+        scale = np.abs(flat).max(axis=1) / 127.0
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(flat / scale[:, None]), -127, 127).astype(np.int8)
+        return {"payload": q.reshape(payload.shape), "scale": scale.astype(np.float32)}
+    if dtype in ("uint8", "uint16", "int16"):
+        info = np.iinfo(cast("type[np.integer]", PAYLOAD_DTYPES[dtype]))
+        if payload.size and (payload.min() < info.min or payload.max() > info.max):
+            raise StoreError(f"{where}: codes out of range for {dtype}")
+    return {"payload": payload.astype(PAYLOAD_DTYPES[dtype])}
+
+
+def decode_payload(payload: np.ndarray, scale: np.ndarray | None, dtype: str, dequantize: bool) -> np.ndarray:
+    """Gathered payload [B, n, ...] back to float32 (float dtypes; int8 times its row scale) or codes as is."""
+    if not dequantize or dtype not in ("float16", "float32", "int8"):
+        return payload
+    out = payload.astype(np.float32)
+    if dtype == "int8" and scale is not None:
+        out *= scale.reshape(scale.shape + (1,) * (out.ndim - scale.ndim))
+    return out
+
+
+def check_append(
+    where: str, meta: dict, instance_id, user, ts, payload, side, avail
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The append arguments as arrays of the store's shapes, or a one-line StoreError."""
+    k = len(instance_id)
+    shape = tuple(meta["payload_shape"])
+    a = len(meta["labels"])
+    payload = np.asarray(payload)
+    if payload.shape != (k, *shape):
+        raise StoreError(f"{where}: payload shape {payload.shape} is not ({k}, {', '.join(map(str, shape))})")
+    ts = np.asarray(ts, np.int64)
+    if np.asarray(user).shape != (k,) or ts.shape != (k,):
+        raise StoreError(f"{where}: instance_id, user and ts must all have length {k}")
+    side = np.zeros((k, a), np.float32) if side is None else np.asarray(side, np.float32).reshape(k, a)
+    avail = np.broadcast_to(ts[:, None], (k, a)) if avail is None else np.asarray(avail, np.int64).reshape(k, a)
+    return np.asarray(instance_id, np.int64), np.asarray(user, np.int64), ts, payload, side, np.ascontiguousarray(avail)
+
+
+def open_store(location: str | Path) -> TokenStore:
+    """The committed store at a directory path (local) or a ``redis://host:port/db?store=NAME`` URL."""
+    text = str(location)
+    if text.startswith(("redis://", "rediss://", "unix://")):
+        from sampletok.store.redis import RedisTokenStore
+
+        return RedisTokenStore.open(text)
+    from sampletok.store.local import LocalTokenStore
+
+    return LocalTokenStore.open(location)

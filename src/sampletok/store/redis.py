@@ -1,0 +1,277 @@
+"""A token store on a Redis server (``pip install sampletok[redis]``): the serving-side backend, where a
+streaming job appends each event's token as it happens and the ranking service fetches users' recent tokens.
+
+URL: ``redis://host:port/db?store=NAME`` (``store`` names the store; default ``sampletok``).
+
+Layout (one sorted set per user, so a fetch is one ``ZREVRANGEBYSCORE`` per user, all pipelined in one round
+trip)::
+
+    NAME:current              id of the committed version (switched last: the commit point)
+    NAME:<vid>:meta           the store's meta (JSON)
+    NAME:<vid>:seq            append counter (orders instances of equal timestamp, as the local store does)
+    NAME:<vid>:u:<user>       sorted set, score = timestamp, member = packed instance
+
+A member packs, at fixed width: timestamp and sequence number (big-endian, so members of equal score sort in
+append order), instance id, each response's known-at time and value, the int8 scale and the payload. So the
+fetch has the local store's semantics exactly: the last ``n`` instances strictly before the request time
+(an exclusive score bound), most recent last, responses zeroed unless known before the request.
+
+Atomicity: :meth:`RedisTokenStore.create` writes a new version beside the committed one, invisible until
+:meth:`commit` switches ``NAME:current`` (readers of the old version keep reading it until they re-open; the
+old version's keys are then deleted). An append to a committed store is one ``MULTI``/``EXEC`` transaction
+(sequence numbers drawn with ``INCRBY`` inside it), so concurrent writers interleave whole appends and lose
+none.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import numpy as np
+
+from sampletok.errors import StoreError
+from sampletok.store.base import PAYLOAD_DTYPES, Fetched, check_append, check_dtype, decode_payload, encode_payload
+
+STORE_FORMAT = 1
+
+
+def _client(url: str):
+    """(redis client, store name) for a URL; a missing package or an unreachable server is one line."""
+    try:
+        import redis
+    except ImportError:
+        raise StoreError(f"{url}: the Redis backend needs the redis package (pip install 'sampletok[redis]')") from None
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    name = query.pop("store", ["sampletok"])[0]
+    rest = "&".join(f"{k}={v[0]}" for k, v in query.items())
+    client = redis.Redis.from_url(urlunsplit(parts._replace(query=rest)), socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        raise StoreError(f"{url}: cannot reach the Redis server ({type(e).__name__}: {e})") from None
+    return client, name
+
+
+class RedisTokenStore:
+    """A token store on Redis; see the module docstring. Create with :meth:`create` (staged until
+    :meth:`commit`), open the committed version with :meth:`open`."""
+
+    def __init__(self, url: str, client, name: str, vid: str, meta: dict, staged: bool):
+        self.url, self.client, self.name, self.vid = url, client, name, vid
+        self._meta, self.staged = meta, staged
+        self._layout()
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        producer: str,
+        payload_shape: tuple[int, ...],
+        label_names: list[str],
+        dtype: str = "float16",
+        extra_meta: dict | None = None,
+        overwrite: bool = False,
+    ) -> RedisTokenStore:
+        check_dtype(dtype)
+        client, name = _client(url)
+        if client.exists(f"{name}:current") and not overwrite:
+            raise StoreError(f"{url}: a token store '{name}' already exists (pass overwrite=True to replace it)")
+        meta = {
+            "format": STORE_FORMAT,
+            "producer": producer,
+            "payload_shape": list(payload_shape),
+            "dtype": dtype,
+            "labels": list(label_names),
+            "created_at": time.time(),
+            **(extra_meta or {}),
+        }
+        vid = uuid.uuid4().hex[:12]
+        client.set(f"{name}:{vid}:meta", json.dumps(meta))
+        return cls(url, client, name, vid, meta, staged=True)
+
+    @classmethod
+    def open(cls, url: str, expect_producer: str | None = None) -> RedisTokenStore:
+        client, name = _client(url)
+        vid = client.get(f"{name}:current")
+        if vid is None:
+            raise StoreError(f"{url}: no token store '{name}' (none committed there)")
+        raw = client.get(f"{name}:{vid.decode()}:meta")
+        if raw is None:
+            raise StoreError(f"{url}: store '{name}' names version {vid.decode()}, which has no meta")
+        meta = json.loads(raw)
+        if meta.get("format") != STORE_FORMAT:
+            raise StoreError(f"{url}: store format {meta.get('format')} is not {STORE_FORMAT}")
+        store = cls(url, client, name, vid.decode(), meta, staged=False)
+        if expect_producer is not None and meta["producer"] != expect_producer:
+            raise StoreError(
+                f"{url}: tokens were written by producer {meta['producer']}, but the model expects {expect_producer}"
+            )
+        return store
+
+    @property
+    def meta(self) -> dict:
+        return self._meta
+
+    def commit(self) -> None:
+        """Publish a staged store; the version it replaces is deleted (readers re-open to see the new one)."""
+        if not self.staged:
+            return
+        old = self.client.getset(f"{self.name}:current", self.vid)  # the commit point
+        self.staged = False
+        if old is not None and old.decode() != self.vid:
+            self._delete_version(old.decode())
+
+    def _delete_version(self, vid: str) -> None:
+        batch = []
+        for key in self.client.scan_iter(match=f"{self.name}:{vid}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                self.client.unlink(*batch)
+                batch = []
+        if batch:
+            self.client.unlink(*batch)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # ------------------------------------------------------------------ packing
+    def _layout(self) -> None:
+        """The fixed-width member layout: a structured dtype, so packing and unpacking are one numpy view."""
+        shape = tuple(self._meta["payload_shape"])
+        a = len(self._meta["labels"])
+        dt = self._meta["dtype"]
+        fields = [("ts", ">i8"), ("seq", ">i8"), ("iid", "<i8"), ("avail", "<i8", (a,)), ("side", "<f4", (a,))]
+        if dt == "int8":
+            fields.append(("scale", "<f4"))
+        fields.append(("payload", np.dtype(PAYLOAD_DTYPES[dt]).newbyteorder("<"), shape))
+        self._record = np.dtype(fields)
+
+    def _key(self, user: int) -> str:
+        return f"{self.name}:{self.vid}:u:{user}"
+
+    # ------------------------------------------------------------------ writes
+    def append(
+        self,
+        instance_id: np.ndarray,
+        user: np.ndarray,
+        ts: np.ndarray,
+        payload: np.ndarray,
+        side: np.ndarray | None = None,
+        avail: np.ndarray | None = None,
+    ) -> None:
+        """Add instances, atomically (one transaction); on a staged store they are visible after commit."""
+        iid, user, ts, payload, side, avail = check_append(
+            self.url, self._meta, instance_id, user, ts, payload, side, avail
+        )
+        k = len(iid)
+        if k == 0:
+            return
+        enc = encode_payload(payload, self._meta["dtype"], self.url)
+        rec = np.zeros(k, self._record)
+        rec["ts"], rec["iid"], rec["avail"], rec["side"], rec["payload"] = ts, iid, avail, side, enc["payload"]
+        if "scale" in enc:
+            rec["scale"] = enc["scale"]
+        seq_key = f"{self.name}:{self.vid}:seq"
+        import redis
+
+        try:
+            # the sequence numbers first (one INCRBY), then every ZADD in one MULTI/EXEC: a crash mid-way
+            # leaves a gap in the sequence, never a partial append
+            first = int(self.client.incrby(seq_key, k)) - k
+            rec["seq"] = np.arange(first, first + k, dtype=np.int64)
+            raw = rec.tobytes()
+            size = self._record.itemsize
+            pipe = self.client.pipeline(transaction=True)
+            order = np.argsort(user, kind="stable")
+            bounds = np.flatnonzero(np.r_[True, user[order][1:] != user[order][:-1], True])
+            for s, e in zip(bounds[:-1], bounds[1:], strict=True):  # one ZADD per user, not per instance
+                rows = order[s:e]
+                pipe.zadd(self._key(int(user[rows[0]])), {raw[i * size : (i + 1) * size]: int(ts[i]) for i in rows})
+            pipe.execute()
+        except redis.RedisError as e:
+            raise StoreError(f"{self.url}: append failed ({type(e).__name__}: {e})") from None
+
+    # ------------------------------------------------------------------ reads
+    def fetch(self, users: np.ndarray, before_ts: np.ndarray, n: int, dequantize: bool = True) -> Fetched:
+        """The last ``n`` tokens of each user strictly before each request time: one pipelined round trip."""
+        import redis
+
+        users = np.asarray(users, np.int64)
+        before_ts = np.asarray(before_ts, np.int64)
+        b = len(users)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for u, t in zip(users.tolist(), before_ts.tolist(), strict=True):
+                pipe.zrevrangebyscore(self._key(u), f"({t}", "-inf", start=0, num=n)
+            replies = pipe.execute() if n > 0 and b else [[] for _ in range(b)]
+        except redis.RedisError as e:
+            raise StoreError(f"{self.url}: fetch failed ({type(e).__name__}: {e})") from None
+        counts = np.array([len(r) for r in replies], np.int64)
+        rec = np.frombuffer(b"".join(m for r in replies for m in r), self._record)
+        # reply i holds its user's most recent first: item j goes to position n-1-j (right-aligned)
+        req = np.repeat(np.arange(b), counts)
+        pos = n - 1 - (np.arange(len(rec)) - np.repeat(np.cumsum(counts) - counts, counts))
+        shape = tuple(self._meta["payload_shape"])
+        a = len(self._meta["labels"])
+        mask = np.zeros((b, n), bool)
+        mask[req, pos] = True
+        payload = np.zeros((b, n, *shape), PAYLOAD_DTYPES[self._meta["dtype"]])
+        payload[req, pos] = rec["payload"]
+        scale = None
+        if "scale" in (self._record.names or ()):
+            scale = np.zeros((b, n), np.float32)
+            scale[req, pos] = rec["scale"]
+        payload = decode_payload(payload, scale, self._meta["dtype"], dequantize)
+        side_mask = np.zeros((b, n, a), bool)
+        side_mask[req, pos] = rec["avail"] < before_ts[req, None]
+        side = np.zeros((b, n, a), np.float32)
+        side[req, pos] = np.where(side_mask[req, pos], rec["side"], 0.0)
+        gap = np.zeros((b, n), np.float32)
+        tps = np.float32(self._meta.get("ticks_per_second", 1))  # seconds, as the local store computes them
+        gap[req, pos] = (before_ts[req] - rec["ts"].astype(np.int64)).astype(np.float32) / tps
+        rows = np.full((b, n), -1, np.int64)
+        rows[req, pos] = rec["seq"]
+        return Fetched(payload=payload, side=side, side_mask=side_mask, mask=mask, gap=gap, rows=rows)
+
+
+@contextmanager
+def local_redis_server(folder: str | Path) -> Iterator[str]:
+    """Start Debian's ``redis-server`` on a free loopback port with its files in ``folder`` (no persistence),
+    yield its URL, stop it at exit: for tests, benchmarks and trying the service on one machine."""
+    import shutil
+    import socket
+    import subprocess
+
+    import redis
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise StoreError("redis-server is not installed (Debian: apt-get install -y redis-server)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port)
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        else:
+            raise StoreError(f"redis-server did not start on port {port}")
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
