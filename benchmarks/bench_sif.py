@@ -41,7 +41,8 @@ def _timed(fn) -> float:
 
 def bench_encode(tmp: Path, fields_per_token: int) -> None:
     """Raw sample → codes: batch building + field embeddings + projection + 3-level nearest-code search."""
-    from sampletok.data.batches import BatchLoader, FeatureLayout, history_index
+    from sampletok.data.batches import BatchLoader, history_index
+    from sampletok.features import FeatureLayout
     from sampletok.nn.inference import default_workers, map_row_batches
     from sampletok.tokenizers.hgaq import HGAQConfig, SampleTokenizer
 
@@ -171,9 +172,10 @@ def bench_model(tmp: Path, lengths: list[int], requests: int) -> None:
     code store (CSR lookup + gather), decoded, mixed; eval mode, one request at a time."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sampletok.data.batches import BatchLoader, FeatureLayout, history_index
+    from sampletok.data.batches import BatchLoader, TokenSource, history_index
+    from sampletok.features import FeatureLayout
     from sampletok.models import build_model
-    from sampletok.models.sif import export_codes
+    from sampletok.tokenizers.steps import export_codes
 
     ds = _prepared(tmp, n_users=48, events_per_user=2000, n_fields=24, days=400)
     layout = FeatureLayout.from_dataset(ds)
@@ -191,13 +193,14 @@ def bench_model(tmp: Path, lengths: list[int], requests: int) -> None:
     ):
         torch.manual_seed(0)
         model = build_model(name, layout, **params)
-        model.prepare_data(ds, seed=0, progress=False)
-        if name == "sif":
-            model.use_store(export_codes(model, ds, tmp / "codes", progress=False).load_into_memory())
+        codes = None
+        if name == "sif":  # served from exported codes, as deployed
+            codes = export_codes(model, ds, tmp / "codes", progress=False).load_into_memory()
         model.eval()
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         for L in lengths:
-            loader = BatchLoader(ds, np.zeros(0, np.int64), hist_len=L, index=index, layout=layout)
+            tokens = TokenSource(codes, L, dequantize=False) if codes is not None else None
+            loader = BatchLoader(ds, np.zeros(0, np.int64), hist_len=L, index=index, layout=layout, tokens=tokens)
             # requests late enough that the user has at least L earlier samples
             user, ts = np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts"))
             rank = np.empty(ds.n_rows, np.int64)

@@ -59,9 +59,9 @@ def main() -> None:
             b = s.bytes_per_instance()
             print(f"| {dtype} | {b['payload']:.0f} | {b['total']:.0f} | {write:.2f} | {best * 1e3:.0f} | {err:.4f} |")
     if a.export_ml100k:
-        from sampletok.data.batches import FeatureLayout
         from sampletok.data.prepare import prepare
         from sampletok.data.sources.movielens import load_movielens
+        from sampletok.features import FeatureLayout
         from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, embed_all
 
         with tempfile.TemporaryDirectory() as d:

@@ -21,9 +21,10 @@ MODEL_PARAMS = {"sif": {"hgaq": {"fields_per_token": 4}, "width": 32, "blocks": 
 
 
 def main() -> None:
-    from sampletok.data.batches import BatchLoader, FeatureLayout, history_index
+    from sampletok.data.batches import BatchLoader, history_index
     from sampletok.data.prepare import prepare
     from sampletok.data.sources.movielens import load_movielens
+    from sampletok.features import FeatureLayout
     from sampletok.models import build_model
 
     ap = argparse.ArgumentParser()
@@ -47,10 +48,16 @@ def main() -> None:
         for name in a.models.split(","):
             torch.manual_seed(0)
             model = build_model(name, layout, **params.get(name, {}))
-            model.prepare_data(ds, seed=0, progress=False)
             opt = torch.optim.Adam(model.parameters(), 1e-3)
             loader = BatchLoader(
-                ds, ds.rows("train"), 1024, hist_len=a.hist_len, shuffle=True, index=history_index(ds), layout=layout
+                ds,
+                ds.rows("train"),
+                1024,
+                hist_len=a.hist_len,
+                shuffle=True,
+                index=history_index(ds),
+                layout=layout,
+                history_samples=model.reads_history_samples,
             )
             it = iter(loader)
             for _ in range(3):  # warm-up

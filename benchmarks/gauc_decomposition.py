@@ -18,7 +18,6 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from sampletok.data.batches import BatchLoader
 from sampletok.train.experiment import Experiment, load_dataset, load_trained
 from sampletok.train.metrics import auc, between_within, gauc
 from sampletok.train.trainer import predict_logits
@@ -46,8 +45,8 @@ def main() -> None:
             run = args.out / "runs" / spec.display / str(seed)
             if not (run / "model.pt").exists():
                 continue
-            model, hist_len = load_trained(ds, run)
-            z, y, u = predict_logits(model, BatchLoader(ds, rows, 4096, hist_len=hist_len))
+            trained = load_trained(ds, run)
+            z, y, u = predict_logits(trained.model, trained.loader(ds, rows))
             got.append([auc(y, z), gauc(y, z, u), *between_within(y, z, u).values()])
         if got:
             m = np.nanmean(np.array(got), axis=0)

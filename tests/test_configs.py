@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sampletok.data.batches import FeatureLayout
+from sampletok.features import FeatureLayout
 from sampletok.models import MODELS, build_model
 from sampletok.train.experiment import Experiment
 from tests.conftest import REPO, SHARED_DATA, shared_path

@@ -4,8 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sampletok.data.batches import BatchLoader, FeatureLayout
+from sampletok.data.batches import BatchLoader
 from sampletok.errors import ConfigError, StoreError
+from sampletok.features import FeatureLayout
 from sampletok.schema import Schema
 from sampletok.tokenizers.hgaq import HGAQConfig, ResidualVQ, SampleTokenizer, assign_sub_tokens, code_dtype
 

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from sampletok.data.batches import BatchLoader, FeatureLayout, history_index
+from sampletok.data.batches import BatchLoader, TokenSource, history_index
 from sampletok.errors import ConfigError
+from sampletok.features import FeatureLayout
 from sampletok.models import build_model
 from sampletok.store import LocalTokenStore
 from sampletok.tokenizers.iat import (
@@ -15,6 +16,7 @@ from sampletok.tokenizers.iat import (
     train_source,
     user_windows,
 )
+from sampletok.tokenizers.steps import model_tokens
 
 FAST = dict(epochs=1, hidden=[64, 32], decompress=[32], emb_dim=16, window=16, batch_size=512, dtype="float32")
 
@@ -154,12 +156,12 @@ def test_iat_model_cannot_see_the_future(synth_prepared, store, tmp_path):
     """Rewriting every stored instance at or after a request's time leaves that request's score unchanged."""
     layout = FeatureLayout.from_dataset(synth_prepared)
     model = build_model("iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), length=20).eval()
-    model.prepare_data(synth_prepared, seed=1)
+    tokens = model_tokens(model, synth_prepared, seed=1, hist_len=50)
     users = np.asarray(synth_prepared.col("_user_key"))
     valid_rows = synth_prepared.rows("valid")
     _, first = np.unique(users[valid_rows], return_index=True)
     rows = valid_rows[first][:128]  # one request per user, so "the future" is well defined per user
-    batch = BatchLoader(synth_prepared, rows, 128).build(rows)
+    batch = BatchLoader(synth_prepared, rows, 128, tokens=tokens).build(rows)
     with torch.no_grad():
         before = model(batch).logits
     # a copy of the store whose instances at/after their user's request time carry garbage payload and labels
@@ -182,9 +184,9 @@ def test_iat_model_cannot_see_the_future(synth_prepared, store, tmp_path):
     )
     forged.append(c["instance_id"], c["user"], c["ts"], payload, side, c["avail"])
     forged.commit()
-    model.store = forged.load_into_memory()
+    forged_tokens = TokenSource(forged.load_into_memory(), 20)
     with torch.no_grad():
-        after = model(batch).logits
+        after = model(BatchLoader(synth_prepared, rows, 128, tokens=forged_tokens).build(rows)).logits
     torch.testing.assert_close(before, after)
 
 
@@ -199,18 +201,20 @@ def test_iat_model_cannot_see_the_future(synth_prepared, store, tmp_path):
 def test_iat_forward_backward_on_bases(synth_prepared, store, params):
     layout = FeatureLayout.from_dataset(synth_prepared)
     model = build_model("iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), length=10, **params)
-    model.prepare_data(synth_prepared, seed=1)
-    batch = BatchLoader(synth_prepared, synth_prepared.rows("train")[:64], 64).build(synth_prepared.rows("train")[:64])
+    tokens = model_tokens(model, synth_prepared, seed=1, hist_len=50)
+    rows = synth_prepared.rows("train")[:64]
+    batch = BatchLoader(synth_prepared, rows, 64, tokens=tokens).build(rows)
     snapshot = np.array(store._columns()["payload"]).copy()
     out = model(batch)
     assert out.logits.shape == (64, 1) and torch.isfinite(out.logits).all()
     out.logits.sum().backward()
     assert model.adapt[0].weight.grad is not None and model.adapt[0].weight.grad.abs().sum() > 0
-    np.testing.assert_array_equal(np.asarray(model.store._columns()["payload"]), snapshot)  # tokens are frozen
+    assert tokens is not None
+    np.testing.assert_array_equal(np.asarray(tokens.store._columns()["payload"]), snapshot)  # tokens are frozen
 
 
 def test_store_from_another_dataset_is_refused(synth_prepared, toy_prepared, store):
     layout = FeatureLayout.from_dataset(toy_prepared)
     model = build_model("iat", layout, store=str(store.root), source=dict(scheme="user", **FAST))
     with pytest.raises(ConfigError, match="exported for dataset"):
-        model.prepare_data(toy_prepared, seed=0)
+        model_tokens(model, toy_prepared, seed=0, hist_len=4)

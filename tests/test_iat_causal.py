@@ -98,8 +98,8 @@ def test_saved_iat_run_is_scored_with_its_own_store_only(synth_prepared, tmp_pat
     }
     cfg = TrainConfig(max_epochs=1, batch_size=512, hist_len=8)
     r = run_model(ds, ModelSpec(name="iat", params=params), cfg, seed=7, run_dir=tmp_path / "run", progress=False)
-    model, _ = load_trained(ds, tmp_path / "run")  # the seed-7 store, not a seed-0 one
-    assert model.data_producer() == r["producer"]
+    trained = load_trained(ds, tmp_path / "run")  # the seed-7 store, not a seed-0 one
+    assert trained.tokens is not None and trained.tokens.producer == r["producer"]
     # a different store under the run's cache key (another seed's tokens): refused, one line
     stores = sorted(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
     run_model(ds, ModelSpec(name="iat", params=params), cfg, seed=8, run_dir=tmp_path / "run8", progress=False)

@@ -6,13 +6,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from sampletok.data.batches import BatchLoader, FeatureLayout, history_index
+from sampletok.data.batches import BatchLoader, history_index
 from sampletok.data.prepare import prepare
 from sampletok.data.sources import FrameSource
+from sampletok.features import FeatureLayout
 from sampletok.models import build_model
-from sampletok.models.sif import export_codes
 from sampletok.schema import Schema
 from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, export_to_store
+from sampletok.tokenizers.steps import export_codes
 
 HOUR_MS = 3_600_000
 
@@ -80,7 +81,6 @@ def test_iat_and_sif_stores_use_the_same_availability(ms_log, tmp_path):
     )
     iat_store = export_to_store(src.eval(), ds, tmp_path / "iat", progress=False)
     sif = build_model("sif", layout, hgaq={"fields_per_token": 2, "codes": 8}, width=8, blocks=1, heads=1)
-    sif.prepare_data(ds, seed=0)
     sif_store = export_codes(sif.eval(), ds, tmp_path / "sif", progress=False)
     for store in (iat_store, sif_store):
         avail = np.asarray(store.load_into_memory()._columns()["avail"])

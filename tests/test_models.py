@@ -3,8 +3,9 @@ import dataclasses
 import pytest
 import torch
 
-from sampletok.data.batches import BatchLoader, FeatureLayout
+from sampletok.data.batches import BatchLoader
 from sampletok.errors import ConfigError
+from sampletok.features import FeatureLayout
 from sampletok.models import MODELS, build_model
 
 BASELINES = ["dnn", "dcnv2", "din", "bst", "rankmixer", "onetrans", "hstu"]

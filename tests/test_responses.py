@@ -14,10 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sampletok.data.batches import BatchLoader, FeatureLayout
+from sampletok.data.batches import BatchLoader
 from sampletok.data.prepare import NEVER, PreparedDataset, SplitSpec, prepare
 from sampletok.data.sources import FrameSource
 from sampletok.errors import DataError, SchemaError
+from sampletok.features import FeatureLayout
 from sampletok.models import build_model
 from sampletok.nn import ResponseEncoder
 from sampletok.schema import Schema
@@ -179,10 +180,9 @@ def test_models_read_responses_only_once_known(resp_ds, name, params):
     categorical code) changes it."""
     torch.manual_seed(0)
     model = build_model(name, FeatureLayout.from_dataset(resp_ds), **params)
-    model.prepare_data(resp_ds, seed=0, progress=False)
     model.eval()
     rows = resp_ds.rows("test")
-    batch = BatchLoader(resp_ds, rows, len(rows), hist_len=6).build(rows)
+    batch = BatchLoader(resp_ds, rows, len(rows), hist_len=6, history_samples=model.reads_history_samples).build(rows)
     unknown = ~batch.hist_response_mask & batch.hist_mask.unsqueeze(-1)
     known = batch.hist_response_mask
     assert unknown[..., 3].any() and unknown[..., 2].any() and known[..., 3].any()
@@ -214,12 +214,11 @@ def test_response_encoder_reads_the_named_responses_only(resp_ds):
 def test_store_exports_carry_response_availability(resp_ds, tmp_path):
     """The IAT token store and the SIF code store show a response exactly when the history index does, and
     IAT's side information reads only known responses (or none with ``side_responses: false``)."""
-    from sampletok.models.sif import export_codes
     from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, export_to_store
+    from sampletok.tokenizers.steps import export_codes, model_tokens
 
     layout = FeatureLayout.from_dataset(resp_ds)
     sif = build_model("sif", layout, hgaq={"codes": 16, "levels": 2})
-    sif.prepare_data(resp_ds, seed=0, progress=False)
     src = SourceModel(layout, IATSourceConfig(epochs=1, hidden=[8], decompress=[8], emb_dim=4, dtype="float32"))
     stores = {
         "sif": export_codes(sif, resp_ds, tmp_path / "codes", progress=False),
@@ -235,22 +234,19 @@ def test_store_exports_carry_response_availability(resp_ds, tmp_path):
     for side_responses in (True, False):
         iat = build_model("iat", layout, store=str(tmp_path / "iat"), source={"emb_dim": 4}, length=6,
                           side_responses=side_responses)  # fmt: skip
-        iat.prepare_data(resp_ds, seed=0, progress=False)
+        tokens = model_tokens(iat, resp_ds, seed=0, hist_len=6, progress=False)
         iat.eval()
-        store = iat.store
-        assert store is not None
-        f = store.fetch(b.user.numpy(), b.ts.numpy(), 6)
-        unknown = ~f.side_mask & f.mask[..., None]
+        tb = BatchLoader(resp_ds, rows, len(rows), hist_len=6, tokens=tokens).build(rows)
+        assert tb.tokens is not None
+        f = tb.tokens
+        unknown = ~f.response_mask & f.mask[..., None]
         assert unknown.any()
         with torch.no_grad():
-            base = iat(b).logits
-            f.side[unknown] = 5.0  # the fetched side values of unknown responses cannot matter
-            original_fetch = store.fetch
-            store.fetch = lambda *a, f=f, **k: f  # type: ignore[method-assign]
-            torch.testing.assert_close(iat(b).logits, base)
-            f.side[f.side_mask] += 1.0  # known ones do, unless side_responses is off
-            assert torch.allclose(iat(b).logits, base) is not side_responses
-            store.fetch = original_fetch  # type: ignore[method-assign]
+            base = iat(tb).logits
+            f.responses[unknown] = 5.0  # the fetched values of unknown responses cannot matter
+            torch.testing.assert_close(iat(tb).logits, base)
+            f.responses[f.response_mask] += 1.0  # known ones do, unless side_responses is off
+            assert torch.allclose(iat(tb).logits, base) is not side_responses
 
 
 # ---------------------------------------------------------------------------------------------------- duplicates

@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from sampletok.data.batches import BatchLoader, FeatureLayout
+from sampletok.data.batches import BatchLoader, TokenSource
 from sampletok.errors import StoreError
+from sampletok.features import FeatureLayout
 from sampletok.models import build_model
-from sampletok.models.sif import MixerBlock, export_codes
+from sampletok.models.sif import MixerBlock
+from sampletok.tokenizers.steps import export_codes
 
 SMALL = dict(hgaq=dict(fields_per_token=4, codes=32), width=16, blocks=2, heads=2)
 
@@ -13,9 +15,8 @@ SMALL = dict(hgaq=dict(fields_per_token=4, codes=32), width=16, blocks=2, heads=
 def trained(synth_prepared):
     torch.manual_seed(0)
     model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **SMALL)
-    model.prepare_data(synth_prepared, seed=0)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
-    loader = BatchLoader(synth_prepared, synth_prepared.rows("train")[:1024], 256, hist_len=10)
+    loader = BatchLoader(synth_prepared, synth_prepared.rows("train")[:1024], 256, hist_len=10, history_samples=True)
     model.train()
     for batch in loader:
         out = model(batch)
@@ -29,7 +30,7 @@ def trained(synth_prepared):
 
 def test_training_step_losses(trained, synth_prepared):
     rows = synth_prepared.rows("valid")[:64]
-    batch = BatchLoader(synth_prepared, rows, 64, hist_len=10).build(rows)
+    batch = BatchLoader(synth_prepared, rows, 64, hist_len=10, history_samples=True).build(rows)
     trained.train()
     out = trained(batch)
     trained.eval()
@@ -53,34 +54,34 @@ def test_padding_rows_never_influence_the_target():
 
 def test_stored_codes_give_the_same_scores_as_on_the_fly(trained, synth_prepared, tmp_path):
     rows = synth_prepared.rows("test")[:200]
-    batch = BatchLoader(synth_prepared, rows, 200, hist_len=10).build(rows)
+    batch = BatchLoader(synth_prepared, rows, 200, hist_len=10, history_samples=True).build(rows)
     with torch.no_grad():
         live = trained(batch).logits
     store = export_codes(trained, synth_prepared, tmp_path / "codes", progress=False)
     assert store.meta["dtype"] == "uint8" and store.bytes_per_instance()["payload"] == trained.tokenizer.n_tokens * 3
-    trained.use_store(store.load_into_memory())
-    try:
-        with torch.no_grad():
-            stored = trained(batch).logits
-    finally:
-        trained.store = None
+    trained.check_code_store(store.meta, synth_prepared.fingerprint)
+    tokens = TokenSource(store.load_into_memory(), 10, dequantize=False)
+    from_store = BatchLoader(synth_prepared, rows, 200, hist_len=10, tokens=tokens).build(rows)
+    assert from_store.history_samples is None  # the codes replace the raw past samples
+    with torch.no_grad():
+        stored = trained(from_store).logits
     torch.testing.assert_close(stored, live)
 
 
 def test_codes_from_another_codebook_are_refused(trained, synth_prepared, tmp_path):
     other = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **SMALL)
-    other.prepare_data(synth_prepared, seed=0)
     rows = synth_prepared.rows("train")[:256]
     other.train()
-    other(BatchLoader(synth_prepared, rows, 256, hist_len=5).build(rows))  # initializes its own codebooks
+    # initializes its own codebooks
+    other(BatchLoader(synth_prepared, rows, 256, hist_len=5, history_samples=True).build(rows))
     store = export_codes(other, synth_prepared, tmp_path / "other", progress=False)
     with pytest.raises(StoreError, match="codebook version"):
-        trained.use_store(store)
+        trained.check_code_store(store.meta, synth_prepared.fingerprint)
 
 
 def test_eval_scores_do_not_depend_on_the_batch(trained, synth_prepared):
     rows = synth_prepared.rows("test")[:50]
-    loader = BatchLoader(synth_prepared, rows, 50, hist_len=10)
+    loader = BatchLoader(synth_prepared, rows, 50, hist_len=10, history_samples=True)
     with torch.no_grad():
         together = trained(loader.build(rows)).logits
         alone = torch.cat([trained(loader.build(rows[i : i + 1])).logits for i in range(5)])
@@ -89,9 +90,8 @@ def test_eval_scores_do_not_depend_on_the_batch(trained, synth_prepared):
 
 def test_flat_mixer_ablation_runs(synth_prepared):
     model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **{**SMALL, "mixer": "flat"})
-    model.prepare_data(synth_prepared, seed=0)
     rows = synth_prepared.rows("train")[:32]
-    out = model(BatchLoader(synth_prepared, rows, 32, hist_len=8).build(rows))
+    out = model(BatchLoader(synth_prepared, rows, 32, hist_len=8, history_samples=True).build(rows))
     assert out.logits.shape == (32, 1)
 
 
@@ -101,7 +101,7 @@ def test_history_responses_count_only_once_known(trained, synth_prepared):
     import dataclasses
 
     rows = synth_prepared.rows("test")[:128]
-    batch = BatchLoader(synth_prepared, rows, 128, hist_len=10).build(rows)
+    batch = BatchLoader(synth_prepared, rows, 128, hist_len=10, history_samples=True).build(rows)
     unknown, known = ~batch.hist_response_mask & batch.hist_mask.unsqueeze(-1), batch.hist_response_mask
     assert unknown.any() and known.any()
     with torch.no_grad():
@@ -117,9 +117,8 @@ def test_history_responses_count_only_once_known(trained, synth_prepared):
 @pytest.mark.parametrize("variant", [{"mixer": "pool"}, {"quantize_history": False}, {"history_fields": ["item_id"]}])
 def test_ablation_variants_train(variant, synth_prepared):
     model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **{**SMALL, **variant})
-    model.prepare_data(synth_prepared, seed=0)
     rows = synth_prepared.rows("train")[:64]
-    out = model(BatchLoader(synth_prepared, rows, 64, hist_len=8).build(rows))
+    out = model(BatchLoader(synth_prepared, rows, 64, hist_len=8, history_samples=True).build(rows))
     (out.logits.sum() + sum(out.aux_losses.values())).backward()
     assert out.logits.shape == (64, 1) and torch.isfinite(out.logits).all()
 
@@ -135,7 +134,7 @@ def test_history_fields_hide_the_other_fields_of_past_samples(synth_prepared):
     keep = model.history_keep
     assert int(keep.sum()) == 1 and layout.field_names[int(keep.nonzero())] == "item_id"
     rows = synth_prepared.rows("test")[:32]
-    batch = BatchLoader(synth_prepared, rows, 32, hist_len=8).build(rows)
+    batch = BatchLoader(synth_prepared, rows, 32, hist_len=8, history_samples=True).build(rows)
     item_col = [f.name for f in layout.cat_fields].index("item_id")
     scrambled = dataclasses.replace(
         batch,
@@ -152,12 +151,10 @@ def test_dense_history_cannot_read_a_code_store(trained, synth_prepared, tmp_pat
     from sampletok.errors import ConfigError
 
     model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **{**SMALL, "quantize_history": False})
-    model.prepare_data(synth_prepared, seed=0)
     model.load_state_dict(trained.state_dict())
-    model.use_store(export_codes(trained, synth_prepared, tmp_path / "codes", progress=False).load_into_memory())
-    rows = synth_prepared.rows("test")[:8]
+    store = export_codes(trained, synth_prepared, tmp_path / "codes", progress=False)
     with pytest.raises(ConfigError, match="dense-history"):
-        model(BatchLoader(synth_prepared, rows, 8, hist_len=8).build(rows))
+        model.check_code_store(store.meta, synth_prepared.fingerprint)
 
 
 def test_train_and_eval_forward_score_alike(trained, synth_prepared):
@@ -167,7 +164,7 @@ def test_train_and_eval_forward_score_alike(trained, synth_prepared):
     import copy
 
     rows = synth_prepared.rows("valid")[:64]
-    batch = BatchLoader(synth_prepared, rows, 64, hist_len=10).build(rows)
+    batch = BatchLoader(synth_prepared, rows, 64, hist_len=10, history_samples=True).build(rows)
     twin = copy.deepcopy(trained).train()
     with torch.no_grad():
         train_logits = twin(batch).logits
@@ -180,9 +177,8 @@ def test_long_history_runs_and_backpropagates(synth_prepared):
     (history quantized on the fly) included."""
     torch.manual_seed(0)
     model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **SMALL)
-    model.prepare_data(synth_prepared, seed=0)
     rows = synth_prepared.rows("test")[:4]
-    batch = BatchLoader(synth_prepared, rows, 4, hist_len=1000).build(rows)
+    batch = BatchLoader(synth_prepared, rows, 4, hist_len=1000, history_samples=True).build(rows)
     assert batch.hist_mask.shape[1] == 1000 and not batch.hist_mask.all()
     out = model.train()(batch)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, batch.labels) + sum(out.aux_losses.values())

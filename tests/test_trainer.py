@@ -146,7 +146,7 @@ def _fit_with_scores(synth_prepared, scores, monitor):
     """fit() with the validation metrics of each epoch scripted (the model still trains for real)."""
     from unittest import mock
 
-    from sampletok.data.batches import FeatureLayout
+    from sampletok.features import FeatureLayout
     from sampletok.models import build_model
     from sampletok.train import trainer
 
@@ -216,7 +216,7 @@ def test_oov_replacement_trains_the_oov_row_only_in_training(synth_prepared):
 
 
 def test_frozen_embeddings_stay_put_while_the_rest_trains(synth_prepared):
-    from sampletok.data.batches import FeatureLayout
+    from sampletok.features import FeatureLayout
     from sampletok.models import build_model
     from sampletok.train.trainer import fit
 
@@ -244,7 +244,7 @@ def test_frozen_embeddings_stay_put_while_the_rest_trains(synth_prepared):
 def test_platt_calibration_lowers_logloss_and_keeps_ranking(synth_prepared, overconfidence):
     """A model whose logits are `overconfidence`× too large (60×: near-saturated, where plain Newton steps
     diverged) is recalibrated to the LogLoss optimum without reordering its scores."""
-    from sampletok.data.batches import FeatureLayout
+    from sampletok.features import FeatureLayout
     from sampletok.models import build_model
     from sampletok.train import trainer as _tr
     from sampletok.train.metrics import all_metrics, logloss
@@ -278,8 +278,8 @@ def test_platt_calibration_lowers_logloss_and_keeps_ranking(synth_prepared, over
 
 def test_a_diverged_model_never_wins_early_stopping(synth_prepared):
     """NaN scores through the real predict path: all metrics NaN, so training fails instead of keeping it."""
-    from sampletok.data.batches import FeatureLayout
     from sampletok.errors import TrainingError
+    from sampletok.features import FeatureLayout
     from sampletok.models import build_model
     from sampletok.train.metrics import all_metrics
     from sampletok.train.trainer import fit

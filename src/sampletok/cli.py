@@ -180,7 +180,6 @@ def evaluate(
     seen_users_only: bool = typer.Option(False, help="only rows of users seen in training"),
 ):
     """Evaluate a trained model on a split: AUC, GAUC, LogLoss."""
-    from sampletok.data.batches import BatchLoader
     from sampletok.data.prepare import PreparedDataset
     from sampletok.train.experiment import load_trained
     from sampletok.train.trainer import evaluate as do_eval
@@ -188,8 +187,8 @@ def evaluate(
     if split not in ("train", "valid", "test"):
         raise ConfigError(f"--split: '{split}' is not one of train, valid, test")
     ds = PreparedDataset(data).load_into_memory()
-    model, hist_len = load_trained(ds, run)
-    m = do_eval(model, BatchLoader(ds, ds.rows(split, seen_users_only), 4096, hist_len=hist_len), progress=True)
+    trained = load_trained(ds, run)
+    m = do_eval(trained.model, trained.loader(ds, ds.rows(split, seen_users_only)), progress=True)
     console.print(json.dumps(m, indent=1))
 
 
@@ -324,8 +323,8 @@ def iat_export(
     """Embed every instance with one source model (in-sample: training-window tokens come from parameters that
     saw later labels; use `iat build` for the causal store) and write the tokens (+ labels) to a token store."""
 
-    from sampletok.data.batches import FeatureLayout
     from sampletok.data.prepare import PreparedDataset
+    from sampletok.features import FeatureLayout
     from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, export_to_store
 
     ds = PreparedDataset(data).load_into_memory()
@@ -386,11 +385,12 @@ def sif_export(
 ):
     """Frozen export of every instance's HGAQ codes (uint8 T × M) to a token store."""
     from sampletok.data.prepare import PreparedDataset
-    from sampletok.models.sif import SIF, export_codes
+    from sampletok.models.sif import SIF
+    from sampletok.tokenizers.steps import export_codes
     from sampletok.train.experiment import load_trained
 
     ds = PreparedDataset(data).load_into_memory()
-    model, _ = load_trained(ds, run)
+    model = load_trained(ds, run).model
     if not isinstance(model, SIF):
         raise ConfigError(
             f"--run {run}: holds a '{model.name}' model, not a SIF model (train one with `sampletok sif fit`)"

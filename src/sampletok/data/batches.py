@@ -9,91 +9,16 @@ no per-sample Python.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from sampletok.data.history import HistoryIndex
 from sampletok.data.prepare import PreparedDataset
-from sampletok.schema import FeatureField, FieldType, Schema
-
-
-@dataclass
-class FeatureLayout:
-    """Column order of the batch tensors, derived from the schema and the fitted vocabularies."""
-
-    cat_fields: list[FeatureField]  # categorical and bucketized numerics
-    multi_fields: list[FeatureField]
-    num_fields: list[FeatureField]
-    vocab_sizes: dict[str, int]
-    task_labels: list[str]
-    responses: list[str]  # what a past row adds to its features: task labels, then declared responses
-    seq_cat: list[str]  # sequence fields that are categorical (first one is the item id)
-    seq_multi: list[str]
-    multi_len: int
-    groups: dict[str, str]
-    features: list[FeatureField] | None = None  # every field in schema order (SIF sub-token assignment)
-    response_vocab_sizes: dict[str, int] = field(default_factory=dict)  # categorical responses (others: value)
-
-    @classmethod
-    def from_dataset(cls, ds: PreparedDataset) -> FeatureLayout:
-        s: Schema = ds.schema
-        cat = [f for f in s.features if f.type != FieldType.multi_categorical and f.is_categorical_like]
-        multi = [f for f in s.features if f.type == FieldType.multi_categorical]
-        num = [f for f in s.features if not f.is_categorical_like]
-        seq = s.sequence.fields if s.sequence else []
-        return cls(
-            cat_fields=cat,
-            multi_fields=multi,
-            num_fields=num,
-            vocab_sizes={f.name: ds.vocab_size(f.name) for f in s.features if f.is_categorical_like},
-            task_labels=s.task_labels,
-            responses=s.response_names,
-            seq_cat=[f for f in seq if s.field(f).type == FieldType.categorical],
-            seq_multi=[f for f in seq if s.field(f).type == FieldType.multi_categorical],
-            multi_len=max([f.max_len for f in multi], default=1),
-            groups={f.name: f.group for f in s.features},
-            features=list(s.features),
-            response_vocab_sizes={r: v for r in s.response_names if (v := ds.response_vocab_size(r))},
-        )
-
-    @property
-    def n_fields(self) -> int:
-        return len(self.cat_fields) + len(self.multi_fields) + len(self.num_fields)
-
-    @property
-    def field_names(self) -> list[str]:
-        """Order of field tokens produced by :class:`~sampletok.nn.embedding.FeatureEmbedding`."""
-        return [f.name for f in self.cat_fields + self.multi_fields + self.num_fields]
-
-
-@dataclass
-class Batch:
-    """Tensors of one batch. Shapes: B requests, F_c categorical, F_m multi (padded to L_m), F_n numeric,
-    n history positions (right-aligned, most recent last), S_c/S_m sequence fields, Y task labels, R responses
-    (:attr:`FeatureLayout.responses`: the task labels, then the schema's responses)."""
-
-    cat: torch.Tensor  # [B, F_c] int64
-    multi: torch.Tensor  # [B, F_m, L_m] int64
-    num: torch.Tensor  # [B, F_n] float32
-    labels: torch.Tensor  # [B, Y] float32
-    hist_cat: torch.Tensor  # [B, n, S_c] int64 (0 where padded)
-    hist_multi: torch.Tensor  # [B, n, S_m, L_m] int64
-    hist_mask: torch.Tensor  # [B, n] bool
-    hist_gap: torch.Tensor  # [B, n] float32 seconds between history row and request
-    hist_rows: torch.Tensor  # [B, n] int64 dataset row ids, -1 where padded
-    hist_responses: torch.Tensor  # [B, n, R] float32 value or vocabulary code, 0 where not yet known
-    hist_response_mask: torch.Tensor  # [B, n, R] bool, True where known before the request
-    user: torch.Tensor  # [B] int64 user key (GAUC groups)
-    ts: torch.Tensor  # [B] int64 request time
-    rows: torch.Tensor  # [B] int64 dataset row ids of the requests
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
-
-    def __len__(self) -> int:
-        return self.cat.shape[0]
+from sampletok.features import Batch, FeatureLayout, HistoryTokens
+from sampletok.schema import FieldType
+from sampletok.store.base import TokenStore
 
 
 class BatchLoader:
@@ -107,6 +32,9 @@ class BatchLoader:
         oov_rate: when iterating, each categorical value of a request and of its item-ID history is replaced by
             its field's OOV code with this probability (fresh per epoch from ``seed + epoch``), so the OOV
             embedding is trained; ``build`` alone never replaces.
+        history_samples: also gather the distinct history rows as whole samples (``Batch.history_samples``),
+            for models that read past samples (SIF quantizes them).
+        tokens: a token store to fetch each request's tokens from (``Batch.tokens``: IAT embeddings, SIF codes).
     """
 
     def __init__(
@@ -120,12 +48,13 @@ class BatchLoader:
         index: HistoryIndex | None = None,
         layout: FeatureLayout | None = None,
         oov_rate: float = 0.0,
+        history_samples: bool = False,
+        tokens: TokenSource | None = None,
     ):
         self.ds, self.rows = ds, np.asarray(rows, dtype=np.int64)
-        self.oov_rate = oov_rate
+        self.oov_rate, self.history_samples, self.tokens = oov_rate, history_samples, tokens
         self.layout = layout or FeatureLayout.from_dataset(ds)
-        s = ds.schema
-        self.hist_len = hist_len if hist_len is not None else (s.sequence.max_len if s.sequence else 0)
+        self.hist_len = resolved_hist_len(ds, hist_len)
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
         self.index = index or history_index(ds)
         lay = self.layout
@@ -197,10 +126,23 @@ class BatchLoader:
         return np.where(hit, codes, x)
 
     def build(self, rows: np.ndarray) -> Batch:
-        """The batch for the given request rows."""
+        """The batch for the given request rows (with its history samples and tokens when configured)."""
         rows = np.asarray(rows, dtype=np.int64)
+        batch = self._build(rows, self.hist_len)
+        if self.history_samples:
+            # each distinct history row once, as a sample of its own (no nested history)
+            present = batch.hist_rows[batch.hist_mask].numpy()
+            uniq, inverse = np.unique(present, return_inverse=True)
+            index = np.full(batch.hist_rows.shape, -1, np.int64)
+            index[batch.hist_mask.numpy()] = inverse
+            batch.history_samples = self._build(uniq, 0)
+            batch.history_sample_index = torch.from_numpy(index)
+        if self.tokens is not None:
+            batch.tokens = self.tokens.fetch(batch.user.numpy(), batch.ts.numpy())
+        return batch
+
+    def _build(self, rows: np.ndarray, n: int) -> Batch:
         users, ts = self._user[rows], self._ts[rows]
-        n = self.hist_len
         h = self.index.fetch(users, ts, n)
         padded = np.where(h.mask, h.rows, len(self._seq_cat) - 1)  # empty positions → the padding row
         hist_cat, hist_multi = self._seq_cat[padded], self._seq_multi[padded]
@@ -222,6 +164,40 @@ class BatchLoader:
             ts=t(ts.astype(np.int64)),
             rows=t(rows),
         )
+
+
+@dataclass
+class TokenSource:
+    """A token store a model reads and how many tokens per request: the data stage fetches them into
+    ``Batch.tokens`` (models never touch a store)."""
+
+    store: TokenStore
+    length: int
+    dequantize: bool = True
+
+    @property
+    def producer(self) -> str:
+        return str(self.store.meta["producer"])
+
+    def fetch(self, users: np.ndarray, ts: np.ndarray) -> HistoryTokens:
+        f = self.store.fetch(users, ts, self.length, dequantize=self.dequantize)
+        payload = torch.from_numpy(np.ascontiguousarray(f.payload))
+        if not payload.is_floating_point():
+            payload = payload.long()  # codes of any stored width
+        return HistoryTokens(
+            payload=payload,
+            responses=torch.from_numpy(f.side),
+            response_mask=torch.from_numpy(f.side_mask),
+            mask=torch.from_numpy(f.mask),
+            gap=torch.from_numpy(f.gap),
+        )
+
+
+def resolved_hist_len(ds: PreparedDataset, hist_len: int | None) -> int:
+    """``hist_len``, or the schema's sequence length when None (0 without a sequence)."""
+    if hist_len is not None:
+        return hist_len
+    return ds.schema.sequence.max_len if ds.schema.sequence else 0
 
 
 def history_index(ds: PreparedDataset) -> HistoryIndex:

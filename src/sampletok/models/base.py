@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sampletok.data.batches import Batch, FeatureLayout
 from sampletok.errors import ConfigError, one_line, validation_message
+from sampletok.features import Batch, FeatureLayout
 
 
 @dataclass
@@ -38,13 +38,10 @@ class RankingModel(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def prepare_data(self, ds, *, seed: int, run_dir=None, progress: bool = True, build: bool = True) -> None:
-        """Hook for models that need more than the batch (e.g. a token store built by a source model).
-        ``build=False``: only open what exists (scoring a saved model must never train a new tokenizer)."""
-
-    def data_producer(self) -> str | None:
-        """Producer id of the token store the model reads (None when it reads none)."""
-        return None
+    @property
+    def reads_history_samples(self) -> bool:
+        """Whether the model reads whole past samples (``Batch.history_samples``); the loader gathers them."""
+        return False
 
 
 MODELS: dict[str, type[RankingModel]] = {}

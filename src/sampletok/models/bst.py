@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sampletok.data.batches import Batch, FeatureLayout
+from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, FeatureEmbedding, TransformerBlock
 from sampletok.nn.layers import RecencyEncoding, key_padding_mask

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sampletok.data.batches import Batch, FeatureLayout
+from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, CrossNetV2, FeatureEmbedding
 from sampletok.nn.layers import masked_mean

@@ -5,11 +5,15 @@ responses, through the shared :class:`~sampletok.nn.ResponseEncoder`) to its his
 response-aware history SIF and IAT read, given to DIN so that a comparison can tell the value of past
 responses from the value of the method. ``True`` reads every response, a list the named ones;
 ``response_dropout`` hides a history row's responses with that probability while training.
+``responses_to: user`` reads them in a separate user-level branch instead (their mean over the user's history
+rows enters the MLP beside the item attention, which then reads item IDs only): past responses can then only
+describe the user, not re-weight items (an ablation for the GAUC question in docs/results.md).
 
 Example:
     >>> from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
     >>> from sampletok.data.prepare import prepare
-    >>> from sampletok.data.batches import BatchLoader, FeatureLayout
+    >>> from sampletok.data.batches import BatchLoader
+    >>> from sampletok.features import FeatureLayout
     >>> import tempfile
     >>> src, schema = generate_source(SyntheticConfig(n_users=30, events_per_user=10, n_items=50))
     >>> ds = prepare(src, schema, tempfile.mkdtemp(), progress=False)
@@ -22,12 +26,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
-from sampletok.data.batches import Batch, FeatureLayout
+from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, FeatureEmbedding, ResponseEncoder, TargetAttention
+from sampletok.nn.layers import masked_mean
 
 
 @register("din")
@@ -42,6 +48,7 @@ class DIN(RankingModel):
         extra_dim: int = 0,
         history_responses: bool | list[str] = False,
         response_dropout: float = 0.0,
+        responses_to: Literal["items", "user"] = "items",
     ):
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
@@ -50,21 +57,27 @@ class DIN(RankingModel):
             if history_responses
             else None
         )
+        self.responses_to = responses_to
         self.attention = TargetAttention(self.embed.seq_dim, list(attention_hidden))
-        in_dim = self.embed.n_tokens * embed_dim + self.embed.seq_dim + extra_dim  # extra: e.g. an IAT token
+        user_dim = self.embed.seq_dim if history_responses and responses_to == "user" else 0
+        in_dim = self.embed.n_tokens * embed_dim + self.embed.seq_dim + user_dim + extra_dim  # extra: e.g. IAT
         self.mlp = MLP(in_dim, list(hidden), out_dim=self.n_tasks, dropout=dropout)
 
     def interest(self, batch: Batch) -> torch.Tensor:
         """[B, seq_dim] attention-pooled history."""
         history = self.embed.history(batch)
-        if self.responses is not None:
+        if self.responses is not None and self.responses_to == "items":
             past = self.responses(batch.hist_responses, batch.hist_response_mask)
             history = history + past * batch.hist_mask.unsqueeze(-1)
         return self.attention(self.embed.target_item(batch), history, batch.hist_mask)
 
     def feature_input(self, batch: Batch) -> torch.Tensor:
         """The vector the interaction MLP reads."""
-        return torch.cat([self.embed(batch).flatten(1), self.interest(batch)], dim=1)
+        parts = [self.embed(batch).flatten(1), self.interest(batch)]
+        if self.responses is not None and self.responses_to == "user":
+            past = self.responses(batch.hist_responses, batch.hist_response_mask)
+            parts.append(masked_mean(past, batch.hist_mask))
+        return torch.cat(parts, dim=1)
 
     def predict_from(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)

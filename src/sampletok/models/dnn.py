@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sampletok.data.batches import Batch, FeatureLayout
+from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, FeatureEmbedding
 from sampletok.nn.layers import masked_mean

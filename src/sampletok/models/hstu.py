@@ -18,7 +18,8 @@ The head reads the candidate's output and the request's field embeddings.
 Example:
     >>> from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
     >>> from sampletok.data.prepare import prepare
-    >>> from sampletok.data.batches import BatchLoader, FeatureLayout
+    >>> from sampletok.data.batches import BatchLoader
+    >>> from sampletok.features import FeatureLayout
     >>> import tempfile
     >>> src, schema = generate_source(SyntheticConfig(n_users=30, events_per_user=10, n_items=50))
     >>> ds = prepare(src, schema, tempfile.mkdtemp(), progress=False)
@@ -37,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sampletok.data.batches import Batch, FeatureLayout
 from sampletok.errors import ConfigError
+from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, FeatureEmbedding, ResponseEncoder
 

@@ -1,7 +1,7 @@
 """IAT stage II: a base ranking model (DIN, BST or RankMixer) plus an instance-token branch.
 
-For each request the branch fetches the user's last ``length`` instance embeddings strictly before the
-request time from the token store (no gradient can reach them: they are read from disk), builds
+For each request the branch reads the user's last ``length`` instance embeddings strictly before the
+request time (fetched from the token store by the loader into ``Batch.tokens``: no gradient can reach them), builds
 ``token = concat(adapt_MLP(InsEmb), side_embedding)`` where the side embedding encodes the instance's labels
 *available at request time* and its time gap, and runs a target-aware sequence model (Transformer by
 default, DIN as an option) with a query compressed from the request's features (or the item id only). The
@@ -21,13 +21,12 @@ from typing import Any, Literal, Protocol, cast
 import torch
 from torch import nn
 
-from sampletok.data.batches import Batch, FeatureLayout
 from sampletok.errors import ConfigError
+from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, build_model, register
 from sampletok.nn import MLP, FeatureEmbedding, ResponseEncoder, TargetAttention, TransformerBlock
 from sampletok.nn.layers import RecencyEncoding, key_padding_mask
-from sampletok.store import LocalTokenStore
-from sampletok.tokenizers.iat import IATSourceConfig, build_or_load_store
+from sampletok.tokenizers.iat import IATSourceConfig
 
 BASES = ("din", "bst", "rankmixer")
 
@@ -91,35 +90,16 @@ class IAT(RankingModel):
         self.out = nn.Linear(d_tok, out_dim)
         if placement == "after":
             self.after_head = MLP(out_dim, [out_dim], out_dim=self.n_tasks)
-        self.store: LocalTokenStore | None = None
-
-    def prepare_data(self, ds, *, seed: int, run_dir=None, progress: bool = True, build: bool = True) -> None:
-        if self.store_path:
-            self.store = LocalTokenStore.open(self.store_path)
-            if self.store.meta.get("dataset") != ds.fingerprint:
-                raise ConfigError(
-                    f"{self.store_path}: store was exported for dataset {self.store.meta.get('dataset')}"
-                    f", not {ds.fingerprint}"
-                )
-        else:
-            self.store = build_or_load_store(ds, self.source_cfg, seed, self.cache_dir, progress, build=build)
-        if self.store.meta.get("kind") != "iat" or self.store.meta["payload_shape"] != [self.source_cfg.emb_dim]:
-            raise ConfigError(f"{self.store.root}: not an IAT store of {self.source_cfg.emb_dim}-d embeddings")
-        self.store.load_into_memory()
-
-    def data_producer(self) -> str | None:
-        return self.store.meta["producer"] if self.store is not None else None
 
     def iat_vector(self, batch: Batch) -> torch.Tensor:
         """[B, out_dim] the IAT branch's output for a batch."""
-        if self.store is None:
-            raise ConfigError("IAT model has no token store: call prepare_data(ds, seed=...) first")
-        f = self.store.fetch(batch.user.numpy(), batch.ts.numpy(), self.length)
-        mask = torch.from_numpy(f.mask)
-        tokens = self.adapt(torch.from_numpy(f.payload))
+        f = batch.tokens
+        if f is None:
+            raise ConfigError("IAT reads instance tokens: build its batches with the token source of its store")
+        mask = f.mask
+        tokens = self.adapt(f.payload)
         if self.side_info:
-            side = self.side(torch.from_numpy(f.side), torch.from_numpy(f.side_mask))
-            side = side + self.recency(torch.from_numpy(f.gap), mask)
+            side = self.side(f.responses, f.response_mask) + self.recency(f.gap, mask)
             tokens = torch.cat([tokens, side], dim=-1)
         tokens = tokens * mask.unsqueeze(-1)
         emb = self.base.embed

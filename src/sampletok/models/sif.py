@@ -3,8 +3,9 @@ the SIF-Mixer mixes the (L+1) × T grid at token level and at sample level.
 
 Input grid ``(L+1) × T × width``: row 0 is the current request through the alignment projection
 ``R (P x)`` (never quantized), rows 1..L are the user's history samples strictly before the request, as
-decoded code sums (quantized on the fly during joint training, read from a token store of exported codes
-when ``store`` is given), plus a recency encoding; padded rows are masked out of sample-level attention, so
+decoded code sums (quantized on the fly during joint training from ``Batch.history_samples``, or decoded
+from exported codes that the loader fetched into ``Batch.tokens`` when ``store`` is given), plus a recency
+encoding; padded rows are masked out of sample-level attention, so
 they never influence the target. Loss: BCE + ``vq_weight`` · (commitment + entropy) + ``align_weight`` ·
 ``||R x − sg(RVQ(P x))||²`` + the tokenizer's auxiliary label loss.
 
@@ -21,12 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from sampletok.data.batches import Batch, BatchLoader, FeatureLayout, history_index
 from sampletok.errors import ConfigError, validated
+from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, ResponseEncoder
 from sampletok.nn.layers import MultiHeadAttention, RecencyEncoding, key_padding_mask
-from sampletok.store import LocalTokenStore
 from sampletok.tokenizers.hgaq import HGAQConfig, SampleTokenizer
 
 
@@ -116,56 +116,48 @@ class SIF(RankingModel):
         self.blocks = nn.ModuleList(block(width, heads) for _ in range(blocks))
         self.head = MLP(width, list(hidden), out_dim=self.n_tasks)
         self.vq_weight, self.align_weight, self.store_path = vq_weight, align_weight, store
-        self._rows: BatchLoader | None = None
-        self.store: LocalTokenStore | None = None
 
-    def prepare_data(self, ds, *, seed: int, run_dir=None, progress: bool = True, build: bool = True) -> None:
-        # history rows are whole raw samples: a loader that gathers any row's features (no nested history)
-        self._rows = BatchLoader(ds, np.zeros(0, np.int64), hist_len=0, index=history_index(ds))
-        if self.store_path:
-            self.store = LocalTokenStore.open(self.store_path).load_into_memory()
-            if self.store.meta.get("kind") != "sif" or self.store.meta.get("dataset") != ds.fingerprint:
-                raise ConfigError(f"{self.store_path}: not a SIF code store of dataset {ds.fingerprint}")
+    @property
+    def reads_history_samples(self) -> bool:
+        """Joint training quantizes whole past samples (``Batch.history_samples``); with a code store the
+        codes come in ``Batch.tokens`` instead."""
+        return not self.store_path
 
-    def data_producer(self) -> str | None:
-        return self.store.meta["producer"] if self.store is not None else None
-
-    def use_store(self, store: LocalTokenStore) -> None:
-        """Read history codes from ``store`` (refused unless its codebook is this model's)."""
+    def check_code_store(self, meta: dict, dataset: str) -> None:
+        """Refuse a store that is not SIF codes of this dataset made with this model's codebooks."""
+        if meta.get("kind") != "sif" or meta.get("dataset") != dataset:
+            raise ConfigError(f"{self.store_path}: not a SIF code store of dataset {dataset}")
+        if not self.quantize_history:
+            raise ConfigError("a dense-history SIF (quantize_history: false) cannot read codes from a store")
         self.tokenizer.decode(
-            np.zeros((1, self.tokenizer.n_tokens, self.cfg.levels), np.uint8),
-            version=store.meta.get("codebook_version"),
+            np.zeros((1, self.tokenizer.n_tokens, self.cfg.levels), np.uint8), version=meta.get("codebook_version")
         )
-        self.store = store
 
     def _history(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
         """[B, L, T, d0] history sub-tokens, ([B, L, R] responses, [B, L, R] known) (+ VQ losses when the
         history is quantized on the fly)."""
         b, l = batch.hist_rows.shape
         t, d0 = self.tokenizer.n_tokens, self.cfg.d0
-        out = torch.zeros(b, l, t, d0)
+        out = batch.num.new_zeros(b, l, t, d0)
         mask = batch.hist_mask
         labels = (batch.hist_responses, batch.hist_response_mask)
         if not mask.any():
             return out, labels, {}
-        if self.store is not None:
-            if not self.quantize_history:
-                raise ConfigError("a dense-history SIF (quantize_history: false) cannot read codes from a store")
-            f = self.store.fetch(batch.user.numpy(), batch.ts.numpy(), l, dequantize=False)
-            if not np.array_equal(f.mask, mask.numpy()):
+        if batch.tokens is not None:  # exported codes, fetched by the loader
+            if not torch.equal(batch.tokens.mask, mask):
                 raise ConfigError("the code store does not hold the same history rows as the dataset")
-            out[mask] = self.tokenizer.decode(f.payload[f.mask], version=self.store.meta.get("codebook_version"))
-            labels = (torch.from_numpy(f.side), torch.from_numpy(f.side_mask))
-            return out, labels, {}
-        if self._rows is None:
-            raise ConfigError("SIF model needs prepare_data(ds, seed=...) before use")
-        rows = batch.hist_rows[mask].numpy()
-        uniq, inverse = np.unique(rows, return_inverse=True)
+            out[mask] = self.tokenizer.rvq.decode(batch.tokens.payload[mask])
+            return out, (batch.tokens.responses, batch.tokens.response_mask), {}
+        samples, index = batch.history_samples, batch.history_sample_index
+        if samples is None or index is None:
+            raise ConfigError(
+                "SIF reads whole past samples: build its batches with BatchLoader(..., history_samples=True)"
+            )
         if self.quantize_history:
-            q, _, losses = self.tokenizer(self._rows.build(uniq), self.history_keep)
+            q, _, losses = self.tokenizer(samples, self.history_keep)
         else:
-            q, losses = self.tokenizer.project(self._rows.build(uniq), self.history_keep), {}
-        out[mask] = q[torch.from_numpy(inverse)]
+            q, losses = self.tokenizer.project(samples, self.history_keep), {}
+        out[mask] = q[index[mask]]
         return out, labels, losses
 
     def forward(self, batch: Batch) -> ModelOutput:
@@ -193,52 +185,3 @@ class SIF(RankingModel):
         for block in self.blocks:
             h = block(h, row_mask)
         return ModelOutput(self.head(h[:, 0].mean(1)), aux)
-
-
-def export_codes(
-    model: SIF, ds, path, batch_size: int = 8192, progress: bool = True, workers: int | None = 1
-) -> LocalTokenStore:
-    """Frozen export: every instance's codes [T, M] (+ labels and availability) into a token store.
-
-    ``workers=1`` (default) encodes batch after batch with torch's intra-op threads: the [T, 1024, V] distance
-    blocks are large enough to split; on 2 cores 2 worker threads were slower before the lean
-    ``ResidualVQ.encode`` (120-152k vs 147-173k samples/s) and equal after it (228k vs 224-238k,
-    ``benchmarks/bench_sif.py --sections encode``), unlike the IAT export's small ops."""
-    import time
-
-    from sampletok.nn.inference import map_row_batches
-
-    model.eval()
-    loader = BatchLoader(ds, np.zeros(0, np.int64), hist_len=0, index=history_index(ds))
-    t, m = model.tokenizer.n_tokens, model.cfg.levels
-    codes = np.zeros((ds.n_rows, t, m), np.int64)
-
-    def encode(rows: np.ndarray) -> None:
-        codes[rows] = model.tokenizer.encode(loader.build(rows), model.history_keep)
-
-    t0 = time.time()
-    map_row_batches(encode, ds.n_rows, batch_size, workers, progress, desc="SIF export")
-    sec = time.time() - t0
-    ts = np.asarray(ds.col("_ts"))
-    dtype = "uint8" if model.cfg.codes <= 256 else "uint16"
-    store = LocalTokenStore.create(
-        path,
-        producer=model.tokenizer.rvq.version(),
-        payload_shape=(t, m),
-        label_names=ds.schema.response_names,
-        dtype=dtype,
-        overwrite=True,
-        extra_meta={
-            "kind": "sif",
-            "ticks_per_second": ds.schema.ticks_per_second,
-            "dataset": ds.fingerprint,
-            "codebook_version": model.tokenizer.rvq.version(),
-            "hgaq": model.cfg.model_dump(),
-            "export_instances_per_s": ds.n_rows / max(sec, 1e-9),
-        },
-    )
-    side = np.stack([np.asarray(ds.response_column(r)) for r in ds.schema.response_names], 1)
-    avail = ds.response_available_at()
-    store.append(np.asarray(ds.col("_instance_id")), np.asarray(ds.col("_user_key")), ts, codes, side, avail)
-    store.commit()
-    return store

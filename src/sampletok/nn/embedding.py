@@ -3,7 +3,7 @@ multi-hot fields, and numeric fields as a learned vector scaled by the value.
 
 Example:
     >>> import torch
-    >>> from sampletok.data.batches import FeatureLayout
+    >>> from sampletok.features import FeatureLayout
     >>> from sampletok.schema import FeatureField
     >>> lay = FeatureLayout([FeatureField(name="i", type="categorical", group="item")], [], [], {"i": 5},
     ...                     ["y"], ["y"], ["i"], [], 1, {"i": "item"})
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sampletok.data.batches import Batch, FeatureLayout
+from sampletok.features import Batch, FeatureLayout
 
 
 def pooled_lookup(table: nn.Embedding, codes: torch.Tensor) -> torch.Tensor:

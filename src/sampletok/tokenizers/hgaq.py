@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from sampletok.data.batches import Batch, FeatureLayout
 from sampletok.errors import ConfigError, StoreError
+from sampletok.features import Batch, FeatureLayout
 from sampletok.nn import MLP, FeatureEmbedding
 from sampletok.schema import GROUPS, Schema
 

@@ -44,10 +44,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sampletok.atomic import locked, save_torch
-from sampletok.data.batches import Batch, BatchLoader, FeatureLayout, history_index
+from sampletok.data.batches import BatchLoader, history_index
 from sampletok.data.history import HistoryIndex
 from sampletok.data.prepare import PreparedDataset
 from sampletok.errors import StoreError
+from sampletok.features import Batch, FeatureLayout
 from sampletok.nn import MLP, FeatureEmbedding, TargetAttention, TransformerBlock
 from sampletok.nn.inference import map_row_batches
 from sampletok.store import LocalTokenStore

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -14,11 +15,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sampletok.atomic import save_json, save_torch
-from sampletok.data.batches import BatchLoader, FeatureLayout, history_index
+from sampletok.data.batches import BatchLoader, TokenSource, history_index, resolved_hist_len
 from sampletok.data.prepare import PreparedDataset, SplitSpec, prepare
 from sampletok.errors import ConfigError, StoreError, load_torch_dict, load_yaml_mapping, one_line, validated
 from sampletok.errors import validation_message as _errors
+from sampletok.features import FeatureLayout
 from sampletok.models import build_model
+from sampletok.tokenizers.steps import model_tokens
 from sampletok.train.metrics import all_metrics
 from sampletok.train.trainer import TrainConfig, evaluate, fit, fit_calibration, predict, set_seed
 
@@ -179,9 +182,11 @@ def run_model(
     set_seed(seed)
     layout = FeatureLayout.from_dataset(ds)
     model = build_model(spec.name, layout, **spec.params)
-    model.prepare_data(ds, seed=seed, run_dir=run_dir, progress=progress)
     index = history_index(ds)
-    hist_len = train_cfg.hist_len
+    hist_len = resolved_hist_len(ds, train_cfg.hist_len)
+    # the tokenizer step (IAT: train + export the source model's tokens, cached; SIF with a store: open it)
+    tokens = model_tokens(model, ds, seed=seed, hist_len=hist_len, progress=progress)
+    producer = tokens.producer if tokens is not None else None
 
     def mk(request_rows: np.ndarray, batch_size: int, shuffle: bool) -> BatchLoader:
         # one loader type for train/valid/test; only the training loader shuffles and replaces by OOV
@@ -195,6 +200,8 @@ def run_model(
             index=index,
             layout=layout,
             oov_rate=train_cfg.oov_rate if shuffle else 0.0,
+            history_samples=model.reads_history_samples,
+            tokens=tokens,
         )
 
     def rows(split: str, seen: bool = False) -> np.ndarray:
@@ -212,7 +219,7 @@ def run_model(
         run_dir=run_dir,
         resume=resume,
         progress=progress,
-        fingerprint=run_fingerprint(ds, spec, train_cfg, seed, requests, model.data_producer()),
+        fingerprint=run_fingerprint(ds, spec, train_cfg, seed, requests, producer),
         on_epoch_end=on_epoch_end,
         on_mismatch=on_mismatch,
     )
@@ -244,7 +251,7 @@ def run_model(
         "history": result.history,
         "stopped": result.stopped,
         "monitor": train_cfg.monitor,
-        "producer": model.data_producer(),
+        "producer": producer,
         "calibration": calibration,
         "train_samples_per_s": result.train_samples_per_s,
         "fit_wall_s": wall,
@@ -265,7 +272,7 @@ def run_model(
                 "dataset": ds.fingerprint,
                 "hist_len": hist_len,
                 "seed": seed,
-                "producer": model.data_producer(),
+                "producer": producer,
             },
             Path(run_dir) / "model.pt",
         )
@@ -281,8 +288,30 @@ def recent_rows(rows: np.ndarray, fraction: float | None) -> np.ndarray:
     return rows[len(rows) - int(np.ceil(fraction * len(rows))) :]
 
 
-def load_trained(ds: PreparedDataset, run_dir: str | Path) -> tuple[RankingModel, int | None]:
-    """A model saved by :func:`run_model`, refused if it was trained on another dataset."""
+@dataclass
+class TrainedRun:
+    """A model saved by :func:`run_model`, ready to score: the model, its history length and the token source
+    it was trained with (None for models that read no store)."""
+
+    model: RankingModel
+    hist_len: int
+    tokens: TokenSource | None
+
+    def loader(self, ds: PreparedDataset, rows: np.ndarray, batch_size: int = 4096) -> BatchLoader:
+        """The loader that feeds this model exactly what it was trained on (history, samples, tokens)."""
+        return BatchLoader(
+            ds,
+            rows,
+            batch_size,
+            hist_len=self.hist_len,
+            history_samples=self.model.reads_history_samples,
+            tokens=self.tokens,
+        )
+
+
+def load_trained(ds: PreparedDataset, run_dir: str | Path) -> TrainedRun:
+    """A model saved by :func:`run_model`, refused if it was trained on another dataset or would read tokens of
+    another producer than it was trained with."""
     path = Path(run_dir) / "model.pt"
     saved = load_torch_dict(
         path,
@@ -293,14 +322,6 @@ def load_trained(ds: PreparedDataset, run_dir: str | Path) -> tuple[RankingModel
     if saved["dataset"] != ds.fingerprint:
         raise ConfigError(f"{path}: trained on dataset {saved['dataset']}, not {ds.fingerprint}")
     model = build_model(saved["name"], FeatureLayout.from_dataset(ds), **saved["params"])
-    # the training seed finds the same cached store; build=False: never train a new source model here
-    model.prepare_data(ds, seed=saved.get("seed", 0), run_dir=run_dir, progress=False, build=False)
-    got, want = model.data_producer(), saved.get("producer")
-    if got != want:
-        raise StoreError(
-            f"{path}: the model was trained with tokens of producer {want}, but the store it would "
-            f"read now was written by {got}; evaluate with the store it was trained with"
-        )
     try:
         model.load_state_dict(saved["state_dict"])
     except RuntimeError as e:
@@ -308,7 +329,16 @@ def load_trained(ds: PreparedDataset, run_dir: str | Path) -> tuple[RankingModel
             f"{path}: weights do not fit the model {saved['name']} of this version "
             f"({one_line(e)[:200]}); train the model again"
         ) from None
-    return model, saved["hist_len"]
+    hist_len = resolved_hist_len(ds, saved["hist_len"])
+    # the training seed finds the same cached store; build=False: never train a new source model here
+    tokens = model_tokens(model, ds, seed=saved.get("seed", 0), hist_len=hist_len, progress=False, build=False)
+    got, want = (tokens.producer if tokens is not None else None), saved.get("producer")
+    if got != want:
+        raise StoreError(
+            f"{path}: the model was trained with tokens of producer {want}, but the store it would "
+            f"read now was written by {got}; evaluate with the store it was trained with"
+        )
+    return TrainedRun(model, hist_len, tokens)
 
 
 def compare(

@@ -1,0 +1,102 @@
+"""The explicit tokenizer steps the experiment runs before training or scoring a model that reads tokens:
+IAT's source-model training and causal export (cached per dataset, source config and seed), SIF's code
+export, and opening the store a model reads. Models themselves never touch a store: the loader fetches what a
+:class:`~sampletok.data.batches.TokenSource` names into ``Batch.tokens``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sampletok.data.batches import BatchLoader, TokenSource, history_index
+from sampletok.data.prepare import PreparedDataset
+from sampletok.errors import ConfigError
+from sampletok.models.base import RankingModel
+from sampletok.models.iat import IAT
+from sampletok.models.sif import SIF
+from sampletok.store import LocalTokenStore
+from sampletok.tokenizers.iat import build_or_load_store
+
+
+def model_tokens(
+    model: RankingModel, ds: PreparedDataset, *, seed: int, hist_len: int, build: bool = True, progress: bool = True
+) -> TokenSource | None:
+    """The token source ``model`` reads, or None for a model that reads none.
+
+    IAT: the store given as ``store``, else the cached (or, with ``build``, newly trained and exported) causal
+    store of its source config and ``seed``; ``build=False`` never trains a source model (scoring a saved
+    model). SIF with ``store``: its exported code store, refused unless made with this model's codebooks."""
+    if isinstance(model, IAT):
+        if model.store_path:
+            store = LocalTokenStore.open(model.store_path)
+            if store.meta.get("dataset") != ds.fingerprint:
+                raise ConfigError(
+                    f"{model.store_path}: store was exported for dataset {store.meta.get('dataset')}"
+                    f", not {ds.fingerprint}"
+                )
+        else:
+            store = build_or_load_store(ds, model.source_cfg, seed, model.cache_dir, progress, build=build)
+        if store.meta.get("kind") != "iat" or store.meta["payload_shape"] != [model.source_cfg.emb_dim]:
+            raise ConfigError(f"{store.root}: not an IAT store of {model.source_cfg.emb_dim}-d embeddings")
+        return TokenSource(store.load_into_memory(), model.length)
+    if isinstance(model, SIF) and model.store_path:
+        store = LocalTokenStore.open(model.store_path).load_into_memory()
+        model.check_code_store(store.meta, ds.fingerprint)
+        return TokenSource(store, hist_len, dequantize=False)
+    return None
+
+
+def export_codes(
+    model: SIF,
+    ds: PreparedDataset,
+    path: str | Path,
+    batch_size: int = 8192,
+    progress: bool = True,
+    workers: int | None = 1,
+) -> LocalTokenStore:
+    """Frozen export: every instance's codes [T, M] (+ labels and availability) into a token store.
+
+    ``workers=1`` (default) encodes batch after batch with torch's intra-op threads: the [T, 1024, V] distance
+    blocks are large enough to split; on 2 cores 2 worker threads were slower before the lean
+    ``ResidualVQ.encode`` (120-152k vs 147-173k samples/s) and equal after it (228k vs 224-238k,
+    ``benchmarks/bench_sif.py --sections encode``), unlike the IAT export's small ops."""
+    import time
+
+    from sampletok.nn.inference import map_row_batches
+
+    model.eval()
+    loader = BatchLoader(ds, np.zeros(0, np.int64), hist_len=0, index=history_index(ds))
+    t, m = model.tokenizer.n_tokens, model.cfg.levels
+    codes = np.zeros((ds.n_rows, t, m), np.int64)
+
+    def encode(rows: np.ndarray) -> None:
+        codes[rows] = model.tokenizer.encode(loader.build(rows), model.history_keep)
+
+    t0 = time.time()
+    map_row_batches(encode, ds.n_rows, batch_size, workers, progress, desc="SIF export")
+    sec = time.time() - t0
+    ts = np.asarray(ds.col("_ts"))
+    dtype = "uint8" if model.cfg.codes <= 256 else "uint16"
+    store = LocalTokenStore.create(
+        path,
+        producer=model.tokenizer.rvq.version(),
+        payload_shape=(t, m),
+        label_names=ds.schema.response_names,
+        dtype=dtype,
+        overwrite=True,
+        extra_meta={
+            "kind": "sif",
+            "ticks_per_second": ds.schema.ticks_per_second,
+            "dataset": ds.fingerprint,
+            "codebook_version": model.tokenizer.rvq.version(),
+            "hgaq": model.cfg.model_dump(),
+            "export_instances_per_s": ds.n_rows / max(sec, 1e-9),
+        },
+    )
+    side = np.stack([np.asarray(ds.response_column(r)) for r in ds.schema.response_names], 1)
+    avail = ds.response_available_at()
+    store.append(np.asarray(ds.col("_instance_id")), np.asarray(ds.col("_user_key")), ts, codes, side, avail)
+    store.commit()
+    return store
