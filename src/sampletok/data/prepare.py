@@ -483,7 +483,7 @@ def prepare(
         arrays["_ts"][:] = ts_all
         arrays["_instance_id"][:] = iid_all
         arrays["_split"][:] = split_code
-        lookup = {f.name: _vocab_frame(v) for f in fitted if (v := stats[f.name].vocab) is not None}
+        lookup = vocab_lookups(stats)
         written = 0
         label_cols = [l.name for l in schema.labels]
         known_cols = [r.known_at for r in schema.responses if r.known_at]
@@ -499,40 +499,8 @@ def prepare(
             def put(name: str, values: np.ndarray, out=arrays, in_log=in_log, sl=sl) -> None:
                 out[name][sl] = values[in_log]  # every row is checked; dropped duplicates are not written
 
-            for lab in label_cols:
-                y = as_float(chunk, lab)
-                bad = ~np.isfinite(y)
-                if bad.any():
-                    raise DataError(chunk.origin, "label is not a finite number", lab, _where(chunk, bad))
-                put(f"label__{lab}", y)
-            if known_cols:
-                row_ts = parse_timestamp(chunk, schema.timestamp, schema.timestamp_unit)
-            for r in schema.responses:
-                put(f"resp__{r.name}", _encode_response(chunk, r, stats.get(r.name), lookup.get(r.name)))
-                if r.known_at:
-                    known = parse_timestamp(chunk, r.known_at, schema.timestamp_unit, null_is_never=True)
-                    early = known < row_ts
-                    if early.any():
-                        msg = f"response '{r.name}' is known before its event (known_at < {schema.timestamp})"
-                        raise DataError(chunk.origin, msg, r.known_at, _where(chunk, early))
-                    put(f"known__{r.name}", known)
-            for f in schema.features:
-                st = stats[f.name]
-                if f.type == FieldType.numeric:
-                    x = _transform_numeric(_check_finite(chunk, f, as_float(chunk, f.name, allow_null=True)), f)
-                    if f.normalize == "bucketize":
-                        put(f"cat__{f.name}", np.searchsorted(np.asarray(st.edges), x, side="right") + 1)
-                    elif f.normalize == "none":
-                        put(f"num__{f.name}", x)
-                    else:
-                        put(f"num__{f.name}", (x - st.mean) / st.std)
-                elif f.type == FieldType.categorical:
-                    put(f"cat__{f.name}", _encode(as_str(chunk, f.name), lookup[f.name], st.vocab_size - 1))
-                else:
-                    put(
-                        f"multi__{f.name}",
-                        _encode_lists(_list_cells(chunk, f), lookup[f.name], st.vocab_size - 1, f.max_len),
-                    )
+            for name, values in encode_chunk(chunk, schema, stats, lookup).items():
+                put(name, values)
         for a in arrays.values():
             a.flush()
         del arrays
@@ -615,6 +583,58 @@ def _raise_duplicate(
         column,
         r2,
     )
+
+
+def vocab_lookups(stats: dict[str, FieldStats]) -> dict[str, pl.DataFrame]:
+    """value → code join tables of every fitted vocabulary (features and categorical responses)."""
+    return {name: _vocab_frame(st.vocab) for name, st in stats.items() if st.vocab is not None}
+
+
+def encode_chunk(
+    chunk: RawChunk,
+    schema: Schema,
+    stats: dict[str, FieldStats],
+    lookup: dict[str, pl.DataFrame],
+    outcomes: bool = True,
+) -> dict[str, np.ndarray]:
+    """Every column of a chunk of raw rows as prepared codes (``label__``, ``resp__``, ``known__``, ``cat__``,
+    ``num__``, ``multi__``), with the fitted vocabularies and statistics: the one encoding function of both
+    ``prepare`` and :class:`~sampletok.data.encoder.Encoder`. ``outcomes=False`` encodes features only (a
+    request has no labels yet). Bad cells raise a one-line DataError naming the chunk's origin, column, row."""
+    out: dict[str, np.ndarray] = {}
+    if outcomes:
+        for lab in schema.task_labels:
+            y = as_float(chunk, lab)
+            bad = ~np.isfinite(y)
+            if bad.any():
+                raise DataError(chunk.origin, "label is not a finite number", lab, _where(chunk, bad))
+            out[f"label__{lab}"] = y
+        if any(r.known_at for r in schema.responses):
+            row_ts = parse_timestamp(chunk, schema.timestamp, schema.timestamp_unit)
+        for r in schema.responses:
+            out[f"resp__{r.name}"] = _encode_response(chunk, r, stats.get(r.name), lookup.get(r.name))
+            if r.known_at:
+                known = parse_timestamp(chunk, r.known_at, schema.timestamp_unit, null_is_never=True)
+                early = known < row_ts
+                if early.any():
+                    msg = f"response '{r.name}' is known before its event (known_at < {schema.timestamp})"
+                    raise DataError(chunk.origin, msg, r.known_at, _where(chunk, early))
+                out[f"known__{r.name}"] = known
+    for f in schema.features:
+        st = stats[f.name]
+        if f.type == FieldType.numeric:
+            x = _transform_numeric(_check_finite(chunk, f, as_float(chunk, f.name, allow_null=True)), f)
+            if f.normalize == "bucketize":
+                out[f"cat__{f.name}"] = np.searchsorted(np.asarray(st.edges), x, side="right") + 1
+            elif f.normalize == "none":
+                out[f"num__{f.name}"] = x
+            else:
+                out[f"num__{f.name}"] = (x - st.mean) / st.std
+        elif f.type == FieldType.categorical:
+            out[f"cat__{f.name}"] = _encode(as_str(chunk, f.name), lookup[f.name], st.vocab_size - 1)
+        else:
+            out[f"multi__{f.name}"] = _encode_lists(_list_cells(chunk, f), lookup[f.name], st.vocab_size - 1, f.max_len)
+    return out
 
 
 def _encode_response(chunk: RawChunk, r: ResponseSpec, st: FieldStats | None, vocab: pl.DataFrame | None) -> np.ndarray:
