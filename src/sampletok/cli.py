@@ -51,7 +51,13 @@ def _train_config(**options):
     return validated(TrainConfig, options, names=_TRAIN_FLAGS)
 
 
-_TRAIN_FLAGS = {"max_epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "hist_len": "--hist-len"}
+_TRAIN_FLAGS = {
+    "max_epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "hist_len": "--hist-len",
+    "device": "--device",
+}
 
 
 def _dataset_config(
@@ -157,14 +163,21 @@ def train(
         help="ignore a checkpoint in --out and train afresh (by default a "
         "checkpoint of the same run is resumed, one of another run is refused)",
     ),
+    device: str = typer.Option("auto", help="auto (CUDA when available) | cpu | cuda | cuda:N"),
+    hist_len: int | None = typer.Option(None, help="history positions (default: the schema's sequence length)"),
 ):
-    """Train one model on a prepared dataset; writes checkpoint.pt, model.pt and result.json."""
+    """Train one model on a prepared dataset; writes checkpoint.pt, model.pt and result.json. Under
+    `torchrun --nproc-per-node N -m sampletok.cli train ...` it trains data-parallel (DDP)."""
+    from sampletok import distributed
     from sampletok.data.prepare import PreparedDataset
     from sampletok.train.experiment import ModelSpec, run_model
 
-    cfg = _train_config(max_epochs=epochs, batch_size=batch_size, lr=lr)
+    distributed.init()
+    cfg = _train_config(max_epochs=epochs, batch_size=batch_size, lr=lr, device=device, hist_len=hist_len)
     ds = PreparedDataset(data).load_into_memory()
     r = run_model(ds, ModelSpec(name=model, params=_parse_params(param)), cfg, seed, run_dir=out, resume=not restart)
+    if not distributed.is_main():
+        return
     console.print(
         f"{model}: test AUC {r['test']['auc']:.4f} GAUC {r['test']['gauc']:.4f} "
         f"LogLoss {r['test']['logloss']:.4f} (best epoch {r['best_epoch']}, "
@@ -200,9 +213,13 @@ def compare(
     models: str | None = typer.Option(None, help="comma-separated model labels to keep"),
     epochs: int | None = typer.Option(None, help="override max epochs"),
 ):
-    """Run several models × seeds on one dataset: results.json, results.md (mean ± std, paired t-tests), plots."""
+    """Run several models × seeds on one dataset: results.json, results.md (mean ± std, paired t-tests), plots.
+    Under `torchrun --nproc-per-node N -m sampletok.cli compare ...` every run trains data-parallel."""
+    from sampletok import distributed
     from sampletok.train.experiment import Experiment
     from sampletok.train.experiment import compare as do_compare
+
+    distributed.init()
 
     exp = Experiment.from_yaml(config)
     if seeds is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sampletok import distributed
 from sampletok.data.history import HistoryIndex
 from sampletok.data.prepare import PreparedDataset
 from sampletok.features import Batch, FeatureLayout, HistoryTokens
@@ -90,7 +91,11 @@ class BatchLoader:
         self._seq_cat_oov, self._seq_multi_oov = self._cat_oov[seq_cat_idx], self._multi_oov[seq_multi_idx]
 
     def __len__(self) -> int:
-        return (len(self.rows) + self.batch_size - 1) // self.batch_size
+        n = len(self.rows)
+        if distributed.active():
+            w = distributed.world_size()
+            n = n // w if self.shuffle else (n + w - 1 - distributed.rank()) // w
+        return (n + self.batch_size - 1) // self.batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -99,6 +104,11 @@ class BatchLoader:
         rows = self.rows
         if self.shuffle:
             rows = rows[np.random.default_rng(self.seed * 100_003 + self.epoch).permutation(len(rows))]
+        if distributed.active():  # data-parallel: each rank its slice of the (same) permutation
+            w, r = distributed.world_size(), distributed.rank()
+            # training: equal slices (every rank runs the same number of steps, or DDP would wait forever);
+            # evaluation: every row once, the predictions gathered (trainer.predict_logits)
+            rows = rows[: len(rows) // w * w][r::w] if self.shuffle else rows[r::w]
         oov_rng = np.random.default_rng(self.seed * 100_019 + self.epoch) if self.oov_rate > 0 else None
         for start in range(0, len(rows), self.batch_size):
             batch = self.build(rows[start : start + self.batch_size])

@@ -11,7 +11,8 @@ Example:
     >>> src, schema = generate_source(SyntheticConfig(n_users=20, events_per_user=5, n_items=30))
     >>> ds = prepare(src, schema, tempfile.mkdtemp(), progress=False)
     >>> enc = Encoder.from_dataset(ds)
-    >>> codes = enc.encode({"user_key": "u1", "item_id": "never-seen", "category": "c0"}, strict=False)
+    >>> request = {**next(src.iter_chunks()).frame.row(0, named=True), "item_id": "never-seen"}
+    >>> codes = enc.encode(request)
     >>> int(codes["cat__item_id"][0]) == ds.vocab_size("item_id") - 1  # an unseen value is OOV
     True
 """

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from sampletok import distributed
 from sampletok.errors import ConfigError, StoreError
 from sampletok.features import Batch, FeatureLayout
 from sampletok.nn import MLP, FeatureEmbedding
@@ -185,7 +186,7 @@ class ResidualVQ(nn.Module):
         codes, commit, entropy = [], x.new_zeros(()), x.new_zeros(())
         t_idx = torch.arange(x.shape[1], device=x.device)
         # the entropy regularizer needs soft assignments [N, T, V]: estimate it on a fixed-size subsample
-        sub = torch.randperm(len(x))[: cfg.entropy_sample] if len(x) > cfg.entropy_sample else None
+        sub = torch.randperm(len(x), device=x.device)[: cfg.entropy_sample] if len(x) > cfg.entropy_sample else None
         for level in range(cfg.levels):
             code = self._nearest(r.detach(), level)
             q = self.codebook[t_idx.unsqueeze(0), level, code]  # [N, T, d]
@@ -220,23 +221,29 @@ class ResidualVQ(nn.Module):
         n, t, _ = x.shape
         r = x.clone()
         gen = torch.Generator().manual_seed(0)
+        t_idx = torch.arange(t, device=x.device)
         for level in range(self.cfg.levels):
-            pick = torch.randint(0, n, (t, self.cfg.codes), generator=gen)
-            init = r[pick, torch.arange(t).unsqueeze(1)]  # [T, V, d]
+            pick = torch.randint(0, n, (t, self.cfg.codes), generator=gen).to(x.device)
+            init = r[pick, t_idx.unsqueeze(1)]  # [T, V, d]
             self.codebook[:, level] = init
             self.ema_sum[:, level] = init
             self.ema_count[:, level] = 1.0
             code = self._nearest(r, level)
-            r = r - self.codebook[torch.arange(t).unsqueeze(0), level, code]
+            r = r - self.codebook[t_idx.unsqueeze(0), level, code]
+        # data-parallel: every rank starts from rank 0's codebooks (its first batch)
+        distributed.broadcast_(self.codebook, self.ema_sum, self.ema_count)
         self.initialized.fill_(True)
 
     @torch.no_grad()
     def _ema_update(self, r: torch.Tensor, code: torch.Tensor, level: int) -> None:
         n, t, d = r.shape
         v, decay = self.cfg.codes, self.cfg.ema_decay
-        flat = (torch.arange(t).unsqueeze(0) * v + code).reshape(-1)  # [N*T] index into (T, V)
-        counts = torch.zeros(t * v).index_add_(0, flat, torch.ones(n * t)).view(t, v)
-        sums = torch.zeros(t * v, d).index_add_(0, flat, r.reshape(-1, d)).view(t, v, d)
+        dev = r.device
+        flat = (torch.arange(t, device=dev).unsqueeze(0) * v + code).reshape(-1)  # [N*T] index into (T, V)
+        counts = torch.zeros(t * v, device=dev).index_add_(0, flat, torch.ones(n * t, device=dev)).view(t, v)
+        sums = torch.zeros(t * v, d, device=dev).index_add_(0, flat, r.reshape(-1, d)).view(t, v, d)
+        # data-parallel: the statistics of every rank's batch, so all ranks keep the same codebooks
+        distributed.all_reduce_sum_(counts, sums)
         self.ema_count[:, level].mul_(decay).add_(counts, alpha=1 - decay)
         self.ema_sum[:, level].mul_(decay).add_(sums, alpha=1 - decay)
         total = self.ema_count[:, level].sum(-1, keepdim=True)
@@ -244,18 +251,20 @@ class ResidualVQ(nn.Module):
         self.codebook[:, level] = self.ema_sum[:, level] / smoothed.unsqueeze(-1)
         # dead-code restart: codes whose EMA usage fell below the threshold take a random current residual
         dead = self.ema_count[:, level] < self.cfg.dead_threshold
-        if dead.any():
+        if dead.any():  # the same codes are dead on every rank (same state): rank 0's residuals restart them
             tok, idx = dead.nonzero(as_tuple=True)
-            pick = torch.randint(0, n, (len(tok),))
-            self.codebook[tok, level, idx] = r[pick, tok]
-            self.ema_sum[tok, level, idx] = r[pick, tok]
+            pick = torch.randint(0, n, (len(tok),), device=dev)
+            fresh = r[pick, tok].contiguous()
+            distributed.broadcast_(fresh)
+            self.codebook[tok, level, idx] = fresh
+            self.ema_sum[tok, level, idx] = fresh
             self.ema_count[tok, level, idx] = 1.0
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [..., T, M] → summed code vectors [..., T, d]."""
         t, m = codes.shape[-2], codes.shape[-1]
-        t_idx = torch.arange(t).view(*([1] * (codes.dim() - 2)), t, 1)
-        l_idx = torch.arange(m).view(*([1] * (codes.dim() - 1)), m)
+        t_idx = torch.arange(t, device=codes.device).view(*([1] * (codes.dim() - 2)), t, 1)
+        l_idx = torch.arange(m, device=codes.device).view(*([1] * (codes.dim() - 1)), m)
         return self.codebook[t_idx, l_idx, codes.long()].sum(-2)
 
     @torch.no_grad()

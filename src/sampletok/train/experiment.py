@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sampletok import distributed
 from sampletok.atomic import save_json, save_torch
 from sampletok.data.batches import BatchLoader, TokenSource, history_index, resolved_hist_len
 from sampletok.data.prepare import PreparedDataset, SplitSpec, prepare
@@ -176,9 +177,10 @@ def run_model(
     ``run_dir`` is resumed only if it was written by the same run (else a one-line error, or a fresh start
     with ``on_mismatch="restart"``); ``resume=False`` trains afresh and first removes the folder's old
     checkpoint, model and result, so a crash cannot leave another run's model beside the new checkpoint."""
-    if run_dir is not None and not resume:
+    if run_dir is not None and not resume and distributed.is_main():
         for name in ("checkpoint.pt", "model.pt", "result.json"):
             (Path(run_dir) / name).unlink(missing_ok=True)
+    distributed.barrier()
     set_seed(seed)
     layout = FeatureLayout.from_dataset(ds)
     model = build_model(spec.name, layout, **spec.params)
@@ -259,10 +261,11 @@ def run_model(
         "n_params": int(sum(p.numel() for p in model.parameters())),  # frozen tables count too
         "dataset": ds.fingerprint,
         "torch_threads": torch.get_num_threads(),
+        "world_size": distributed.world_size(),
         "train": train_cfg.model_dump(mode="json"),
         "requests": requests,
     }
-    if run_dir:
+    if run_dir and distributed.is_main():
         # the producer of the tokens/codes the model was trained on: scoring with another store is refused
         save_torch(
             {
@@ -277,6 +280,7 @@ def run_model(
             Path(run_dir) / "model.pt",
         )
         save_json(out, Path(run_dir) / "result.json")
+    distributed.barrier()
     return out
 
 
@@ -357,13 +361,19 @@ def compare(
     if len(set(labels)) != len(labels):
         raise ConfigError(f"model labels must be unique, got {labels}")
     train_cfgs = {spec.display: spec.train_config(exp.train) for spec in exp.models}  # bad overrides fail now
-    ds = ds or load_dataset(exp.dataset, progress=progress)
+    if ds is None:  # under torchrun rank 0 prepares, the others then open what it wrote
+        if not distributed.is_main():
+            distributed.barrier()
+        ds = load_dataset(exp.dataset, progress=progress)
+        if distributed.is_main():
+            distributed.barrier()
     ds.load_into_memory() if ds.n_rows <= 20_000_000 else None
     runs = []
     for spec in exp.models:
         for seed in exp.seeds:
             run_dir = out_dir / "runs" / _slug(spec.display) / str(seed)
             done = run_dir / "result.json"
+            distributed.barrier()  # every rank decides on the same files: reuse or train, together
             if done.exists():
                 cached = json.loads(done.read_text())
                 if _same_run(cached, spec, train_cfgs[spec.display], exp, ds):
@@ -372,8 +382,11 @@ def compare(
                 console.print(
                     f"[yellow]{run_dir}: finished with another configuration, training again[/]", soft_wrap=True
                 )
-                for stale in run_dir.iterdir():  # a stale checkpoint must not be resumed either
-                    stale.unlink() if stale.is_file() else None
+                distributed.barrier()
+                if distributed.is_main():
+                    for stale in run_dir.iterdir():  # a stale checkpoint must not be resumed either
+                        stale.unlink() if stale.is_file() else None
+                distributed.barrier()
             # compare owns its run folders: an interrupted run of another configuration is started afresh
             r = run_model(
                 ds,
@@ -385,12 +398,15 @@ def compare(
                 requests=exp.requests,
                 on_mismatch="restart",
             )
-            console.print(
-                f"[bold]{spec.display}[/] seed {seed}: test AUC {r['test']['auc']:.4f} "
-                f"GAUC {r['test']['gauc']:.4f} LogLoss {r['test']['logloss']:.4f} "
-                f"({r['train_samples_per_s']:.0f} samples/s, best epoch {r['best_epoch']})"
-            )
+            if distributed.is_main():
+                console.print(
+                    f"[bold]{spec.display}[/] seed {seed}: test AUC {r['test']['auc']:.4f} "
+                    f"GAUC {r['test']['gauc']:.4f} LogLoss {r['test']['logloss']:.4f} "
+                    f"({r['train_samples_per_s']:.0f} samples/s, best epoch {r['best_epoch']})"
+                )
             runs.append(r)
+    if not distributed.is_main():
+        return runs
     save_json(
         {"experiment": exp.model_dump(mode="json"), "dataset": ds.manifest["source"], "runs": runs},
         out_dir / "results.json",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
+from sampletok import distributed
 from sampletok.atomic import save_torch
 from sampletok.data.batches import BatchLoader
 from sampletok.errors import ConfigError, TrainingError
@@ -81,6 +83,8 @@ class TrainConfig(BaseModel):
     )
     grad_clip: float | None = 10.0
     threads: int | None = Field(None, ge=1)
+    device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    bf16: bool = Field(False, description="bfloat16 autocast of the forward pass (CUDA, or CPUs that have it)")
     history_buckets: list[int] = Field(
         [10, 50],
         description="evaluation only: test metrics are also reported per bucket of the request's number of "
@@ -100,6 +104,23 @@ class TrainConfig(BaseModel):
         if not e:
             return ["all"]
         return [f"<{e[0]}"] + [f"{a}-{b}" for a, b in zip(e, e[1:], strict=False)] + [f">={e[-1]}"]
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got '{v}'")
+        return v
+
+    def torch_device(self) -> torch.device:
+        """The device to train on; under torchrun each rank takes the GPU of its LOCAL_RANK."""
+        if self.device == "auto":
+            if not torch.cuda.is_available():
+                return torch.device("cpu")
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if distributed.active() else 0)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"train.device is {self.device} but no CUDA device is available here")
+        return torch.device(self.device)
 
     @field_validator("monitor")
     @classmethod
@@ -133,16 +154,27 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def predict_logits(model: RankingModel, loader: BatchLoader, progress: bool = False) -> tuple[np.ndarray, ...]:
     """(float64 logits of the first task label before calibration, labels, user keys), in loader order."""
     model.eval()
     logits, labels, users = [], [], []
-    for batch in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
-        logits.append(model(batch).logits[:, 0].double().cpu().numpy())
-        labels.append(batch.labels[:, 0].numpy())
-        users.append(batch.user.numpy())
-    return np.concatenate(logits), np.concatenate(labels), np.concatenate(users)
+    device = _device_of(model)
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
+            logits.append(model(batch.to(device)).logits[:, 0].double().cpu().numpy())
+            labels.append(batch.labels[:, 0].numpy())
+            users.append(batch.user.numpy())
+    z, y, u = (np.concatenate(x) if x else np.zeros(0) for x in (logits, labels, users))
+    if distributed.active():  # each rank scored its slice of the rows: every rank gets all of them
+        parts = distributed.all_gather_objects((z, y, u))
+        z, y, u = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    return z, y, u
 
 
 def predict(model: RankingModel, loader: BatchLoader, progress: bool = False) -> tuple[np.ndarray, ...]:
@@ -199,6 +231,16 @@ def fit(
     ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = cfg.torch_device()
+    model.to(device)
+    # data-parallel under torchrun: gradients all-reduced by DDP (some parameters, e.g. an unused branch, get
+    # none in a step); the loader gives each rank its slice of the rows, checkpoints are written by rank 0
+    net: torch.nn.Module = model
+    if distributed.active():
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True)  # fmt: skip
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt_path = Path(run_dir) / "checkpoint.pt" if run_dir else None
     state: dict[str, Any] = {
@@ -215,7 +257,11 @@ def fit(
     }
     if ckpt_path and fingerprint is None:
         raise ConfigError(f"{run_dir}: a run folder needs the run's fingerprint (see run_model)")
-    ck = torch.load(ckpt_path, weights_only=False) if ckpt_path and resume and ckpt_path.exists() else None
+    ck = (
+        torch.load(ckpt_path, weights_only=False, map_location=device)
+        if ckpt_path and resume and ckpt_path.exists()
+        else None
+    )
     if ck is not None and ck.get("fingerprint") != fingerprint:
         if on_mismatch == "error":
             raise ConfigError(
@@ -241,9 +287,11 @@ def fit(
             train, desc=f"{model.name} seed {seed} epoch {epoch + 1}", leave=False, disable=None if progress else True
         )
         for batch in bar:
-            out = model(batch)
-            loss = F.binary_cross_entropy_with_logits(out.logits, batch.labels)
-            total = loss + sum(out.aux_losses.values(), torch.zeros(()))
+            batch = batch.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                out = net(batch)
+            loss = F.binary_cross_entropy_with_logits(out.logits.float(), batch.labels)
+            total = loss + sum(out.aux_losses.values(), torch.zeros((), device=device))
             opt.zero_grad(set_to_none=True)
             total.backward()
             if cfg.grad_clip:
@@ -281,11 +329,12 @@ def fit(
             for g in opt.param_groups:
                 g["lr"] *= cfg.lr_decay
         state["epoch"] = epoch + 1
-        if ckpt_path:
+        if ckpt_path and distributed.is_main():
             save_torch(
                 {"model": model.state_dict(), "optim": opt.state_dict(), "state": state, "fingerprint": fingerprint},
                 ckpt_path,
             )
+        distributed.barrier()
         if on_epoch_end is not None:
             on_epoch_end(state["epoch"])
     if state["best_state"] is None:
