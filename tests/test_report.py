@@ -176,3 +176,42 @@ def test_report_command_prints_and_writes_markdown_and_errors_in_one_line(tmp_pa
     assert r.returncode == 2 and "no results.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _cli("report", str(d1), "--reference", "ref", "--out", str(tmp_path / "no" / "such" / "dir" / "x.md"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_history_buckets_pair_per_bucket_and_mark_one_class_buckets():
+    from sampletok.report.tables import history_bucket_table
+
+    def with_buckets(run: dict, short: float, long: float) -> dict:
+        return {**run, "test_by_history": {"<10": {"n": 4}, "10-50": {"auc": short, "n": 30},
+                                           ">=50": {"auc": long, "n": 60}}}  # fmt: skip
+
+    ref = [with_buckets(_run("ref", s, 0.7), 0.60 + 0.01 * s, 0.80 + 0.01 * s) for s in (1, 2, 3)]
+    new = [with_buckets(_run("new", s, 0.7), 0.61 + 0.01 * s + 1e-3 * s * s, 0.90 + 0.012 * s) for s in (1, 2, 3)]
+    md = history_bucket_table(ref + new, "ref")
+    assert "10-50 past events (30 rows)" in md and ">=50 past events (60 rows)" in md
+    cells = _cells(_row(md, "new"))
+    assert cells[2] == "n/a"  # no AUC in a bucket whose rows are all of one class
+    want = stats.ttest_rel([0.61 + 0.01 * s + 1e-3 * s * s for s in (1, 2, 3)], [0.60 + 0.01 * s for s in (1, 2, 3)])
+    auc, delta, p = (c.strip("* ") for c in cells[3].split(","))
+    assert float(delta) == pytest.approx(0.01 + 1e-3 * 14 / 3, abs=1e-4) and float(p) == pytest.approx(
+        want.pvalue, rel=1e-2
+    )
+
+
+def test_run_reports_test_metrics_per_history_bucket(synth_prepared):
+    from sampletok.data.batches import history_index
+    from sampletok.train.experiment import ModelSpec, run_model
+    from sampletok.train.metrics import auc
+    from sampletok.train.trainer import TrainConfig
+
+    cfg = TrainConfig(max_epochs=1, batch_size=512, hist_len=5, history_buckets=[10, 30])
+    r = run_model(synth_prepared, ModelSpec(name="dnn"), cfg, seed=0, progress=False)
+    parts = r["test_by_history"]
+    assert list(parts) == ["<10", "10-30", ">=30"]
+    assert sum(p["n"] for p in parts.values()) == r["test"]["n"]
+    rows = synth_prepared.rows("test")
+    past = history_index(synth_prepared).count_before(
+        np.asarray(synth_prepared.col("_user_key"))[rows], np.asarray(synth_prepared.col("_ts"))[rows]
+    )
+    assert parts[">=30"]["n"] == int((past >= 30).sum()) and parts["<10"]["n"] == int((past < 10).sum())
+    assert 0.0 <= parts[">=30"]["auc"] <= 1.0 and auc is not None

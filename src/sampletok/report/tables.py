@@ -267,7 +267,8 @@ def pairwise_rich(
 
 def history_bucket_table(runs: list[dict], reference: str, against: list[str] | None = None) -> str:
     """Markdown: per history-length bucket of the test requests (``test_by_history``), each model's mean AUC
-    and its paired ΔAUC (and p) against ``reference``; the header gives each bucket's rows."""
+    and its paired ΔAUC (and p) against ``reference``; the header gives each bucket's rows ("n/a": no AUC, the
+    bucket's rows are all of one class)."""
     by = _by_model(runs)
     with_buckets = [r for r in runs if r.get("test_by_history")]
     if not with_buckets:
@@ -282,6 +283,9 @@ def history_bucket_table(runs: list[dict], reference: str, against: list[str] | 
         for b in buckets:
             part = f"test_by_history/{b}"
             auc = np.mean([_part(r, part).get("auc", np.nan) for r in by[model].values()])
+            if np.isnan(auc):  # an empty bucket, or one whose rows are all of one class
+                cells.append("n/a")
+                continue
             if model == reference:
                 cells.append(f"{auc:.4f}, ref")
                 continue
