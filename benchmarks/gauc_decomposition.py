@@ -18,7 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from sampletok.train.experiment import Experiment, load_dataset, load_trained
+from sampletok.train.experiment import Experiment, load_dataset, load_trained, run_folder_name
 from sampletok.train.metrics import auc, between_within, gauc
 from sampletok.train.trainer import predict_logits
 
@@ -34,15 +34,17 @@ def main() -> None:
     rows = ds.rows("test", where=exp.requests)
     wanted = args.models.split(",") if args.models else [m.display for m in exp.models]
     table = Table(title=f"{exp.name}: what the test logits rank (mean over seeds)")
-    for h in ["model", "seeds", "AUC", "GAUC", "AUC of user level", "AUC within user", "var between users"]:
+    heads = ["model", "seeds", "AUC", "GAUC", "AUC of user level", "AUC within user", "var between users"]
+    for h in heads:
         table.add_column(h, justify="left" if h == "model" else "right")
+    md = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     y = u = None
     for spec in exp.models:
         if spec.display not in wanted:
             continue
         got = []
         for seed in exp.seeds:
-            run = args.out / "runs" / spec.display / str(seed)
+            run = args.out / "runs" / run_folder_name(spec.display) / str(seed)
             if not (run / "model.pt").exists():
                 continue
             trained = load_trained(ds, run)
@@ -50,12 +52,17 @@ def main() -> None:
             got.append([auc(y, z), gauc(y, z, u), *between_within(y, z, u).values()])
         if got:
             m = np.nanmean(np.array(got), axis=0)
-            table.add_row(spec.display, str(len(got)), *(f"{v:.4f}" for v in m))
+            cells = [spec.display, str(len(got)), *(f"{v:.4f}" for v in m)]
+            table.add_row(*cells)
+            md.append("| " + " | ".join(cells) + " |")
     if y is not None and u is not None:
         _, gid = np.unique(u, return_inverse=True)
         rate = (np.bincount(gid, weights=y) / np.bincount(gid))[gid]
-        table.add_row("(labels' user rate)", "", "", "", f"{auc(y, rate):.4f}", "", "")
+        cells = ["(labels' user rate)", "", "", "", f"{auc(y, rate):.4f}", "", ""]
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
     Console(width=160).print(table)
+    print("\n" + "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -371,7 +371,7 @@ def compare(
     runs = []
     for spec in exp.models:
         for seed in exp.seeds:
-            run_dir = out_dir / "runs" / _slug(spec.display) / str(seed)
+            run_dir = out_dir / "runs" / run_folder_name(spec.display) / str(seed)
             done = run_dir / "result.json"
             distributed.barrier()  # every rank decides on the same files: reuse or train, together
             if done.exists():
@@ -434,5 +434,6 @@ def _same_run(cached: dict, spec: ModelSpec, train: TrainConfig, exp: Experiment
     return same
 
 
-def _slug(s: str) -> str:
+def run_folder_name(s: str) -> str:
+    """The folder of a model label's runs under ``OUT/runs/`` (``+`` and other signs become ``_``)."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
