@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from sampletok.data.prepare import FieldStats, PreparedDataset, encode_chunk, vocab_lookups
+from sampletok.data.prepare import FieldStats, PreparedDataset, encode_chunk, response_vocab_size, vocab_lookups
 from sampletok.data.sources.files import RawChunk
 from sampletok.errors import DataError
 from sampletok.schema import Schema
@@ -61,9 +61,7 @@ class Encoder:
         return self.stats[field_name].vocab_size
 
     def response_vocab_size(self, name: str) -> int:
-        if name in self.schema.task_labels or not self.schema.response(name).is_categorical_like:
-            return 0
-        return self.stats[name].vocab_size
+        return response_vocab_size(self.schema, self.stats, name)
 
     def encode(
         self, rows: RawRows, *, outcomes: bool = False, strict: bool = True, origin: str = "request"

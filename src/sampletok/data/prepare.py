@@ -286,9 +286,7 @@ class PreparedDataset:
 
     def response_vocab_size(self, name: str) -> int:
         """Embedding-table size of a categorical (or bucketized) response; 0 for one read as a value."""
-        if name in self.schema.task_labels or not self.schema.response(name).is_categorical_like:
-            return 0
-        return self.stats[name].vocab_size
+        return response_vocab_size(self.schema, self.stats, name)
 
     def response_known_at(self) -> dict[int, np.ndarray]:
         """{response index: [N] int64 time it became known} for responses with a ``known_at`` column."""
@@ -583,6 +581,13 @@ def _raise_duplicate(
         column,
         r2,
     )
+
+
+def response_vocab_size(schema: Schema, stats: dict[str, FieldStats], name: str) -> int:
+    """Embedding-table size of a categorical (or bucketized) response; 0 for a task label or a value response."""
+    if name in schema.task_labels or not schema.response(name).is_categorical_like:
+        return 0
+    return stats[name].vocab_size
 
 
 def vocab_lookups(stats: dict[str, FieldStats]) -> dict[str, pl.DataFrame]:

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast, runtime_checkable
@@ -72,9 +73,32 @@ class TokenStore(Protocol):
     def close(self) -> None: ...
 
 
+STORE_FORMAT = 1
+
+
 def check_dtype(dtype: str) -> None:
     if dtype not in PAYLOAD_DTYPES:
         raise StoreError(f"payload dtype '{dtype}' not one of {sorted(PAYLOAD_DTYPES)}")
+
+
+def new_meta(
+    producer: str, payload_shape: tuple[int, ...], label_names: list[str], dtype: str, extra_meta: dict | None
+) -> dict:
+    """The meta every backend's ``create`` writes (callers check the dtype before any side effect)."""
+    return {
+        "format": STORE_FORMAT,
+        "producer": producer,
+        "payload_shape": list(payload_shape),
+        "dtype": dtype,
+        "labels": list(label_names),
+        "created_at": time.time(),
+        **(extra_meta or {}),
+    }
+
+
+def check_format(where: str, meta: dict) -> None:
+    if meta.get("format") != STORE_FORMAT:
+        raise StoreError(f"{where}: store format {meta.get('format')} is not {STORE_FORMAT}")
 
 
 def encode_payload(payload: np.ndarray, dtype: str, where: str = "store") -> dict[str, np.ndarray]:

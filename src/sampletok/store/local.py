@@ -50,9 +50,16 @@ import numpy as np
 from sampletok.atomic import locked, save_atomic
 from sampletok.data.history import HistoryIndex
 from sampletok.errors import StoreError
-from sampletok.store.base import PAYLOAD_DTYPES, Fetched, check_append, check_dtype, decode_payload, encode_payload
-
-STORE_FORMAT = 1
+from sampletok.store.base import (
+    PAYLOAD_DTYPES,
+    Fetched,
+    check_append,
+    check_dtype,
+    check_format,
+    decode_payload,
+    encode_payload,
+    new_meta,
+)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -114,15 +121,7 @@ class LocalTokenStore:
         if (root / "CURRENT").exists() and not overwrite:
             raise StoreError(f"{root}: a token store already exists (pass overwrite=True to replace it)")
         (root / "segments").mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format": STORE_FORMAT,
-            "producer": producer,
-            "payload_shape": list(payload_shape),
-            "dtype": dtype,
-            "labels": list(label_names),
-            "created_at": time.time(),
-            **(extra_meta or {}),
-        }
+        meta = new_meta(producer, payload_shape, label_names, dtype, extra_meta)
         store = cls(
             root, {"meta": meta, "segments": [], "version": 0}, "", staged=True, on_before_commit=on_before_commit
         )
@@ -371,8 +370,7 @@ def _read_current(root: Path) -> tuple[str, dict]:
         manifest = json.loads((root / name).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise StoreError(f"{root / name}: unreadable manifest: {e}") from None
-    if manifest["meta"].get("format") != STORE_FORMAT:
-        raise StoreError(f"{root}: store format {manifest['meta'].get('format')} is not {STORE_FORMAT}")
+    check_format(str(root), manifest["meta"])
     return name, manifest
 
 

@@ -36,9 +36,16 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import numpy as np
 
 from sampletok.errors import StoreError
-from sampletok.store.base import PAYLOAD_DTYPES, Fetched, check_append, check_dtype, decode_payload, encode_payload
-
-STORE_FORMAT = 1
+from sampletok.store.base import (
+    PAYLOAD_DTYPES,
+    Fetched,
+    check_append,
+    check_dtype,
+    check_format,
+    decode_payload,
+    encode_payload,
+    new_meta,
+)
 
 
 def _client(url: str):
@@ -84,15 +91,7 @@ class RedisTokenStore:
         client, name = _client(url)
         if client.exists(f"{name}:current") and not overwrite:
             raise StoreError(f"{url}: a token store '{name}' already exists (pass overwrite=True to replace it)")
-        meta = {
-            "format": STORE_FORMAT,
-            "producer": producer,
-            "payload_shape": list(payload_shape),
-            "dtype": dtype,
-            "labels": list(label_names),
-            "created_at": time.time(),
-            **(extra_meta or {}),
-        }
+        meta = new_meta(producer, payload_shape, label_names, dtype, extra_meta)
         vid = uuid.uuid4().hex[:12]
         client.set(f"{name}:{vid}:meta", json.dumps(meta))
         return cls(url, client, name, vid, meta, staged=True)
@@ -107,8 +106,7 @@ class RedisTokenStore:
         if raw is None:
             raise StoreError(f"{url}: store '{name}' names version {vid.decode()}, which has no meta")
         meta = json.loads(raw)
-        if meta.get("format") != STORE_FORMAT:
-            raise StoreError(f"{url}: store format {meta.get('format')} is not {STORE_FORMAT}")
+        check_format(url, meta)
         store = cls(url, client, name, vid.decode(), meta, staged=False)
         if expect_producer is not None and meta["producer"] != expect_producer:
             raise StoreError(

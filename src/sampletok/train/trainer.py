@@ -165,11 +165,10 @@ def predict_logits(model: RankingModel, loader: BatchLoader, progress: bool = Fa
     model.eval()
     logits, labels, users = [], [], []
     device = _device_of(model)
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
-            logits.append(model(batch.to(device)).logits[:, 0].double().cpu().numpy())
-            labels.append(batch.labels[:, 0].numpy())
-            users.append(batch.user.numpy())
+    for batch in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
+        logits.append(model(batch.to(device)).logits[:, 0].double().cpu().numpy())
+        labels.append(batch.labels[:, 0].numpy())
+        users.append(batch.user.numpy())
     z, y, u = (np.concatenate(x) if x else np.zeros(0) for x in (logits, labels, users))
     if distributed.active():  # each rank scored its slice of the rows: every rank gets all of them
         parts = distributed.all_gather_objects((z, y, u))
