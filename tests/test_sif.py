@@ -185,3 +185,51 @@ def test_long_history_runs_and_backpropagates(synth_prepared):
     loss.backward()
     assert torch.isfinite(out.logits).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _isolated_reference(block: MixerBlock, x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+    """The factored block with one explicit [R, R] mask: history rows (1..) never attend to row 0."""
+    b, r, t, d = x.shape
+    flat = x.reshape(b * r, t, d)
+    flat = flat + block.token_attn(block.n1(flat))
+    cols = flat.view(b, r, t, d).transpose(1, 2).reshape(b * t, r, d)
+    keys = row_mask.repeat_interleave(t, dim=0)[:, None, :].expand(b * t, r, r).clone()
+    keys[:, 1:, 0] = False
+    keys[:, 1:][~keys[:, 1:].any(-1)] = True  # a padded history with no key: attend anywhere (ignored)
+    cols = cols + block.sample_attn(block.n2(cols), None, keys)
+    y = cols.view(b, t, r, d).transpose(1, 2)
+    return y + block.ffn(block.n3(y))
+
+
+def test_isolated_block_equals_the_masked_reference():
+    torch.manual_seed(0)
+    block = MixerBlock(16, 2).eval()
+    x = torch.randn(3, 6, 4, 16)
+    row_mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    target, hist = block.isolated(x[:, :1], x[:, 1:], row_mask[:, 1:])
+    want = _isolated_reference(block, x, row_mask)
+    torch.testing.assert_close(target, want[:, :1])
+    torch.testing.assert_close(hist[row_mask[:, 1:]], want[:, 1:][row_mask[:, 1:]])
+    # the history does not depend on the target row
+    x2 = x.clone()
+    x2[:, 0] = torch.randn_like(x2[:, 0]) * 10
+    torch.testing.assert_close(block.isolated(x2[:, :1], x2[:, 1:], row_mask[:, 1:])[1], hist)
+
+
+def test_isolated_sif_shares_one_history_pass_across_candidates(synth_prepared):
+    torch.manual_seed(0)
+    model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **SMALL, isolate_target=True).eval()
+    loader = BatchLoader(synth_prepared, synth_prepared.rows("test"), 64, hist_len=10, history_samples=True)
+    row = synth_prepared.rows("test")[-1:]
+    one = loader.build(row)
+    assert one.hist_mask.sum() > 0
+    # one user's request with 5 candidates: the same history, other candidate rows' features
+    cands = loader.build(synth_prepared.rows("test")[:5])
+    batch = loader.build(row.repeat(5))
+    batch.cat, batch.multi, batch.num = cands.cat, cands.multi, cands.num
+    with torch.no_grad():
+        each = model(batch).logits
+        batch.shared_history = True
+        shared = model(batch).logits
+    torch.testing.assert_close(shared, each)
+    assert each.std() > 0  # the candidates do score differently

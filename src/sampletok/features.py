@@ -96,7 +96,9 @@ class Batch:
     Optional parts, filled by the loader for the models that read them (a model never fetches anything):
     ``history_samples`` (the distinct history rows of the batch as whole samples, their own features, for
     models that read past samples, e.g. SIF) with ``history_sample_index`` ([B, n] position of each history
-    row in it, -1 where padded), and ``tokens`` (what a token store holds for the requests)."""
+    row in it, -1 where padded), and ``tokens`` (what a token store holds for the requests).
+    ``shared_history`` says every row has the same history (a served request's candidates): a model may
+    compute its history pass once."""
 
     cat: torch.Tensor  # [B, F_c] int64
     multi: torch.Tensor  # [B, F_m, L_m] int64
@@ -115,11 +117,12 @@ class Batch:
     history_samples: Batch | None = None
     history_sample_index: torch.Tensor | None = None  # [B, n] int64
     tokens: HistoryTokens | None = None
+    shared_history: bool = False  # every row has the same history (one request's candidates)
 
     def to(self, device: torch.device | str) -> Batch:
         def move(x):
-            if x is None:
-                return None
+            if x is None or isinstance(x, bool):
+                return x
             return x.to(device) if isinstance(x, Batch | HistoryTokens) else x.to(device, non_blocking=True)
 
         return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})

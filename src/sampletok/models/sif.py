@@ -16,14 +16,15 @@ have 8 dimensions each (8 heads on d0 = 16 would leave 2-dim heads).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from dataclasses import fields, replace
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from sampletok.errors import ConfigError, validated
-from sampletok.features import Batch, FeatureLayout
+from sampletok.features import Batch, FeatureLayout, HistoryTokens
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, ResponseEncoder
 from sampletok.nn.layers import MultiHeadAttention, RecencyEncoding, key_padding_mask
@@ -42,13 +43,39 @@ class MixerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
         b, r, t, d = x.shape
-        flat = x.reshape(b * r, t, d)
-        flat = flat + self.token_attn(self.n1(flat))
-        cols = flat.view(b, r, t, d).transpose(1, 2).reshape(b * t, r, d)
+        cols = self._rows(x).transpose(1, 2).reshape(b * t, r, d)
         mask = key_padding_mask(row_mask.repeat_interleave(t, dim=0), r)
         cols = cols + self.sample_attn(self.n2(cols), None, mask)
         x = cols.view(b, t, r, d).transpose(1, 2)
         return x + self.ffn(self.n3(x))
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Token-level attention inside each row of ``x`` [B, R, T, d]."""
+        b, r, t, d = x.shape
+        flat = x.reshape(b * r, t, d)
+        return (flat + self.token_attn(self.n1(flat))).view(b, r, t, d)
+
+    def isolated(
+        self, target: torch.Tensor, hist: torch.Tensor, hist_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block with history rows that do not attend to the target row: ``hist`` [B_h, L, T, d] evolves
+        on its own (so B_h = 1 serves every candidate of one request), ``target`` [B, 1, T, d] attends to
+        itself and the history. Equal to :meth:`forward` with the history→target attention masked out."""
+        b, _, t, d = target.shape
+        bh, l = hist.shape[:2]
+        target, hist = self._rows(target), self._rows(hist)
+        hcols = hist.transpose(1, 2).reshape(bh * t, l, d)
+        hmask = hist_mask.repeat_interleave(t, dim=0)
+        new_hist = hcols + self.sample_attn(self.n2(hcols), None, key_padding_mask(hmask, l))
+        tcols = target.transpose(1, 2).reshape(b * t, 1, d)
+        if bh != b:  # one shared history: every target row reads the same keys
+            hcols, hmask = hcols.repeat(b, 1, 1), hmask.repeat(b, 1)
+        keys = torch.cat([tcols, hcols], dim=1)
+        kmask = torch.cat([hmask.new_ones(b * t, 1), hmask], dim=1)
+        new_target = tcols + self.sample_attn(self.n2(tcols), self.n2(keys), key_padding_mask(kmask, 1))
+        target = new_target.view(b, t, 1, d).transpose(1, 2)
+        hist = new_hist.view(bh, t, l, d).transpose(1, 2)
+        return target + self.ffn(self.n3(target)), hist + self.ffn(self.n3(hist))
 
 
 class FlatBlock(nn.Module):
@@ -88,6 +115,7 @@ class SIF(RankingModel):
         history_responses: bool | list[str] = True,
         history_fields: list[str] | None = None,
         quantize_history: bool = True,
+        isolate_target: bool = False,
     ):
         super().__init__(layout)
         self.cfg = validated(HGAQConfig, {} if hgaq is None else hgaq, prefix="hgaq.")
@@ -112,6 +140,11 @@ class SIF(RankingModel):
             "history_keep", None if history_fields is None else torch.tensor([n in history_fields for n in names])
         )
         self.quantize_history, self.mixer = quantize_history, mixer
+        # serving option: history rows do not attend to the target row, so one history pass serves every
+        # candidate of a request (Batch.shared_history); the target row still attends to the whole history
+        if isolate_target and mixer == "flat":
+            raise ConfigError("isolate_target needs the factored or pool mixer (the flat mixer has no rows)")
+        self.isolate_target = isolate_target
         block = FlatBlock if mixer == "flat" else MixerBlock
         self.blocks = nn.ModuleList(block(width, heads) for _ in range(blocks))
         self.head = MLP(width, list(hidden), out_dim=self.n_tasks)
@@ -163,7 +196,9 @@ class SIF(RankingModel):
     def forward(self, batch: Batch) -> ModelOutput:
         x = self.tokenizer.project(batch)  # [B, T, d0] the request, never quantized here
         target = torch.einsum("btd,tde->bte", x, self.align)
-        hist, hist_labels, losses = self._history(batch)
+        # one history for all rows (one request's candidates): an isolated history pass runs once
+        hb = _first_history(batch) if batch.shared_history and self.isolate_target else batch
+        hist, hist_labels, losses = self._history(hb)
         aux: dict[str, torch.Tensor] = {}
         if self.training:
             q_target, _, vq = self.tokenizer.rvq(x)
@@ -173,15 +208,32 @@ class SIF(RankingModel):
             aux.update({f"vq_{k}": self.vq_weight * v for k, v in losses.items() if k != "aux_label"})
             if "aux_label" in losses:
                 aux["aux_label"] = losses["aux_label"]
-        grid = torch.cat([target.unsqueeze(1), hist], dim=1)  # [B, L+1, T, d0]
-        h = self.up(grid) + self.token_pos
-        rec = self.recency(batch.hist_gap, batch.hist_mask)  # [B, L, width]
+        rec = self.recency(hb.hist_gap, hb.hist_mask)  # [B_h, L, width]
         if self.responses is not None:
-            rec = rec + self.responses(*hist_labels) * batch.hist_mask.unsqueeze(-1)
-        h = h + torch.cat([self.target_row.expand(len(batch), 1, -1), rec], dim=1).unsqueeze(2)
+            rec = rec + self.responses(*hist_labels) * hb.hist_mask.unsqueeze(-1)
+        h_target = self.up(target.unsqueeze(1)) + self.token_pos + self.target_row  # [B, 1, T, width]
+        h_hist = self.up(hist) + self.token_pos + rec.unsqueeze(2)  # [B_h, L, T, width]
+        if self.mixer == "pool":  # each row's sub-tokens averaged into one token
+            h_target, h_hist = h_target.mean(2, keepdim=True), h_hist.mean(2, keepdim=True)
+        if self.isolate_target:
+            for block in self.blocks:
+                h_target, h_hist = cast(MixerBlock, block).isolated(h_target, h_hist, hb.hist_mask)
+            return ModelOutput(self.head(h_target[:, 0].mean(1)), aux)
+        h = torch.cat([h_target, h_hist], dim=1)
         row_mask = torch.cat([batch.hist_mask.new_ones(len(batch), 1), batch.hist_mask], dim=1)
-        if self.mixer == "pool":
-            h = h.mean(2, keepdim=True)  # [B, L+1, 1, width]
         for block in self.blocks:
             h = block(h, row_mask)
         return ModelOutput(self.head(h[:, 0].mean(1)), aux)
+
+
+def _first_history(batch: Batch) -> Batch:
+    """``batch`` with the history of its first row only (every row has the same one)."""
+    first = {
+        name: getattr(batch, name)[:1]
+        for name in ("hist_rows", "hist_mask", "hist_gap", "hist_responses", "hist_response_mask")
+    }
+    index = batch.history_sample_index
+    tokens = batch.tokens
+    if tokens is not None:
+        tokens = HistoryTokens(**{f.name: getattr(tokens, f.name)[:1] for f in fields(tokens)})
+    return replace(batch, **first, history_sample_index=None if index is None else index[:1], tokens=tokens)
