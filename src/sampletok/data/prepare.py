@@ -32,7 +32,7 @@ from sampletok.data.sources.files import RawChunk, RawSource
 from sampletok.errors import DataError
 from sampletok.schema import FeatureField, FieldType, ResponseSpec, Schema
 
-PREP_VERSION = 1
+PREP_VERSION = 2  # 2: _user_key is the stable hash of the raw user id
 SPLIT_NAMES = ("train", "valid", "test")
 _MAX_BUCKET_SAMPLE = 1_000_000
 
@@ -208,12 +208,37 @@ def _check_finite(chunk: RawChunk, f: FeatureField | ResponseSpec, x: np.ndarray
     return x
 
 
+def user_keys(raw: pl.Series, origin: str = "request") -> np.ndarray:
+    """[N] int64 stable key of each raw user id: the first 8 bytes of its BLAKE2b digest (of the id's text).
+
+    Token stores and the history index are keyed by it, so a re-prepared log, a store exported from it and a
+    serving request all name a user the same way (a dense code would change with every preparation). Hashed
+    once per distinct user; two ids with one key (odds ~n²/2⁶⁴) are an error, never a silent merge.
+
+    Example:
+        >>> k = user_keys(pl.Series(["u1", "u2", "u1"]))
+        >>> bool(k[0] == k[2] != k[1]), int(k[0]) == int(user_keys(pl.Series(["u1"]))[0])
+        (True, True)
+    """
+    text = raw.cast(pl.Utf8)
+    uniq, inverse = np.unique(text.to_numpy().astype(str), return_inverse=True)
+    keys = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little", signed=True) for u in uniq),
+        np.int64,
+        len(uniq),
+    )
+    if len(np.unique(keys)) != len(keys):
+        raise DataError(origin, "two user ids hash to the same 64-bit key; rename one of them")
+    return keys[inverse.reshape(-1)]
+
+
 # ---------------------------------------------------------------------------------------------- the dataset
 class PreparedDataset:
     """A prepared, memory-mapped dataset directory.
 
     Columns (all length N, in source row order):
-      ``_user_key`` int64 dense user code over all rows, ``_ts`` int64, ``_instance_id`` int64, ``_split`` int8,
+      ``_user_key`` int64 stable hash of the raw user id (:func:`user_keys`: the same in every preparation
+      and in a serving request), ``_ts`` int64, ``_instance_id`` int64, ``_split`` int8,
       ``label__<name>`` float32, ``resp__<name>`` float32 (0/1, normalized value or vocabulary code),
       ``known__<name>`` int64 (a response's known-at time), ``cat__<name>`` int32 codes,
       ``multi__<name>`` int32 [N, max_len], ``num__<name>`` float32 normalized.
@@ -408,14 +433,14 @@ def prepare(
     if keep is not None:
         ts_all, iid_all, user_all = ts_all[keep], iid_all[keep], user_all.filter(pl.Series(keep))
     n = len(ts_all)
-    user_key = (user_all.rank("dense") - 1).cast(pl.Int64).to_numpy()
+    user_key = user_keys(user_all, source.name)
     split_code = assign_splits(ts_all, split)
     # split per source row (-1: a dropped duplicate), so passes 2 and 3 read the source as it is
     source_split = split_code
     if keep is not None:
         source_split = np.full(len(keep), -1, np.int8)
         source_split[keep] = split_code
-    n_users = int(user_key.max()) + 1
+    n_users = len(np.unique(user_key))
     del user_all
     bar.update(1)
 

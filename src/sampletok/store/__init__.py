@@ -6,7 +6,7 @@ embeddings, SIF writes integer codes.
 Redis server. ``open_store`` opens either from a path or a ``redis://`` URL.
 """
 
-from sampletok.store.base import Fetched, TokenStore, open_store
+from sampletok.store.base import Fetched, TokenStore, create_store, open_store
 from sampletok.store.local import LocalTokenStore
 
-__all__ = ["Fetched", "LocalTokenStore", "TokenStore", "open_store"]
+__all__ = ["Fetched", "LocalTokenStore", "TokenStore", "create_store", "open_store"]

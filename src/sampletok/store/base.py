@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -34,6 +34,7 @@ PAYLOAD_DTYPES = {
     "uint8": np.uint8,
     "uint16": np.uint16,
     "int16": np.int16,
+    "int32": np.int32,  # packed raw events (codes, and numerics as float32 bits): serving's event store
 }
 
 
@@ -109,7 +110,7 @@ def encode_payload(payload: np.ndarray, dtype: str, where: str = "store") -> dic
         scale[scale == 0] = 1.0
         q = np.clip(np.rint(flat / scale[:, None]), -127, 127).astype(np.int8)
         return {"payload": q.reshape(payload.shape), "scale": scale.astype(np.float32)}
-    if dtype in ("uint8", "uint16", "int16"):
+    if dtype in ("uint8", "uint16", "int16", "int32"):
         info = np.iinfo(cast("type[np.integer]", PAYLOAD_DTYPES[dtype]))
         if payload.size and (payload.min() < info.min or payload.max() > info.max):
             raise StoreError(f"{where}: codes out of range for {dtype}")
@@ -144,13 +145,36 @@ def check_append(
     return np.asarray(instance_id, np.int64), np.asarray(user, np.int64), ts, payload, side, np.ascontiguousarray(avail)
 
 
-def open_store(location: str | Path) -> TokenStore:
-    """The committed store at a directory path (local) or a ``redis://host:port/db?store=NAME`` URL."""
-    text = str(location)
-    if text.startswith(("redis://", "rediss://", "unix://")):
+def is_redis_url(location: str | Path) -> bool:
+    return str(location).startswith(("redis://", "rediss://", "unix://"))
+
+
+def create_store(
+    location: str | Path,
+    producer: str,
+    payload_shape: tuple[int, ...],
+    label_names: list[str],
+    dtype: str,
+    extra_meta: dict | None = None,
+    overwrite: bool = False,
+) -> TokenStore:
+    """A new store, staged until ``commit()``, at a directory path (local) or a ``redis://`` URL."""
+    kw: dict[str, Any] = dict(producer=producer, payload_shape=payload_shape, label_names=label_names, dtype=dtype)
+    if is_redis_url(location):
         from sampletok.store.redis import RedisTokenStore
 
-        return RedisTokenStore.open(text)
+        return RedisTokenStore.create(str(location), **kw, extra_meta=extra_meta, overwrite=overwrite)
+    from sampletok.store.local import LocalTokenStore
+
+    return LocalTokenStore.create(location, **kw, extra_meta=extra_meta, overwrite=overwrite)
+
+
+def open_store(location: str | Path) -> TokenStore:
+    """The committed store at a directory path (local) or a ``redis://host:port/db?store=NAME`` URL."""
+    if is_redis_url(location):
+        from sampletok.store.redis import RedisTokenStore
+
+        return RedisTokenStore.open(str(location))
     from sampletok.store.local import LocalTokenStore
 
     return LocalTokenStore.open(location)

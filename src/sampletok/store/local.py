@@ -302,6 +302,10 @@ class LocalTokenStore:
             self._cache = {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
         return self._cache
 
+    def columns(self) -> dict[str, np.ndarray]:
+        """Every stored column of this version (memory maps, or RAM after :meth:`load_into_memory`)."""
+        return self._columns()
+
     def __len__(self) -> int:
         return len(self._columns()["ts"])
 

@@ -1,0 +1,137 @@
+"""The scoring service (``sampletok serve``; ``pip install 'sampletok[serve]'``): FastAPI over a
+:class:`~sampletok.serving.scorer.Scorer`.
+
+* ``POST /score`` ``{user, ts?, context, candidates: [...]}`` → ``{"scores": [...]}``, one calibrated
+  probability per candidate; ``ts`` defaults to now (in the log's timestamp unit).
+* ``POST /events`` ``{user, ts, fields, responses?, known_at?}`` → ``{"instance_id": ...}``: the event is in
+  the stores when the reply comes (visible to requests after ``ts``, its responses once known).
+* ``GET /healthz`` (503 when the store cannot be read), ``GET /metrics`` (Prometheus text: requests and
+  errors per endpoint, request latency and store-fetch histograms, appended events).
+
+A bad request gets a 4xx reply whose body is one JSON line ``{"error": "..."}`` naming the field: 422 for a
+malformed body, 400 for values the schema refuses (unknown field, too many candidates, a missing user);
+503 when the store is unreachable. Nothing answers with a traceback: an unexpected failure is logged and
+answered ``500 {"error": "internal error (<type>)"}``.
+
+Requests are served one at a time (a lock around the scorer): on a CPU host the model's forward already uses
+every core through torch's intra-op threads, and the local store's append must not race its readers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from sampletok.errors import SampletokError, StoreError, one_line
+from sampletok.serving.scorer import Scorer
+
+log = logging.getLogger("sampletok.serve")
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def create_app(scorer: Scorer) -> Any:
+    """The FastAPI app serving ``scorer``."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import JSONResponse, Response
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+        from pydantic import BaseModel, ConfigDict, Field
+    except ImportError as e:
+        raise SampletokError(f"the service needs the serve extra (pip install 'sampletok[serve]'): {e}") from None
+
+    class ScoreRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        user: str | int
+        ts: int | None = Field(None, description="request time in the log's unit (default: now)")
+        context: dict[str, Any] = Field(default_factory=dict, description="the request's own fields")
+        candidates: list[dict[str, Any]] = Field(min_length=1, description="each candidate's item fields")
+
+    class EventRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        user: str | int
+        ts: int
+        fields: dict[str, Any]
+        responses: dict[str, Any] = Field(default_factory=dict)
+        known_at: dict[str, int] = Field(default_factory=dict)
+
+    registry = CollectorRegistry()
+    requests = Counter(
+        "sampletok_requests", "requests by endpoint and status", ["endpoint", "status"], registry=registry
+    )
+    latency = Histogram(
+        "sampletok_request_seconds", "request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry
+    )
+    fetch = Histogram(
+        "sampletok_store_fetch_seconds", "history fetch time (event + token store)", buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )  # fmt: skip
+    candidates = Counter("sampletok_candidates", "candidates scored", registry=registry)
+    appended = Counter("sampletok_events_appended", "events appended", registry=registry)
+    scorer.on_fetch = fetch.observe
+    lock = threading.Lock()
+    app = FastAPI(title="sampletok", summary=f"{type(scorer.model).__name__} scoring service")
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": one_line(message)}, status_code=status)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        t0 = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception as e:  # never a traceback to the client
+            log.exception("unexpected error")
+            response = error(500, f"internal error ({type(e).__name__})")
+        path = request.url.path
+        if path in ("/score", "/events", "/healthz"):
+            latency.labels(path).observe(time.perf_counter() - t0)
+            requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        return error(422, f"request field '{where}': {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(StoreError)
+    async def store_down(_: Request, exc: StoreError) -> JSONResponse:
+        return error(503, str(exc))
+
+    @app.exception_handler(SampletokError)
+    async def refused(_: Request, exc: SampletokError) -> JSONResponse:
+        return error(400, str(exc))
+
+    @app.post("/score")
+    def score(req: ScoreRequest) -> dict:
+        ts = req.ts if req.ts is not None else int(time.time() * scorer.schema.ticks_per_second)
+        with lock:
+            scores = scorer.score(req.user, ts, req.context, req.candidates)
+        candidates.inc(len(scores))
+        return {"scores": scores.tolist(), "ts": ts}
+
+    @app.post("/events")
+    def events(req: EventRequest) -> dict:
+        with lock:
+            iid = scorer.append_event(req.user, req.ts, req.fields, req.responses, req.known_at)
+        appended.inc()
+        return {"instance_id": iid}
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        try:
+            with lock:
+                scorer.fetch_history(0, 0, 1)  # one store round trip
+        except StoreError as e:
+            return error(503, str(e))
+        return JSONResponse({"status": "ok", "model": type(scorer.model).__name__.lower()})
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

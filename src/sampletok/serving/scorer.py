@@ -1,0 +1,381 @@
+"""The online scorer: a trained run, its fitted encoder and the stores, answering raw requests and events.
+
+A request ``(user, ts, context, candidates)`` is scored in one pass: its N rows (the request's fields with
+each candidate's) are encoded with the dataset's fitted :class:`~sampletok.data.encoder.Encoder`; the user's
+history is fetched **once** from the event store (and the model's token store, for IAT tokens or SIF codes),
+strictly before ``ts``, with responses only once known; the :class:`~sampletok.features.Batch` the model was
+trained on is built with that one history shared by the N rows (``Batch.shared_history``: an isolated SIF runs
+its history pass once) and the calibrated probability of the first task label comes back per candidate —
+the same number offline ``evaluate`` gives for the same row (tested on ml-100k's test rows).
+
+An event ``(user, ts, fields, responses)`` is encoded the same way and appended to the event store; an IAT
+model's source model embeds it (from its own features and its history in the event store) into the token
+store, a SIF code store gets its codes. It becomes visible only to requests after ``ts``, each response only
+once known (the schema's delay, a given ``known_at``; a response not given is never visible).
+
+Users are keyed by the stable hash of their raw id (:func:`~sampletok.data.prepare.user_keys`): an unknown
+user has an empty history, and unknown values encode as OOV.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from sampletok.data.batches import TokenSource
+from sampletok.data.encoder import Encoder
+from sampletok.data.prepare import NEVER, PreparedDataset, user_keys
+from sampletok.errors import ConfigError, DataError, StoreError
+from sampletok.features import Batch, FeatureLayout, HistoryTokens
+from sampletok.models.base import RankingModel
+from sampletok.models.iat import IAT
+from sampletok.models.sif import SIF
+from sampletok.serving.events import EventCodec, export_events, open_events
+from sampletok.store.base import Fetched, TokenStore, create_store, is_redis_url, open_store
+from sampletok.store.local import LocalTokenStore
+from sampletok.tokenizers.iat import SourceModel
+
+
+def store_location(base: str | Path, part: str) -> str:
+    """Where one of the service's stores lives under ``--store``: ``DIR/part``, or for a Redis URL the store
+    named ``PREFIX:part`` (``PREFIX`` from ``?store=``, default ``sampletok``)."""
+    text = str(base)
+    if not is_redis_url(text):
+        return str(Path(text) / part)
+    from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+    u = urlsplit(text)
+    q = {k: v[0] for k, v in parse_qs(u.query).items()}
+    q["store"] = f"{q.get('store', 'sampletok')}:{part}"
+    return urlunsplit(u._replace(query=urlencode(q)))
+
+
+def copy_tokens(src: LocalTokenStore, location: str, before_ts: int | None = None) -> TokenStore:
+    """A copy of a local token store (its instances with ``ts < before_ts``, or all) at ``location``: the
+    service appends to its own copy, never to an experiment's cached export."""
+    meta = dict(src.meta)
+    base = {k: meta.pop(k) for k in ("producer", "payload_shape", "labels", "dtype")}
+    for k in ("format", "created_at"):
+        meta.pop(k, None)
+    dst = create_store(
+        location,
+        producer=base["producer"],
+        payload_shape=tuple(base["payload_shape"]),
+        label_names=base["labels"],
+        dtype=base["dtype"],
+        extra_meta=meta,
+        overwrite=True,
+    )
+    c = src.columns()
+    keep = np.arange(len(c["ts"])) if before_ts is None else np.flatnonzero(np.asarray(c["ts"]) < before_ts)
+    payload = np.asarray(c["payload"])[keep]
+    if "scale" in c:  # int8: back to the values it encodes (re-encoding gives the same codes and scales)
+        payload = payload.astype(np.float32) * np.asarray(c["scale"])[keep].reshape(-1, *[1] * (payload.ndim - 1))
+    dst.append(
+        np.asarray(c["instance_id"])[keep],
+        np.asarray(c["user"])[keep],
+        np.asarray(c["ts"])[keep],
+        payload,
+        np.asarray(c["side"])[keep],
+        np.asarray(c["avail"])[keep],
+    )
+    dst.commit()
+    return dst
+
+
+@dataclass
+class _History:
+    """One user's fetched history, as the batch tensors of one row (batch dim 1)."""
+
+    cat: np.ndarray  # [1, n, F_c] every field of the past rows (SIF's history samples)
+    multi: np.ndarray
+    num: np.ndarray
+    fetched: Fetched
+
+
+class Scorer:
+    """Scores raw requests and appends raw events for one trained model.
+
+    Args:
+        model: the trained model (eval mode is set here).
+        hist_len: its item-ID history length (what it was trained with).
+        encoder: the dataset's fitted encoder.
+        events: the event store (:mod:`sampletok.serving.events`) the history comes from.
+        tokens: the token store the model reads (IAT embeddings, SIF codes), or None.
+        source: IAT's source model, which embeds appended events (None: no IAT tokens to append).
+        max_candidates: the most candidates one request may carry.
+    """
+
+    def __init__(
+        self,
+        model: RankingModel,
+        hist_len: int,
+        encoder: Encoder,
+        events: TokenStore,
+        tokens: TokenSource | None = None,
+        source: SourceModel | None = None,
+        max_candidates: int = 1000,
+    ):
+        self.model, self.hist_len, self.encoder = model.eval(), hist_len, encoder
+        self.events, self.tokens, self.source, self.max_candidates = events, tokens, source, max_candidates
+        self.schema = encoder.schema
+        self.layout = FeatureLayout.from_dataset(encoder)
+        self.codec = EventCodec(self.layout)
+        lay = self.layout
+        cat_pos = {f.name: i for i, f in enumerate(lay.cat_fields)}
+        multi_pos = {f.name: i for i, f in enumerate(lay.multi_fields)}
+        self._seq_cat = np.array([cat_pos[f] for f in lay.seq_cat], np.int64)
+        self._seq_multi = np.array([multi_pos[f] for f in lay.seq_multi], np.int64)
+        self._tps = np.float32(self.schema.ticks_per_second)
+        self._delays = np.array(self.schema.response_delays(), np.int64)
+        if isinstance(model, IAT) and source is None:
+            raise ConfigError("an IAT scorer needs the source model that embeds new events")
+        self.writes_codes = isinstance(model, SIF) and tokens is not None
+        self.on_fetch: Callable[[float], None] | None = None  # seconds each history fetch took (metrics)
+
+    # ------------------------------------------------------------------ construction from a run
+    @classmethod
+    def from_run(
+        cls,
+        ds: PreparedDataset,
+        run_dir: str | Path,
+        store: str | Path,
+        reset: bool = False,
+        before_ts: int | None = None,
+        **kw: Any,
+    ) -> Scorer:
+        """The scorer of a run saved by ``sampletok train``/``compare``, serving from ``store`` (a directory or
+        a ``redis://`` URL). Its stores are made there from the run's dataset when missing (or with ``reset``):
+        the event store from every prepared row, the token store as a copy of the one the model was trained
+        with; otherwise the existing ones are opened (and checked) as they are, appends included.
+        ``before_ts``: new stores hold only the rows before it (to replay the rest of a log as events)."""
+        from sampletok.train.experiment import load_trained
+
+        trained = load_trained(ds, run_dir)
+        codec = EventCodec(FeatureLayout.from_dataset(ds))
+        events_at, tokens_at = store_location(store, "events"), store_location(store, "tokens")
+        if reset or not _exists(events_at):
+            export_events(ds, events_at, overwrite=True, before_ts=before_ts)
+            if trained.tokens is not None:
+                copy_tokens(_local(trained.tokens.store), tokens_at, before_ts)
+        events = open_events(events_at, ds.fingerprint, codec)
+        tokens = None
+        if trained.tokens is not None:
+            served = open_store(tokens_at)
+            if served.meta.get("producer") != trained.tokens.producer:
+                raise StoreError(
+                    f"{tokens_at}: tokens of producer {served.meta.get('producer')}, but the model reads "
+                    f"{trained.tokens.producer}; start the service with --reset"
+                )
+            tokens = TokenSource(served, trained.tokens.length, trained.tokens.dequantize)
+        source = None
+        if isinstance(trained.model, IAT):
+            source = load_source_model(_local(trained.tokens.store).root, ds) if trained.tokens else None
+        return cls(trained.model, trained.hist_len, Encoder.from_dataset(ds), events, tokens, source, **kw)
+
+    # ------------------------------------------------------------------ scoring
+    def user_key(self, user: object) -> int:
+        if user is None or (isinstance(user, str) and not user.strip()):
+            raise DataError("request", "missing user", "user")
+        return int(user_keys(pl.Series([str(user)]))[0])
+
+    def rows(self, user: object, ts: int, context: Mapping[str, Any], items: Sequence[Mapping[str, Any]]) -> list:
+        """The raw rows of a request: its fields with each candidate's (a candidate's value wins)."""
+        clash = sorted({self.schema.user, self.schema.timestamp} & (set(context) | {k for c in items for k in c}))
+        if clash:
+            raise DataError("request", f"give {clash} as the request's user and ts, not as fields")
+        return [{self.schema.user: user, self.schema.timestamp: ts, **context, **c} for c in items]
+
+    def batch(
+        self, user: object, ts: int, context: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]
+    ) -> Batch:
+        """The batch of one request: N candidate rows sharing one fetched history."""
+        if not candidates:
+            raise DataError("request", "no candidates", "candidates")
+        if len(candidates) > self.max_candidates:
+            raise DataError("request", f"{len(candidates)} candidates, more than the limit {self.max_candidates}")
+        key = self.user_key(user)
+        enc = self.encoder.encode(self.rows(user, ts, context, candidates), origin="request")
+        return self._batch(enc, key, int(ts), self.hist_len, self.model.reads_history_samples, with_tokens=True)
+
+    @torch.no_grad()
+    def score(
+        self, user: object, ts: int, context: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]
+    ) -> np.ndarray:
+        """[N] float64 calibrated probability of the first task label per candidate."""
+        batch = self.batch(user, ts, context, candidates)
+        z = self.model(batch).logits[:, 0].double().numpy()
+        a, b = (float(v) for v in self.model.calibration)
+        return 1.0 / (1.0 + np.exp(-(a * z + b)))
+
+    def fetch_history(self, key: int, ts: int, n: int) -> _History:
+        f = self.events.fetch(np.array([key]), np.array([ts]), n, dequantize=False)
+        cat, multi, num = self.codec.unpack(f.payload)
+        return _History(cat, multi, num, f)
+
+    def _batch(
+        self, enc: dict[str, np.ndarray], key: int, ts: int, n: int, with_samples: bool, with_tokens: bool = False
+    ) -> Batch:
+        lay = self.layout
+        rows = len(next(iter(enc.values())))
+        cat, multi, num = self.codec.unpack(self.codec.pack(enc))
+        t = torch.from_numpy
+        t0 = time.perf_counter()
+        h = self.fetch_history(key, ts, n)
+        tok = self.tokens.fetch(np.array([key]), np.array([ts])) if self.tokens is not None and with_tokens else None
+        if self.on_fetch is not None:
+            self.on_fetch(time.perf_counter() - t0)
+        f = h.fetched
+        mask = f.mask
+        hist_cat = h.cat[..., self._seq_cat] if len(self._seq_cat) else np.zeros((1, n, 0), np.int64)
+        hist_multi = h.multi[..., self._seq_multi, :] if len(self._seq_multi) else np.zeros((1, n, 0, lay.multi_len))
+
+        def shared(x: np.ndarray) -> torch.Tensor:  # one history, every candidate row (a view, no copy)
+            return t(np.ascontiguousarray(x)).expand(rows, *x.shape[1:])
+
+        batch = Batch(
+            cat=t(cat),
+            multi=t(multi),
+            num=t(num),
+            labels=torch.zeros(rows, len(lay.task_labels)),
+            hist_cat=shared(hist_cat.astype(np.int64)),
+            hist_multi=shared(hist_multi.astype(np.int64)),
+            hist_mask=shared(mask),
+            hist_gap=shared(f.gap),
+            hist_rows=shared(f.rows),
+            hist_responses=shared(f.side),
+            hist_response_mask=shared(f.side_mask),
+            user=torch.full((rows,), key, dtype=torch.int64),
+            ts=torch.full((rows,), ts, dtype=torch.int64),
+            rows=torch.full((rows,), -1, dtype=torch.int64),
+            shared_history=True,
+        )
+        if with_samples:  # each past row once, as a sample of its own
+            valid = mask[0]
+            k = int(valid.sum())
+            index = np.full((1, n), -1, np.int64)
+            index[0, valid] = np.arange(k)
+            batch.history_samples = Batch(
+                cat=t(h.cat[0, valid]),
+                multi=t(h.multi[0, valid]),
+                num=t(np.ascontiguousarray(h.num[0, valid])),
+                labels=torch.zeros(k, len(lay.task_labels)),
+                hist_cat=torch.zeros(k, 0, len(self._seq_cat), dtype=torch.int64),
+                hist_multi=torch.zeros(k, 0, len(self._seq_multi), lay.multi_len, dtype=torch.int64),
+                hist_mask=torch.zeros(k, 0, dtype=torch.bool),
+                hist_gap=torch.zeros(k, 0),
+                hist_rows=torch.zeros(k, 0, dtype=torch.int64),
+                hist_responses=torch.zeros(k, 0, len(lay.responses)),
+                hist_response_mask=torch.zeros(k, 0, len(lay.responses), dtype=torch.bool),
+                user=torch.full((k,), key, dtype=torch.int64),
+                ts=t(np.zeros(k, np.int64)),
+                rows=t(f.rows[0, valid]),
+            )
+            batch.history_sample_index = shared(index)
+        if tok is not None:
+            batch.tokens = HistoryTokens(
+                **{x.name: getattr(tok, x.name).expand(rows, *getattr(tok, x.name).shape[1:]) for x in fields(tok)}
+            )
+        return batch
+
+    # ------------------------------------------------------------------ events
+    @torch.no_grad()
+    def append_event(
+        self,
+        user: object,
+        ts: int,
+        fields_: Mapping[str, Any],
+        responses: Mapping[str, Any] | None = None,
+        known_at: Mapping[str, int] | None = None,
+    ) -> int:
+        """Append one event; returns its instance id. ``responses``: values by name (a response not given is
+        never visible); ``known_at``: when a response became known, for responses whose schema says so with a
+        ``known_at`` column (the others are known ``delay`` seconds after ``ts``)."""
+        responses, known_at = dict(responses or {}), dict(known_at or {})
+        names = self.schema.response_names
+        unknown = sorted(set(responses) - set(names))
+        if unknown:
+            raise DataError("event", f"unknown response(s) {unknown}; the schema has {names}", "responses")
+        known_cols = {r.name: r.known_at for r in self.schema.responses if r.known_at}
+        bad = sorted(set(known_at) - set(known_cols))
+        if bad:
+            raise DataError("event", f"{bad} have no known_at column in the schema (they use a delay)", "known_at")
+        key = self.user_key(user)
+        ts = int(ts)
+        row = self.rows(user, ts, {}, [dict(fields_)])[0]
+        # every response column present for the encoder; those not given are placeholders never made visible
+        placeholder = {r: _placeholder(self.schema, r) for r in names if r not in responses}
+        row.update({**placeholder, **responses})
+        row.update({col: known_at.get(name) for name, col in known_cols.items()})
+        enc = self.encoder.encode(row, outcomes=True, origin="event")
+        feats = {k: v for k, v in enc.items() if k.split("__")[0] in ("cat", "multi", "num")}
+        side = np.array(
+            [[enc[f"label__{r}" if r in self.schema.task_labels else f"resp__{r}"][0] for r in names]], np.float32
+        )
+        avail = ts + self._delays[None, :]
+        for i, r in enumerate(names):
+            if r in known_cols:
+                avail[0, i] = enc[f"known__{r}"][0]
+            if r in placeholder:
+                avail[0, i], side[0, i] = NEVER, 0.0
+        iid = np.array([secrets.randbits(63)], np.int64)
+        token = self._token_of(feats, key, ts)  # its past is what is in the store before it
+        self.events.append(iid, np.array([key]), np.array([ts]), self.codec.pack(feats), side, avail)
+        if token is not None and self.tokens is not None:
+            self.tokens.store.append(iid, np.array([key]), np.array([ts]), token, side, avail)
+        return int(iid[0])
+
+    def _token_of(self, feats: dict[str, np.ndarray], key: int, ts: int) -> np.ndarray | None:
+        """What the model's token store holds for a new event: its IAT embedding or its SIF codes."""
+        if self.source is not None:
+            n = self.source.cfg.hist_len
+            if n is None:  # the schema's sequence length, as the offline export's loader resolves it
+                n = self.schema.sequence.max_len if self.schema.sequence else 0
+            b = self._batch(feats, key, ts, n, with_samples=False)
+            return self.source.compress(b).numpy()
+        if self.writes_codes:
+            assert isinstance(self.model, SIF)
+            b = self._batch(feats, key, ts, 0, with_samples=False)
+            return self.model.tokenizer.encode(b, self.model.history_keep)
+        return None
+
+
+def load_source_model(store_root: Path, ds: PreparedDataset) -> SourceModel:
+    """The source model saved beside an IAT store (its final state: it embeds events after the export)."""
+    from sampletok.errors import load_torch_dict
+    from sampletok.tokenizers.iat import IATSourceConfig, source_model_path
+
+    path = source_model_path(store_root)
+    saved = load_torch_dict(path, {"config", "state_dict", "dataset"}, "IAT source model", "export the store again")
+    if saved["dataset"] != ds.fingerprint:
+        raise StoreError(f"{path}: source model of dataset {saved['dataset']}, not {ds.fingerprint}")
+    model = SourceModel(FeatureLayout.from_dataset(ds), IATSourceConfig(**saved["config"]))
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()
+
+
+def _placeholder(schema, name: str) -> Any:
+    spec = next((r for r in schema.responses if r.name == name), None)
+    return "0" if spec is not None and spec.type == "categorical" else 0
+
+
+def _exists(location: str) -> bool:
+    try:
+        open_store(location)
+    except StoreError:
+        return False
+    return True
+
+
+def _local(store: TokenStore) -> LocalTokenStore:
+    if not isinstance(store, LocalTokenStore):
+        raise StoreError("a trained run's token store is a local one")
+    return store
