@@ -244,6 +244,35 @@ def compare(
     do_compare(exp, out or Path("runs") / exp.name)
 
 
+@app.command()
+def serve(
+    data: Path = typer.Option(..., help="prepared dataset directory the run was trained on"),
+    run: Path = typer.Option(..., help="run directory written by `sampletok train` or `compare`"),
+    store: str = typer.Option(
+        "runs/serve-store", help="where the service's event and token stores live: a directory or redis://host:port/db"
+    ),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    reset: bool = typer.Option(False, help="rebuild the stores from the dataset (dropping appended events)"),
+    max_candidates: int = typer.Option(1000, help="the most candidates one request may carry"),
+):
+    """Serve a trained model over HTTP: POST /score, POST /events, GET /healthz, GET /metrics (the serve
+    extra). The stores are made from the dataset on first start (every prepared row as history)."""
+    from sampletok.data.prepare import PreparedDataset
+    from sampletok.serving.app import create_app
+    from sampletok.serving.scorer import Scorer
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise SampletokError("the service needs the serve extra: pip install 'sampletok[serve]'") from None
+    ds = PreparedDataset(data)
+    with console.status("opening the stores (made from the dataset on first start)"):
+        scorer = Scorer.from_run(ds, run, store, reset=reset, max_candidates=max_candidates)
+    console.print(f"serving {run} from {store} on http://{host}:{port} (POST /score, POST /events)")
+    uvicorn.run(create_app(scorer), host=host, port=port, log_level="warning")
+
+
 @app.command("models")
 def list_models():
     """List the registered model names."""

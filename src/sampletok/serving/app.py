@@ -24,10 +24,34 @@ import threading
 import time
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from sampletok.errors import SampletokError, StoreError, one_line
 from sampletok.serving.scorer import Scorer
 
 log = logging.getLogger("sampletok.serve")
+
+
+class ScoreRequest(BaseModel):
+    """The body of POST /score."""
+
+    model_config = ConfigDict(extra="forbid")
+    user: str | int
+    ts: int | None = Field(None, description="request time in the log's unit (default: now)")
+    context: dict[str, Any] = Field(default_factory=dict, description="the request's own fields")
+    candidates: list[dict[str, Any]] = Field(min_length=1, description="each candidate's item fields")
+
+
+class EventRequest(BaseModel):
+    """The body of POST /events."""
+
+    model_config = ConfigDict(extra="forbid")
+    user: str | int
+    ts: int
+    fields: dict[str, Any]
+    responses: dict[str, Any] = Field(default_factory=dict)
+    known_at: dict[str, int] = Field(default_factory=dict)
+
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -39,24 +63,8 @@ def create_app(scorer: Scorer) -> Any:
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse, Response
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-        from pydantic import BaseModel, ConfigDict, Field
     except ImportError as e:
         raise SampletokError(f"the service needs the serve extra (pip install 'sampletok[serve]'): {e}") from None
-
-    class ScoreRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        user: str | int
-        ts: int | None = Field(None, description="request time in the log's unit (default: now)")
-        context: dict[str, Any] = Field(default_factory=dict, description="the request's own fields")
-        candidates: list[dict[str, Any]] = Field(min_length=1, description="each candidate's item fields")
-
-    class EventRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        user: str | int
-        ts: int
-        fields: dict[str, Any]
-        responses: dict[str, Any] = Field(default_factory=dict)
-        known_at: dict[str, int] = Field(default_factory=dict)
 
     registry = CollectorRegistry()
     requests = Counter(

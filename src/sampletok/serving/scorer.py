@@ -182,7 +182,9 @@ class Scorer:
         return cls(trained.model, trained.hist_len, Encoder.from_dataset(ds), events, tokens, source, **kw)
 
     # ------------------------------------------------------------------ scoring
-    def user_key(self, user: object) -> int:
+    @staticmethod
+    def user_key(user: object) -> int:
+        """The stable key of a raw user id (an empty one is a request error)."""
         if user is None or (isinstance(user, str) and not user.strip()):
             raise DataError("request", "missing user", "user")
         return int(user_keys(pl.Series([str(user)]))[0])
