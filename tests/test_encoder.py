@@ -97,3 +97,16 @@ def test_unseen_values_are_oov_and_missing_fields_null_when_lenient(ml100k):
     assert codes["cat__user_id"][0] == ds.vocab_size("user_id") - 1
     lenient = enc.encode({k: v for k, v in row.items() if k != "gender"}, strict=False)
     assert lenient["cat__gender"][0] == 0  # a missing categorical field → padding
+
+
+def test_small_batches_encode_like_prepare_on_every_ml100k_row(ml100k):
+    """A served request's few rows take the dict lookup (polars' cost per call dominates there): every row
+    of ml-100k, in batches of at most VocabLookup.SMALL, gets prepare's codes."""
+    from sampletok.data.prepare import VocabLookup
+
+    source, ds = ml100k
+    enc = Encoder.from_dataset(ds)
+    step = VocabLookup.SMALL
+    parts = [enc.encode(source.frame[i : i + step], outcomes=True) for i in range(0, ds.n_rows, step)]
+    codes = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    _check_equal(ds, codes)

@@ -615,16 +615,34 @@ def response_vocab_size(schema: Schema, stats: dict[str, FieldStats], name: str)
     return stats[name].vocab_size
 
 
-def vocab_lookups(stats: dict[str, FieldStats]) -> dict[str, pl.DataFrame]:
-    """value → code join tables of every fitted vocabulary (features and categorical responses)."""
-    return {name: _vocab_frame(st.vocab) for name, st in stats.items() if st.vocab is not None}
+class VocabLookup:
+    """value → code of one fitted vocabulary: a join table for chunks of a log, and a dict for the few rows
+    of a served request (where polars' fixed cost per call, ~1 ms a field, would dominate)."""
+
+    SMALL = 256  # at most this many values: the dict
+
+    def __init__(self, vocab: list[str]):
+        self.vocab = vocab
+        self.frame = _vocab_frame(vocab)
+        self._codes: dict[str, int] | None = None
+
+    @property
+    def codes(self) -> dict[str, int]:
+        if self._codes is None:
+            self._codes = {v: i + 1 for i, v in enumerate(self.vocab)}
+        return self._codes
+
+
+def vocab_lookups(stats: dict[str, FieldStats]) -> dict[str, VocabLookup]:
+    """The lookups of every fitted vocabulary (features and categorical responses)."""
+    return {name: VocabLookup(st.vocab) for name, st in stats.items() if st.vocab is not None}
 
 
 def encode_chunk(
     chunk: RawChunk,
     schema: Schema,
     stats: dict[str, FieldStats],
-    lookup: dict[str, pl.DataFrame],
+    lookup: dict[str, VocabLookup],
     outcomes: bool = True,
 ) -> dict[str, np.ndarray]:
     """Every column of a chunk of raw rows as prepared codes (``label__``, ``resp__``, ``known__``, ``cat__``,
@@ -667,7 +685,7 @@ def encode_chunk(
     return out
 
 
-def _encode_response(chunk: RawChunk, r: ResponseSpec, st: FieldStats | None, vocab: pl.DataFrame | None) -> np.ndarray:
+def _encode_response(chunk: RawChunk, r: ResponseSpec, st: FieldStats | None, vocab: VocabLookup | None) -> np.ndarray:
     """A response column as float32: 0/1 (binary), the normalized value (numeric) or the vocabulary code
     (categorical, bucketized numeric)."""
     if r.type == "categorical":
@@ -722,16 +740,20 @@ def _vocab_frame(vocab: list[str]) -> pl.DataFrame:
     )
 
 
-def _encode(values: pl.Series, vocab: pl.DataFrame, oov: int) -> np.ndarray:
-    """Codes of string values: 0 for null, 1..V for known values, ``oov`` otherwise."""
-    df = pl.DataFrame({"value": values}).with_row_index("i").join(vocab, on="value", how="left")
+def _encode(values: pl.Series, vocab: VocabLookup, oov: int) -> np.ndarray:
+    """Codes of string values: 0 for null, 1..V for known values, ``oov`` otherwise (one join; a dict lookup
+    for a few values, with the same result: a test checks both on every ml-100k row)."""
+    if len(values) <= VocabLookup.SMALL:
+        codes_of = vocab.codes
+        return np.array([0 if v is None else codes_of.get(v, oov) for v in values.to_list()], np.int32)
+    df = pl.DataFrame({"value": values}).with_row_index("i").join(vocab.frame, on="value", how="left")
     df = df.sort("i")
     codes = df.get_column("code").fill_null(oov).to_numpy().astype(np.int32)
     codes[values.is_null().to_numpy()] = 0
     return codes
 
 
-def _encode_lists(cells: pl.Series, vocab: pl.DataFrame, oov: int, max_len: int) -> np.ndarray:
+def _encode_lists(cells: pl.Series, vocab: VocabLookup, oov: int, max_len: int) -> np.ndarray:
     """[n, max_len] codes of list cells (first max_len values, 0-padded), via Arrow's flat values + offsets."""
     n = len(cells)
     arr = cells.list.head(max_len).to_arrow()

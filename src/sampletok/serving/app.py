@@ -1,8 +1,9 @@
 """The scoring service (``sampletok serve``; ``pip install 'sampletok[serve]'``): FastAPI over a
 :class:`~sampletok.serving.scorer.Scorer`.
 
-* ``POST /score`` ``{user, ts?, context, candidates: [...]}`` → ``{"scores": [...]}``, one calibrated
-  probability per candidate; ``ts`` defaults to now (in the log's timestamp unit).
+* ``POST /score`` ``{user, ts?, context, candidates: [...]}`` → ``{"scores": [...], "ts", "history"}``, one
+  calibrated probability per candidate; ``ts`` defaults to now (in the log's timestamp unit); ``history``
+  says how many past events (and tokens) were read and the most recent one's age (``min_gap_s``).
 * ``POST /events`` ``{user, ts, fields, responses?, known_at?}`` → ``{"instance_id": ...}``: the event is in
   the stores when the reply comes (visible to requests after ``ts``, its responses once known).
 * ``GET /healthz`` (503 when the store cannot be read), ``GET /metrics`` (Prometheus text: requests and
@@ -118,9 +119,9 @@ def create_app(scorer: Scorer) -> Any:
     def score(req: ScoreRequest) -> dict:
         ts = req.ts if req.ts is not None else int(time.time() * scorer.schema.ticks_per_second)
         with lock:
-            scores = scorer.score(req.user, ts, req.context, req.candidates)
+            scores, history = scorer.score_request(req.user, ts, req.context, req.candidates)
         candidates.inc(len(scores))
-        return {"scores": scores.tolist(), "ts": ts}
+        return {"scores": scores.tolist(), "ts": ts, "history": history}
 
     @app.post("/events")
     def events(req: EventRequest) -> dict:

@@ -208,15 +208,29 @@ class Scorer:
         enc = self.encoder.encode(self.rows(user, ts, context, candidates), origin="request")
         return self._batch(enc, key, int(ts), self.hist_len, self.model.reads_history_samples, with_tokens=True)
 
-    @torch.no_grad()
     def score(
         self, user: object, ts: int, context: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]
     ) -> np.ndarray:
         """[N] float64 calibrated probability of the first task label per candidate."""
+        return self.score_request(user, ts, context, candidates)[0]
+
+    @torch.no_grad()
+    def score_request(
+        self, user: object, ts: int, context: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]
+    ) -> tuple[np.ndarray, dict]:
+        """(scores, what the history held: ``events`` and ``tokens`` read, ``min_gap_s`` the most recent one's
+        age — always > 0, as nothing at or after the request time is read; None without history)."""
         batch = self.batch(user, ts, context, candidates)
         z = self.model(batch).logits[:, 0].double().numpy()
         a, b = (float(v) for v in self.model.calibration)
-        return 1.0 / (1.0 + np.exp(-(a * z + b)))
+        gaps = [batch.hist_gap[0][batch.hist_mask[0]]]
+        info: dict[str, int | float | None] = {"events": int(batch.hist_mask[0].sum())}
+        if batch.tokens is not None:
+            gaps.append(batch.tokens.gap[0][batch.tokens.mask[0]])
+            info["tokens"] = int(batch.tokens.mask[0].sum())
+        gap = torch.cat(gaps)
+        info["min_gap_s"] = float(gap.min()) if len(gap) else None
+        return 1.0 / (1.0 + np.exp(-(a * z + b))), info
 
     def fetch_history(self, key: int, ts: int, n: int) -> _History:
         f = self.events.fetch(np.array([key]), np.array([ts]), n, dequantize=False)
