@@ -68,6 +68,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--requests", type=int, default=400, help="per model and backend (all clients together)")
     ap.add_argument("--seconds", type=float, default=60.0, help="at most this long per model and backend")
+    ap.add_argument(
+        "--users",
+        type=int,
+        default=16,
+        help="clients act as this many users (so appended events land in later requests' histories)",
+    )
     ap.add_argument("--event-share", type=float, default=0.2, help="share of requests that are /events")
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--hist-len", type=int, default=256)
@@ -198,7 +204,7 @@ def _load(a, ds, frame, url: str, store: str, label: str, backend: str) -> str:
     s, item_fields, other = _bodies(ds, frame)
     rng = np.random.default_rng(0)
     clock = _Clock(int(np.asarray(ds.col("_ts")).max()) + 1)
-    users = frame[s.user].unique().sort().to_list()
+    users = frame[s.user].unique().sort().to_list()[: a.users]
     items = frame.unique(subset=[s.item], keep="first", maintain_order=True).select(item_fields).to_dicts()
     picks = rng.integers(0, frame.height, a.requests)
     kinds = rng.random(a.requests) < a.event_share

@@ -218,3 +218,31 @@ def test_store_from_another_dataset_is_refused(synth_prepared, toy_prepared, sto
     model = build_model("iat", layout, store=str(store.root), source=dict(scheme="user", **FAST))
     with pytest.raises(ConfigError, match="exported for dataset"):
         model_tokens(model, toy_prepared, seed=0, hist_len=4)
+
+
+def _one_request(loader: BatchLoader, rows: np.ndarray):
+    """A served request's batch: the history (and tokens) of rows[-1] for every row, the rows' own features."""
+    batch = loader.build(np.repeat(rows[-1:], len(rows)))
+    own = loader.build(rows)
+    batch.cat, batch.multi, batch.num = own.cat, own.multi, own.num
+    return batch
+
+
+@pytest.mark.parametrize("params", [dict(base="din"), dict(base="din", seq_model="din", encoder_layers=1)])
+def test_a_shared_history_is_computed_once_with_the_same_scores(synth_prepared, store, params):
+    """The serving path (``Batch.shared_history``: the token pass and the item-ID history embedding run once
+    and broadcast) scores exactly as the plain per-row path."""
+    torch.manual_seed(0)
+    layout = FeatureLayout.from_dataset(synth_prepared)
+    model = build_model("iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), length=10, **params)
+    model.eval()
+    tokens = model_tokens(model, synth_prepared, seed=1, hist_len=50)
+    rows = synth_prepared.rows("test")[:8]
+    batch = _one_request(BatchLoader(synth_prepared, rows, 64, hist_len=20, tokens=tokens), rows)
+    assert batch.tokens is not None and batch.tokens.mask.any() and batch.hist_mask.any()
+    with torch.no_grad():
+        plain = model(batch).logits
+        batch.shared_history = True
+        shared = model(batch).logits
+    torch.testing.assert_close(shared, plain)
+    assert plain.std() > 0

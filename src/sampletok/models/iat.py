@@ -96,10 +96,14 @@ class IAT(RankingModel):
         f = batch.tokens
         if f is None:
             raise ConfigError("IAT reads instance tokens: build its batches with the token source of its store")
-        mask = f.mask
-        tokens = self.adapt(f.payload)
+        full_mask = f.mask
+        # one history for every row (a served request's candidates): the token pass runs once, on row 0
+        shared = batch.shared_history and len(batch) > 1
+        one = slice(0, 1) if shared else slice(None)
+        mask = full_mask[one]
+        tokens = self.adapt(f.payload[one])
         if self.side_info:
-            side = self.side(f.responses, f.response_mask) + self.recency(f.gap, mask)
+            side = self.side(f.responses[one], f.response_mask[one]) + self.recency(f.gap[one], mask)
             tokens = torch.cat([tokens, side], dim=-1)
         tokens = tokens * mask.unsqueeze(-1)
         emb = self.base.embed
@@ -109,10 +113,12 @@ class IAT(RankingModel):
             enc = tokens
             for block in self.encoder:
                 enc = block(enc, key_padding_mask(mask, tokens.shape[1]))
+            # a shared context of batch 1 is broadcast over the B queries by the attention
             pooled = self.cross(q.unsqueeze(1), key_padding_mask(mask, 1), context=enc)[:, 0]
-            pooled = pooled * mask.any(1, keepdim=True)  # no history: the branch contributes only a bias
+            pooled = pooled * full_mask.any(1, keepdim=True)  # no history: the branch contributes only a bias
         else:
-            pooled = self.attention(q, tokens, mask)
+            b = len(batch)
+            pooled = self.attention(q, tokens.expand(b, *tokens.shape[1:]), mask.expand(b, -1))
         return self.out(pooled)
 
     def forward(self, batch: Batch) -> ModelOutput:

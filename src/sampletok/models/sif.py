@@ -49,6 +49,25 @@ class MixerBlock(nn.Module):
         x = cols.view(b, t, r, d).transpose(1, 2)
         return x + self.ffn(self.n3(x))
 
+    def _target_over_shared(self, tq: torch.Tensor, hk: torch.Tensor, hmask: torch.Tensor) -> torch.Tensor:
+        """Sample attention of B target rows ``tq`` [B·T, 1, d] (normalized) over themselves and one history
+        ``hk`` [T, L, d] (normalized; ``hmask`` [T, L]) whose keys and values are projected once, not B
+        times: the same softmax attention as the plain path (a test checks it), as two einsums."""
+        att = self.sample_attn
+        bt, _, d = tq.shape
+        t, l = hk.shape[:2]
+        b, nh, dh = bt // t, att.heads, d // att.heads
+        q = att.q(tq).view(b, t, nh, dh)
+        kt, vt = att.kv(tq).view(b, t, 2, nh, dh).unbind(2)
+        kh, vh = att.kv(hk).view(t, l, 2, nh, dh).unbind(2)
+        scale = dh**-0.5
+        s_self = (q * kt).sum(-1, keepdim=True) * scale  # [B, T, H, 1]
+        s_hist = torch.einsum("bthd,tlhd->bthl", q, kh) * scale  # [B, T, H, L]
+        s_hist = s_hist.masked_fill(~hmask[None, :, None, :], float("-inf"))
+        w = torch.softmax(torch.cat([s_self, s_hist], dim=-1), dim=-1)
+        y = w[..., :1] * vt + torch.einsum("bthl,tlhd->bthd", w[..., 1:], vh)  # [B, T, H, dh]
+        return att.out(y.reshape(bt, 1, d))
+
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """Token-level attention inside each row of ``x`` [B, R, T, d]."""
         b, r, t, d = x.shape
@@ -68,11 +87,14 @@ class MixerBlock(nn.Module):
         hmask = hist_mask.repeat_interleave(t, dim=0)
         new_hist = hcols + self.sample_attn(self.n2(hcols), None, key_padding_mask(hmask, l))
         tcols = target.transpose(1, 2).reshape(b * t, 1, d)
-        if bh != b:  # one shared history: every target row reads the same keys
-            hcols, hmask = hcols.repeat(b, 1, 1), hmask.repeat(b, 1)
-        keys = torch.cat([tcols, hcols], dim=1)
-        kmask = torch.cat([hmask.new_ones(b * t, 1), hmask], dim=1)
-        new_target = tcols + self.sample_attn(self.n2(tcols), self.n2(keys), key_padding_mask(kmask, 1))
+        if bh == 1 and b > 1 and not self.training:  # one shared history: its keys are projected once
+            new_target = tcols + self._target_over_shared(self.n2(tcols), self.n2(hcols), hmask)
+        else:
+            if bh != b:  # the plain path: every target row gets its copy of the history
+                hcols, hmask = hcols.repeat(b, 1, 1), hmask.repeat(b, 1)
+            keys = torch.cat([tcols, hcols], dim=1)
+            kmask = torch.cat([hmask.new_ones(b * t, 1), hmask], dim=1)
+            new_target = tcols + self.sample_attn(self.n2(tcols), self.n2(keys), key_padding_mask(kmask, 1))
         target = new_target.view(b, t, 1, d).transpose(1, 2)
         hist = new_hist.view(bh, t, l, d).transpose(1, 2)
         return target + self.ffn(self.n3(target)), hist + self.ffn(self.n3(hist))

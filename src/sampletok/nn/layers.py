@@ -75,7 +75,8 @@ class TargetAttention(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention over SDPA. ``attn_mask`` is boolean, True = may attend (broadcast to [B, H, Lq, Lk])."""
+    """Multi-head attention over SDPA. ``attn_mask`` is boolean, True = may attend (broadcast to [B, H, Lq, Lk]);
+    a ``context`` (and mask) of batch 1 serves every row of ``x``."""
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -94,7 +95,8 @@ class MultiHeadAttention(nn.Module):
         lk = context.shape[1]
         h = self.heads
         q = self.q(x).view(b, lq, h, d // h).transpose(1, 2)
-        k, v = self.kv(context).view(b, lk, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        # a context of batch 1 is shared by every query row (projected once; SDPA broadcasts it)
+        k, v = self.kv(context).view(context.shape[0], lk, 2, h, d // h).permute(2, 0, 3, 1, 4)
         if attn_mask is not None and bool(attn_mask.all()):
             attn_mask = None  # nothing masked: SDPA's unmasked kernels are faster
         if attn_mask is not None and attn_mask.dim() == 3:
