@@ -315,3 +315,14 @@ def test_serve_command_answers_on_a_socket(ml, runs, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_schema_describes_the_request_with_an_example_that_scores(ml, runs, tmp_path):
+    _, schema, ds, _ = ml
+    client = TestClient(create_app(Scorer.from_run(ds, runs["din"], tmp_path / "store")))
+    info = client.get("/schema").json()
+    assert info["user"] == schema.user and set(info["fields"]) == {f.name for f in schema.features}
+    assert info["fields"]["genres"]["type"] == "multi_categorical" and info["fields"]["item_id"]["examples"]
+    r = client.post("/score", json={**info["example"], "ts": 10**10})
+    assert r.status_code == 200, r.text
+    assert r.json()["history"]["events"] > 0  # the example user is a known one, with history

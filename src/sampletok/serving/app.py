@@ -6,6 +6,7 @@
   says how many past events (and tokens) were read and the most recent one's age (``min_gap_s``).
 * ``POST /events`` ``{user, ts, fields, responses?, known_at?}`` → ``{"instance_id": ...}``: the event is in
   the stores when the reply comes (visible to requests after ``ts``, its responses once known).
+* ``GET /schema``: the fields a request holds (type, group, frequent values) and a valid example body.
 * ``GET /healthz`` (503 when the store cannot be read), ``GET /metrics`` (Prometheus text: requests and
   errors per endpoint, request latency and store-fetch histograms, appended events).
 
@@ -138,6 +139,10 @@ def create_app(scorer: Scorer) -> Any:
         except StoreError as e:
             return error(503, str(e))
         return JSONResponse({"status": "ok", "model": type(scorer.model).__name__.lower()})
+
+    @app.get("/schema")
+    def schema() -> dict:
+        return scorer.describe()
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -302,6 +302,35 @@ class Scorer:
             )
         return batch
 
+    def describe(self) -> dict:
+        """What a request holds: the user and time, each field (type, group, frequent values) and a valid
+        example body (every field at a frequent value) to try the service with."""
+        s = self.schema
+        fields_: dict[str, dict] = {}
+        example: dict[str, Any] = {}
+        for f in s.features:
+            vocab = self.encoder.stats[f.name].vocab
+            info: dict[str, Any] = {"type": f.type.value, "group": f.group}
+            if vocab:
+                info["examples"] = vocab[:3]
+            fields_[f.name] = info
+            if f.name != s.user:
+                value: Any = vocab[0] if vocab else 1.0
+                example[f.name] = [value] if f.type.value == "multi_categorical" else value
+        item = {k: v for k, v in example.items() if fields_[k]["group"] == "item"}
+        context = {k: v for k, v in example.items() if fields_[k]["group"] != "item"}
+        user_vocab = self.encoder.stats[s.user].vocab if s.user in self.encoder.stats else None
+        user = user_vocab[0] if user_vocab else "a-user"
+        return {
+            "user": s.user,
+            "timestamp": s.timestamp,
+            "ticks_per_second": s.ticks_per_second,
+            "fields": fields_,
+            "responses": s.response_names,
+            "max_candidates": self.max_candidates,
+            "example": {"user": user, "context": context, "candidates": [item]},
+        }
+
     # ------------------------------------------------------------------ events
     @torch.no_grad()
     def append_event(
