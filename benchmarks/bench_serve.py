@@ -8,8 +8,9 @@ prints P50/P99 latency per endpoint and throughput, and checks that
 * every acknowledged event is in the store (a fresh reader counts each user's events: the dataset's rows
   plus the acknowledged appends, nothing lost), and
 * no score read history at or after its request time (each reply reports its history's smallest gap, which
-  must be > 0; requests and events draw their times from one increasing clock, so the events other clients
-  append are always in someone's future or past, never both).
+  must be > 0; requests and events draw their times from one clock, so the events other clients
+  append are in one request's past and another's future; an event and a request often share a timestamp).
+  The exit status is 1 when an event is lost, a score read the future or a request failed.
 
 Then the cost per candidate as a request grows (1, 10, 100, 1000 candidates; sequential requests).
 
@@ -88,12 +89,15 @@ def main() -> None:
     runs = {m: _trained(ds, m, a.hist_len, out) for m in a.models.split(",")}
     rows: list[str] = []
     sweep: list[str] = []
+    failed = False
     with tempfile.TemporaryDirectory() as tmp, local_redis_server(tmp) as redis_url:
         for m, run in runs.items():
             for backend in a.backends.split(","):
                 store = str(Path(tmp) / f"store-{m}") if backend == "local" else f"{redis_url}?store=bench-{m}"
                 with _service(ds, run, store) as url:
-                    rows.append(_load(a, ds, frame, url, store, MODELS[m][0], backend))
+                    row, ok = _load(a, ds, frame, url, store, MODELS[m][0], backend)
+                    rows.append(row)
+                    failed |= not ok
                     if backend == a.backends.split(",")[0]:
                         sweep.append(_sweep(a, ds, frame, url, MODELS[m][0]))
     print(f"\n### Load test: {a.clients} clients, {a.candidates} candidates per /score, L = {a.hist_len}, ")
@@ -107,6 +111,8 @@ def main() -> None:
     print("| model | " + " | ".join(f"N = {n}: P50 ms (ms/candidate)" for n in sizes) + " |")
     print("|---|" + "---|" * len(sizes))
     print("\n".join(sweep))
+    if failed:
+        raise SystemExit("FAILED: an event was lost, a score read the future, or a request failed")
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -175,15 +181,16 @@ class _service:
 
 # ---------------------------------------------------------------------------------------------- traffic
 class _Clock:
-    """One increasing time for every client: after the log's last event, one tick per call."""
+    """One non-decreasing time for every client, after the log's last event: one tick per two calls, so an
+    event and a request often share a timestamp (a `<=` where `<` belongs would show as a zero gap)."""
 
     def __init__(self, start: int):
-        self.t, self.lock = start, threading.Lock()
+        self.n, self.start, self.lock = 0, start, threading.Lock()
 
     def next(self) -> int:
         with self.lock:
-            self.t += 1
-            return self.t
+            self.n += 1
+            return self.start + self.n // 2
 
 
 def _bodies(ds, frame):
@@ -194,7 +201,7 @@ def _bodies(ds, frame):
     return s, item_fields, other
 
 
-def _load(a, ds, frame, url: str, store: str, label: str, backend: str) -> str:
+def _load(a, ds, frame, url: str, store: str, label: str, backend: str) -> tuple[str, bool]:
     import httpx
 
     from sampletok.features import FeatureLayout
@@ -246,7 +253,8 @@ def _load(a, ds, frame, url: str, store: str, label: str, backend: str) -> str:
                 if path == "/events":
                     acked[user] = acked.get(user, 0) + 1
                 else:
-                    min_gap[0] = min(min_gap[0], r.json()["history"]["min_gap_s"])
+                    gap = r.json()["history"]["min_gap_s"]  # the fetched history's own gaps, as the model read it
+                    min_gap[0] = min(min_gap[0], gap if gap is not None else np.inf)
 
     first = frame.row(0, named=True)
     warm = {"user": users[0], "context": {k: first[k] for k in other}, "candidates": items[: a.candidates]}
@@ -278,11 +286,12 @@ def _load(a, ds, frame, url: str, store: str, label: str, backend: str) -> str:
     gap = "ok" if min_gap[0] > 0 else f"LEAK {min_gap[0]}"
     if errors:
         print("errors:", *errors[:5], sep="\n  ")
+    good = lost == 0 and min_gap[0] > 0 and not errors
     return (
         f"| {label} | {backend} | {done} | {done / wall:.1f} | {pct(lat['/score'], 50)} | {pct(lat['/score'], 99)} "
         f"| {pct(lat['/events'], 50)} | {pct(lat['/events'], 99)} | {len(errors)} "
         f"| {n_acked} / {int(in_store.sum()) if acked else 0} ({ok}) | {min_gap[0]:.0f} ({gap}) |"
-    )
+    ), good
 
 
 def _sweep(a, ds, frame, url: str, label: str) -> str:

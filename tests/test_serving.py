@@ -104,6 +104,48 @@ def test_service_scores_equal_offline_evaluate(name, ml, runs, tmp_path):
     assert np.std(want) > 0.01  # the model does rank
 
 
+def _offline_one_request(ds, run, row: int, cand_rows: np.ndarray) -> np.ndarray:
+    """Offline scores of one request: row's user, time, history and non-item fields, with each candidate row's
+    item fields (the batch the trained loader builds, its item columns swapped)."""
+    import torch
+
+    trained = load_trained(ds, run)
+    loader = trained.loader(ds, cand_rows)
+    batch = loader.build(np.repeat([row], len(cand_rows)))
+    cands = loader.build(cand_rows)
+    lay = loader.layout
+    for name, fields in (("cat", lay.cat_fields), ("multi", lay.multi_fields), ("num", lay.num_fields)):
+        item = torch.tensor([f.group == "item" for f in fields])
+        mine, theirs = getattr(batch, name), getattr(cands, name)
+        shape = (1, len(fields)) + (1,) * (mine.dim() - 2)
+        setattr(batch, name, torch.where(item.view(shape), theirs, mine))
+    model = trained.model.eval()
+    with torch.no_grad():
+        z = model(batch).logits[:, 0].double().numpy()
+    a, b = (float(v) for v in model.calibration)
+    return 1.0 / (1.0 + np.exp(-(a * z + b)))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_many_candidates_of_one_request_score_as_offline(name, ml, runs, tmp_path):
+    """One history, 40 candidates: the shared-history paths (one fetch, one history pass) score each candidate
+    as the plain offline batch does."""
+    frame, schema, ds, _ = ml
+    test = ds.rows("test")
+    row, cand_rows = int(test[-1]), test[:40]
+    want = _offline_one_request(ds, runs[name], row, cand_rows)
+    r = frame.row(row, named=True)
+    item = [f.name for f in schema.features if f.group == "item"]
+    context = {f.name: r[f.name] for f in schema.features if f.group != "item" and f.name != schema.user}
+    body = {"user": r[schema.user], "ts": int(r[schema.timestamp]), "context": context}
+    body["candidates"] = frame[cand_rows.tolist()].select(item).to_dicts()
+    client = TestClient(create_app(Scorer.from_run(ds, runs[name], tmp_path / "store")))
+    reply = client.post("/score", json=body).json()
+    assert reply["history"]["events"] > 0
+    assert np.abs(np.array(reply["scores"]) - want).max() < 1e-5
+    assert np.ptp(want) > 1e-4  # the candidates score apart by far more than the tolerance
+
+
 @pytest.mark.parametrize("name", ["iat", "sif"])
 def test_service_on_redis_scores_as_offline(name, ml, runs, redis_url):
     frame, schema, ds, _ = ml
@@ -210,6 +252,15 @@ def test_bad_requests_get_one_line_4xx_errors(ml, runs, tmp_path):
         "missing field": {**good, "candidates": [{k: v for k, v in cand.items() if k != "age"}]},
         "bad value": {**good, "candidates": [{**cand, "age": "old"}]},
         "user as a field": {**good, "context": {schema.user: 3}},
+        "a response as a field": {**good, "candidates": [{**cand, "rating": 5}]},
+        "a list for a categorical": {**good, "candidates": [{**cand, "item_id": [3]}]},
+        "an object for a value": {**good, "candidates": [{**cand, "age": {"years": 30}}]},
+        "a field missing from one candidate": {
+            **good,
+            "candidates": [cand, {k: v for k, v in cand.items() if k != "item_id"}],
+        },
+        "huge ts": {**good, "ts": 10**30},
+        "boolean user": {**good, "user": True},
     }
     for what, body in cases.items():
         r = client.post("/score", json=body)
@@ -220,6 +271,10 @@ def test_bad_requests_get_one_line_4xx_errors(ml, runs, tmp_path):
     assert r.status_code == 422 and "\n" not in r.json()["error"]
     r = client.post("/events", json={"user": 1, "ts": 5, "fields": {}, "responses": {"stars": 1}})
     assert r.status_code == 400 and "stars" in r.json()["error"]
+    event = {"user": 1, "ts": 5, "fields": {k: v for k, v in cand.items()} | good["context"]}
+    for bad in ({"responses": {"click": [1]}}, {"fields": {**event["fields"], "click": 1}}, {"ts": -(10**30)}):
+        r = client.post("/events", json={**event, **bad})
+        assert 400 <= r.status_code < 500 and "\n" not in r.json()["error"], (bad, r.text)
     assert "age" in client.post("/score", json=cases["bad value"]).json()["error"]
 
 
@@ -228,9 +283,18 @@ def test_unknown_users_and_values_score_through_oov(ml, runs, tmp_path):
     client = TestClient(create_app(Scorer.from_run(ds, runs["sif"], tmp_path / "store")))
     good = _requests(frame, schema, ds.rows("test")[:1])[0][1]
     cand = {**good["candidates"][0], "item_id": "never-seen", "genres": ["NoSuchGenre"]}
-    r = client.post("/score", json={**good, "user": "a-new-user", "candidates": [cand, good["candidates"][0]]})
+    body = {**good, "user": "a-new-user", "candidates": [cand, good["candidates"][0]]}
+    r = client.post("/score", json=body)
     assert r.status_code == 200, r.text
     assert all(0 < s < 1 for s in r.json()["scores"])
+    assert r.json()["history"]["events"] == 0  # a user never seen: no history, the user-ID code is OOV
+    scorer = Scorer.from_run(ds, runs["sif"], tmp_path / "store")
+    batch = scorer.batch(body["user"], body["ts"], body["context"], body["candidates"])
+    lay = scorer.layout
+    pos = {f.name: i for i, f in enumerate(lay.cat_fields)}
+    assert batch.cat[0, pos["item_id"]] == lay.vocab_sizes["item_id"] - 1  # OOV
+    assert batch.cat[0, pos["user_id"]] == lay.vocab_sizes["user_id"] - 1
+    assert batch.cat[1, pos["item_id"]] not in (0, lay.vocab_sizes["item_id"] - 1)
 
 
 def test_healthz_and_metrics(ml, runs, tmp_path):

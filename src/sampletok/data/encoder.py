@@ -29,7 +29,7 @@ import polars as pl
 
 from sampletok.data.prepare import FieldStats, PreparedDataset, encode_chunk, response_vocab_size, vocab_lookups
 from sampletok.data.sources.files import RawChunk
-from sampletok.errors import DataError
+from sampletok.errors import DataError, one_line
 from sampletok.schema import Schema
 
 RawRows = Mapping[str, Any] | Sequence[Mapping[str, Any]] | str | pl.DataFrame | Any  # Any: a pyarrow table/batch
@@ -88,7 +88,10 @@ class Encoder:
         if missing:
             frame = frame.with_columns([pl.lit(None, dtype=pl.Utf8).alias(c) for c in missing])
         chunk = RawChunk(origin=origin, first_row=1, frame=frame)
-        return encode_chunk(chunk, self.schema, self.stats, self._lookup, outcomes=outcomes)
+        try:
+            return encode_chunk(chunk, self.schema, self.stats, self._lookup, outcomes=outcomes)
+        except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as e:  # a cell of another shape
+            raise DataError(origin, f"cannot encode the rows ({type(e).__name__}: {one_line(e)[:200]})") from None
 
     def _frame(self, rows: RawRows, origin: str) -> pl.DataFrame:
         if isinstance(rows, pl.DataFrame):

@@ -24,9 +24,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from sampletok.errors import SampletokError, StoreError, one_line
 from sampletok.serving.scorer import Scorer
@@ -38,8 +38,8 @@ class ScoreRequest(BaseModel):
     """The body of POST /score."""
 
     model_config = ConfigDict(extra="forbid")
-    user: str | int
-    ts: int | None = Field(None, description="request time in the log's unit (default: now)")
+    user: StrictStr | StrictInt
+    ts: int | None = Field(None, ge=-(2**62), le=2**62, description="request time in the log's unit (default: now)")
     context: dict[str, Any] = Field(default_factory=dict, description="the request's own fields")
     candidates: list[dict[str, Any]] = Field(min_length=1, description="each candidate's item fields")
 
@@ -48,11 +48,11 @@ class EventRequest(BaseModel):
     """The body of POST /events."""
 
     model_config = ConfigDict(extra="forbid")
-    user: str | int
-    ts: int
+    user: StrictStr | StrictInt
+    ts: int = Field(ge=-(2**62), le=2**62)
     fields: dict[str, Any]
     responses: dict[str, Any] = Field(default_factory=dict)
-    known_at: dict[str, int] = Field(default_factory=dict)
+    known_at: dict[str, Annotated[int, Field(ge=-(2**62), le=2**62)]] = Field(default_factory=dict)
 
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)

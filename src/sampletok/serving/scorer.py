@@ -160,6 +160,13 @@ class Scorer:
         from sampletok.train.experiment import load_trained
 
         trained = load_trained(ds, run_dir)
+        if isinstance(trained.model, IAT):
+            cfg = trained.model.source_cfg
+            if (cfg.export != "pre_sit" and cfg.scheme != "temporal") or cfg.rows_where:
+                raise ConfigError(
+                    "serving appends pre-SIT tokens of every event; this IAT source exports "
+                    f"{cfg.export} tokens{' of some rows only (rows_where)' if cfg.rows_where else ''}"
+                )
         codec = EventCodec(FeatureLayout.from_dataset(ds))
         events_at, tokens_at = store_location(store, "events"), store_location(store, "tokens")
         if reset or not _exists(events_at):
@@ -190,11 +197,29 @@ class Scorer:
         return int(user_keys(pl.Series([str(user)]))[0])
 
     def rows(self, user: object, ts: int, context: Mapping[str, Any], items: Sequence[Mapping[str, Any]]) -> list:
-        """The raw rows of a request: its fields with each candidate's (a candidate's value wins)."""
-        clash = sorted({self.schema.user, self.schema.timestamp} & (set(context) | {k for c in items for k in c}))
-        if clash:
-            raise DataError("request", f"give {clash} as the request's user and ts, not as fields")
-        return [{self.schema.user: user, self.schema.timestamp: ts, **context, **c} for c in items]
+        """The raw rows of a request: its fields with each candidate's (a candidate's value wins). Every row
+        must hold every feature, and nothing else (no response, label or key column: a request has none)."""
+        s = self.schema
+        if not -(2**62) <= int(ts) <= 2**62:
+            raise DataError("request", f"timestamp {ts} out of range", "ts")
+        features = {f.name: f for f in s.features}
+        need = set(features) - {s.user}
+        out = []
+        for i, item in enumerate(items):
+            row = {**context, **item}
+            where = "request" if len(items) == 1 else f"request, candidate {i}"
+            extra = sorted(set(row) - need)
+            if extra:
+                keys = set(extra) & {s.user, s.timestamp}
+                hint = " (give the user and time as the request's user and ts)" if keys else ""
+                raise DataError(where, f"unknown field(s) {extra}; a request holds the features {sorted(need)}{hint}")
+            missing = sorted(need - set(row))
+            if missing:
+                raise DataError(where, f"missing field(s) {missing}")
+            for name, value in row.items():
+                _check_cell(where, name, value, features[name].type.value == "multi_categorical")
+            out.append({s.user: user, s.timestamp: ts, **row})
+        return out
 
     def batch(
         self, user: object, ts: int, context: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]
@@ -349,6 +374,8 @@ class Scorer:
         unknown = sorted(set(responses) - set(names))
         if unknown:
             raise DataError("event", f"unknown response(s) {unknown}; the schema has {names}", "responses")
+        for name, value in responses.items():
+            _check_cell("event", name, value, multi=False)
         known_cols = {r.name: r.known_at for r in self.schema.responses if r.known_at}
         bad = sorted(set(known_at) - set(known_cols))
         if bad:
@@ -407,17 +434,28 @@ def load_source_model(store_root: Path, ds: PreparedDataset) -> SourceModel:
     return model.eval()
 
 
+def _check_cell(where: str, name: str, value: Any, multi: bool) -> None:
+    """A raw cell is a scalar (or, for a multi-categorical field, a list of scalars or one delimited string)."""
+    scalar = (str, int, float, bool, type(None))
+    ok = isinstance(value, scalar) or (multi and isinstance(value, list) and all(isinstance(v, scalar) for v in value))
+    if not ok:
+        kind = "a list of values or a string" if multi else "one value (a string or a number)"
+        raise DataError(where, f"expected {kind}, got {type(value).__name__}", name)
+
+
 def _placeholder(schema, name: str) -> Any:
     spec = next((r for r in schema.responses if r.name == name), None)
     return "0" if spec is not None and spec.type == "categorical" else 0
 
 
 def _exists(location: str) -> bool:
-    try:
-        open_store(location)
-    except StoreError:
-        return False
-    return True
+    """Whether a store was ever committed at ``location`` (any other trouble is an error, never a rebuild that
+    would drop the appended events)."""
+    if is_redis_url(location):
+        from sampletok.store.redis import RedisTokenStore
+
+        return RedisTokenStore.exists(location)
+    return (Path(location) / "CURRENT").exists()
 
 
 def _local(store: TokenStore) -> LocalTokenStore:

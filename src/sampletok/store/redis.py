@@ -97,6 +97,15 @@ class RedisTokenStore:
         return cls(url, client, name, vid, meta, staged=True)
 
     @classmethod
+    def exists(cls, url: str) -> bool:
+        """Whether a committed store is at ``url`` (an unreachable server is an error, not False)."""
+        client, name = _client(url)
+        try:
+            return bool(client.exists(f"{name}:current"))
+        finally:
+            client.close()
+
+    @classmethod
     def open(cls, url: str, expect_producer: str | None = None) -> RedisTokenStore:
         client, name = _client(url)
         vid = client.get(f"{name}:current")
