@@ -441,6 +441,8 @@ def prepare(
         source_split = np.full(len(keep), -1, np.int8)
         source_split[keep] = split_code
     n_users = len(np.unique(user_key))
+    # a few raw ids of users with the most events (only their hashes are kept otherwise): `serve`'s example
+    example_users = user_all.value_counts(sort=True).head(3).get_column(user_all.name).cast(pl.Utf8).to_list()
     del user_all
     bar.update(1)
 
@@ -537,6 +539,7 @@ def prepare(
             "source": source.name,
             "n_rows": n,
             "n_users": n_users,
+            "example_users": example_users,
             "time_range": [int(ts_all.min()), int(ts_all.max())],
             "train_time_range": [int(tr.min()), int(tr.max())] if len(tr) else None,
             "split": split.model_dump(mode="json"),

@@ -140,6 +140,7 @@ class Scorer:
             raise ConfigError("an IAT scorer needs the source model that embeds new events")
         self.writes_codes = isinstance(model, SIF) and tokens is not None
         self.on_fetch: Callable[[float], None] | None = None  # seconds each history fetch took (metrics)
+        self.example_users: list[str] = []  # raw ids of a few users with history (GET /schema's example)
 
     # ------------------------------------------------------------------ construction from a run
     @classmethod
@@ -186,7 +187,9 @@ class Scorer:
         source = None
         if isinstance(trained.model, IAT):
             source = load_source_model(_local(trained.tokens.store).root, ds) if trained.tokens else None
-        return cls(trained.model, trained.hist_len, Encoder.from_dataset(ds), events, tokens, source, **kw)
+        scorer = cls(trained.model, trained.hist_len, Encoder.from_dataset(ds), events, tokens, source, **kw)
+        scorer.example_users = list(ds.manifest.get("example_users", []))
+        return scorer
 
     # ------------------------------------------------------------------ scoring
     @staticmethod
@@ -345,7 +348,7 @@ class Scorer:
         item = {k: v for k, v in example.items() if fields_[k]["group"] == "item"}
         context = {k: v for k, v in example.items() if fields_[k]["group"] != "item"}
         user_vocab = self.encoder.stats[s.user].vocab if s.user in self.encoder.stats else None
-        user = user_vocab[0] if user_vocab else "a-user"
+        user = (self.example_users or user_vocab or ["a-user"])[0]
         return {
             "user": s.user,
             "timestamp": s.timestamp,
