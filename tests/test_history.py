@@ -57,3 +57,15 @@ def test_equal_timestamps_are_invisible_and_order_is_most_recent_last():
     assert h.rows.tolist() == [[-1, 1, 3], [3, 0, 2]]  # request at 5 never sees rows at 5
     assert h.gap.tolist() == [[0, 4, 2], [3, 1, 1]]
     assert idx.count_before(np.array([7]), np.array([5])).tolist() == [2]
+
+
+def test_loaders_over_one_dataset_share_one_stacked_copy(synth_prepared):
+    """A run's train, valid and test loaders gather from one read-only copy of the columns, not one each."""
+    from sampletok.data.batches import BatchLoader
+
+    a = BatchLoader(synth_prepared, synth_prepared.rows("train"), 64, hist_len=5)
+    b = BatchLoader(synth_prepared, synth_prepared.rows("test"), 64, hist_len=5, shuffle=True)
+    assert a._cat is b._cat and a._seq_multi is b._seq_multi
+    assert not a._cat.flags.writeable
+    rows = synth_prepared.rows("test")[:16]
+    np.testing.assert_array_equal(a.build(rows).cat.numpy(), b.build(rows).cat.numpy())

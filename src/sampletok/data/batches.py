@@ -59,26 +59,14 @@ class BatchLoader:
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
         self.index = index or history_index(ds)
         lay = self.layout
-        n = ds.n_rows
-        # stacked column matrices over all rows: one gather per batch instead of one per field
-        self._cat = _stack([ds.col(f"cat__{f.name}") for f in lay.cat_fields], (n, 0), np.int32)
-        self._num = _stack([ds.col(f"num__{f.name}") for f in lay.num_fields], (n, 0), np.float32)
-        self._multi = np.zeros((n, len(lay.multi_fields), lay.multi_len), dtype=np.int32)
-        for i, f in enumerate(lay.multi_fields):
-            m = np.asarray(ds.col(f"multi__{f.name}"))
-            self._multi[:, i, : m.shape[1]] = m
-        self._labels = _stack([ds.col(f"label__{l}") for l in lay.task_labels], (n, 0), np.float32)
-        self._responses = _stack([ds.response_column(r) for r in lay.responses], (n, 0), np.float32)
+        m = _stacked_columns(ds, lay)  # one copy per dataset and layout, shared by every loader over it
+        self._cat, self._num, self._multi = m["cat"], m["num"], m["multi"]
+        self._labels, self._responses = m["labels"], m["responses"]
+        self._seq_cat, self._seq_multi = m["seq_cat"], m["seq_multi"]
         cat_pos = {f.name: i for i, f in enumerate(lay.cat_fields)}
         multi_pos = {f.name: i for i, f in enumerate(lay.multi_fields)}
         seq_cat_idx = np.array([cat_pos[f] for f in lay.seq_cat], dtype=np.int64)
         seq_multi_idx = np.array([multi_pos[f] for f in lay.seq_multi], dtype=np.int64)
-        # the sequence fields alone, plus an all-padding row n that empty history positions point at: one
-        # gather per batch builds the history, with no per-field selection or masking pass
-        self._seq_cat = np.concatenate([self._cat[:, seq_cat_idx], np.zeros((1, len(seq_cat_idx)), np.int32)])
-        self._seq_multi = np.concatenate(
-            [self._multi[:, seq_multi_idx], np.zeros((1, len(seq_multi_idx), lay.multi_len), np.int32)]
-        )
         self._user = np.asarray(ds.col("_user_key"))
         self._ts = np.asarray(ds.col("_ts"))
         self._ticks_per_second = float(ds.schema.ticks_per_second)  # hist_gap is seconds on ms logs too
@@ -222,6 +210,52 @@ def history_index(ds: PreparedDataset) -> HistoryIndex:
         )
         ds._history_index = cached  # type: ignore[attr-defined]
     return cached
+
+
+def _stacked_columns(ds: PreparedDataset, lay: FeatureLayout) -> dict[str, np.ndarray]:
+    """The column matrices a loader gathers from: one gather per batch instead of one per field. Built once per
+    dataset and layout (cached on the dataset object): a run's train, valid and test loaders share them."""
+    key = (
+        tuple(f.name for f in lay.cat_fields),
+        tuple(f.name for f in lay.num_fields),
+        tuple(f.name for f in lay.multi_fields),
+        lay.multi_len,
+        tuple(lay.task_labels),
+        tuple(lay.responses),
+        tuple(lay.seq_cat),
+        tuple(lay.seq_multi),
+    )
+    cache: dict = ds.__dict__.setdefault("_stacked_cache", {})
+    if key in cache:
+        return cache[key]
+    n = ds.n_rows
+    cat = _stack([ds.col(f"cat__{f.name}") for f in lay.cat_fields], (n, 0), np.int32)
+    num = _stack([ds.col(f"num__{f.name}") for f in lay.num_fields], (n, 0), np.float32)
+    multi = np.zeros((n, len(lay.multi_fields), lay.multi_len), dtype=np.int32)
+    for i, f in enumerate(lay.multi_fields):
+        m = np.asarray(ds.col(f"multi__{f.name}"))
+        multi[:, i, : m.shape[1]] = m
+    cat_pos = {f.name: i for i, f in enumerate(lay.cat_fields)}
+    multi_pos = {f.name: i for i, f in enumerate(lay.multi_fields)}
+    seq_cat_idx = np.array([cat_pos[f] for f in lay.seq_cat], dtype=np.int64)
+    seq_multi_idx = np.array([multi_pos[f] for f in lay.seq_multi], dtype=np.int64)
+    out = {
+        "cat": cat,
+        "num": num,
+        "multi": multi,
+        "labels": _stack([ds.col(f"label__{l}") for l in lay.task_labels], (n, 0), np.float32),
+        "responses": _stack([ds.response_column(r) for r in lay.responses], (n, 0), np.float32),
+        # the sequence fields alone, plus an all-padding row n that empty history positions point at: one
+        # gather per batch builds the history, with no per-field selection or masking pass
+        "seq_cat": np.concatenate([cat[:, seq_cat_idx], np.zeros((1, len(seq_cat_idx)), np.int32)]),
+        "seq_multi": np.concatenate(
+            [multi[:, seq_multi_idx], np.zeros((1, len(seq_multi_idx), lay.multi_len), np.int32)]
+        ),
+    }
+    for a in out.values():
+        a.flags.writeable = False  # shared: a loader never writes into them
+    cache[key] = out
+    return out
 
 
 def _stack(cols: list[np.ndarray], empty_shape: tuple[int, int], dtype) -> np.ndarray:
