@@ -77,3 +77,73 @@ def test_unknown_model_or_parameter_is_a_clear_error(toy_prepared):
         build_model("nope", layout)
     with pytest.raises(ConfigError, match=r"model 'din' has no parameter\(s\) \['depth'\]"):
         build_model("din", layout, depth=3)
+
+
+def _flat(b, prefix: str = "") -> dict:
+    from dataclasses import fields
+
+    from sampletok.features import Batch
+
+    out = {}
+    for f in fields(b):
+        v = getattr(b, f.name)
+        if isinstance(v, torch.Tensor):
+            out[prefix + f.name] = v
+        elif isinstance(v, Batch):
+            out.update(_flat(v, f"{prefix}{f.name}."))
+    return out
+
+
+def _unflat(tensors: dict, like, prefix: str = ""):
+    from dataclasses import fields
+
+    from sampletok.features import Batch
+
+    kw = {}
+    for f in fields(like):
+        v = getattr(like, f.name)
+        if isinstance(v, torch.Tensor):
+            kw[f.name] = tensors[prefix + f.name]
+        elif isinstance(v, Batch):
+            kw[f.name] = _unflat(tensors, v, f"{prefix}{f.name}.")
+        else:
+            kw[f.name] = v
+    return Batch(**kw)
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("dnn", {}),
+        ("dcnv2", {}),
+        ("din", {"history_responses": True}),
+        ("bst", {}),
+        ("rankmixer", {}),
+        ("onetrans", {}),
+        ("hstu", {"history_responses": True}),
+        ("sif", {"hgaq": {"fields_per_token": 4, "codes": 32}, "width": 16, "blocks": 1, "heads": 2}),
+        ("sif", {"hgaq": {"fields_per_token": 4, "codes": 32}, "width": 16, "blocks": 1, "isolate_target": True}),
+    ],
+)
+def test_models_export_with_torch_export(name, params, synth_prepared):
+    """Models are functions of tensors: torch.export traces each (no data-dependent Python branch) and the
+    exported program scores as the eager model."""
+    model = build_model(name, FeatureLayout.from_dataset(synth_prepared), **params).eval()
+    rows = synth_prepared.rows("test")[:8]
+    loader = BatchLoader(synth_prepared, rows, 8, hist_len=10, history_samples=model.reads_history_samples)
+    batch = loader.build(rows)
+    tensors = _flat(batch)
+    names = list(tensors)
+
+    class Tensors(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *xs):
+            return self.m(_unflat(dict(zip(names, xs, strict=True)), batch)).logits
+
+    wrapped = Tensors(model)
+    program = torch.export.export(wrapped, tuple(tensors.values()))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(*tensors.values()), wrapped(*tensors.values()))

@@ -196,13 +196,14 @@ class SIF(RankingModel):
         out = batch.num.new_zeros(b, l, t, d0)
         mask = batch.hist_mask
         labels = (batch.hist_responses, batch.hist_response_mask)
-        if not mask.any():
+        eager = not torch.compiler.is_compiling()  # data-dependent checks only outside torch.export/compile
+        if eager and not mask.any():
             return out, labels, {}
         if batch.tokens is not None:  # exported codes, fetched by the loader
-            if not torch.equal(batch.tokens.mask, mask):
+            if eager and not torch.equal(batch.tokens.mask, mask):
                 raise ConfigError("the code store does not hold the same history rows as the dataset")
-            out[mask] = self.tokenizer.rvq.decode(batch.tokens.payload[mask])
-            return out, (batch.tokens.responses, batch.tokens.response_mask), {}
+            decoded = self.tokenizer.rvq.decode(batch.tokens.payload)  # [B, L, T, d0]
+            return decoded * mask[..., None, None], (batch.tokens.responses, batch.tokens.response_mask), {}
         samples, index = batch.history_samples, batch.history_sample_index
         if samples is None or index is None:
             raise ConfigError(
@@ -212,8 +213,8 @@ class SIF(RankingModel):
             q, _, losses = self.tokenizer(samples, self.history_keep)
         else:
             q, losses = self.tokenizer.project(samples, self.history_keep), {}
-        out[mask] = q[index[mask]]
-        return out, labels, losses
+        # a gather, not a masked assignment (no data-dependent shape): index -1 (padding) reads the zero row
+        return torch.cat([q.new_zeros(1, *q.shape[1:]), q])[index + 1], labels, losses
 
     def forward(self, batch: Batch) -> ModelOutput:
         x = self.tokenizer.project(batch)  # [B, T, d0] the request, never quantized here

@@ -97,8 +97,8 @@ class MultiHeadAttention(nn.Module):
         q = self.q(x).view(b, lq, h, d // h).transpose(1, 2)
         # a context of batch 1 is shared by every query row (projected once; SDPA broadcasts it)
         k, v = self.kv(context).view(context.shape[0], lk, 2, h, d // h).permute(2, 0, 3, 1, 4)
-        if attn_mask is not None and bool(attn_mask.all()):
-            attn_mask = None  # nothing masked: SDPA's unmasked kernels are faster
+        if attn_mask is not None and not torch.compiler.is_compiling() and bool(attn_mask.all()):
+            attn_mask = None  # nothing masked: SDPA's unmasked kernels are faster (eager only: data-dependent)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
         y = F.scaled_dot_product_attention(
