@@ -119,7 +119,8 @@ def main() -> None:
 def _dataset(a, out: Path):
     from sampletok.train.experiment import DatasetConfig, load_dataset
 
-    ds = load_dataset(DatasetConfig(kind=a.kind, path=a.data, prepared_dir=str(out / "prepared"))).load_into_memory()
+    prepared = out / "prepared" / Path(a.data).name  # one folder per log: a second log never replaces the first
+    ds = load_dataset(DatasetConfig(kind=a.kind, path=a.data, prepared_dir=str(prepared))).load_into_memory()
     if a.kind == "movielens":
         from sampletok.data.sources.movielens import load_movielens
 
@@ -128,6 +129,10 @@ def _dataset(a, out: Path):
         from sampletok.data.sources.kuairand import load_kuairand
 
         frame = load_kuairand(a.data)[0].frame
+    if frame.height != ds.n_rows and ds.schema.duplicates == "keep_first":  # prepare kept each first copy
+        s = ds.schema
+        key = [s.instance_id] if s.instance_id else [c for c in (s.user, s.item, s.timestamp) if c]
+        frame = frame.unique(subset=key, keep="first", maintain_order=True)
     if frame.height != ds.n_rows:
         raise SystemExit(f"{a.data}: the raw log has {frame.height} rows, the prepared one {ds.n_rows}")
     return ds, frame
@@ -138,7 +143,7 @@ def _trained(ds, key: str, hist_len: int, out: Path) -> Path:
     from sampletok.train.trainer import TrainConfig
 
     _, name, params = MODELS[key]
-    run = out / "runs" / key
+    run = out / "runs" / ds.fingerprint / key  # trained on this log
     if not (run / "model.pt").exists():
         if name == "iat":
             params = {**params, "cache_dir": str(out / "iat-cache")}
