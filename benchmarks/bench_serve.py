@@ -198,8 +198,8 @@ class _Clock:
             return self.start + self.n // 2
 
 
-def _bodies(ds, frame):
-    """Raw rows as request material: users, candidate field dicts, event field dicts with responses."""
+def _bodies(ds):
+    """(schema, item fields, the other request fields but the user): how a raw row splits into a request."""
     s = ds.schema
     item_fields = [f.name for f in s.features if f.group == "item"]
     other = [f.name for f in s.features if f.group != "item" and f.name != s.user]
@@ -213,7 +213,7 @@ def _load(a, ds, frame, url: str, store: str, label: str, backend: str) -> tuple
     from sampletok.serving.events import EventCodec, open_events
     from sampletok.serving.scorer import Scorer, store_location
 
-    s, item_fields, other = _bodies(ds, frame)
+    s, item_fields, other = _bodies(ds)
     rng = np.random.default_rng(0)
     clock = _Clock(int(np.asarray(ds.col("_ts")).max()) + 1)
     users = frame[s.user].unique().sort().to_list()[: a.users]
@@ -302,7 +302,7 @@ def _load(a, ds, frame, url: str, store: str, label: str, backend: str) -> tuple
 def _sweep(a, ds, frame, url: str, label: str) -> str:
     import httpx
 
-    s, item_fields, other = _bodies(ds, frame)
+    s, item_fields, other = _bodies(ds)
     items = frame.unique(subset=[s.item], keep="first", maintain_order=True).select(item_fields).to_dicts()
     row = frame.row(0, named=True)
     ctx = {k: row[k] for k in other}

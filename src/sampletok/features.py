@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from sampletok.schema import FeatureField, FieldType, Schema
@@ -65,6 +66,16 @@ class FeatureLayout:
     @property
     def n_fields(self) -> int:
         return len(self.cat_fields) + len(self.multi_fields) + len(self.num_fields)
+
+    def sequence_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Positions of the sequence fields among ``cat_fields`` and among ``multi_fields`` (int64 arrays): the
+        columns a history row keeps."""
+        cat = {f.name: i for i, f in enumerate(self.cat_fields)}
+        multi = {f.name: i for i, f in enumerate(self.multi_fields)}
+        return (
+            np.array([cat[f] for f in self.seq_cat], dtype=np.int64),
+            np.array([multi[f] for f in self.seq_multi], dtype=np.int64),
+        )
 
     @property
     def field_names(self) -> list[str]:

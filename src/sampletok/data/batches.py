@@ -63,10 +63,7 @@ class BatchLoader:
         self._cat, self._num, self._multi = m["cat"], m["num"], m["multi"]
         self._labels, self._responses = m["labels"], m["responses"]
         self._seq_cat, self._seq_multi = m["seq_cat"], m["seq_multi"]
-        cat_pos = {f.name: i for i, f in enumerate(lay.cat_fields)}
-        multi_pos = {f.name: i for i, f in enumerate(lay.multi_fields)}
-        seq_cat_idx = np.array([cat_pos[f] for f in lay.seq_cat], dtype=np.int64)
-        seq_multi_idx = np.array([multi_pos[f] for f in lay.seq_multi], dtype=np.int64)
+        seq_cat_idx, seq_multi_idx = lay.sequence_positions()
         self._user = np.asarray(ds.col("_user_key"))
         self._ts = np.asarray(ds.col("_ts"))
         self._ticks_per_second = float(ds.schema.ticks_per_second)  # hist_gap is seconds on ms logs too
@@ -235,10 +232,7 @@ def _stacked_columns(ds: PreparedDataset, lay: FeatureLayout) -> dict[str, np.nd
     for i, f in enumerate(lay.multi_fields):
         m = np.asarray(ds.col(f"multi__{f.name}"))
         multi[:, i, : m.shape[1]] = m
-    cat_pos = {f.name: i for i, f in enumerate(lay.cat_fields)}
-    multi_pos = {f.name: i for i, f in enumerate(lay.multi_fields)}
-    seq_cat_idx = np.array([cat_pos[f] for f in lay.seq_cat], dtype=np.int64)
-    seq_multi_idx = np.array([multi_pos[f] for f in lay.seq_multi], dtype=np.int64)
+    seq_cat_idx, seq_multi_idx = lay.sequence_positions()
     out = {
         "cat": cat,
         "num": num,

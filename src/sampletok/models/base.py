@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +35,12 @@ class RankingModel(nn.Module):
         # score = sigmoid(a * logit + b) at prediction time: Platt scaling fitted on the validation split
         # (identity unless ``TrainConfig.calibrate``); monotone, so AUC and GAUC are unchanged
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
+
+    def calibrated(self, logits: np.ndarray) -> np.ndarray:
+        """Probabilities sigmoid(a · logit + b) of float64 first-task logits (float64: float32 rounds every
+        logit above ~17 to 1.0, which ties confident scores)."""
+        a, b = (float(v) for v in self.calibration)
+        return 1.0 / (1.0 + np.exp(-(a * logits + b)))
 
     def forward(self, batch: Batch) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -78,8 +78,8 @@ class FeatureEmbedding(nn.Module):
         self.num_bias = nn.Parameter(torch.zeros(n_num, dim))
         self._cat_names = [f.name for f in layout.cat_fields]
         self._multi_names = [f.name for f in layout.multi_fields]
-        self._cat_pos = {n: i for i, n in enumerate(self._cat_names)}
-        self._multi_pos = {n: i for i, n in enumerate(self._multi_names)}
+        seq_cat, seq_multi = layout.sequence_positions()
+        self._seq_cat, self._seq_multi = seq_cat.tolist(), seq_multi.tolist()  # the request's own item columns
 
     @property
     def n_tokens(self) -> int:
@@ -108,8 +108,8 @@ class FeatureEmbedding(nn.Module):
 
     def target_item(self, batch: Batch) -> torch.Tensor:
         """[B, seq_dim] the request's own item in the history embedding space."""
-        cat = batch.cat[:, [self._cat_pos[n] for n in self.layout.seq_cat]]
-        multi = batch.multi[:, [self._multi_pos[n] for n in self.layout.seq_multi]]
+        cat = batch.cat[:, self._seq_cat]
+        multi = batch.multi[:, self._seq_multi]
         return self.embed_items(cat, multi)
 
     def history(self, batch: Batch) -> torch.Tensor:

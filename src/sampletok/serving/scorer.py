@@ -129,12 +129,7 @@ class Scorer:
         self.schema = encoder.schema
         self.layout = FeatureLayout.from_dataset(encoder)
         self.codec = EventCodec(self.layout)
-        lay = self.layout
-        cat_pos = {f.name: i for i, f in enumerate(lay.cat_fields)}
-        multi_pos = {f.name: i for i, f in enumerate(lay.multi_fields)}
-        self._seq_cat = np.array([cat_pos[f] for f in lay.seq_cat], np.int64)
-        self._seq_multi = np.array([multi_pos[f] for f in lay.seq_multi], np.int64)
-        self._tps = np.float32(self.schema.ticks_per_second)
+        self._seq_cat, self._seq_multi = self.layout.sequence_positions()
         self._delays = np.array(self.schema.response_delays(), np.int64)
         if isinstance(model, IAT) and source is None:
             raise ConfigError("an IAT scorer needs the source model that embeds new events")
@@ -249,8 +244,7 @@ class Scorer:
         """(scores, what the history held: ``events`` and ``tokens`` read, ``min_gap_s`` the most recent one's
         age — always > 0, as nothing at or after the request time is read; None without history)."""
         batch = self.batch(user, ts, context, candidates)
-        z = self.model(batch).logits[:, 0].double().numpy()
-        a, b = (float(v) for v in self.model.calibration)
+        p = self.model.calibrated(self.model(batch).logits[:, 0].double().numpy())
         gaps = [batch.hist_gap[0][batch.hist_mask[0]]]
         info: dict[str, int | float | None] = {"events": int(batch.hist_mask[0].sum())}
         if batch.tokens is not None:
@@ -258,7 +252,7 @@ class Scorer:
             info["tokens"] = int(batch.tokens.mask[0].sum())
         gap = torch.cat(gaps)
         info["min_gap_s"] = float(gap.min()) if len(gap) else None
-        return 1.0 / (1.0 + np.exp(-(a * z + b))), info
+        return p, info
 
     def fetch_history(self, key: int, ts: int, n: int) -> _History:
         f = self.events.fetch(np.array([key]), np.array([ts]), n, dequantize=False)

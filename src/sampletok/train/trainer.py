@@ -180,8 +180,7 @@ def predict(model: RankingModel, loader: BatchLoader, progress: bool = False) ->
     """(probabilities of the first task label, labels, user keys) over a loader, in loader order. Computed in
     float64: float32 rounds every logit above ~17 to probability 1.0, which ties confident scores."""
     z, y, u = predict_logits(model, loader, progress)
-    a, b = (float(v) for v in model.calibration)
-    return 1.0 / (1.0 + np.exp(-(a * z + b))), y, u
+    return model.calibrated(z), y, u
 
 
 def fit_calibration(model: RankingModel, loader: BatchLoader) -> tuple[float, float]:
