@@ -1,90 +1,131 @@
-"""Training throughput of every baseline (and IAT/SIF) on ml-100k under the reference protocol's batch size:
-one epoch end to end (batch building, history fetch, forward, backward, Adam), samples per second.
+"""Training throughput of an experiment's models, in one run on one machine: each model trains ``--batches``
+steps (batch building, history fetch, forward, backward, Adam) with the experiment's own parameters, batch
+size, history length and training rows, and the table gives samples/s, seconds per epoch of those rows, and the
+ratio of each model's epoch time to the ``--ratio-to`` models'.
 
-Run on an otherwise idle machine: python benchmarks/bench_train_speed.py ../shared/data/ml-100k [--models dnn,din]
-SIF against the OneTrans-style baseline as in configs/experiments/ml100k-sif.yaml:
-    python benchmarks/bench_train_speed.py ../shared/data/ml-100k --models din,onetrans,sif --hist-len 20 --batches 10
+Run on an otherwise idle machine:
+    python benchmarks/bench_train_speed.py configs/experiments/ml100k-sif.yaml --models din,onetrans,sif
+    python benchmarks/bench_train_speed.py configs/experiments/synthetic-long-sif.yaml --models din,L1024 --batches 4
+``--attention-kernel sdpa`` measures every attention through torch SDPA alone (the kernel before the short-sequence
+one); ``--repeats`` interleaves the models that many times and reports the median (the machine's noise is in the
+spread column).
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import statistics
 import time
 from pathlib import Path
 
 import torch
-import yaml
-
-# the parameters the experiment configs use (configs/experiments/ml100k-sif.yaml); others take their defaults
-MODEL_PARAMS = {"sif": {"hgaq": {"fields_per_token": 4}, "width": 32, "blocks": 2, "heads": 4}}
 
 
 def main() -> None:
-    from sampletok.data.batches import BatchLoader, history_index
-    from sampletok.data.prepare import prepare
-    from sampletok.data.sources.movielens import load_movielens
-    from sampletok.features import FeatureLayout
-    from sampletok.models import build_model
+    from sampletok.nn.attention import KERNELS, use_attention_kernel
+    from sampletok.train.experiment import Experiment, load_dataset
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("path", type=Path)
-    ap.add_argument("--models", default="dnn,dcnv2,din,bst,rankmixer,onetrans")
-    ap.add_argument("--batches", type=int, default=40)
-    ap.add_argument("--hist-len", type=int, default=50)
-    ap.add_argument("--params", default=None, help="YAML mapping model → parameters, overriding MODEL_PARAMS")
+    ap.add_argument("experiment", type=Path)
+    ap.add_argument("--models", default=None, help="comma-separated model labels of the experiment (default: all)")
+    ap.add_argument("--batches", type=int, default=20, help="timed training steps per model and repeat")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--ratio-to", default="din,onetrans", help="labels whose epoch time the ratios divide by")
+    ap.add_argument("--attention-kernel", choices=KERNELS, default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the experiment's)")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        src, schema = load_movielens(a.path)
-        ds = prepare(src, schema, Path(d) / "ml", progress=False).load_into_memory()
-        layout = FeatureLayout.from_dataset(ds)
-        params = {**MODEL_PARAMS, **(yaml.safe_load(a.params) if a.params else {})}
-        n_train = len(ds.rows("train"))
+
+    exp = Experiment.from_yaml(a.experiment)
+    specs = {m.display: m for m in exp.models}
+    labels = a.models.split(",") if a.models else list(specs)
+    unknown = [x for x in labels if x not in specs]
+    if unknown:
+        raise SystemExit(f"{a.experiment}: no model labelled {', '.join(unknown)} (labels: {', '.join(specs)})")
+    torch.set_num_threads(a.threads or exp.train.threads or torch.get_num_threads())
+    ds = load_dataset(exp.dataset).load_into_memory()
+    benches = {label: _Bench(ds, exp, specs[label]) for label in labels}
+    print(
+        f"{exp.name}: torch {torch.__version__}, {torch.get_num_threads()} threads, attention kernel "
+        f"{a.attention_kernel}; {a.batches} steps × {a.repeats}"
+    )
+    rates: dict[str, list[float]] = {label: [] for label in labels}
+    with use_attention_kernel(a.attention_kernel):
+        for _ in range(a.repeats):
+            for label, bench in benches.items():
+                rates[label].append(bench.samples_per_second(a.batches))
+    refs = [r for r in a.ratio_to.split(",") if r in rates]
+    print(
+        "| model | history | batch | train samples/s | spread | s / epoch | "
+        + "".join(f"× {r} | " for r in refs)
+        + "params |\n|---|---|---|---|---|---|"
+        + "---|" * len(refs)
+        + "---|"
+    )
+    median = {label: statistics.median(r) for label, r in rates.items()}
+    for label, bench in benches.items():
+        sps = median[label]
+        spread = f"{min(rates[label]):,.0f}-{max(rates[label]):,.0f}" if a.repeats > 1 else ""
+        ratios = "".join(f"{median[r] / sps:.2f} | " for r in refs)
         print(
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 1024, history {a.hist_len}; "
-            f"{n_train:,} training rows"
+            f"| {label} | {bench.hist_len} | {bench.batch_size} | {sps:,.0f} | {spread} | "
+            f"{bench.n_rows / sps:,.1f} | {ratios}{bench.params:,} |",
+            flush=True,
         )
-        print("| model | train samples/s | s / epoch | params |\n|---|---|---|---|")
-        for name in a.models.split(","):
-            torch.manual_seed(0)
-            model = build_model(name, layout, **params.get(name, {}))
-            opt = torch.optim.Adam(model.parameters(), 1e-3)
-            loader = BatchLoader(
-                ds,
-                ds.rows("train"),
-                1024,
-                hist_len=a.hist_len,
-                shuffle=True,
-                index=history_index(ds),
-                layout=layout,
-                history_samples=model.reads_history_samples,
-            )
-            it = iter(loader)
-            for _ in range(3):  # warm-up
-                _step(model, opt, next(it))
-            t = time.perf_counter()
-            n = 0
-            for _ in range(a.batches):
-                batch = next(it, None)
-                if batch is None:
-                    it = iter(loader)
-                    batch = next(it)
-                _step(model, opt, batch)
-                n += len(batch)
-            sps = n / (time.perf_counter() - t)
-            print(
-                f"| {name} | {sps:,.0f} | {n_train / sps:,.1f} | {sum(p.numel() for p in model.parameters()):,} |",
-                flush=True,
-            )
 
 
-def _step(model, opt, batch) -> None:
-    out = model(batch)
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, batch.labels)
-    loss = loss + sum(out.aux_losses.values(), torch.zeros(()))
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+class _Bench:
+    """One model of the experiment with its optimizer and an endless iterator over its training batches."""
+
+    def __init__(self, ds, exp, spec) -> None:
+        from sampletok.data.batches import BatchLoader, history_index, resolved_hist_len
+        from sampletok.features import FeatureLayout
+        from sampletok.models import build_model
+        from sampletok.train.experiment import recent_rows
+
+        cfg = spec.train_config(exp.train)
+        torch.manual_seed(0)
+        layout = FeatureLayout.from_dataset(ds)
+        self.model = build_model(spec.name, layout, **spec.params)
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self.opt = torch.optim.Adam(self.model.parameters(), cfg.lr)
+        rows = recent_rows(ds.rows("train"), cfg.train_recent_fraction)
+        self.hist_len, self.batch_size, self.n_rows = resolved_hist_len(ds, cfg.hist_len), cfg.batch_size, len(rows)
+        self.loader = BatchLoader(
+            ds,
+            rows,
+            cfg.batch_size,
+            hist_len=self.hist_len,
+            shuffle=True,
+            index=history_index(ds),
+            layout=layout,
+            history_samples=self.model.reads_history_samples,
+        )
+        self._it = iter(self.loader)
+        self._step(self._next())  # the first step initializes SIF's codebooks from data: not a steady state
+
+    def _next(self):
+        batch = next(self._it, None)
+        if batch is None:
+            self._it = iter(self.loader)
+            batch = next(self._it)
+        return batch
+
+    def samples_per_second(self, steps: int) -> float:
+        self._step(self._next())  # warm-up after the other models ran
+        n, t0 = 0, time.perf_counter()
+        for _ in range(steps):
+            batch = self._next()  # batch building is timed: it is part of every training step
+            self._step(batch)
+            n += len(batch)
+        return n / (time.perf_counter() - t0)
+
+    def _step(self, batch) -> None:
+        out = self.model(batch)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, batch.labels)
+        loss = loss + sum(out.aux_losses.values(), torch.zeros(()))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
 
 
 if __name__ == "__main__":

@@ -77,3 +77,45 @@ def test_pooled_lookup_equals_reference_with_gradients(b, n, length, vocab, seed
     else:  # empty bags: a constant zero, and the literal formula has no gradient either
         assert length == 0 or b == 0
         assert not g_ref.any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 5),  # batch
+    st.integers(1, 3),  # heads
+    st.integers(1, 9),  # queries
+    st.integers(1, 80),  # keys: both sides of the short kernel's limit
+    st.sampled_from([2, 8]),  # head dim
+    st.sampled_from(["none", "keys", "full"]),
+    st.booleans(),  # a context of batch 1 shared by every row
+    st.integers(0, 10_000),
+)
+def test_attention_kernels_agree_with_the_reference(b, h, lq, lk, dh, mask_kind, shared, seed):
+    from sampletok.nn.attention import attend, use_attention_kernel
+
+    torch.manual_seed(seed)
+    kb = 1 if shared else b
+    q = torch.randn(b, h, lq, dh, requires_grad=True)
+    k, v = torch.randn(kb, h, lk, dh, requires_grad=True), torch.randn(kb, h, lk, dh, requires_grad=True)
+    mask = None
+    if mask_kind != "none":
+        shape = (b, 1, 1, lk) if mask_kind == "keys" else (b, h, lq, lk)
+        mask = torch.rand(shape) > 0.4
+        mask[..., torch.randint(lk, ())] = True  # every query has a key (SDPA's all-masked rows are NaN)
+    with use_attention_kernel("reference"):
+        ref = attend(q, k, v, mask)
+    g_ref = torch.autograd.grad(ref.pow(2).sum(), (q, k, v))
+    for kernel in ("short", "sdpa", "auto"):
+        with use_attention_kernel(kernel):
+            out = attend(q, k, v, mask)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4, msg=f"{kernel} values")
+        for g, gr in zip(torch.autograd.grad(out.pow(2).sum(), (q, k, v)), g_ref, strict=True):
+            torch.testing.assert_close(g, gr, atol=1e-4, rtol=1e-4, msg=f"{kernel} gradients")
+
+
+def test_unknown_attention_kernel_is_a_config_error():
+    from sampletok.errors import ConfigError
+    from sampletok.nn.attention import use_attention_kernel
+
+    with pytest.raises(ConfigError, match="unknown attention kernel 'flash'"), use_attention_kernel("flash"):  # type: ignore[arg-type]
+        pass

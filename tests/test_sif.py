@@ -233,3 +233,20 @@ def test_isolated_sif_shares_one_history_pass_across_candidates(synth_prepared):
         shared = model(batch).logits
     torch.testing.assert_close(shared, each)
     assert each.std() > 0  # the candidates do score differently
+
+
+def test_history_padding_is_trimmed_without_changing_a_score(trained, synth_prepared, monkeypatch):
+    # the earliest requests have short histories: at L = 40 most positions are padding in every row
+    rows = synth_prepared.rows("train")[:300]
+    batch = BatchLoader(synth_prepared, rows, 300, hist_len=40, history_samples=True).build(rows)
+    longest = int(batch.hist_mask.sum(1).max())
+    assert 0 < longest < 40
+    trimmed = batch.trimmed_history()
+    assert trimmed.hist_mask.shape == (300, longest) and trimmed.history_sample_index.shape == (300, longest)
+    assert torch.equal(trimmed.hist_rows, batch.hist_rows[:, -longest:])
+    assert int(trimmed.hist_mask.sum()) == int(batch.hist_mask.sum())
+    with torch.no_grad():
+        fast = trained(batch).logits
+        monkeypatch.setattr(type(batch), "trimmed_history", lambda self: self)
+        full = trained(batch).logits
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)

@@ -5,8 +5,8 @@ never on the data stage that fills it (:mod:`sampletok.data.batches`), so a mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Protocol
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -140,3 +140,22 @@ class Batch:
 
     def __len__(self) -> int:
         return self.cat.shape[0]
+
+    def trimmed_history(self) -> Batch:
+        """This batch without the history positions that are padding in every row (the oldest: history is
+        right-aligned). Exact for models that read history positions only through their masks and time gaps
+        (SIF, DIN); not for models with absolute position embeddings. Data-dependent: eager mode only."""
+        n = self.hist_mask.shape[1]
+        keep = max(int(self.hist_mask.sum(1).max()), 1) if n else 0
+        if keep == n:
+            return self
+        cut = slice(n - keep, n)
+        parts = ("hist_cat", "hist_multi", "hist_mask", "hist_gap", "hist_rows", "hist_responses", "hist_response_mask")
+        trimmed: dict[str, Any] = {name: getattr(self, name)[:, cut] for name in parts}
+        if self.history_sample_index is not None:
+            trimmed["history_sample_index"] = self.history_sample_index[:, cut]
+        if self.tokens is not None and self.tokens.mask.shape[1] == n:
+            trimmed["tokens"] = HistoryTokens(
+                **{f.name: getattr(self.tokens, f.name)[:, cut] for f in fields(self.tokens)}
+            )
+        return replace(self, **trimmed)

@@ -217,6 +217,8 @@ class SIF(RankingModel):
         return torch.cat([q.new_zeros(1, *q.shape[1:]), q])[index + 1], labels, losses
 
     def forward(self, batch: Batch) -> ModelOutput:
+        if not torch.compiler.is_compiling():  # padding-only history positions change nothing here: drop them
+            batch = batch.trimmed_history()
         x = self.tokenizer.project(batch)  # [B, T, d0] the request, never quantized here
         target = torch.einsum("btd,tde->bte", x, self.align)
         # one history for all rows (one request's candidates): an isolated history pass runs once

@@ -1,4 +1,5 @@
-"""Building blocks. Attention always goes through ``torch.nn.functional.scaled_dot_product_attention``."""
+"""Building blocks. Attention always goes through :func:`sampletok.nn.attention.attend` (SDPA, or a short-sequence
+kernel on CPU)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sampletok.errors import ConfigError
+from sampletok.nn.attention import attend
 
 
 class MLP(nn.Sequential):
@@ -75,8 +77,8 @@ class TargetAttention(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention over SDPA. ``attn_mask`` is boolean, True = may attend (broadcast to [B, H, Lq, Lk]);
-    a ``context`` (and mask) of batch 1 serves every row of ``x``."""
+    """Multi-head attention over :func:`~sampletok.nn.attention.attend`. ``attn_mask`` is boolean, True = may
+    attend (broadcast to [B, H, Lq, Lk]);    a ``context`` (and mask) of batch 1 serves every row of ``x``."""
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -101,9 +103,7 @@ class MultiHeadAttention(nn.Module):
             attn_mask = None  # nothing masked: SDPA's unmasked kernels are faster (eager only: data-dependent)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = attend(q, k, v, attn_mask, self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, lq, d))
 
 
