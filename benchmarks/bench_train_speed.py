@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--ratio-to", default="din,onetrans", help="labels whose epoch time the ratios divide by")
     ap.add_argument("--attention-kernel", choices=KERNELS, default="auto")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the forward pass, as train.bf16")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the experiment's)")
     a = ap.parse_args()
 
@@ -43,10 +44,10 @@ def main() -> None:
         raise SystemExit(f"{a.experiment}: no model labelled {', '.join(unknown)} (labels: {', '.join(specs)})")
     torch.set_num_threads(a.threads or exp.train.threads or torch.get_num_threads())
     ds = load_dataset(exp.dataset).load_into_memory()
-    benches = {label: _Bench(ds, exp, specs[label]) for label in labels}
+    benches = {label: _Bench(ds, exp, specs[label], a.bf16) for label in labels}
     print(
         f"{exp.name}: torch {torch.__version__}, {torch.get_num_threads()} threads, attention kernel "
-        f"{a.attention_kernel}; {a.batches} steps × {a.repeats}"
+        f"{a.attention_kernel}{', bf16 autocast' if a.bf16 else ''}; {a.batches} steps × {a.repeats}"
     )
     rates: dict[str, list[float]] = {label: [] for label in labels}
     with use_attention_kernel(a.attention_kernel):
@@ -76,13 +77,14 @@ def main() -> None:
 class _Bench:
     """One model of the experiment with its optimizer and an endless iterator over its training batches."""
 
-    def __init__(self, ds, exp, spec) -> None:
+    def __init__(self, ds, exp, spec, bf16: bool = False) -> None:
         from sampletok.data.batches import BatchLoader, history_index, resolved_hist_len
         from sampletok.features import FeatureLayout
         from sampletok.models import build_model
         from sampletok.train.experiment import recent_rows
 
         cfg = spec.train_config(exp.train)
+        self.bf16 = bf16
         torch.manual_seed(0)
         layout = FeatureLayout.from_dataset(ds)
         self.model = build_model(spec.name, layout, **spec.params)
@@ -120,9 +122,10 @@ class _Bench:
         return n / (time.perf_counter() - t0)
 
     def _step(self, batch) -> None:
-        out = self.model(batch)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, batch.labels)
-        loss = loss + sum(out.aux_losses.values(), torch.zeros(()))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(batch)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits.float(), batch.labels)
+        loss = loss + sum((v.float() for v in out.aux_losses.values()), torch.zeros(()))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

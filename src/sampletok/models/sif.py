@@ -41,12 +41,20 @@ class MixerBlock(nn.Module):
         self.sample_attn = MultiHeadAttention(width, heads)
         self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width))
 
-    def forward(self, x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, row_mask: torch.Tensor, target_only: bool = False) -> torch.Tensor:
+        """[B, R, T, d] → [B, R, T, d]; with ``target_only`` → [B, 1, T, d], the target row alone (exact:
+        the last block's history rows feed nothing but the target's keys, so their own sample attention and
+        FFN — the O(R²) part — are skipped)."""
         b, r, t, d = x.shape
         cols = self._rows(x).transpose(1, 2).reshape(b * t, r, d)
         mask = key_padding_mask(row_mask.repeat_interleave(t, dim=0), r)
-        cols = cols + self.sample_attn(self.n2(cols), None, mask)
-        x = cols.view(b, t, r, d).transpose(1, 2)
+        if target_only:
+            keys = self.n2(cols)
+            target = cols[:, :1] + self.sample_attn(keys[:, :1], keys, mask)
+            x = target.view(b, t, 1, d).transpose(1, 2)
+        else:
+            cols = cols + self.sample_attn(self.n2(cols), None, mask)
+            x = cols.view(b, t, r, d).transpose(1, 2)
         return x + self.ffn(self.n3(x))
 
     def _target_over_shared(self, tq: torch.Tensor, hk: torch.Tensor, hmask: torch.Tensor) -> torch.Tensor:
@@ -75,17 +83,17 @@ class MixerBlock(nn.Module):
         return (flat + self.token_attn(self.n1(flat))).view(b, r, t, d)
 
     def isolated(
-        self, target: torch.Tensor, hist: torch.Tensor, hist_mask: torch.Tensor
+        self, target: torch.Tensor, hist: torch.Tensor, hist_mask: torch.Tensor, target_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block with history rows that do not attend to the target row: ``hist`` [B_h, L, T, d] evolves
         on its own (so B_h = 1 serves every candidate of one request), ``target`` [B, 1, T, d] attends to
-        itself and the history. Equal to :meth:`forward` with the history→target attention masked out."""
+        itself and the history. Equal to :meth:`forward` with the history→target attention masked out.
+        With ``target_only`` (the last block) the history is returned as it came in, not updated."""
         b, _, t, d = target.shape
         bh, l = hist.shape[:2]
         target, hist = self._rows(target), self._rows(hist)
         hcols = hist.transpose(1, 2).reshape(bh * t, l, d)
         hmask = hist_mask.repeat_interleave(t, dim=0)
-        new_hist = hcols + self.sample_attn(self.n2(hcols), None, key_padding_mask(hmask, l))
         tcols = target.transpose(1, 2).reshape(b * t, 1, d)
         if bh == 1 and b > 1 and not self.training:  # one shared history: its keys are projected once
             new_target = tcols + self._target_over_shared(self.n2(tcols), self.n2(hcols), hmask)
@@ -96,8 +104,12 @@ class MixerBlock(nn.Module):
             kmask = torch.cat([hmask.new_ones(b * t, 1), hmask], dim=1)
             new_target = tcols + self.sample_attn(self.n2(tcols), self.n2(keys), key_padding_mask(kmask, 1))
         target = new_target.view(b, t, 1, d).transpose(1, 2)
+        target = target + self.ffn(self.n3(target))
+        if target_only:
+            return target, hist
+        new_hist = hcols + self.sample_attn(self.n2(hcols), None, key_padding_mask(hmask, l))
         hist = new_hist.view(bh, t, l, d).transpose(1, 2)
-        return target + self.ffn(self.n3(target)), hist + self.ffn(self.n3(hist))
+        return target, hist + self.ffn(self.n3(hist))
 
 
 class FlatBlock(nn.Module):
@@ -109,11 +121,16 @@ class FlatBlock(nn.Module):
         self.attn = MultiHeadAttention(width, heads)
         self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width))
 
-    def forward(self, x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, row_mask: torch.Tensor, target_only: bool = False) -> torch.Tensor:
         b, r, t, d = x.shape
         flat = x.reshape(b, r * t, d)
         mask = key_padding_mask(row_mask.repeat_interleave(t, dim=1), r * t)
-        flat = flat + self.attn(self.n1(flat), None, mask)
+        if target_only:  # the target row's T tokens are the only queries the head needs
+            keys = self.n1(flat)
+            flat = flat[:, :t] + self.attn(keys[:, :t], keys, mask)
+            r = 1
+        else:
+            flat = flat + self.attn(self.n1(flat), None, mask)
         flat = flat + self.ffn(self.n2(flat))
         return flat.view(b, r, t, d)
 
@@ -171,6 +188,7 @@ class SIF(RankingModel):
         self.blocks = nn.ModuleList(block(width, heads) for _ in range(blocks))
         self.head = MLP(width, list(hidden), out_dim=self.n_tasks)
         self.vq_weight, self.align_weight, self.store_path = vq_weight, align_weight, store
+        self.target_only_last = True  # False: every block computes every row (the reference; tests compare)
 
     @property
     def reads_history_samples(self) -> bool:
@@ -240,14 +258,19 @@ class SIF(RankingModel):
         h_hist = self.up(hist) + self.token_pos + rec.unsqueeze(2)  # [B_h, L, T, width]
         if self.mixer == "pool":  # each row's sub-tokens averaged into one token
             h_target, h_hist = h_target.mean(2, keepdim=True), h_hist.mean(2, keepdim=True)
+        # the head reads the target row only, so the last block computes only that row (exact, and it skips
+        # that block's O(L²) sample attention among history rows; ``target_only=False`` is the reference)
+        last = len(self.blocks) - 1
         if self.isolate_target:
-            for block in self.blocks:
-                h_target, h_hist = cast(MixerBlock, block).isolated(h_target, h_hist, hb.hist_mask)
+            for i, block in enumerate(self.blocks):
+                h_target, h_hist = cast(MixerBlock, block).isolated(
+                    h_target, h_hist, hb.hist_mask, target_only=self.target_only_last and i == last
+                )
             return ModelOutput(self.head(h_target[:, 0].mean(1)), aux)
         h = torch.cat([h_target, h_hist], dim=1)
         row_mask = torch.cat([batch.hist_mask.new_ones(len(batch), 1), batch.hist_mask], dim=1)
-        for block in self.blocks:
-            h = block(h, row_mask)
+        for i, block in enumerate(self.blocks):
+            h = block(h, row_mask, target_only=self.target_only_last and i == last)
         return ModelOutput(self.head(h[:, 0].mean(1)), aux)
 
 

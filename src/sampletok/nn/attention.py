@@ -113,7 +113,7 @@ class _ShortAttention(torch.autograd.Function):
     out (ds = p ∘ (dp − rowsum(do ∘ o))) so autograd keeps no intermediate beyond p and o."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         q: torch.Tensor,
         k: torch.Tensor,

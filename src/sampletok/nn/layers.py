@@ -78,7 +78,7 @@ class TargetAttention(nn.Module):
 
 class MultiHeadAttention(nn.Module):
     """Multi-head attention over :func:`~sampletok.nn.attention.attend`. ``attn_mask`` is boolean, True = may
-    attend (broadcast to [B, H, Lq, Lk]);    a ``context`` (and mask) of batch 1 serves every row of ``x``."""
+    attend (broadcast to [B, H, Lq, Lk]); a ``context`` (and mask) of batch 1 serves every row of ``x``."""
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
