@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--ratio-to", default="din,onetrans", help="labels whose epoch time the ratios divide by")
     ap.add_argument("--attention-kernel", choices=KERNELS, default="auto")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the forward pass, as train.bf16")
+    ap.add_argument("--compile", action="store_true", help="torch.compile(dynamic=True) each model's forward")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the experiment's)")
     a = ap.parse_args()
 
@@ -44,10 +45,11 @@ def main() -> None:
         raise SystemExit(f"{a.experiment}: no model labelled {', '.join(unknown)} (labels: {', '.join(specs)})")
     torch.set_num_threads(a.threads or exp.train.threads or torch.get_num_threads())
     ds = load_dataset(exp.dataset).load_into_memory()
-    benches = {label: _Bench(ds, exp, specs[label], a.bf16) for label in labels}
+    benches = {label: _Bench(ds, exp, specs[label], a.bf16, a.compile) for label in labels}
+    options = "".join(f", {o}" for o, on in (("bf16 autocast", a.bf16), ("torch.compile", a.compile)) if on)
     print(
         f"{exp.name}: torch {torch.__version__}, {torch.get_num_threads()} threads, attention kernel "
-        f"{a.attention_kernel}{', bf16 autocast' if a.bf16 else ''}; {a.batches} steps × {a.repeats}"
+        f"{a.attention_kernel}{options}; {a.batches} steps × {a.repeats}"
     )
     rates: dict[str, list[float]] = {label: [] for label in labels}
     with use_attention_kernel(a.attention_kernel):
@@ -58,7 +60,7 @@ def main() -> None:
     print(
         "| model | history | batch | train samples/s | spread | s / epoch | "
         + "".join(f"× {r} | " for r in refs)
-        + "params |\n|---|---|---|---|---|---|"
+        + "MFLOPs / sample | params |\n|---|---|---|---|---|---|---|"
         + "---|" * len(refs)
         + "---|"
     )
@@ -69,7 +71,7 @@ def main() -> None:
         ratios = "".join(f"{median[r] / sps:.2f} | " for r in refs)
         print(
             f"| {label} | {bench.hist_len} | {bench.batch_size} | {sps:,.0f} | {spread} | "
-            f"{bench.n_rows / sps:,.1f} | {ratios}{bench.params:,} |",
+            f"{bench.n_rows / sps:,.1f} | {ratios}{bench.mflops:,.1f} | {bench.params:,} |",
             flush=True,
         )
 
@@ -77,7 +79,7 @@ def main() -> None:
 class _Bench:
     """One model of the experiment with its optimizer and an endless iterator over its training batches."""
 
-    def __init__(self, ds, exp, spec, bf16: bool = False) -> None:
+    def __init__(self, ds, exp, spec, bf16: bool = False, compiled: bool = False) -> None:
         from sampletok.data.batches import BatchLoader, history_index, resolved_hist_len
         from sampletok.features import FeatureLayout
         from sampletok.models import build_model
@@ -89,6 +91,8 @@ class _Bench:
         layout = FeatureLayout.from_dataset(ds)
         self.model = build_model(spec.name, layout, **spec.params)
         self.params = sum(p.numel() for p in self.model.parameters())
+        # compiled once here, in the constructor's first step: the compile time is not in samples/s
+        self.forward = torch.compile(self.model, dynamic=True) if compiled else self.model
         self.opt = torch.optim.Adam(self.model.parameters(), cfg.lr)
         rows = recent_rows(ds.rows("train"), cfg.train_recent_fraction)
         self.hist_len, self.batch_size, self.n_rows = resolved_hist_len(ds, cfg.hist_len), cfg.batch_size, len(rows)
@@ -104,6 +108,24 @@ class _Bench:
         )
         self._it = iter(self.loader)
         self._step(self._next())  # the first step initializes SIF's codebooks from data: not a steady state
+        self.mflops = self._mflops_per_sample(rows)
+
+    def _mflops_per_sample(self, rows, n: int = 32) -> float:
+        """Forward + backward FLOPs of one training step per sample (torch's FLOP counter, attention through
+        the reference kernel so that every product is a counted matmul; on the last ``n`` training rows)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from sampletok.nn.attention import use_attention_kernel
+
+        state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        batch = self.loader.build(rows[-n:])
+        with FlopCounterMode(display=False) as counter, use_attention_kernel("reference"):
+            out = self.model(batch)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, batch.labels)
+            (loss + sum(out.aux_losses.values(), torch.zeros(()))).backward()
+        self.model.load_state_dict(state)  # the EMA codebooks moved
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / n / 1e6
 
     def _next(self):
         batch = next(self._it, None)
@@ -123,7 +145,7 @@ class _Bench:
 
     def _step(self, batch) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model(batch)
+            out = self.forward(batch)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits.float(), batch.labels)
         loss = loss + sum((v.float() for v in out.aux_losses.values()), torch.zeros(()))
         self.opt.zero_grad(set_to_none=True)

@@ -39,7 +39,7 @@ from sampletok.errors import ConfigError
 
 AttentionKernel = Literal["auto", "reference", "sdpa", "short"]
 KERNELS: tuple[str, ...] = ("auto", "reference", "sdpa", "short")
-SHORT_MAX_KEYS = 64  # above this the [Lq, Lk] scores cost more memory traffic than SDPA's overhead (measured)
+SHORT_MAX_KEYS = 32  # above this the [Lq, Lk] scores cost more memory traffic than SDPA's overhead (measured)
 _kernel: AttentionKernel = "auto"
 
 
