@@ -6,9 +6,10 @@ ratio of each model's epoch time to the ``--ratio-to`` models'.
 Run on an otherwise idle machine:
     python benchmarks/bench_train_speed.py configs/experiments/ml100k-sif.yaml --models din,onetrans,sif
     python benchmarks/bench_train_speed.py configs/experiments/synthetic-long-sif.yaml --models din,L1024 --batches 4
-``--attention-kernel sdpa`` measures every attention through torch SDPA alone (the kernel before the short-sequence
-one); ``--repeats`` interleaves the models that many times and reports the median (the machine's noise is in the
-spread column).
+Each speed lever can be switched off to measure what it buys: ``--attention-kernel sdpa`` (every attention
+through torch SDPA, not the short-sequence kernel), ``--all-rows-last-block`` (SIF's last block computes every
+row); and the options ``--bf16`` (autocast) and ``--compile`` (torch.compile) on. ``--repeats`` interleaves the
+models that many times and reports the median (the machine's noise is in the spread column).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def main() -> None:
     ap.add_argument("--ratio-to", default="din,onetrans", help="labels whose epoch time the ratios divide by")
     ap.add_argument("--attention-kernel", choices=KERNELS, default="auto")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the forward pass, as train.bf16")
+    ap.add_argument(
+        "--all-rows-last-block",
+        action="store_true",
+        help="SIF's last mixer block computes every row, not the target row alone (the lever off)",
+    )
     ap.add_argument("--compile", action="store_true", help="torch.compile(dynamic=True) each model's forward")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the experiment's)")
     a = ap.parse_args()
@@ -45,8 +51,16 @@ def main() -> None:
         raise SystemExit(f"{a.experiment}: no model labelled {', '.join(unknown)} (labels: {', '.join(specs)})")
     torch.set_num_threads(a.threads or exp.train.threads or torch.get_num_threads())
     ds = load_dataset(exp.dataset).load_into_memory()
-    benches = {label: _Bench(ds, exp, specs[label], a.bf16, a.compile) for label in labels}
-    options = "".join(f", {o}" for o, on in (("bf16 autocast", a.bf16), ("torch.compile", a.compile)) if on)
+    benches = {label: _Bench(ds, exp, specs[label], a.bf16, a.compile, a.all_rows_last_block) for label in labels}
+    options = "".join(
+        f", {o}"
+        for o, on in (
+            ("bf16 autocast", a.bf16),
+            ("torch.compile", a.compile),
+            ("SIF last block: all rows", a.all_rows_last_block),
+        )
+        if on
+    )
     print(
         f"{exp.name}: torch {torch.__version__}, {torch.get_num_threads()} threads, attention kernel "
         f"{a.attention_kernel}{options}; {a.batches} steps × {a.repeats}"
@@ -79,7 +93,9 @@ def main() -> None:
 class _Bench:
     """One model of the experiment with its optimizer and an endless iterator over its training batches."""
 
-    def __init__(self, ds, exp, spec, bf16: bool = False, compiled: bool = False) -> None:
+    def __init__(
+        self, ds, exp, spec, bf16: bool = False, compiled: bool = False, all_rows_last_block: bool = False
+    ) -> None:
         from sampletok.data.batches import BatchLoader, history_index, resolved_hist_len
         from sampletok.features import FeatureLayout
         from sampletok.models import build_model
@@ -91,6 +107,8 @@ class _Bench:
         layout = FeatureLayout.from_dataset(ds)
         self.model = build_model(spec.name, layout, **spec.params)
         self.params = sum(p.numel() for p in self.model.parameters())
+        if all_rows_last_block and hasattr(self.model, "target_only_last"):
+            self.model.target_only_last = False
         # compiled once here, in the constructor's first step: the compile time is not in samples/s
         self.forward = torch.compile(self.model, dynamic=True) if compiled else self.model
         self.opt = torch.optim.Adam(self.model.parameters(), cfg.lr)

@@ -40,6 +40,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "Bayes-optimal" in report and "din+iat-user" in report
+    # both methods beside the baselines, each with its distance to the optimum
+    assert "## Distance to the optimum" in report
+    for model in ("| dnn |", "| din+labels |", "| din+iat-user |", "| sif |"):
+        assert report.count(model) >= 2, model  # the results table and the distance table
     assert (tmp_path / "demo" / "results.png").stat().st_size > 10_000
 
 
