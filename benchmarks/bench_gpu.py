@@ -8,7 +8,8 @@ on the embedded synthetic log (no download), so it runs in one short command on 
 Batches are built on the CPU by the library's loader (as in training) and moved once per step; the timed
 region includes that move, the forward, backward and Adam step (training), or the forward of one request's
 batch (scoring latency, P50/P99 over ``--requests``). SIF is timed in joint training (history quantized on the
-fly) and scored from exported codes (as deployed).
+fly) and scored from exported codes (as deployed). A second table times HGAQ's nearest-code search
+(``ResidualVQ.encode``, T = 9, M = 3, V = 256, d0 = 16) through each ``hgaq.kernel`` on the device.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--requests", type=int, default=100)
+    ap.add_argument("--encode-rows", type=int, default=262_144, help="rows of the HGAQ kernel table (0: skip)")
     a = ap.parse_args()
     device = TrainConfig(device=a.device).torch_device()
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
@@ -108,6 +110,34 @@ def main() -> None:
                 ms = np.array(lat[5:]) * 1e3
                 print(f"| {name} | {length} | {train_sps:,.0f} | {np.percentile(ms, 50):.1f} | "
                       f"{np.percentile(ms, 99):.1f} |", flush=True)  # fmt: skip
+    if a.encode_rows:
+        _encode_kernels(device, a.encode_rows)
+
+
+def _encode_kernels(device: torch.device, rows: int) -> None:
+    """Samples/s of HGAQ encoding through each nearest-code kernel, and whether its codes equal the
+    reference's (the reference materializes every distance, so it runs on a slice of 4,096 rows)."""
+    from sampletok.tokenizers.hgaq import HGAQConfig, ResidualVQ
+
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(9, 3, 256, 16, generator=g)
+    x = torch.randn(rows, 9, 16, generator=g).to(device)
+    ref = None
+    print(f"\nHGAQ encode on {device}, {rows:,} rows, T = 9, M = 3, V = 256, d0 = 16")
+    print("| kernel | samples/s | codes equal to the reference |\n|---|---|---|")
+    for kernel in ("reference", "packed", "matmul", "auto"):
+        vq = ResidualVQ(9, HGAQConfig(levels=3, codes=256, d0=16, kernel=kernel)).to(device)
+        vq.codebook.copy_(codebook)
+        xs = x[:4096] if kernel == "reference" else x
+        vq.encode(xs[:1024])  # warm-up
+        _sync(device)
+        t = time.perf_counter()
+        codes = vq.encode(xs)
+        _sync(device)
+        sps = len(xs) / (time.perf_counter() - t)
+        head = codes[:4096].cpu()
+        ref = head if ref is None else ref
+        print(f"| {kernel} | {sps:,.0f} | {(head == ref).all(-1).float().mean():.2%} |", flush=True)
 
 
 if __name__ == "__main__":

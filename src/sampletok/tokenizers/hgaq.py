@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -53,6 +54,12 @@ class HGAQConfig(BaseModel):
     entropy_temperature: float = 1.0
     entropy_sample: int = Field(2048, ge=1, description="rows the entropy regularizer is estimated on")
     aux_weight: float = 0.1
+    kernel: Literal["auto", "reference", "packed", "matmul"] = Field(
+        "auto",
+        description="nearest-code search: reference (every distance, then argmin), packed (CPU: blocked matmul, "
+        "argmin read from the code index packed into each distance's low bits; V <= 256), matmul (blocked matmul "
+        "and argmin, the GPU path), auto (packed on CPU where it applies, else matmul)",
+    )
 
 
 def assign_sub_tokens(schema: Schema | list, fields_per_token: int) -> list[list[str]]:
@@ -115,9 +122,10 @@ class ResidualVQ(nn.Module):
         sort like the floats, so the low log2(V) bits are overwritten with the code index and one vectorized
         integer ``amin`` returns distance and index together. Codes whose distances agree to 2^-(23-log2 V)
         relative (3e-5 at V = 256) count as ties, won by the lower index; so do distances within rounding of 0
-        (computed as −ε, whose negative int patterns beat every positive one). Used for V ≤ 256 (uint8 codes, the
-        default); larger codebooks take the exact ``min``. 1.5-2× the exact path per level on this machine;
-        ``_nearest_reference`` is the literal formula and a property test checks the distances agree."""
+        (computed as −ε, whose negative int patterns beat every positive one). Used on CPU for V ≤ 256 (uint8
+        codes, the default); larger codebooks and GPUs take the ``matmul`` kernel's exact argmin
+        (``HGAQConfig.kernel`` picks one). 1.5-2× the exact path per level on this machine;
+        ``_nearest_reference`` is the literal formula and property tests check every kernel against it."""
         lhs = torch.cat([r, r.new_ones(*r.shape[:-1], 1)], dim=-1).transpose(0, 1).contiguous()  # [T, N, d+1]
         return self._nearest_augmented(lhs, level, block).t().long()
 
@@ -127,12 +135,22 @@ class ResidualVQ(nn.Module):
         cb = self.codebook[:, level]  # [T, V, d]
         t, v, _ = cb.shape
         n = lhs.shape[1]
-        rhs = torch.cat([-2 * cb, cb.pow(2).sum(-1, keepdim=True)], dim=-1).transpose(1, 2).contiguous()
         index_bits = max(1, (v - 1).bit_length())
-        if index_bits > 8 or lhs.dtype != torch.float32:
+        packable = index_bits <= 8 and lhs.dtype == torch.float32
+        kernel = self.cfg.kernel
+        if kernel == "auto":
+            kernel = "packed" if packable and lhs.device.type == "cpu" else "matmul"
+        if kernel == "reference":
+            return self._nearest_reference(lhs[..., :-1].transpose(0, 1), level).t()
+        if kernel == "packed" and not packable:
+            raise ConfigError(f"hgaq.kernel packed needs codes <= 256 and float32 residuals (codes: {v})")
+        rhs = torch.cat([-2 * cb, cb.pow(2).sum(-1, keepdim=True)], dim=-1).transpose(1, 2).contiguous()
+        if kernel == "matmul":
+            # on a GPU one block of 32k rows keeps the device busy; on CPU 1024 rows stay in cache
+            step = block if lhs.device.type == "cpu" else max(block, 32_768)
             out = torch.empty(t, n, dtype=torch.long, device=lhs.device)
-            for i in range(0, n, block):  # loop over row blocks (N / 1024 iterations), not samples
-                out[:, i : i + block] = torch.bmm(lhs[:, i : i + block], rhs).min(-1).indices
+            for i in range(0, n, step):  # loop over row blocks, not samples
+                out[:, i : i + step] = torch.bmm(lhs[:, i : i + step], rhs).argmin(-1)
             return out
         r2 = lhs[..., :-1].pow(2).sum(-1, keepdim=True)  # [T, N, 1]
         code_ids = torch.arange(v, dtype=torch.int32, device=lhs.device)
