@@ -108,14 +108,32 @@ def prepare(
     seed: int = typer.Option(0, help="synthetic: seed"),
     out: Path = typer.Option(..., help="prepared dataset directory"),
     force: bool = typer.Option(False, help="prepare again even if inputs are unchanged"),
+    append: list[Path] | None = typer.Option(
+        None,
+        "--append",
+        help="CSV/TSV/Parquet files of new rows to add to the prepared dataset --out, with its vocabularies "
+        "(new values → OOV) and split cut times",
+    ),
 ):
-    """Validate and encode a raw-sample log into a prepared (memory-mapped) dataset."""
+    """Validate and encode a raw-sample log into a prepared (memory-mapped) dataset, or append new rows to one."""
+    from sampletok.data.prepare import append as do_append
     from sampletok.data.prepare import prepare as do_prepare
     from sampletok.data.sources import FileSource, RawSource
     from sampletok.data.sources.movielens import load_movielens
     from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
     from sampletok.schema import Schema
 
+    if append:
+        if movielens or kuairand or files or synthetic or schema:
+            raise ConfigError("--append takes the new files alone: the schema is the prepared dataset's (--out)")
+        ds = do_append(out, FileSource(append))
+        last = ds.manifest["appended"][-1]
+        console.print(
+            f"appended [bold]{last['rows']:,}[/] rows to {out}: {ds.n_rows:,} rows of {ds.manifest['n_users']:,} "
+            f"users (splits {ds.manifest['split_rows']}; {last['skipped_known_instances']:,} rows already there "
+            f"skipped; {last['seconds']} s)"
+        )
+        return
     if kuairand and (movielens or files or synthetic):
         raise ConfigError("give exactly one of --movielens, --kuairand, --files (with --schema), --synthetic")
     if not kuairand:

@@ -363,14 +363,26 @@ def prepare(
     split: SplitSpec | None = None,
     force: bool = False,
     progress: bool = True,
+    frozen: PreparedDataset | None = None,
 ) -> PreparedDataset:
-    """Encode ``source`` under ``schema`` into ``out_dir`` (skipped if already prepared from the same inputs)."""
+    """Encode ``source`` under ``schema`` into ``out_dir`` (skipped if already prepared from the same inputs).
+
+    ``frozen``: take that dataset's fitted vocabularies and normalizations and its split's cut times instead of
+    fitting them (what :func:`append` keeps; preparing old + new rows this way equals appending the new ones)."""
     from tqdm.auto import tqdm
 
     split = split or SplitSpec()
     out_dir = Path(out_dir)
     _check_columns(source, schema)
-    key = _source_key(source, schema, split)
+    if frozen is not None:
+        if frozen.schema.fingerprint() != schema.fingerprint():
+            raise DataError(str(frozen.root), "frozen dataset was prepared under another schema")
+        split = split_cut_times(frozen)
+    key = (
+        _source_key(source, schema, split)
+        if frozen is None
+        else _frozen_key(_source_key(source, schema, split), frozen)
+    )
     if not force and (out_dir / "manifest.json").exists():
         try:
             if json.loads((out_dir / "manifest.json").read_text()).get("key") == key:
@@ -392,43 +404,7 @@ def prepare(
     bar = tqdm(desc=f"prepare {schema.name}", unit="pass", total=3, disable=None if progress else True)
 
     # ---- pass 1: keys
-    users, ts_parts, iid_parts, origins = [], [], [], []
-    key_cols = [schema.user, schema.timestamp] + ([schema.instance_id] if schema.instance_id else [])
-    if not schema.instance_id and schema.item:
-        key_cols.append(schema.item)
-    for chunk in source.iter_chunks(key_cols):
-        if chunk.frame.height == 0:
-            continue
-        u = as_str(chunk, schema.user)
-        if u.null_count():
-            raise DataError(chunk.origin, "null user key", schema.user, _where(chunk, u.is_null().to_numpy()))
-        ts = parse_timestamp(chunk, schema.timestamp, schema.timestamp_unit)
-        if schema.instance_id:
-            iid_s = as_str(chunk, schema.instance_id)
-            if iid_s.null_count():
-                raise DataError(
-                    chunk.origin, "null instance id", schema.instance_id, _where(chunk, iid_s.is_null().to_numpy())
-                )
-        else:
-            parts = [u, pl.Series(ts).cast(pl.Utf8)]
-            if schema.item:
-                parts.insert(1, as_str(chunk, schema.item).fill_null(""))
-            iid_s = (
-                pl.DataFrame({f"k{i}": p for i, p in enumerate(parts)})
-                .select(pl.concat_str(pl.all(), separator="\x1f"))
-                .to_series()
-            )
-        iid = iid_s.hash(seed=20260422).reinterpret(signed=True).to_numpy()
-        users.append(u)
-        ts_parts.append(ts)
-        iid_parts.append(iid)
-        origins.append((chunk.origin, chunk.first_row, chunk.frame.height))
-    if not ts_parts:
-        raise DataError(source.name, "no rows")
-    ts_all = np.concatenate(ts_parts)
-    iid_all = np.concatenate(iid_parts)
-    user_all = pl.concat(users)
-    del users, ts_parts, iid_parts
+    ts_all, iid_all, user_all, origins = _read_keys(source, schema)
     keep, duplicates = _apply_duplicates_policy(iid_all, origins, schema)
     if keep is not None:
         ts_all, iid_all, user_all = ts_all[keep], iid_all[keep], user_all.filter(pl.Series(keep))
@@ -446,7 +422,52 @@ def prepare(
     del user_all
     bar.update(1)
 
-    # ---- pass 2: fit on the training window
+    # ---- pass 2: fit on the training window (or take the frozen dataset's fit)
+    stats = _fit(source, schema, source_split, split_code) if frozen is None else dict(frozen.stats)
+    bar.update(1)
+
+    # ---- pass 3: encode into a temporary directory, then rename into place
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "columns").mkdir(parents=True)
+    try:
+        arrays = _open_outputs(tmp / "columns", schema, n)
+        arrays["_user_key"][:] = user_key
+        arrays["_ts"][:] = ts_all
+        arrays["_instance_id"][:] = iid_all
+        arrays["_split"][:] = split_code
+        _encode_rows(source, schema, stats, source_split, arrays, 0)
+        tr = ts_all[split_code == 0]
+        manifest = {
+            "key": key,
+            "prep_version": PREP_VERSION,
+            "schema": schema.model_dump(mode="json"),
+            "schema_hash": schema.fingerprint(),
+            "source": source.name,
+            "n_rows": n,
+            "n_users": n_users,
+            "example_users": example_users,
+            "time_range": [int(ts_all.min()), int(ts_all.max())],
+            "train_time_range": [int(tr.min()), int(tr.max())] if len(tr) else None,
+            "split": split.model_dump(mode="json"),
+            "split_rows": {name: int((split_code == i).sum()) for i, name in enumerate(SPLIT_NAMES)},
+            "duplicates": duplicates,
+            "fields": {k: v.__dict__ for k, v in stats.items()},
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.time() - t0, 2),
+        }
+        _publish(tmp, arrays, manifest, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    bar.update(1)
+    bar.close()
+    return PreparedDataset(out_dir)
+
+
+def _fit(source: RawSource, schema: Schema, source_split: np.ndarray, split_code: np.ndarray) -> dict[str, FieldStats]:
+    """Pass 2: vocabularies and normalizations of every feature and non-binary response, on training rows."""
     acc = _FitAccumulator()
     stride = max(1, int(np.ceil((split_code == 0).sum() / _MAX_BUCKET_SAMPLE)))
     feat_cols = [f.name for f in schema.features]
@@ -495,73 +516,193 @@ def prepare(
             kept = [(v, c) for v, c in counts.items() if c >= f.min_count]
             kept.sort(key=lambda vc: (-vc[1], vc[0]))
             stats[f.name] = FieldStats(vocab=[v for v, _ in kept])
-    bar.update(1)
+    return stats
 
-    # ---- pass 3: encode into a temporary directory, then rename into place
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+def _encode_rows(
+    source: RawSource,
+    schema: Schema,
+    stats: dict[str, FieldStats],
+    source_split: np.ndarray,
+    arrays: dict[str, np.memmap],
+    start: int,
+) -> None:
+    """Pass 3: encode every kept source row (``source_split >= 0``) into ``arrays`` from row ``start`` on."""
+    lookup = vocab_lookups(stats)
+    written = start
+    label_cols = [l.name for l in schema.labels]
+    known_cols = [r.known_at for r in schema.responses if r.known_at]
+    response_cols = [r.name for r in schema.responses] + known_cols + ([schema.timestamp] if known_cols else [])
+    feat_cols = [f.name for f in schema.features]
+    offset = 0
+    for chunk in source.iter_chunks(label_cols + response_cols + feat_cols):
+        h = chunk.frame.height
+        in_log = source_split[offset : offset + h] >= 0
+        offset += h
+        sl = slice(written, written + int(in_log.sum()))
+        written = sl.stop
+        for name, values in encode_chunk(chunk, schema, stats, lookup).items():
+            arrays[name][sl] = values[in_log]  # every row is checked; dropped duplicates are not written
+
+
+def _publish(tmp: Path, arrays: dict[str, np.memmap], manifest: dict, out_dir: Path) -> None:
+    """Flush the columns, checksum them into the manifest and move ``tmp`` into place as one rename (a crash
+    before it leaves the old dataset as it was)."""
+    for a in arrays.values():
+        a.flush()
+    arrays.clear()
+    manifest["columns"] = {p.stem: _sha256(p) for p in sorted((tmp / "columns").glob("*.npy"))}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def split_cut_times(ds: PreparedDataset) -> SplitSpec:
+    """The dataset's split as explicit cut times ``[valid_start, test_start]``: its own if it was cut by time,
+    else the first timestamp of its valid and test rows (rows later than all of them are test rows)."""
+    spec = SplitSpec.model_validate(ds.manifest["split"])
+    if spec.cut_ts is not None:
+        return spec
+    ts, code = np.asarray(ds.col("_ts")), np.asarray(ds.col("_split"))
+    after_all = int(ts.max()) + 1
+    test_start = int(ts[code == 2].min()) if (code == 2).any() else after_all
+    valid_start = int(ts[code == 1].min()) if (code == 1).any() else test_start
+    return SplitSpec(cut_ts=(valid_start, test_start))
+
+
+def _frozen_key(key: str, frozen: PreparedDataset) -> str:
+    return hashlib.sha256(f"{key}+frozen:{frozen.fingerprint}".encode()).hexdigest()[:20]
+
+
+def append(dataset: str | Path, source: RawSource, progress: bool = True) -> PreparedDataset:
+    """Add the rows of ``source`` (the dataset's schema) to a prepared dataset, with its fitted vocabularies
+    (new values → OOV) and normalizations and its split's cut times; the new rows come after the old ones, so
+    the history index, rebuilt on load, grows and row ids already exported keep their meaning. Equal to
+    :func:`prepare` of old + new rows with ``frozen`` set to the old dataset (tested). An instance already in
+    the dataset is an error under ``duplicates: error``, else the new copy is skipped. Atomic: a crash leaves the
+    old dataset readable."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    ds = PreparedDataset(dataset)
+    schema, out_dir = ds.schema, ds.root
+    if ds.manifest.get("prep_version") != PREP_VERSION:
+        raise DataError(str(out_dir), "prepared by another version of sampletok: prepare it again before appending")
+    _check_columns(source, schema)
+    bar = tqdm(desc=f"append to {schema.name}", unit="pass", total=2, disable=None if progress else True)
+    ts_new, iid_new, user_new, origins = _read_keys(source, schema)
+    keep, duplicates = _apply_duplicates_policy(iid_new, origins, schema)
+    keep = np.ones(len(iid_new), bool) if keep is None else keep
+    old_iid = np.asarray(ds.col("_instance_id"))
+    known = np.isin(iid_new, old_iid)
+    if known.any():
+        if schema.duplicates == "error":
+            origin, row = _locate(int(np.flatnonzero(known)[0]), origins)
+            raise DataError(
+                origin,
+                "instance already in the prepared dataset (set duplicates: keep_first to skip such rows)",
+                schema.instance_id or "(derived instance id)",
+                row,
+            )
+        keep &= ~known
+    n_old, n_new = ds.n_rows, int(keep.sum())
+    split = split_cut_times(ds)
+    split_new = assign_splits(ts_new[keep], split)
+    source_split = np.full(len(keep), -1, np.int8)
+    source_split[keep] = split_new
+    user_key = user_keys(user_new.filter(pl.Series(keep)), source.name)
+    bar.update(1)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "columns").mkdir(parents=True)
     try:
-        arrays = _open_outputs(tmp / "columns", schema, n)
-        arrays["_user_key"][:] = user_key
-        arrays["_ts"][:] = ts_all
-        arrays["_instance_id"][:] = iid_all
-        arrays["_split"][:] = split_code
-        lookup = vocab_lookups(stats)
-        written = 0
-        label_cols = [l.name for l in schema.labels]
-        known_cols = [r.known_at for r in schema.responses if r.known_at]
-        response_cols = [r.name for r in schema.responses] + known_cols + ([schema.timestamp] if known_cols else [])
-        offset = 0
-        for chunk in source.iter_chunks(label_cols + response_cols + feat_cols):
-            h = chunk.frame.height
-            in_log = source_split[offset : offset + h] >= 0
-            offset += h
-            sl = slice(written, written + int(in_log.sum()))
-            written = sl.stop
-
-            def put(name: str, values: np.ndarray, out=arrays, in_log=in_log, sl=sl) -> None:
-                out[name][sl] = values[in_log]  # every row is checked; dropped duplicates are not written
-
-            for name, values in encode_chunk(chunk, schema, stats, lookup).items():
-                put(name, values)
-        for a in arrays.values():
-            a.flush()
-        del arrays
-        checksums = {p.stem: _sha256(p) for p in sorted((tmp / "columns").glob("*.npy"))}
-        tr = ts_all[split_code == 0]
-        manifest = {
-            "key": key,
-            "prep_version": PREP_VERSION,
-            "schema": schema.model_dump(mode="json"),
-            "schema_hash": schema.fingerprint(),
-            "source": source.name,
-            "n_rows": n,
-            "n_users": n_users,
-            "example_users": example_users,
-            "time_range": [int(ts_all.min()), int(ts_all.max())],
-            "train_time_range": [int(tr.min()), int(tr.max())] if len(tr) else None,
-            "split": split.model_dump(mode="json"),
-            "split_rows": {name: int((split_code == i).sum()) for i, name in enumerate(SPLIT_NAMES)},
-            "duplicates": duplicates,
-            "fields": {k: v.__dict__ for k, v in stats.items()},
-            "columns": checksums,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "seconds": round(time.time() - t0, 2),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        arrays = _open_outputs(tmp / "columns", schema, n_old + n_new)
+        for name, out in arrays.items():
+            out[:n_old] = ds.col(name)
+        new = slice(n_old, n_old + n_new)
+        arrays["_user_key"][new] = user_key
+        arrays["_ts"][new] = ts_new[keep]
+        arrays["_instance_id"][new] = iid_new[keep]
+        arrays["_split"][new] = split_new
+        _encode_rows(source, schema, ds.stats, source_split, arrays, n_old)
+        all_ts = np.asarray(arrays["_ts"])
+        all_split = np.asarray(arrays["_split"])
+        tr = all_ts[all_split == 0]
+        m = dict(ds.manifest)
+        m.update(
+            key=hashlib.sha256(f"{ds.fingerprint}+{source.fingerprint()}".encode()).hexdigest()[:20],
+            n_rows=n_old + n_new,
+            n_users=int(len(np.unique(np.asarray(arrays["_user_key"])))),
+            time_range=[int(all_ts.min()), int(all_ts.max())],
+            train_time_range=[int(tr.min()), int(tr.max())] if len(tr) else None,
+            split=split.model_dump(mode="json"),
+            split_rows={name: int((all_split == i).sum()) for i, name in enumerate(SPLIT_NAMES)},
+            appended=[
+                *ds.manifest.get("appended", []),
+                {
+                    "source": source.name,
+                    "first_row": n_old,
+                    "rows": n_new,
+                    "skipped_known_instances": int(known.sum()),
+                    "duplicates": duplicates,
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "seconds": round(time.time() - t0, 2),
+                },
+            ],
+        )
+        _publish(tmp, arrays, m, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     bar.update(1)
     bar.close()
     return PreparedDataset(out_dir)
+
+
+def _read_keys(source: RawSource, schema: Schema) -> tuple[np.ndarray, np.ndarray, pl.Series, list]:
+    """Pass 1: every row's timestamp, instance id (hashed), raw user id, and the (file, first row, rows) of each
+    chunk (to name a row in an error)."""
+    users, ts_parts, iid_parts, origins = [], [], [], []
+    key_cols = [schema.user, schema.timestamp] + ([schema.instance_id] if schema.instance_id else [])
+    if not schema.instance_id and schema.item:
+        key_cols.append(schema.item)
+    for chunk in source.iter_chunks(key_cols):
+        if chunk.frame.height == 0:
+            continue
+        u = as_str(chunk, schema.user)
+        if u.null_count():
+            raise DataError(chunk.origin, "null user key", schema.user, _where(chunk, u.is_null().to_numpy()))
+        ts = parse_timestamp(chunk, schema.timestamp, schema.timestamp_unit)
+        if schema.instance_id:
+            iid_s = as_str(chunk, schema.instance_id)
+            if iid_s.null_count():
+                raise DataError(
+                    chunk.origin, "null instance id", schema.instance_id, _where(chunk, iid_s.is_null().to_numpy())
+                )
+        else:
+            parts = [u, pl.Series(ts).cast(pl.Utf8)]
+            if schema.item:
+                parts.insert(1, as_str(chunk, schema.item).fill_null(""))
+            iid_s = (
+                pl.DataFrame({f"k{i}": p for i, p in enumerate(parts)})
+                .select(pl.concat_str(pl.all(), separator="\x1f"))
+                .to_series()
+            )
+        iid = iid_s.hash(seed=20260422).reinterpret(signed=True).to_numpy()
+        users.append(u)
+        ts_parts.append(ts)
+        iid_parts.append(iid)
+        origins.append((chunk.origin, chunk.first_row, chunk.frame.height))
+    if not ts_parts:
+        raise DataError(source.name, "no rows")
+    ts_all = np.concatenate(ts_parts)
+    iid_all = np.concatenate(iid_parts)
+    user_all = pl.concat(users)
+    del users, ts_parts, iid_parts
+    return ts_all, iid_all, user_all, origins
 
 
 def _apply_duplicates_policy(
@@ -587,21 +728,22 @@ def _apply_duplicates_policy(
     return keep, report
 
 
+def _locate(i: int, origins: list[tuple[str, int, int]]) -> tuple[str, int]:
+    """(file, row) of the i-th row read, from the (file, first row, rows) of each chunk."""
+    start = 0
+    for origin, first_row, h in origins:
+        if i < start + h:
+            return origin, first_row + i - start
+        start += h
+    raise AssertionError(i)
+
+
 def _raise_duplicate(
     iid: np.ndarray, order: np.ndarray, dup: np.ndarray, origins: list[tuple[str, int, int]], column: str
 ) -> None:
     first, second = int(order[dup[0]]), int(order[dup[0] + 1])
-
-    def locate(i: int) -> tuple[str, int]:
-        start = 0
-        for origin, first_row, h in origins:
-            if i < start + h:
-                return origin, first_row + i - start
-            start += h
-        raise AssertionError(i)
-
-    o2, r2 = locate(second)
-    _, r1 = locate(first)
+    o2, r2 = _locate(second, origins)
+    _, r1 = _locate(first, origins)
     raise DataError(
         o2,
         f"duplicate instance id (same as row {r1}); {len(dup)} duplicates in all "

@@ -12,7 +12,7 @@ import numpy as np
 
 from sampletok.data.batches import BatchLoader, TokenSource, history_index
 from sampletok.data.prepare import PreparedDataset
-from sampletok.errors import ConfigError
+from sampletok.errors import ConfigError, StoreError
 from sampletok.models.base import RankingModel
 from sampletok.models.iat import IAT
 from sampletok.models.sif import SIF
@@ -55,8 +55,14 @@ def export_codes(
     batch_size: int = 8192,
     progress: bool = True,
     workers: int | None = 1,
+    append: bool = False,
 ) -> LocalTokenStore:
     """Frozen export: every instance's codes [T, M] (+ labels and availability) into a token store.
+
+    ``append``: the store at ``path`` holds this model's codes of the dataset's first rows (an export made before
+    ``prepare --append`` grew it): only the new rows are encoded, and the store is committed anew with all of
+    them (one atomic version; readers of the old one keep it). A store of other codebooks or other rows is
+    refused.
 
     ``workers=1`` (default) encodes batch after batch with torch's intra-op threads: the [T, 1024, V] distance
     blocks are large enough to split; on 2 cores 2 worker threads were slower before the lean
@@ -70,12 +76,14 @@ def export_codes(
     loader = BatchLoader(ds, np.zeros(0, np.int64), hist_len=0, index=history_index(ds))
     t, m = model.tokenizer.n_tokens, model.cfg.levels
     codes = np.zeros((ds.n_rows, t, m), np.int64)
+    done = _stored_codes(model, ds, path, codes) if append else 0
 
     def encode(rows: np.ndarray) -> None:
+        rows = rows + done
         codes[rows] = model.tokenizer.encode(loader.build(rows), model.history_keep)
 
     t0 = time.time()
-    map_row_batches(encode, ds.n_rows, batch_size, workers, progress, desc="SIF export")
+    map_row_batches(encode, ds.n_rows - done, batch_size, workers, progress, desc="SIF export")
     sec = time.time() - t0
     ts = np.asarray(ds.col("_ts"))
     dtype = "uint8" if model.cfg.codes <= 256 else "uint16"
@@ -92,7 +100,8 @@ def export_codes(
             "dataset": ds.fingerprint,
             "codebook_version": model.tokenizer.rvq.version(),
             "hgaq": model.cfg.model_dump(),
-            "export_instances_per_s": ds.n_rows / max(sec, 1e-9),
+            "export_instances_per_s": (ds.n_rows - done) / max(sec, 1e-9),
+            "rows_reused": done,
         },
     )
     side = np.stack([np.asarray(ds.response_column(r)) for r in ds.schema.response_names], 1)
@@ -100,3 +109,19 @@ def export_codes(
     store.append(np.asarray(ds.col("_instance_id")), np.asarray(ds.col("_user_key")), ts, codes, side, avail)
     store.commit()
     return store
+
+
+def _stored_codes(model: SIF, ds: PreparedDataset, path: str | Path, codes: np.ndarray) -> int:
+    """Copy the codes an earlier export of the same model holds for the dataset's first rows into ``codes``;
+    return how many rows they cover (0 when there is no store yet)."""
+    if not (Path(path) / "CURRENT").exists():
+        return 0
+    old = LocalTokenStore.open(path)
+    if old.meta.get("kind") != "sif" or old.meta.get("codebook_version") != model.tokenizer.rvq.version():
+        raise StoreError(f"{path}: not codes of this model's codebooks; export without append")
+    cols = old.columns()
+    k = len(cols["instance_id"])
+    if k > ds.n_rows or not np.array_equal(cols["instance_id"], np.asarray(ds.col("_instance_id"))[:k]):
+        raise StoreError(f"{path}: holds other rows than the dataset's first {k}; export without append")
+    codes[:k] = cols["payload"]
+    return k
