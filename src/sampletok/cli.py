@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Literal, cast
 
 import numpy as np
 import typer
@@ -108,6 +109,9 @@ def prepare(
     seed: int = typer.Option(0, help="synthetic: seed"),
     out: Path = typer.Option(..., help="prepared dataset directory"),
     force: bool = typer.Option(False, help="prepare again even if inputs are unchanged"),
+    engine: str = typer.Option(
+        "local", help="local, or ray: the encode pass as a Ray Data job, one task per file (--files; Ray extra)"
+    ),
     append: list[Path] | None = typer.Option(
         None,
         "--append",
@@ -156,7 +160,11 @@ def prepare(
             names={"n_users": "--users", "n_fields": "--fields", "seed": "--seed"},
         )
         source, sch = generate_source(syn)
-    ds = do_prepare(source, sch, out, force=force)
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine must be local or ray, got '{engine}'")
+    if engine == "ray" and not files:
+        raise ConfigError("--engine ray reads --files (a folder of Parquet partitions or CSV files)")
+    ds = do_prepare(source, sch, out, force=force, engine=cast(Literal["local", "ray"], engine))
     m = ds.manifest
     dups = m.get("duplicates") or {}
     removed = f"; {dups['rows_removed']:,} repeated rows removed ({dups['policy']})" if dups.get("rows_removed") else ""

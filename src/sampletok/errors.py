@@ -23,7 +23,10 @@ class DataError(SampletokError):
         if row is not None:
             where += f", row {row}"
         super().__init__(f"{where}: {message}")
-        self.origin, self.column, self.row = origin, column, row
+        self.origin, self.message, self.column, self.row = origin, message, column, row
+
+    def __reduce__(self):  # picklable, so that a worker process's error reaches the driver whole (Ray, DDP)
+        return type(self), (self.origin, self.message, self.column, self.row)
 
 
 class StoreError(SampletokError):

@@ -22,14 +22,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast
 
 import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sampletok.data.sources.files import RawChunk, RawSource
-from sampletok.errors import DataError
+from sampletok.errors import ConfigError, DataError
 from sampletok.schema import FeatureField, FieldType, ResponseSpec, Schema
 
 PREP_VERSION = 2  # 2: _user_key is the stable hash of the raw user id
@@ -364,11 +364,14 @@ def prepare(
     force: bool = False,
     progress: bool = True,
     frozen: PreparedDataset | None = None,
+    engine: Literal["local", "ray"] = "local",
 ) -> PreparedDataset:
     """Encode ``source`` under ``schema`` into ``out_dir`` (skipped if already prepared from the same inputs).
 
     ``frozen``: take that dataset's fitted vocabularies and normalizations and its split's cut times instead of
-    fitting them (what :func:`append` keeps; preparing old + new rows this way equals appending the new ones)."""
+    fitting them (what :func:`append` keeps; preparing old + new rows this way equals appending the new ones).
+    ``engine="ray"``: the encode pass runs as a Ray Data job, one task per input file
+    (:mod:`sampletok.data.ray_engine`; files sources only); the output is the same."""
     from tqdm.auto import tqdm
 
     split = split or SplitSpec()
@@ -437,7 +440,20 @@ def prepare(
         arrays["_ts"][:] = ts_all
         arrays["_instance_id"][:] = iid_all
         arrays["_split"][:] = split_code
-        _encode_rows(source, schema, stats, source_split, arrays, 0)
+        if engine == "ray":
+            from sampletok.data.ray_engine import encode_with_ray
+            from sampletok.data.sources.files import FileSource
+
+            if not isinstance(source, FileSource):
+                raise ConfigError("--engine ray reads files (a folder of Parquet partitions or CSV files)")
+            for a in arrays.values():
+                a.flush()  # the keys; the workers write the encoded columns into the same files
+            row_counts: dict[str, int] = {}
+            for origin, _, h in origins:
+                row_counts[origin] = row_counts.get(origin, 0) + h
+            encode_with_ray(source, schema, stats, source_split, tmp / "columns", row_counts)
+        else:
+            _encode_rows(source, schema, stats, source_split, arrays, 0)
         tr = ts_all[split_code == 0]
         manifest = {
             "key": key,
@@ -519,6 +535,13 @@ def _fit(source: RawSource, schema: Schema, source_split: np.ndarray, split_code
     return stats
 
 
+def response_and_feature_columns(schema: Schema) -> list[str]:
+    """The raw columns the encode pass reads: labels, responses (and their known-at times), features."""
+    known_cols = [r.known_at for r in schema.responses if r.known_at]
+    response_cols = [r.name for r in schema.responses] + known_cols + ([schema.timestamp] if known_cols else [])
+    return [l.name for l in schema.labels] + response_cols + [f.name for f in schema.features]
+
+
 def _encode_rows(
     source: RawSource,
     schema: Schema,
@@ -530,12 +553,8 @@ def _encode_rows(
     """Pass 3: encode every kept source row (``source_split >= 0``) into ``arrays`` from row ``start`` on."""
     lookup = vocab_lookups(stats)
     written = start
-    label_cols = [l.name for l in schema.labels]
-    known_cols = [r.known_at for r in schema.responses if r.known_at]
-    response_cols = [r.name for r in schema.responses] + known_cols + ([schema.timestamp] if known_cols else [])
-    feat_cols = [f.name for f in schema.features]
     offset = 0
-    for chunk in source.iter_chunks(label_cols + response_cols + feat_cols):
+    for chunk in source.iter_chunks(response_and_feature_columns(schema)):
         h = chunk.frame.height
         in_log = source_split[offset : offset + h] >= 0
         offset += h

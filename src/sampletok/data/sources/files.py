@@ -62,6 +62,9 @@ class FrameSource:
         return f"frame:{self.frame.height}:{self.frame.columns}:{int(h.sum())}:{int((h * 31).sum())}"
 
 
+DATA_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv", ".tab")
+
+
 class FileSource:
     """CSV/TSV or Parquet files at any path, read in chunks. CSV cells arrive as strings and are typed by
     the schema during preparation, so a bad cell is reported with its row instead of failing inference."""
@@ -74,7 +77,12 @@ class FileSource:
     ):
         if isinstance(paths, (str, Path)):
             paths = [paths]
-        self.paths = [Path(p) for p in paths]
+        # a folder stands for its data files (a folder of Parquet partitions), in name order
+        self.paths = [
+            f
+            for p in map(Path, paths)
+            for f in (sorted(x for x in p.iterdir() if x.suffix.lower() in DATA_SUFFIXES) if p.is_dir() else [p])
+        ]
         if not self.paths:
             raise DataError("<source>", "no input files given")
         for p in self.paths:

@@ -1,0 +1,100 @@
+"""`prepare --engine ray` on a local Ray cluster of two workers, started and stopped here."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from sampletok.data.prepare import PreparedDataset, SplitSpec, prepare
+from sampletok.data.sources.files import FileSource
+from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
+from sampletok.errors import DataError
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'sampletok[ray]')")
+
+CFG = SyntheticConfig(n_users=150, n_items=300, events_per_user=30, n_fields=18, days=20, seed=7)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def partitions(tmp_path_factory):
+    """The log as a folder of Parquet partitions (one per user block), rows in no time order."""
+    src, schema = generate_source(CFG)
+    folder = tmp_path_factory.mktemp("parts")
+    frame = src.to_frame().sample(fraction=1.0, shuffle=True, seed=0)
+    paths = []
+    for i, start in enumerate(range(0, frame.height, frame.height // 5 + 1)):
+        p = folder / f"part-{i:03d}.parquet"
+        frame.slice(start, frame.height // 5 + 1).write_parquet(p)
+        paths.append(p)
+    return schema, paths
+
+
+def _manifest(ds: PreparedDataset) -> dict:
+    return {k: v for k, v in ds.manifest.items() if k not in ("created_at", "seconds")}
+
+
+def test_ray_engine_output_equals_the_local_engine(cluster, partitions, tmp_path):
+    schema, paths = partitions
+    split = SplitSpec(train=0.7, valid=0.15, test=0.15)
+    local = prepare(FileSource(paths, chunk_rows=700), schema, tmp_path / "local", split, progress=False)
+    distributed = prepare(
+        FileSource(paths, chunk_rows=700), schema, tmp_path / "ray", split, progress=False, engine="ray"
+    )
+    assert _manifest(distributed) == _manifest(local)
+    for name in local.manifest["columns"]:
+        np.testing.assert_array_equal(distributed.col(name), local.col(name), err_msg=name)
+    assert len(ray.nodes()) == 1 and ray.cluster_resources()["CPU"] == 2
+
+
+def test_a_failed_ray_task_leaves_the_previous_dataset_readable(cluster, partitions, tmp_path, monkeypatch):
+    schema, paths = partitions
+    out = tmp_path / "ds"
+    before = prepare(FileSource(paths), schema, out, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    # a partition that fails in its Ray task: it is gone when the encode pass reads it (passes 1 and 2 ran)
+    import shutil
+
+    import sampletok.data.ray_engine as engine
+
+    doomed = tmp_path / "doomed.parquet"
+    shutil.copy(paths[-1], doomed)
+    entered = []
+    real = engine.encode_with_ray
+
+    def remove_then_encode(*args, **kwargs):
+        entered.append(1)
+        doomed.unlink()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "encode_with_ray", remove_then_encode)
+    with pytest.raises(DataError, match="file not found") as e:
+        prepare(FileSource([*paths[:-1], doomed]), schema, out, progress=False, force=True, engine="ray")
+    assert entered and "doomed.parquet" in str(e.value) and "\n" not in str(e.value)  # the task's own error
+    after = PreparedDataset(out)
+    assert after.manifest == manifest and after.n_rows == before.n_rows
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".ds.tmp")]
+
+
+def test_cli_prepare_a_folder_of_partitions_with_ray(partitions, tmp_path):
+    from tests.test_cli import _cli
+
+    schema, paths = partitions
+    schema.to_yaml(tmp_path / "schema.yaml")
+    folder = paths[0].parent
+    args = ("prepare", "--files", str(folder), "--schema", str(tmp_path / "schema.yaml"))
+    r = _cli(*args, "--out", str(tmp_path / "ray"), "--engine", "ray")  # starts and stops its own local cluster
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli(*args, "--out", str(tmp_path / "local"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = PreparedDataset(tmp_path / "ray"), PreparedDataset(tmp_path / "local")
+    assert a.manifest["columns"] == b.manifest["columns"]  # checksums of every column file
+    r = _cli(*args, "--out", str(tmp_path / "x"), "--engine", "spark")
+    assert r.returncode == 2 and "--engine must be local or ray" in r.stderr
