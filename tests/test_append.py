@@ -86,6 +86,9 @@ def test_append_twice_and_the_same_rows_again(log, tmp_path):
     msg = str(e.value)
     assert "b-again.csv" in msg and "already in the prepared dataset" in msg and "\n" not in msg
     assert PreparedDataset(target.root).n_rows == grown.n_rows
+    # a dataset with appended rows is never replaced by a plain prepare of the old log (without force)
+    with pytest.raises(DataError, match="holds rows appended"):
+        _prepared(tmp_path, "twice", schema, old, split)
 
 
 def test_a_failed_append_leaves_the_dataset_readable(log, tmp_path, monkeypatch):
@@ -104,7 +107,8 @@ def test_a_failed_append_leaves_the_dataset_readable(log, tmp_path, monkeypatch)
     after = PreparedDataset(target.root)
     assert after.manifest == before and after.n_rows == len(old)
     assert len(np.asarray(after.col("_ts"))) == len(old)
-    assert not [p for p in target.root.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+    left = [p.name for p in target.root.parent.iterdir() if p.name.startswith(".") and p.suffix != ".lock"]
+    assert not left  # no temporary left
 
 
 def test_append_refuses_a_log_with_other_columns(log, tmp_path):

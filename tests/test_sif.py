@@ -301,3 +301,29 @@ def test_sif_with_a_target_only_last_block_trains_like_the_reference(synth_prepa
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_fast, g_full, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_isolated_block_trains_with_one_history_for_many_targets():
+    torch.manual_seed(0)
+    block = MixerBlock(16, 2).train()
+    target, hist = torch.randn(3, 1, 4, 16), torch.randn(1, 5, 4, 16)
+    mask = torch.tensor([[True, True, False, True, True]])
+    t1, h1 = block.isolated(target, hist, mask)  # the shared history, as a served request in training mode
+    t3, h3 = block.isolated(target, hist.expand(3, -1, -1, -1), mask.expand(3, -1))  # a copy per target
+    torch.testing.assert_close(t1, t3)
+    assert h1.shape == (1, 5, 4, 16)
+    torch.testing.assert_close(h1.expand(3, -1, -1, -1), h3)
+
+
+def test_trimming_keeps_every_valid_position_even_with_gaps(synth_prepared):
+    rows = synth_prepared.rows("train")[-4:]
+    batch = BatchLoader(synth_prepared, rows, 4, hist_len=8).build(rows)
+    mask = torch.zeros(4, 8, dtype=torch.bool)
+    mask[0, [3, 6]] = True  # not right-aligned: a gap
+    mask[1, 7] = True
+    batch.hist_mask = mask
+    trimmed = batch.trimmed_history()
+    assert trimmed.hist_mask.shape == (4, 5) and int(trimmed.hist_mask.sum()) == 3
+    assert torch.equal(trimmed.hist_rows, batch.hist_rows[:, 3:])
+    empty = BatchLoader(synth_prepared, rows, 4, hist_len=8).build(rows[:0])
+    assert empty.trimmed_history() is empty

@@ -130,6 +130,8 @@ def prepare(
     if append:
         if movielens or kuairand or files or synthetic or schema:
             raise ConfigError("--append takes the new files alone: the schema is the prepared dataset's (--out)")
+        if engine != "local" or force:
+            raise ConfigError("--append runs on the local engine and never re-prepares: drop --engine / --force")
         ds = do_append(out, FileSource(append))
         last = ds.manifest["appended"][-1]
         console.print(

@@ -146,9 +146,10 @@ class Batch:
         right-aligned). Exact for models that read history positions only through their masks and time gaps
         (SIF, DIN); not for models with absolute position embeddings. Data-dependent: eager mode only."""
         n = self.hist_mask.shape[1]
-        keep = max(int(self.hist_mask.sum(1).max()), 1) if n else 0
-        if keep == n:
+        used = self.hist_mask.any(0)  # positions valid in some row; kept from the oldest of them on
+        if n == 0 or len(self) == 0 or bool(used[0]):
             return self
+        keep = max(n - int(used.int().argmax()), 1) if bool(used.any()) else 1
         cut = slice(n - keep, n)
         parts = ("hist_cat", "hist_multi", "hist_mask", "hist_gap", "hist_rows", "hist_responses", "hist_response_mask")
         trimmed: dict[str, Any] = {name: getattr(self, name)[:, cut] for name in parts}

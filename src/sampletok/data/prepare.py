@@ -388,10 +388,17 @@ def prepare(
     )
     if not force and (out_dir / "manifest.json").exists():
         try:
-            if json.loads((out_dir / "manifest.json").read_text()).get("key") == key:
-                return PreparedDataset(out_dir)
+            existing = json.loads((out_dir / "manifest.json").read_text())
         except json.JSONDecodeError:
-            pass
+            existing = {}
+        if existing.get("key") == key:
+            return PreparedDataset(out_dir)
+        if existing.get("appended"):  # rows appended since may be nowhere else: never replaced silently
+            raise DataError(
+                str(out_dir),
+                "holds rows appended with `prepare --append`; prepare into another folder, or pass --force "
+                "to replace it",
+            )
     # the output is replaced whole at the end: never a file or a folder that is not a prepared dataset
     if (
         out_dir.exists()
@@ -597,11 +604,23 @@ def _frozen_key(key: str, frozen: PreparedDataset) -> str:
 
 
 def append(dataset: str | Path, source: RawSource, progress: bool = True) -> PreparedDataset:
+    """Add the rows of ``source`` to the prepared dataset ``dataset``: see :func:`_append`. One append at a time
+    per dataset (an flock beside it), each building on the version the previous one published."""
+    from sampletok.atomic import locked
+
+    root = Path(dataset)
+    with locked(root.parent / f".{root.name}.lock"):
+        return _append(root, source, progress)
+
+
+def _append(dataset: Path, source: RawSource, progress: bool) -> PreparedDataset:
     """Add the rows of ``source`` (the dataset's schema) to a prepared dataset, with its fitted vocabularies
     (new values → OOV) and normalizations and its split's cut times; the new rows come after the old ones, so
     the history index, rebuilt on load, grows and row ids already exported keep their meaning. Equal to
-    :func:`prepare` of old + new rows with ``frozen`` set to the old dataset (tested). An instance already in
-    the dataset is an error under ``duplicates: error``, else the new copy is skipped. Atomic: a crash leaves the
+    :func:`prepare` of old + new rows with ``frozen`` set to the old dataset (tested; for ``duplicates: error``
+    or ``keep_first``, and for a split by cut times: rows tied at a fractional split's boundary may move). An
+    instance already in the dataset is an error under ``duplicates: error``; otherwise the new copy is skipped
+    and the old one kept (also under ``drop``, which from scratch would drop both). Atomic: a crash leaves the
     old dataset readable."""
     from tqdm.auto import tqdm
 
@@ -616,7 +635,7 @@ def append(dataset: str | Path, source: RawSource, progress: bool = True) -> Pre
     keep, duplicates = _apply_duplicates_policy(iid_new, origins, schema)
     keep = np.ones(len(iid_new), bool) if keep is None else keep
     old_iid = np.asarray(ds.col("_instance_id"))
-    known = np.isin(iid_new, old_iid)
+    known = np.isin(iid_new, old_iid) & keep  # rows dropped as duplicates within the new rows are not counted
     if known.any():
         if schema.duplicates == "error":
             origin, row = _locate(int(np.flatnonzero(known)[0]), origins)

@@ -44,17 +44,18 @@ def encode_with_ray(
         raise ConfigError("--engine ray needs Ray: pip install 'sampletok[ray]'") from None
     tasks: list[dict[str, Any]] = []
     read, written = 0, 0
-    for path in source.paths:
+    for i, path in enumerate(source.paths):
         n = row_counts.get(str(path), 0)
         keep = source_split[read : read + n]
-        tasks.append({"path": str(path), "first": written, "split": keep})
+        # absolute paths: a worker's working directory need not be the driver's
+        tasks.append({"index": i, "path": str(path.resolve()), "first": written, "split": keep})
         read, written = read + n, written + int((keep >= 0).sum())
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, log_to_driver=False)
     state = {
         "schema": schema,
         "stats": stats,
-        "columns_dir": str(columns_dir),
+        "columns_dir": str(columns_dir.resolve()),
         "chunk_rows": source.chunk_rows,
         "delimiter": source.delimiter,
     }
@@ -65,7 +66,7 @@ def encode_with_ray(
         fn_constructor_kwargs={"state": state},
         concurrency=actors,
     )
-    results = encode.take_all()
+    results = sorted(encode.take_all(), key=lambda r: r["index"])  # the first bad file in source order
     failed = [r for r in results if r["error"]]
     if failed:  # a task's bad input: the same one-line error as the local engine's (not Ray's wrapped traceback)
         origin, message, column, row = failed[0]["error"]
@@ -88,10 +89,12 @@ class _EncodeFile:
         self.arrays = {p.stem: np.load(p, mmap_mode="r+") for p in folder.glob("*.npy")}
 
     def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
+        out = {"index": task["index"], "path": task["path"], "rows": 0, "error": None}
         try:
-            return {"path": task["path"], "rows": self._encode(task), "error": None}
+            out["rows"] = self._encode(task)
         except DataError as e:
-            return {"path": task["path"], "rows": 0, "error": [e.origin, e.message, e.column, e.row]}
+            out["error"] = [e.origin, e.message, e.column, e.row]
+        return out
 
     def _encode(self, task: dict[str, Any]) -> int:
         from sampletok.data.prepare import encode_chunk, response_and_feature_columns

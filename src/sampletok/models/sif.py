@@ -98,10 +98,10 @@ class MixerBlock(nn.Module):
         if bh == 1 and b > 1 and not self.training:  # one shared history: its keys are projected once
             new_target = tcols + self._target_over_shared(self.n2(tcols), self.n2(hcols), hmask)
         else:
-            if bh != b:  # the plain path: every target row gets its copy of the history
-                hcols, hmask = hcols.repeat(b, 1, 1), hmask.repeat(b, 1)
-            keys = torch.cat([tcols, hcols], dim=1)
-            kmask = torch.cat([hmask.new_ones(b * t, 1), hmask], dim=1)
+            # the plain path: every target row gets its copy of the history
+            hk, hm = (hcols.repeat(b, 1, 1), hmask.repeat(b, 1)) if bh != b else (hcols, hmask)
+            keys = torch.cat([tcols, hk], dim=1)
+            kmask = torch.cat([hm.new_ones(b * t, 1), hm], dim=1)
             new_target = tcols + self.sample_attn(self.n2(tcols), self.n2(keys), key_padding_mask(kmask, 1))
         target = new_target.view(b, t, 1, d).transpose(1, 2)
         target = target + self.ffn(self.n3(target))

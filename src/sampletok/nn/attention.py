@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from sampletok.errors import ConfigError
 
@@ -80,7 +81,7 @@ def attend(
     if kernel == "reference":
         return reference_attention(q, k, v, mask, dropout_p)
     b, h, lq, dh = q.shape
-    k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+    k, v = k.expand(b, -1, -1, -1).to(q.dtype), v.expand(b, -1, -1, -1).to(q.dtype)
     bias = None if mask is None else _additive(mask, q.dtype)
     out = _ShortAttention.apply(
         q.reshape(b * h, lq, dh), k.reshape(b * h, -1, dh), v.reshape(b * h, -1, dh), bias, (b, h)
@@ -113,6 +114,7 @@ class _ShortAttention(torch.autograd.Function):
     out (ds = p ∘ (dp − rowsum(do ∘ o))) so autograd keeps no intermediate beyond p and o."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")  # backward runs under the forward's autocast state
     def forward(
         ctx: Any,
         q: torch.Tensor,
@@ -133,7 +135,9 @@ class _ShortAttention(torch.autograd.Function):
         return o
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    @once_differentiable  # p and o are saved as constants: no double backward
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         q, k, v, p, o = ctx.saved_tensors
         do = grads[0].contiguous()
         dv = torch.bmm(p.transpose(1, 2), do)

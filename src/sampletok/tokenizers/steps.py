@@ -6,6 +6,7 @@ export, and opening the store a model reads. Models themselves never touch a sto
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,7 @@ def export_codes(
             "dataset": ds.fingerprint,
             "codebook_version": model.tokenizer.rvq.version(),
             "hgaq": model.cfg.model_dump(),
+            "history_fields": _history_fields(model),  # the fields a history row's codes were made from
             "export_instances_per_s": (ds.n_rows - done) / max(sec, 1e-9),
             "rows_reused": done,
         },
@@ -111,13 +113,24 @@ def export_codes(
     return store
 
 
+def _history_fields(model: SIF) -> list[str] | None:
+    keep = model.history_keep
+    names = model.layout.field_names
+    return None if keep is None else [n for n, k in zip(names, keep.tolist(), strict=True) if k]
+
+
 def _stored_codes(model: SIF, ds: PreparedDataset, path: str | Path, codes: np.ndarray) -> int:
     """Copy the codes an earlier export of the same model holds for the dataset's first rows into ``codes``;
     return how many rows they cover (0 when there is no store yet)."""
     if not (Path(path) / "CURRENT").exists():
         return 0
     old = LocalTokenStore.open(path)
-    if old.meta.get("kind") != "sif" or old.meta.get("codebook_version") != model.tokenizer.rvq.version():
+    same_model = (
+        old.meta.get("codebook_version") == model.tokenizer.rvq.version()
+        and old.meta.get("hgaq") == json.loads(json.dumps(model.cfg.model_dump()))
+        and old.meta.get("history_fields") == _history_fields(model)
+    )
+    if old.meta.get("kind") != "sif" or not same_model:
         raise StoreError(f"{path}: not codes of this model's codebooks; export without append")
     cols = old.columns()
     k = len(cols["instance_id"])

@@ -85,6 +85,11 @@ class FileSource:
         ]
         if not self.paths:
             raise DataError("<source>", "no input files given")
+        seen: set[Path] = set()
+        for p in self.paths:  # a file twice (or a folder and a file in it) would be read twice
+            if p.resolve() in seen:
+                raise DataError(str(p), "given twice")
+            seen.add(p.resolve())
         for p in self.paths:
             if not p.exists():
                 raise DataError(str(p), "file not found")
