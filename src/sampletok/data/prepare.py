@@ -20,6 +20,8 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast
@@ -437,11 +439,7 @@ def prepare(
     bar.update(1)
 
     # ---- pass 3: encode into a temporary directory, then rename into place
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "columns").mkdir(parents=True)
-    try:
+    with _staged(out_dir) as tmp:
         arrays = _open_outputs(tmp / "columns", schema, n)
         arrays["_user_key"][:] = user_key
         arrays["_ts"][:] = ts_all
@@ -461,7 +459,6 @@ def prepare(
             encode_with_ray(source, schema, stats, source_split, tmp / "columns", row_counts)
         else:
             _encode_rows(source, schema, stats, source_split, arrays, 0)
-        tr = ts_all[split_code == 0]
         manifest = {
             "key": key,
             "prep_version": PREP_VERSION,
@@ -471,19 +468,14 @@ def prepare(
             "n_rows": n,
             "n_users": n_users,
             "example_users": example_users,
-            "time_range": [int(ts_all.min()), int(ts_all.max())],
-            "train_time_range": [int(tr.min()), int(tr.max())] if len(tr) else None,
+            **_row_summary(ts_all, split_code),
             "split": split.model_dump(mode="json"),
-            "split_rows": {name: int((split_code == i).sum()) for i, name in enumerate(SPLIT_NAMES)},
             "duplicates": duplicates,
             "fields": {k: v.__dict__ for k, v in stats.items()},
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.time() - t0, 2),
         }
         _publish(tmp, arrays, manifest, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     bar.update(1)
     bar.close()
     return PreparedDataset(out_dir)
@@ -571,6 +563,31 @@ def _encode_rows(
             arrays[name][sl] = values[in_log]  # every row is checked; dropped duplicates are not written
 
 
+@contextmanager
+def _staged(out_dir: Path) -> Iterator[Path]:
+    """A fresh staging folder beside ``out_dir`` (with ``columns/``), removed if the block fails; the block
+    publishes it with :func:`_publish`."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "columns").mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _row_summary(ts: np.ndarray, split_code: np.ndarray) -> dict:
+    """The manifest's time ranges and rows per split."""
+    tr = ts[split_code == 0]
+    return {
+        "time_range": [int(ts.min()), int(ts.max())],
+        "train_time_range": [int(tr.min()), int(tr.max())] if len(tr) else None,
+        "split_rows": {name: int((split_code == i).sum()) for i, name in enumerate(SPLIT_NAMES)},
+    }
+
+
 def _publish(tmp: Path, arrays: dict[str, np.memmap], manifest: dict, out_dir: Path) -> None:
     """Flush the columns, checksum them into the manifest and move ``tmp`` into place as one rename (a crash
     before it leaves the old dataset as it was)."""
@@ -653,10 +670,7 @@ def _append(dataset: Path, source: RawSource, progress: bool) -> PreparedDataset
     source_split[keep] = split_new
     user_key = user_keys(user_new.filter(pl.Series(keep)), source.name)
     bar.update(1)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "columns").mkdir(parents=True)
-    try:
+    with _staged(out_dir) as tmp:
         arrays = _open_outputs(tmp / "columns", schema, n_old + n_new)
         for name, out in arrays.items():
             out[:n_old] = ds.col(name)
@@ -666,18 +680,13 @@ def _append(dataset: Path, source: RawSource, progress: bool) -> PreparedDataset
         arrays["_instance_id"][new] = iid_new[keep]
         arrays["_split"][new] = split_new
         _encode_rows(source, schema, ds.stats, source_split, arrays, n_old)
-        all_ts = np.asarray(arrays["_ts"])
-        all_split = np.asarray(arrays["_split"])
-        tr = all_ts[all_split == 0]
         m = dict(ds.manifest)
         m.update(
             key=hashlib.sha256(f"{ds.fingerprint}+{source.fingerprint()}".encode()).hexdigest()[:20],
             n_rows=n_old + n_new,
             n_users=int(len(np.unique(np.asarray(arrays["_user_key"])))),
-            time_range=[int(all_ts.min()), int(all_ts.max())],
-            train_time_range=[int(tr.min()), int(tr.max())] if len(tr) else None,
+            **_row_summary(np.asarray(arrays["_ts"]), np.asarray(arrays["_split"])),
             split=split.model_dump(mode="json"),
-            split_rows={name: int((all_split == i).sum()) for i, name in enumerate(SPLIT_NAMES)},
             appended=[
                 *ds.manifest.get("appended", []),
                 {
@@ -692,9 +701,6 @@ def _append(dataset: Path, source: RawSource, progress: bool) -> PreparedDataset
             ],
         )
         _publish(tmp, arrays, m, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     bar.update(1)
     bar.close()
     return PreparedDataset(out_dir)
