@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=0, help="training steps to profile (0: one epoch)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--blocks", type=int, default=2, help="mixer blocks N")
+    ap.add_argument("--fields-per-token", type=int, default=4, help="HGAQ's B")
+    ap.add_argument("--code-cache-steps", type=int, default=0, help="SIF's code cache (0: off)")
     ap.add_argument("--prepared", default="runs/profile-sif/prepared")
     a = ap.parse_args()
 
@@ -52,9 +55,10 @@ def main() -> None:
     model = build_model(
         "sif",
         FeatureLayout.from_dataset(ds),
-        hgaq={"fields_per_token": 4},
+        hgaq={"fields_per_token": a.fields_per_token},
         width=32,
-        blocks=2,
+        blocks=a.blocks,
+        code_cache_steps=a.code_cache_steps,
         heads=4,
     )
     loader = BatchLoader(ds, ds.rows("train"), a.batch_size, hist_len=a.hist_len, shuffle=True, history_samples=True)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sampletok.data.batches import BatchLoader, TokenSource
-from sampletok.errors import StoreError
+from sampletok.errors import ConfigError, StoreError
 from sampletok.features import FeatureLayout
 from sampletok.models import build_model
 from sampletok.models.sif import MixerBlock
@@ -327,3 +327,77 @@ def test_trimming_keeps_every_valid_position_even_with_gaps(synth_prepared):
     assert torch.equal(trimmed.hist_rows, batch.hist_rows[:, 3:])
     empty = BatchLoader(synth_prepared, rows, 4, hist_len=8).build(rows[:0])
     assert empty.trimmed_history() is empty
+
+
+def _cached_model(synth_prepared, steps: int):
+    torch.manual_seed(0)
+    return build_model("sif", FeatureLayout.from_dataset(synth_prepared), **SMALL, code_cache_steps=steps).train()
+
+
+def test_code_cache_quantizes_a_row_once_per_refresh_period(synth_prepared):
+    model = _cached_model(synth_prepared, steps=3)
+    rows = synth_prepared.rows("train")[-128:]
+    samples = BatchLoader(synth_prepared, rows, 128, hist_len=12, history_samples=True).build(rows).history_samples
+    tok = model.tokenizer
+
+    def fresh_codes() -> torch.Tensor:  # the codes of the current projection and codebooks
+        with torch.no_grad():
+            return tok.rvq.encode(tok.project(samples))
+
+    model(BatchLoader(synth_prepared, rows, 128, hist_len=12, history_samples=True).build(rows))  # initializes
+    first = fresh_codes()
+    torch.testing.assert_close(model._cached_history(samples), tok.rvq.decode(model._cache_codes[samples.rows]))
+    assert torch.equal(model._cache_codes[samples.rows], first)  # step 2 encoded nothing
+    with torch.no_grad():  # the projection learns: the cached codes go stale
+        tok.proj.add_(torch.randn_like(tok.proj))
+    moved = fresh_codes()
+    assert not torch.equal(moved, first)
+    model._cached_history(samples)  # step 3: still within the period, the old codes stay
+    assert torch.equal(model._cache_codes[samples.rows], first)
+    model._cached_history(samples)  # step 4: three steps after step 1, every row is quantized again
+    assert torch.equal(model._cache_codes[samples.rows], moved)
+    # the decoded history is the current codebooks' vectors of the cached codes
+    torch.testing.assert_close(model._cached_history(samples), tok.rvq.decode(moved))
+    model.eval()
+    model.train()  # a new epoch starts from an empty cache
+    assert model._cache_codes is None and model._cache_clock == 0
+
+
+def test_code_cache_reads_fresh_codes_at_an_epoch_start(synth_prepared):
+    """The first step after train() reads codes equal to on-the-fly quantization's, and the scores equal the
+    reference path's in value (only the gradients and EMA feeds differ)."""
+    rows = synth_prepared.rows("train")[-128:]
+    batch = BatchLoader(synth_prepared, rows, 128, hist_len=12, history_samples=True).build(rows)
+    cached = _cached_model(synth_prepared, steps=5)
+    cached.eval()  # initialize the codebooks once, then freeze them (EMA updates would move them mid-forward)
+    cached.tokenizer.rvq.initialized.fill_(True)
+    cached.tokenizer.rvq.cfg = cached.tokenizer.rvq.cfg.model_copy(update={"ema_decay": 1.0, "dead_threshold": 0.0})
+    reference = _cached_model(synth_prepared, steps=0)
+    reference.load_state_dict(cached.state_dict())
+    reference.tokenizer.rvq.cfg = cached.tokenizer.rvq.cfg
+    torch.manual_seed(1)
+    got = cached.train()(batch)
+    torch.manual_seed(1)
+    want = reference.train()(batch)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+    assert set(got.aux_losses) == set(want.aux_losses)  # the label head reads the request rows instead
+
+
+def test_code_cache_trains_projection_and_label_head_from_the_request_rows(synth_prepared):
+    model = _cached_model(synth_prepared, steps=100)
+    rows = synth_prepared.rows("train")[-128:]
+    out = model(BatchLoader(synth_prepared, rows, 128, hist_len=12, history_samples=True).build(rows))
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, out.logits.detach().sigmoid())
+    (loss + sum(out.aux_losses.values())).backward()
+    tok = model.tokenizer
+    assert tok.proj.grad is not None and tok.proj.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tok.aux_head.parameters())
+
+
+def test_code_cache_needs_quantized_history(synth_prepared):
+    with pytest.raises(ConfigError, match="code_cache_steps"):
+        build_model(
+            "sif", FeatureLayout.from_dataset(synth_prepared), **SMALL, code_cache_steps=5, quantize_history=False
+        )
+    with pytest.raises(ConfigError, match="code_cache_steps"):
+        build_model("sif", FeatureLayout.from_dataset(synth_prepared), **SMALL, code_cache_steps=-1)

@@ -155,6 +155,7 @@ class SIF(RankingModel):
         history_fields: list[str] | None = None,
         quantize_history: bool = True,
         isolate_target: bool = False,
+        code_cache_steps: int = 0,
     ):
         super().__init__(layout)
         self.cfg = validated(HGAQConfig, {} if hgaq is None else hgaq, prefix="hgaq.")
@@ -189,6 +190,24 @@ class SIF(RankingModel):
         self.head = MLP(width, list(hidden), out_dim=self.n_tasks)
         self.vq_weight, self.align_weight, self.store_path = vq_weight, align_weight, store
         self.target_only_last = True  # False: every block computes every row (the reference; tests compare)
+        # training lever: a past row is read as history by up to L later requests; with a cache its codes are
+        # computed once per ``code_cache_steps`` steps (and at each epoch's start) instead of at every read.
+        # 0 = the reference: every history row quantized on every read, with gradients and EMA updates.
+        if code_cache_steps < 0:
+            raise ConfigError(f"code_cache_steps must be >= 0 (0: no cache), got {code_cache_steps}")
+        if code_cache_steps and not quantize_history:
+            raise ConfigError("code_cache_steps needs quantize_history: a dense history has no codes to cache")
+        self.code_cache_steps = code_cache_steps
+        # plain attributes, not buffers: per process (DDP must not broadcast them) and never checkpointed
+        self._cache_codes: torch.Tensor | None = None  # [R, T, M] codes of dataset row r
+        self._cache_step: torch.Tensor | None = None  # [R] the training step that computed them
+        self._cache_clock = 0  # training steps seen since the cache was last cleared
+
+    def train(self, mode: bool = True) -> SIF:
+        if mode:  # each epoch (each return to training) starts from codes of the current codebooks
+            self._cache_codes = self._cache_step = None
+            self._cache_clock = 0
+        return super().train(mode)
 
     @property
     def reads_history_samples(self) -> bool:
@@ -227,12 +246,41 @@ class SIF(RankingModel):
             raise ConfigError(
                 "SIF reads whole past samples: build its batches with BatchLoader(..., history_samples=True)"
             )
-        if self.quantize_history:
+        if self.quantize_history and self.code_cache_steps and self.training and eager:
+            q, losses = self._cached_history(samples), {}
+        elif self.quantize_history:
             q, _, losses = self.tokenizer(samples, self.history_keep)
         else:
             q, losses = self.tokenizer.project(samples, self.history_keep), {}
         # a gather, not a masked assignment (no data-dependent shape): index -1 (padding) reads the zero row
         return torch.cat([q.new_zeros(1, *q.shape[1:]), q])[index + 1], labels, losses
+
+    @torch.no_grad()
+    def _cached_history(self, samples: Batch) -> torch.Tensor:
+        """[n, T, d0] decoded codes of the batch's distinct history rows from the code cache: only rows whose
+        codes are ``code_cache_steps`` or more training steps old are quantized again (without gradient: the
+        projection and codebooks learn from the request rows, whose quantization feeds the EMA and the
+        auxiliary label head)."""
+        rows = samples.rows
+        self._cache_clock += 1
+        if not len(rows):
+            return samples.num.new_zeros(0, self.tokenizer.n_tokens, self.cfg.d0)
+        need = int(rows.max()) + 1
+        codes, step = self._cache_codes, self._cache_step
+        if codes is None or step is None or codes.device != rows.device or len(codes) < need:
+            size = max(need, 2 * len(codes) if codes is not None else 0)  # doubling: O(R) copies in all
+            grown = torch.zeros(size, self.tokenizer.n_tokens, self.cfg.levels, dtype=torch.long, device=rows.device)
+            grown_step = torch.full((size,), -(2**62), dtype=torch.long, device=rows.device)
+            if codes is not None and step is not None and codes.device == rows.device:
+                grown[: len(codes)], grown_step[: len(step)] = codes, step
+            codes, step = self._cache_codes, self._cache_step = grown, grown_step
+        stale = step[rows] <= self._cache_clock - self.code_cache_steps  # computed k or more steps ago
+        if bool(stale.any()):
+            x = self.tokenizer.project(samples, self.history_keep)[stale]
+            fresh = rows[stale]
+            codes[fresh] = self.tokenizer.rvq.encode(x)
+            step[fresh] = self._cache_clock
+        return self.tokenizer.rvq.decode(codes[rows])
 
     def forward(self, batch: Batch) -> ModelOutput:
         if not torch.compiler.is_compiling():  # padding-only history positions change nothing here: drop them
@@ -241,13 +289,19 @@ class SIF(RankingModel):
         target = torch.einsum("btd,tde->bte", x, self.align)
         # one history for all rows (one request's candidates): an isolated history pass runs once
         hb = _first_history(batch) if batch.shared_history and self.isolate_target else batch
+        cached = self.training and self.code_cache_steps > 0
+        if cached:  # the request rows first: the first step's data init and each EMA step precede cached codes
+            q_target, _, vq = self.tokenizer.rvq(x)
         hist, hist_labels, losses = self._history(hb)
         aux: dict[str, torch.Tensor] = {}
         if self.training:
-            q_target, _, vq = self.tokenizer.rvq(x)
+            if not cached:
+                q_target, _, vq = self.tokenizer.rvq(x)
             aux["align"] = self.align_weight * (target - q_target.detach()).pow(2).mean()
             for k, v in vq.items():
                 losses[k] = losses.get(k, 0) + v
+            if cached:  # cached history codes carry no loss: the label-shaping head reads the request rows
+                losses["aux_label"] = self.tokenizer.aux_label_loss(q_target, batch.labels)
             aux.update({f"vq_{k}": self.vq_weight * v for k, v in losses.items() if k != "aux_label"})
             if "aux_label" in losses:
                 aux["aux_label"] = losses["aux_label"]

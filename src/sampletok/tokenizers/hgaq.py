@@ -343,9 +343,13 @@ class SampleTokenizer(nn.Module):
         """(quantized [N, T, d0], codes [N, T, M], losses incl. the auxiliary label loss)."""
         x = self.project(batch, keep)
         q, codes, losses = self.rvq(x)
-        aux = F.binary_cross_entropy_with_logits(self.aux_head(q.flatten(1)), batch.labels)
-        losses["aux_label"] = self.cfg.aux_weight * aux
+        losses["aux_label"] = self.aux_label_loss(q, batch.labels)
         return q, codes, losses
+
+    def aux_label_loss(self, q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The weighted auxiliary loss that shapes the codebooks by the label: the sample's own labels
+        predicted from its quantized sub-tokens q [N, T, d0]."""
+        return self.cfg.aux_weight * F.binary_cross_entropy_with_logits(self.aux_head(q.flatten(1)), labels)
 
     @torch.no_grad()
     def encode(self, batch: Batch, keep: torch.Tensor | None = None) -> np.ndarray:
