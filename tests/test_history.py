@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -69,3 +70,38 @@ def test_loaders_over_one_dataset_share_one_stacked_copy(synth_prepared):
     assert not a._cat.flags.writeable
     rows = synth_prepared.rows("test")[:16]
     np.testing.assert_array_equal(a.build(rows).cat.numpy(), b.build(rows).cat.numpy())
+
+
+def test_a_memory_mapped_dataset_stacks_its_columns_on_disk(synth_prepared, monkeypatch, tmp_path):
+    """A memory-mapped dataset's loader gathers from stacked files written once under the dataset folder
+    (chunk by chunk, published whole), and builds the same batches as the in-memory dataset."""
+    import dataclasses
+    import shutil
+
+    from sampletok.data import batches
+    from sampletok.data.batches import BatchLoader
+    from sampletok.data.prepare import PreparedDataset
+
+    monkeypatch.setattr(batches, "STACK_CHUNK_ROWS", 1000)  # several chunks, the last one partial
+    root = tmp_path / "ds"
+    shutil.copytree(synth_prepared.root, root)
+    mapped = PreparedDataset(root)
+    assert mapped.n_rows % 1000 and mapped.n_rows > 2000
+    loader = BatchLoader(mapped, mapped.rows("train"), 64, hist_len=6, history_samples=True)
+    assert isinstance(loader._cat, np.memmap) and isinstance(loader._seq_multi, np.memmap)
+    (folder,) = (root / "stacked").iterdir()
+    assert (folder / "complete").exists()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+    rows = np.r_[mapped.rows("train")[:40], mapped.rows("test")[-40:]]
+    want = BatchLoader(synth_prepared, rows, 64, hist_len=6, history_samples=True).build(rows)
+    got = loader.build(rows)
+    for f in dataclasses.fields(got):
+        a, b = getattr(got, f.name), getattr(want, f.name)
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f.name)
+    for f in ("cat", "multi", "num", "hist_cat", "hist_multi"):
+        assert torch.equal(getattr(got.history_samples, f), getattr(want.history_samples, f)), f
+    # a second process (a new dataset object) reads the published files instead of writing them again
+    stamp = (folder / "cat.npy").stat().st_mtime_ns
+    BatchLoader(PreparedDataset(root), rows, 64, hist_len=6)
+    assert (folder / "cat.npy").stat().st_mtime_ns == stamp

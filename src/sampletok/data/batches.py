@@ -8,8 +8,12 @@ no per-sample Python.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -209,9 +213,17 @@ def history_index(ds: PreparedDataset) -> HistoryIndex:
     return cached
 
 
+STACK_CHUNK_ROWS = 1 << 20  # rows copied at a time when stacking: bounded memory at any dataset size
+
+
 def _stacked_columns(ds: PreparedDataset, lay: FeatureLayout) -> dict[str, np.ndarray]:
     """The column matrices a loader gathers from: one gather per batch instead of one per field. Built once per
-    dataset and layout (cached on the dataset object): a run's train, valid and test loaders share them."""
+    dataset and layout (cached on the dataset object): a run's train, valid and test loaders share them.
+
+    A dataset in memory (``load_into_memory``) gets them in RAM. A memory-mapped one gets them as ``.npy`` files
+    under ``<dataset>/stacked/<layout hash>/``, written once (chunk by chunk, published with one rename) and
+    memory-mapped: a loader's private memory stays small at any number of rows, the pages being the kernel's
+    file cache, which it drops under pressure and reads again."""
     key = (
         tuple(f.name for f in lay.cat_fields),
         tuple(f.name for f in lay.num_fields),
@@ -226,33 +238,77 @@ def _stacked_columns(ds: PreparedDataset, lay: FeatureLayout) -> dict[str, np.nd
     if key in cache:
         return cache[key]
     n = ds.n_rows
-    cat = _stack([ds.col(f"cat__{f.name}") for f in lay.cat_fields], (n, 0), np.int32)
-    num = _stack([ds.col(f"num__{f.name}") for f in lay.num_fields], (n, 0), np.float32)
-    multi = np.zeros((n, len(lay.multi_fields), lay.multi_len), dtype=np.int32)
-    for i, f in enumerate(lay.multi_fields):
-        m = np.asarray(ds.col(f"multi__{f.name}"))
-        multi[:, i, : m.shape[1]] = m
     seq_cat_idx, seq_multi_idx = lay.sequence_positions()
-    out = {
-        "cat": cat,
-        "num": num,
-        "multi": multi,
-        "labels": _stack([ds.col(f"label__{l}") for l in lay.task_labels], (n, 0), np.float32),
-        "responses": _stack([ds.response_column(r) for r in lay.responses], (n, 0), np.float32),
-        # the sequence fields alone, plus an all-padding row n that empty history positions point at: one
-        # gather per batch builds the history, with no per-field selection or masking pass
-        "seq_cat": np.concatenate([cat[:, seq_cat_idx], np.zeros((1, len(seq_cat_idx)), np.int32)]),
-        "seq_multi": np.concatenate(
-            [multi[:, seq_multi_idx], np.zeros((1, len(seq_multi_idx), lay.multi_len), np.int32)]
-        ),
+    i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
+    # the sequence matrices have an all-padding row n that empty history positions point at: one gather per
+    # batch builds the history, with no per-field selection or masking pass
+    layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {
+        "cat": ((n, len(lay.cat_fields)), i32),
+        "num": ((n, len(lay.num_fields)), f32),
+        "multi": ((n, len(lay.multi_fields), lay.multi_len), i32),
+        "labels": ((n, len(lay.task_labels)), f32),
+        "responses": ((n, len(lay.responses)), f32),
+        "seq_cat": ((n + 1, len(seq_cat_idx)), i32),
+        "seq_multi": ((n + 1, len(seq_multi_idx), lay.multi_len), i32),
     }
+    out: dict[str, np.ndarray] | None = None
+    if isinstance(ds.col("_ts"), np.memmap):
+        digest = hashlib.sha256(repr((key, ds.fingerprint, n)).encode()).hexdigest()[:16]
+        try:
+            out = _stacked_on_disk(ds, lay, layout, ds.root / "stacked" / digest)
+        except PermissionError:  # a read-only dataset folder: stack in RAM
+            out = None
+    if out is None:
+        out = {name: np.zeros(shape, dtype) for name, (shape, dtype) in layout.items()}
+        _fill_stacked(ds, lay, out)
     for a in out.values():
         a.flags.writeable = False  # shared: a loader never writes into them
     cache[key] = out
     return out
 
 
-def _stack(cols: list[np.ndarray], empty_shape: tuple[int, int], dtype) -> np.ndarray:
-    if not cols:
-        return np.zeros(empty_shape, dtype=dtype)
-    return np.stack([np.asarray(c, dtype=dtype) for c in cols], axis=1)
+def _stacked_on_disk(
+    ds: PreparedDataset, lay: FeatureLayout, layout: dict[str, tuple[tuple[int, ...], np.dtype]], folder: Path
+) -> dict[str, np.ndarray]:
+    if not (folder / "complete").exists():
+        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        arrays: dict[str, np.memmap] = {
+            name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+            for name, (shape, dtype) in layout.items()
+        }
+        _fill_stacked(ds, lay, arrays)
+        for a in arrays.values():
+            a.flush()
+        del arrays
+        (tmp / "complete").touch()
+        try:
+            tmp.rename(folder)  # atomic; a concurrent loader that published first wins
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in layout}
+
+
+def _fill_stacked(ds: PreparedDataset, lay: FeatureLayout, out: Mapping[str, np.ndarray]) -> None:
+    """Copy the dataset's columns into the stacked matrices, ``STACK_CHUNK_ROWS`` rows at a time (the new
+    matrices start zeroed: padding codes, and the padding row n)."""
+    seq_cat_idx, seq_multi_idx = lay.sequence_positions()
+    labels = [ds.col(f"label__{name}") for name in lay.task_labels]
+    responses = [ds.response_column(r) for r in lay.responses]
+    for start in range(0, ds.n_rows, STACK_CHUNK_ROWS):  # a loop over chunks of a million rows, not rows
+        rows = slice(start, min(start + STACK_CHUNK_ROWS, ds.n_rows))
+        cat, multi = out["cat"][rows], out["multi"][rows]  # views: written in place
+        for i, f in enumerate(lay.cat_fields):
+            cat[:, i] = ds.col(f"cat__{f.name}")[rows]
+        for i, f in enumerate(lay.num_fields):
+            out["num"][rows, i] = ds.col(f"num__{f.name}")[rows]
+        for i, f in enumerate(lay.multi_fields):
+            m = ds.col(f"multi__{f.name}")[rows]
+            multi[:, i, : m.shape[1]] = m
+        for i, c in enumerate(labels):
+            out["labels"][rows, i] = c[rows]
+        for i, c in enumerate(responses):
+            out["responses"][rows, i] = c[rows]
+        out["seq_cat"][rows] = cat[:, seq_cat_idx]
+        out["seq_multi"][rows] = multi[:, seq_multi_idx]
