@@ -6,10 +6,10 @@ Run: python benchmarks/bench_scale.py --rows 50_000_000 [--steps 100] [--dir run
 Phases: ``prepare`` (generate + the 3 passes; rows/s), then ``train din`` (history 50) and ``train sif``
 (history 20): loader, history index and model built from the prepared folder (memory-mapped columns), then
 ``--steps`` training steps of batch 1024 (samples/s over the timed steps after 3 warm-up steps). Memory per
-phase: peak RSS (``ru_maxrss``: every page the process touched, file-backed ones included) and, at the
-phase's end, the private memory (``RssAnon``, what the process needs) and the file pages it maps
-(``RssFile``: memory-mapped columns the kernel can drop and read again). Targets of the scale issue: prepare
-≤ 1 GiB, training ≤ 4 GiB at 50M rows on the 24 GiB machine.
+phase: peak RSS (``ru_maxrss``: every page the process touched, file-backed ones included), the peak of the
+private memory (``RssAnon`` sampled every 50 ms: what the process needs) and, at the phase's end, the file
+pages it maps (``RssFile``: memory-mapped columns, which the kernel drops under pressure and reads again).
+Targets of the scale issue: prepare ≤ 1 GiB, training ≤ 4 GiB at 50M rows on the 24 GiB machine.
 """
 
 from __future__ import annotations
@@ -19,23 +19,42 @@ import json
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 GIB = 1024**3
 
 
-def _memory() -> dict[str, float]:
-    """Peak RSS and current anonymous / file-backed RSS of this process, in MiB."""
-    status = dict(
-        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("Rss")
-    )
-    kib = {k: int(v.split()[0]) for k, v in status.items()}
-    return {
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "anon_mib": kib.get("RssAnon", 0) / 1024,
-        "file_mib": kib.get("RssFile", 0) / 1024,
-    }
+def _rss_kib() -> dict[str, int]:
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return {k: int(v.split()[0]) for k, v in (x.split(":", 1) for x in lines if x.startswith("Rss"))}
+
+
+class _PeakPrivate:
+    """The peak of this process's private memory (RssAnon), sampled every 50 ms by a thread: the kernel keeps
+    a peak of the whole RSS only, which counts the file pages of memory-mapped columns too."""
+
+    def __init__(self) -> None:
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak_kib = max(self.peak_kib, _rss_kib().get("RssAnon", 0))
+
+    def memory(self) -> dict[str, float]:
+        """Peak RSS, peak private memory and the current file-backed RSS, in MiB."""
+        self._stop.set()
+        self._thread.join()
+        kib = _rss_kib()
+        return {
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "anon_mib": max(self.peak_kib, kib.get("RssAnon", 0)) / 1024,
+            "file_mib": kib.get("RssFile", 0) / 1024,
+        }
 
 
 def _source(rows: int, fields: int):
@@ -61,7 +80,6 @@ def phase_prepare(a: argparse.Namespace) -> dict:
         "seconds": sec,
         "rows_per_s": ds.n_rows / sec,
         "bytes_per_row": size / ds.n_rows,
-        **_memory(),
     }
 
 
@@ -106,7 +124,6 @@ def phase_train(a: argparse.Namespace) -> dict:
         "train_rows": len(loader.rows),
         "setup_s": setup,
         "samples_per_s": n / (time.perf_counter() - start),
-        **_memory(),
     }
 
 
@@ -122,7 +139,9 @@ def main() -> None:
     ap.add_argument("--skip-prepare", action="store_true", help="reuse the prepared folder under --dir")
     a = ap.parse_args()
     if a.phase:  # a child: one phase, its figures as one JSON line
+        sampler = _PeakPrivate()
         result = phase_prepare(a) if a.phase == "prepare" else phase_train(a)
+        result.update(sampler.memory())
         print("RESULT " + json.dumps(result), flush=True)
         return
     a.dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +158,7 @@ def main() -> None:
             raise SystemExit(f"phase {' '.join(extra)} failed (exit {proc.returncode})")
         results.append(json.loads(lines[-1][len("RESULT ") :]))
     print(f"\n### Scale: {a.rows:,} rows × {a.fields} fields, {a.threads} threads\n")
-    print("| phase | rows/s or samples/s | peak RSS (MiB) | private at end (MiB) | file pages at end (MiB) | notes |")
+    print("| phase | rows/s or samples/s | peak RSS (MiB) | peak private (MiB) | file pages at end (MiB) | notes |")
     print("|---|---|---|---|---|---|")
     for r in results:
         mem = f"{r['peak_rss_mib']:,.0f} | {r['anon_mib']:,.0f} | {r['file_mib']:,.0f}"

@@ -197,12 +197,12 @@ def train(
     """Train one model on a prepared dataset; writes checkpoint.pt, model.pt and result.json. Under
     `torchrun --nproc-per-node N -m sampletok.cli train ...` it trains data-parallel (DDP)."""
     from sampletok import distributed
-    from sampletok.data.prepare import PreparedDataset
+    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.train.experiment import ModelSpec, run_model
 
     distributed.init()
     cfg = _train_config(max_epochs=epochs, batch_size=batch_size, lr=lr, device=device, hist_len=hist_len)
-    ds = PreparedDataset(data).load_into_memory()
+    ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
     r = run_model(ds, ModelSpec(name=model, params=_parse_params(param)), cfg, seed, run_dir=out, resume=not restart)
     if not distributed.is_main():
         return
@@ -221,13 +221,13 @@ def evaluate(
     seen_users_only: bool = typer.Option(False, help="only rows of users seen in training"),
 ):
     """Evaluate a trained model on a split: AUC, GAUC, LogLoss."""
-    from sampletok.data.prepare import PreparedDataset
+    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.train.experiment import load_trained
     from sampletok.train.trainer import evaluate as do_eval
 
     if split not in ("train", "valid", "test"):
         raise ConfigError(f"--split: '{split}' is not one of train, valid, test")
-    ds = PreparedDataset(data).load_into_memory()
+    ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
     trained = load_trained(ds, run)
     m = do_eval(trained.model, trained.loader(ds, ds.rows(split, seen_users_only)), progress=True)
     console.print(json.dumps(m, indent=1))
@@ -337,10 +337,10 @@ def iat_build(
 ):
     """Train a source model and export every instance's token, time-causally by default (fold k's tokens from
     the state trained on earlier folds only; `-p export_order=in_sample` for the leaky ablation)."""
-    from sampletok.data.prepare import PreparedDataset
+    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.tokenizers.iat import build_store, source_model_path
 
-    ds = PreparedDataset(data).load_into_memory()
+    ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
     cfg = _source_config(scheme, _parse_params(param))
     st = build_store(ds, cfg, seed, store)
     console.print(
@@ -376,10 +376,10 @@ def iat_fit_source(
     time-causal store downstream training should read is `iat build`'s)."""
     import torch
 
-    from sampletok.data.prepare import PreparedDataset
+    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.tokenizers.iat import train_source
 
-    ds = PreparedDataset(data).load_into_memory()
+    ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
     cfg = _source_config(scheme, _parse_params(param)).model_copy(update={"export_order": "in_sample"})
     model = train_source(ds, cfg, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -397,11 +397,11 @@ def iat_export(
     """Embed every instance with one source model (in-sample: training-window tokens come from parameters that
     saw later labels; use `iat build` for the causal store) and write the tokens (+ labels) to a token store."""
 
-    from sampletok.data.prepare import PreparedDataset
+    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.features import FeatureLayout
     from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, export_to_store
 
-    ds = PreparedDataset(data).load_into_memory()
+    ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
     saved = load_torch_dict(
         model,
         {"config", "state_dict", "dataset"},
@@ -442,10 +442,10 @@ def sif_fit(
     seed: int = typer.Option(2021),
 ):
     """Jointly train the HGAQ tokenizer and the SIF-Mixer (history quantized on the fly)."""
-    from sampletok.data.prepare import PreparedDataset
+    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.train.experiment import ModelSpec, run_model
 
-    ds = PreparedDataset(data).load_into_memory()
+    ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
     cfg = _train_config(max_epochs=epochs, hist_len=hist_len)
     r = run_model(ds, ModelSpec(name="sif", params=_parse_params(param)), cfg, seed, run_dir=out)
     console.print(f"sif: test AUC {r['test']['auc']:.4f} GAUC {r['test']['gauc']:.4f} → {out}")
@@ -458,12 +458,12 @@ def sif_export(
     store: Path = typer.Option(..., help="token store directory to (re)write"),
 ):
     """Frozen export of every instance's HGAQ codes (uint8 T × M) to a token store."""
-    from sampletok.data.prepare import PreparedDataset
+    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.models.sif import SIF
     from sampletok.tokenizers.steps import export_codes
     from sampletok.train.experiment import load_trained
 
-    ds = PreparedDataset(data).load_into_memory()
+    ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
     model = load_trained(ds, run).model
     if not isinstance(model, SIF):
         raise ConfigError(

@@ -235,6 +235,9 @@ def user_keys(raw: pl.Series, origin: str = "request") -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- the dataset
+IN_MEMORY_MAX_ROWS = 20_000_000  # training runs load a dataset up to this size into RAM, memory-map larger ones
+
+
 class PreparedDataset:
     """A prepared, memory-mapped dataset directory.
 
@@ -268,8 +271,11 @@ class PreparedDataset:
             self._cols[name] = np.load(self.root / "columns" / f"{name}.npy", mmap_mode="r")
         return self._cols[name]
 
-    def load_into_memory(self) -> PreparedDataset:
-        """Replace memory maps by RAM arrays (faster random gathers for small datasets)."""
+    def load_into_memory(self, max_rows: int | None = None) -> PreparedDataset:
+        """Replace memory maps by RAM arrays (faster random gathers for small datasets); a dataset of more than
+        ``max_rows`` rows stays memory-mapped (its loaders then stack their columns in files, not in RAM)."""
+        if max_rows is not None and self.n_rows > max_rows:
+            return self
         for name in self.manifest["columns"]:
             self._cols[name] = np.ascontiguousarray(self.col(name))
         return self
@@ -415,31 +421,28 @@ def prepare(
     t0 = time.time()
     bar = tqdm(desc=f"prepare {schema.name}", unit="pass", total=3, disable=None if progress else True)
 
-    # ---- pass 1: keys
-    ts_all, iid_all, user_all, origins = _read_keys(source, schema)
-    keep, duplicates = _apply_duplicates_policy(iid_all, origins, schema)
-    if keep is not None:
-        ts_all, iid_all, user_all = ts_all[keep], iid_all[keep], user_all.filter(pl.Series(keep))
-    n = len(ts_all)
-    user_key = user_keys(user_all, source.name)
-    split_code = assign_splits(ts_all, split)
-    # split per source row (-1: a dropped duplicate), so passes 2 and 3 read the source as it is
-    source_split = split_code
-    if keep is not None:
-        source_split = np.full(len(keep), -1, np.int8)
-        source_split[keep] = split_code
-    n_users = len(np.unique(user_key))
-    # a few raw ids of users with the most events (only their hashes are kept otherwise): `serve`'s example
-    example_users = user_all.value_counts(sort=True).head(3).get_column(user_all.name).cast(pl.Utf8).to_list()
-    del user_all
-    bar.update(1)
-
-    # ---- pass 2: fit on the training window (or take the frozen dataset's fit)
-    stats = _fit(source, schema, source_split, split_code) if frozen is None else dict(frozen.stats)
-    bar.update(1)
-
-    # ---- pass 3: encode into a temporary directory, then rename into place
     with _staged(out_dir) as tmp:
+        # ---- pass 1: keys, streamed to files in the staging folder
+        keys = _read_keys(source, schema, tmp / "keys")
+        origins = keys.origins
+        keep, duplicates = _apply_duplicates_policy(keys.instance_id, origins, schema)
+        ts_all, iid_all, user_key = keys.kept(keep)
+        n = len(ts_all)
+        split_code = assign_splits(ts_all, split)
+        # split per source row (-1: a dropped duplicate), so passes 2 and 3 read the source as it is
+        source_split = split_code
+        if keep is not None:
+            source_split = np.full(len(keep), -1, np.int8)
+            source_split[keep] = split_code
+        n_users = len(np.unique(user_key))
+        example_users = keys.example_users()
+        bar.update(1)
+
+        # ---- pass 2: fit on the training window (or take the frozen dataset's fit)
+        stats = _fit(source, schema, source_split, split_code) if frozen is None else dict(frozen.stats)
+        bar.update(1)
+
+        # ---- pass 3: encode into the staging folder, then rename it into place
         arrays = _open_outputs(tmp / "columns", schema, n)
         arrays["_user_key"][:] = user_key
         arrays["_ts"][:] = ts_all
@@ -475,6 +478,8 @@ def prepare(
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.time() - t0, 2),
         }
+        del keys, ts_all, iid_all, user_key
+        shutil.rmtree(tmp / "keys")  # pass 1's files: copied into the columns
         _publish(tmp, arrays, manifest, out_dir)
     bar.update(1)
     bar.close()
@@ -580,10 +585,22 @@ def _staged(out_dir: Path) -> Iterator[Path]:
 
 def _row_summary(ts: np.ndarray, split_code: np.ndarray) -> dict:
     """The manifest's time ranges and rows per split."""
-    tr = ts[split_code == 0]
+    lo: int | None = None
+    hi: int | None = None
+    tr_lo: int | None = None
+    tr_hi: int | None = None
+    step = 1 << 22  # chunks: no copy of the columns (they may be memory-mapped files)
+    for i in range(0, len(ts), step):
+        t, train = np.asarray(ts[i : i + step]), np.asarray(split_code[i : i + step]) == 0
+        lo = int(t.min()) if lo is None else min(lo, int(t.min()))
+        hi = int(t.max()) if hi is None else max(hi, int(t.max()))
+        if train.any():
+            tt = t[train]
+            tr_lo = int(tt.min()) if tr_lo is None else min(tr_lo, int(tt.min()))
+            tr_hi = int(tt.max()) if tr_hi is None else max(tr_hi, int(tt.max()))
     return {
-        "time_range": [int(ts.min()), int(ts.max())],
-        "train_time_range": [int(tr.min()), int(tr.max())] if len(tr) else None,
+        "time_range": [lo, hi],
+        "train_time_range": [tr_lo, tr_hi] if tr_lo is not None else None,
         "split_rows": {name: int((split_code == i).sum()) for i, name in enumerate(SPLIT_NAMES)},
     }
 
@@ -648,37 +665,40 @@ def _append(dataset: Path, source: RawSource, progress: bool) -> PreparedDataset
         raise DataError(str(out_dir), "prepared by another version of sampletok: prepare it again before appending")
     _check_columns(source, schema)
     bar = tqdm(desc=f"append to {schema.name}", unit="pass", total=2, disable=None if progress else True)
-    ts_new, iid_new, user_new, origins = _read_keys(source, schema)
-    keep, duplicates = _apply_duplicates_policy(iid_new, origins, schema)
-    keep = np.ones(len(iid_new), bool) if keep is None else keep
-    old_iid = np.asarray(ds.col("_instance_id"))
-    known = np.isin(iid_new, old_iid) & keep  # rows dropped as duplicates within the new rows are not counted
-    if known.any():
-        if schema.duplicates == "error":
-            origin, row = _locate(int(np.flatnonzero(known)[0]), origins)
-            raise DataError(
-                origin,
-                "instance already in the prepared dataset (set duplicates: keep_first to skip such rows)",
-                schema.instance_id or "(derived instance id)",
-                row,
-            )
-        keep &= ~known
-    n_old, n_new = ds.n_rows, int(keep.sum())
-    split = split_cut_times(ds)
-    split_new = assign_splits(ts_new[keep], split)
-    source_split = np.full(len(keep), -1, np.int8)
-    source_split[keep] = split_new
-    user_key = user_keys(user_new.filter(pl.Series(keep)), source.name)
-    bar.update(1)
     with _staged(out_dir) as tmp:
+        keys = _read_keys(source, schema, tmp / "keys")
+        origins = keys.origins
+        keep, duplicates = _apply_duplicates_policy(keys.instance_id, origins, schema)
+        keep = np.ones(len(keys.instance_id), bool) if keep is None else keep
+        old_iid = np.asarray(ds.col("_instance_id"))
+        known = np.isin(keys.instance_id, old_iid) & keep  # rows dropped as duplicates within the new rows: not counted
+        if known.any():
+            if schema.duplicates == "error":
+                origin, row = _locate(int(np.flatnonzero(known)[0]), origins)
+                raise DataError(
+                    origin,
+                    "instance already in the prepared dataset (set duplicates: keep_first to skip such rows)",
+                    schema.instance_id or "(derived instance id)",
+                    row,
+                )
+            keep &= ~known
+        ts_new, iid_new, user_key = keys.kept(keep)
+        n_old, n_new = ds.n_rows, int(keep.sum())
+        split = split_cut_times(ds)
+        split_new = assign_splits(ts_new, split)
+        source_split = np.full(len(keep), -1, np.int8)
+        source_split[keep] = split_new
+        bar.update(1)
         arrays = _open_outputs(tmp / "columns", schema, n_old + n_new)
         for name, out in arrays.items():
             out[:n_old] = ds.col(name)
         new = slice(n_old, n_old + n_new)
         arrays["_user_key"][new] = user_key
-        arrays["_ts"][new] = ts_new[keep]
-        arrays["_instance_id"][new] = iid_new[keep]
+        arrays["_ts"][new] = ts_new
+        arrays["_instance_id"][new] = iid_new
         arrays["_split"][new] = split_new
+        del keys, ts_new, iid_new, user_key
+        shutil.rmtree(tmp / "keys")
         _encode_rows(source, schema, ds.stats, source_split, arrays, n_old)
         m = dict(ds.manifest)
         m.update(
@@ -706,47 +726,89 @@ def _append(dataset: Path, source: RawSource, progress: bool) -> PreparedDataset
     return PreparedDataset(out_dir)
 
 
-def _read_keys(source: RawSource, schema: Schema) -> tuple[np.ndarray, np.ndarray, pl.Series, list]:
-    """Pass 1: every row's timestamp, instance id (hashed), raw user id, and the (file, first row, rows) of each
-    chunk (to name a row in an error)."""
-    users, ts_parts, iid_parts, origins = [], [], [], []
+def _read_keys(source: RawSource, schema: Schema, folder: Path) -> _Keys:
+    """Pass 1: every row's timestamp, instance id (hashed) and user key, streamed to files in ``folder`` chunk
+    by chunk and memory-mapped (private memory stays bounded by the chunk at any number of rows), the event
+    count of each raw user id, and the (file, first row, rows) of each chunk (to name a row in an error)."""
+    folder.mkdir(parents=True, exist_ok=True)
     key_cols = [schema.user, schema.timestamp] + ([schema.instance_id] if schema.instance_id else [])
     if not schema.instance_id and schema.item:
         key_cols.append(schema.item)
-    for chunk in source.iter_chunks(key_cols):
-        if chunk.frame.height == 0:
-            continue
-        u = as_str(chunk, schema.user)
-        if u.null_count():
-            raise DataError(chunk.origin, "null user key", schema.user, _where(chunk, u.is_null().to_numpy()))
-        ts = parse_timestamp(chunk, schema.timestamp, schema.timestamp_unit)
-        if schema.instance_id:
-            iid_s = as_str(chunk, schema.instance_id)
-            if iid_s.null_count():
-                raise DataError(
-                    chunk.origin, "null instance id", schema.instance_id, _where(chunk, iid_s.is_null().to_numpy())
+    origins: list[tuple[str, int, int]] = []
+    counts: list[pl.DataFrame] = []  # per-chunk user counts, merged whenever they hold more rows than users
+    pending = 0
+    names = ("ts", "instance_id", "user_key")
+    files = {name: open(folder / f"{name}.bin", "wb") for name in names}  # noqa: SIM115 (closed below)
+    try:
+        for chunk in source.iter_chunks(key_cols):
+            if chunk.frame.height == 0:
+                continue
+            u = as_str(chunk, schema.user)
+            if u.null_count():
+                raise DataError(chunk.origin, "null user key", schema.user, _where(chunk, u.is_null().to_numpy()))
+            ts = parse_timestamp(chunk, schema.timestamp, schema.timestamp_unit)
+            if schema.instance_id:
+                iid_s = as_str(chunk, schema.instance_id)
+                if iid_s.null_count():
+                    raise DataError(
+                        chunk.origin, "null instance id", schema.instance_id, _where(chunk, iid_s.is_null().to_numpy())
+                    )
+            else:
+                parts = [u, pl.Series(ts).cast(pl.Utf8)]
+                if schema.item:
+                    parts.insert(1, as_str(chunk, schema.item).fill_null(""))
+                iid_s = (
+                    pl.DataFrame({f"k{i}": p for i, p in enumerate(parts)})
+                    .select(pl.concat_str(pl.all(), separator="\x1f"))
+                    .to_series()
                 )
-        else:
-            parts = [u, pl.Series(ts).cast(pl.Utf8)]
-            if schema.item:
-                parts.insert(1, as_str(chunk, schema.item).fill_null(""))
-            iid_s = (
-                pl.DataFrame({f"k{i}": p for i, p in enumerate(parts)})
-                .select(pl.concat_str(pl.all(), separator="\x1f"))
-                .to_series()
-            )
-        iid = iid_s.hash(seed=20260422).reinterpret(signed=True).to_numpy()
-        users.append(u)
-        ts_parts.append(ts)
-        iid_parts.append(iid)
-        origins.append((chunk.origin, chunk.first_row, chunk.frame.height))
-    if not ts_parts:
+            iid = iid_s.hash(seed=20260422).reinterpret(signed=True).to_numpy()
+            for name, values in zip(names, (ts, iid, user_keys(u, chunk.origin)), strict=True):
+                np.ascontiguousarray(values, dtype=np.int64).tofile(files[name])
+            vc = u.rename("user").value_counts(name="events")
+            counts.append(vc)
+            pending += vc.height
+            if pending > 4 * counts[0].height + 1_000_000:  # keep the per-user counts ∝ users, not rows
+                counts = [_merged_counts(counts)]
+                pending = counts[0].height
+            origins.append((chunk.origin, chunk.first_row, chunk.frame.height))
+    finally:
+        for f in files.values():
+            f.close()
+    if not origins:
         raise DataError(source.name, "no rows")
-    ts_all = np.concatenate(ts_parts)
-    iid_all = np.concatenate(iid_parts)
-    user_all = pl.concat(users)
-    del users, ts_parts, iid_parts
-    return ts_all, iid_all, user_all, origins
+    user_counts = _merged_counts(counts)
+    # two raw ids of one key anywhere in the log (not only within a chunk) are an error, never a silent merge
+    user_keys(user_counts.get_column("user"), source.name)
+    cols = {name: np.memmap(folder / f"{name}.bin", dtype=np.int64, mode="r") for name in names}
+    return _Keys(cols["ts"], cols["instance_id"], cols["user_key"], user_counts, origins)
+
+
+@dataclass
+class _Keys:
+    """What pass 1 reads: [N] int64 columns (memory-mapped files), events per raw user id, chunk origins."""
+
+    ts: np.ndarray
+    instance_id: np.ndarray
+    user_key: np.ndarray
+    user_counts: pl.DataFrame  # columns user (raw id), events
+    origins: list[tuple[str, int, int]]
+
+    def kept(self, keep: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ts, instance ids, user keys) of the kept rows (all of them, still memory-mapped, for ``None``)."""
+        if keep is None:
+            return self.ts, self.instance_id, self.user_key
+        return self.ts[keep], self.instance_id[keep], self.user_key[keep]
+
+    def example_users(self) -> list[str]:
+        """A few raw ids of the users with the most events (only their keys are kept otherwise): ``serve``'s
+        example."""
+        top = self.user_counts.sort(["events", "user"], descending=[True, False]).head(3)
+        return top.get_column("user").cast(pl.Utf8).to_list()
+
+
+def _merged_counts(counts: list[pl.DataFrame]) -> pl.DataFrame:
+    return pl.concat(counts).group_by("user").agg(pl.col("events").sum())
 
 
 def _apply_duplicates_policy(
@@ -756,11 +818,15 @@ def _apply_duplicates_policy(
 
     Rows sharing an instance id (derived: user, item, timestamp) are an error naming both rows, or all dropped
     (``drop``), or all but the first in source order dropped (``keep_first``)."""
+    report = {"policy": schema.duplicates, "repeated_ids": 0, "rows_removed": 0}
+    # the common case first, in half the memory of the argsort below: a sorted copy with no repeated value
+    ordered = np.sort(iid)
+    repeated = bool((ordered[1:] == ordered[:-1]).any())
+    del ordered
+    if not repeated:
+        return None, report
     order = np.argsort(iid, kind="stable")
     same = iid[order][1:] == iid[order][:-1]
-    report = {"policy": schema.duplicates, "repeated_ids": 0, "rows_removed": 0}
-    if not same.any():
-        return None, report
     if schema.duplicates == "error":
         _raise_duplicate(iid, order, np.flatnonzero(same), origins, schema.instance_id or "(derived instance id)")
     in_group = np.r_[same, False] | np.r_[False, same]  # sorted positions whose id repeats

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sampletok import distributed
 from sampletok.atomic import save_json, save_torch
 from sampletok.data.batches import BatchLoader, TokenSource, history_index, resolved_hist_len
-from sampletok.data.prepare import PreparedDataset, SplitSpec, prepare
+from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset, SplitSpec, prepare
 from sampletok.errors import ConfigError, StoreError, load_torch_dict, load_yaml_mapping, one_line, validated
 from sampletok.errors import validation_message as _errors
 from sampletok.features import FeatureLayout
@@ -367,7 +367,7 @@ def compare(
         ds = load_dataset(exp.dataset, progress=progress)
         if distributed.is_main():
             distributed.barrier()
-    ds.load_into_memory() if ds.n_rows <= 20_000_000 else None
+    ds.load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
     runs = []
     for spec in exp.models:
         for seed in exp.seeds:
