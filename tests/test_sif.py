@@ -346,16 +346,16 @@ def test_code_cache_quantizes_a_row_once_per_refresh_period(synth_prepared):
 
     model(BatchLoader(synth_prepared, rows, 128, hist_len=12, history_samples=True).build(rows))  # initializes
     first = fresh_codes()
-    torch.testing.assert_close(model._cached_history(samples), tok.rvq.decode(model._cache_codes[samples.rows]))
-    assert torch.equal(model._cache_codes[samples.rows], first)  # step 2 encoded nothing
+    torch.testing.assert_close(model._cached_history(samples), tok.rvq.decode(model._cache_codes[samples.rows].long()))
+    assert torch.equal(model._cache_codes[samples.rows].long(), first)  # step 2 encoded nothing
     with torch.no_grad():  # the projection learns: the cached codes go stale
         tok.proj.add_(torch.randn_like(tok.proj))
     moved = fresh_codes()
     assert not torch.equal(moved, first)
     model._cached_history(samples)  # step 3: still within the period, the old codes stay
-    assert torch.equal(model._cache_codes[samples.rows], first)
+    assert torch.equal(model._cache_codes[samples.rows].long(), first)
     model._cached_history(samples)  # step 4: three steps after step 1, every row is quantized again
-    assert torch.equal(model._cache_codes[samples.rows], moved)
+    assert torch.equal(model._cache_codes[samples.rows].long(), moved)
     # the decoded history is the current codebooks' vectors of the cached codes
     torch.testing.assert_close(model._cached_history(samples), tok.rvq.decode(moved))
     model.eval()

@@ -46,6 +46,7 @@ def test_fetch_matches_history_index_and_never_leaks(tmp_path_factory, n, seed, 
     rng = np.random.default_rng(seed)
     qu, qt = rng.integers(0, 6, 20), rng.integers(-1, 35, 20)
     got = store.fetch(qu, qt, length)
+    assert store._cache is None  # read from the segments' memory maps: no column concatenated into RAM
     ref = HistoryIndex(allc["user"], allc["ts"], [3]).fetch(qu, qt, length)
     np.testing.assert_array_equal(got.mask, ref.mask)
     np.testing.assert_array_equal(got.gap, ref.gap)

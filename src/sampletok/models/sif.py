@@ -268,9 +268,11 @@ class SIF(RankingModel):
         need = int(rows.max()) + 1
         codes, step = self._cache_codes, self._cache_step
         if codes is None or step is None or codes.device != rows.device or len(codes) < need:
-            size = max(need, 2 * len(codes) if codes is not None else 0)  # doubling: O(R) copies in all
-            grown = torch.zeros(size, self.tokenizer.n_tokens, self.cfg.levels, dtype=torch.long, device=rows.device)
-            grown_step = torch.full((size,), -(2**62), dtype=torch.long, device=rows.device)
+            size = max(need, (3 * len(codes)) // 2 if codes is not None else 0)  # ×1.5: O(R) copies in all
+            # the smallest integer type that holds V codes: 9 bytes a row with T = 3, M = 3, V = 256
+            dtype = torch.uint8 if self.cfg.codes <= 256 else torch.int16 if self.cfg.codes <= 32768 else torch.int32
+            grown = torch.zeros(size, self.tokenizer.n_tokens, self.cfg.levels, dtype=dtype, device=rows.device)
+            grown_step = torch.full((size,), -(2**30), dtype=torch.int32, device=rows.device)
             if codes is not None and step is not None and codes.device == rows.device:
                 grown[: len(codes)], grown_step[: len(step)] = codes, step
             codes, step = self._cache_codes, self._cache_step = grown, grown_step
@@ -278,7 +280,7 @@ class SIF(RankingModel):
         if bool(stale.any()):
             x = self.tokenizer.project(samples, self.history_keep)[stale]
             fresh = rows[stale]
-            codes[fresh] = self.tokenizer.rvq.encode(x)
+            codes[fresh] = self.tokenizer.rvq.encode(x).to(codes.dtype)
             step[fresh] = self._cache_clock
         return self.tokenizer.rvq.decode(codes[rows])
 

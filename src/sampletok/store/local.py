@@ -99,7 +99,8 @@ class LocalTokenStore:
         self.staged = staged
         self.overwrite = False  # create(overwrite=True): commit may replace a store committed meanwhile
         self.on_before_commit = on_before_commit
-        self._cache: dict[str, np.ndarray] | None = None
+        self._cache: dict[str, np.ndarray] | None = None  # whole columns (columns(), load_into_memory)
+        self._parts: dict[str, list[np.ndarray]] | None = None  # each column's segment memory maps
         self._index: HistoryIndex | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -140,7 +141,7 @@ class LocalTokenStore:
         with locked(root / "LOCK", shared=True):
             name, manifest = _read_current(root)
             store = cls(root, manifest, name, on_before_commit=on_before_commit)
-            store._columns()
+            store._segments()
         if expect_producer is not None:
             store.check_producer(expect_producer)
         return store
@@ -181,8 +182,8 @@ class LocalTokenStore:
         save_atomic(self.root / "CURRENT", lambda fh: fh.write(name), binary=False)  # the commit point
         _fsync_dir(self.root)
         self.manifest, self.manifest_name, self.staged = manifest, name, False
-        self._cache, self._index = None, None
-        self._columns()  # map the new version now, under the lock, before anything can remove its files
+        self._cache, self._parts, self._index = None, None, None
+        self._segments()  # map the new version now, under the lock, before anything can remove its files
         if replaces and replaces != name:
             (self.root / replaces).unlink(missing_ok=True)
 
@@ -234,7 +235,7 @@ class LocalTokenStore:
         if self.staged:
             name = self._write_segment(arrays)
             self.manifest = {**self.manifest, "segments": self.manifest["segments"] + [name]}
-            self._cache, self._index = None, None
+            self._cache, self._parts, self._index = None, None, None
             return
         with self._locked():
             # another process may have committed since we opened: build on what is current now, unless the
@@ -296,24 +297,56 @@ class LocalTokenStore:
                     p.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reads
+    def _segments(self) -> dict[str, list[np.ndarray]]:
+        if self._parts is None:
+            self._parts = _load_segments(self.root, self.manifest["segments"], self.meta)
+        return self._parts
+
     def _columns(self) -> dict[str, np.ndarray]:
         if self._cache is None:
-            parts = _load_segments(self.root, self.manifest["segments"], self.meta)
-            self._cache = {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
+            self._cache = {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in self._segments().items()}
         return self._cache
 
+    def _key_column(self, name: str) -> np.ndarray:
+        """A small key column (user, ts) whole: the history index is built over them."""
+        if self._cache is not None:
+            return self._cache[name]
+        parts = self._segments()[name]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _take(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """``column[rows]`` read from the segments' memory maps, one gather per segment: a fetch never
+        concatenates the payloads of every segment into RAM (a store appended to daily has hundreds)."""
+        if self._cache is not None:
+            return self._cache[name][rows]
+        parts = self._segments()[name]
+        if len(parts) == 1:
+            return parts[0][rows]
+        bounds = np.cumsum([0] + [len(p) for p in parts])
+        flat = rows.reshape(-1)
+        seg = np.searchsorted(bounds, flat, side="right") - 1
+        order = np.argsort(seg, kind="stable")
+        ends = np.cumsum(np.bincount(seg, minlength=len(parts)))
+        out = np.empty((len(flat), *parts[0].shape[1:]), parts[0].dtype)
+        start = 0
+        for i, end in enumerate(ends):  # a loop over segments, not rows
+            if end > start:
+                sel = order[start:end]
+                out[sel] = parts[i][flat[sel] - bounds[i]]
+            start = end
+        return out.reshape(*rows.shape, *parts[0].shape[1:])
+
     def columns(self) -> dict[str, np.ndarray]:
-        """Every stored column of this version (memory maps, or RAM after :meth:`load_into_memory`)."""
+        """Every stored column of this version, whole (memory maps, or RAM after :meth:`load_into_memory`)."""
         return self._columns()
 
     def __len__(self) -> int:
-        return len(self._columns()["ts"])
+        return len(self._key_column("ts"))
 
     @property
     def index(self) -> HistoryIndex:
         if self._index is None:
-            c = self._columns()
-            self._index = HistoryIndex(np.asarray(c["user"]), np.asarray(c["ts"]))
+            self._index = HistoryIndex(np.asarray(self._key_column("user")), np.asarray(self._key_column("ts")))
         return self._index
 
     def load_into_memory(self) -> LocalTokenStore:
@@ -322,9 +355,9 @@ class LocalTokenStore:
 
     def fetch(self, users: np.ndarray, before_ts: np.ndarray, n: int, dequantize: bool = True) -> Fetched:
         """The last ``n`` tokens of each user strictly before each request time."""
-        c = self._columns()
         before_ts = np.asarray(before_ts, np.int64)
-        if len(c["ts"]) == 0:
+        stored = len(self)
+        if stored == 0:
             h = HistoryIndex(np.zeros(1, np.int64), np.full(1, np.iinfo(np.int64).max // 4)).fetch(
                 np.asarray(users), before_ts, n
             )
@@ -332,18 +365,18 @@ class LocalTokenStore:
             h = self.index.fetch(np.asarray(users), before_ts, n)
         safe = np.where(h.mask, h.rows, 0)
         payload = (
-            c["payload"][safe]
-            if len(c["ts"])
+            self._take("payload", safe)
+            if stored
             else np.zeros((len(users), n, *self.meta["payload_shape"]), self.payload_dtype)
         )
         scale = None
         if self.meta["dtype"] == "int8":
-            scale = c["scale"][safe] if len(c["ts"]) else np.zeros((len(users), n), np.float32)
+            scale = self._take("scale", safe) if stored else np.zeros((len(users), n), np.float32)
         payload = decode_payload(payload, scale, self.meta["dtype"], dequantize)
         payload[~h.mask] = 0
-        if len(c["ts"]):
-            side_mask = h.mask[:, :, None] & (c["avail"][safe] < before_ts[:, None, None])
-            side = np.where(side_mask, c["side"][safe], 0.0).astype(np.float32)
+        if stored:
+            side_mask = h.mask[:, :, None] & (self._take("avail", safe) < before_ts[:, None, None])
+            side = np.where(side_mask, self._take("side", safe), 0.0).astype(np.float32)
         else:
             a = len(self.meta["labels"])
             side_mask = np.zeros((len(users), n, a), bool)
@@ -353,7 +386,7 @@ class LocalTokenStore:
 
     def close(self) -> None:
         """Drop this reader's memory maps (the store on disk is unchanged)."""
-        self._cache, self._index = None, None
+        self._cache, self._parts, self._index = None, None, None
 
     def bytes_per_instance(self) -> dict[str, float]:
         c = self._columns()
