@@ -2,6 +2,7 @@
 process of its own so that each has its own peak memory.
 
 Run: python benchmarks/bench_scale.py --rows 50_000_000 [--steps 100] [--dir runs/bench-scale]
+     python benchmarks/bench_scale.py --rows 50_000_000 --skip-prepare --models sif --sif-code-cache-steps 0
 
 Phases: ``prepare`` (generate + the 3 passes; rows/s), then ``train din`` (history 50) and ``train sif``
 (history 20): loader, history index and model built from the prepared folder (memory-mapped columns), then
@@ -99,7 +100,8 @@ def phase_train(a: argparse.Namespace) -> dict:
     if a.model == "din":
         model, hist_len, samples = build_model("din", layout), 50, False
     else:
-        params = {"hgaq": {"fields_per_token": 8}, "width": 32, "blocks": 1, "heads": 4, "code_cache_steps": 1000}
+        params = {"hgaq": {"fields_per_token": 8}, "width": 32, "blocks": 1, "heads": 4}
+        params["code_cache_steps"] = a.sif_code_cache_steps
         model, hist_len, samples = build_model("sif", layout, **params), 20, True
     t = time.perf_counter()
     loader = BatchLoader(ds, ds.rows("train"), 1024, hist_len=hist_len, shuffle=True, history_samples=samples)
@@ -137,6 +139,8 @@ def main() -> None:
     ap.add_argument("--phase", choices=["prepare", "train"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", choices=["din", "sif"], default="din", help=argparse.SUPPRESS)
     ap.add_argument("--skip-prepare", action="store_true", help="reuse the prepared folder under --dir")
+    ap.add_argument("--models", default="din,sif", help="training phases to run")
+    ap.add_argument("--sif-code-cache-steps", type=int, default=1000, help="SIF's code cache (0: off)")
     a = ap.parse_args()
     if a.phase:  # a child: one phase, its figures as one JSON line
         sampler = _PeakPrivate()
@@ -146,9 +150,16 @@ def main() -> None:
         return
     a.dir.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, __file__, "--rows", str(a.rows), "--fields", str(a.fields), "--dir", str(a.dir)]
-    base += ["--steps", str(a.steps), "--threads", str(a.threads)]
+    base += [
+        "--steps",
+        str(a.steps),
+        "--threads",
+        str(a.threads),
+        "--sif-code-cache-steps",
+        str(a.sif_code_cache_steps),
+    ]
     runs = ([] if a.skip_prepare else [["--phase", "prepare"]]) + [
-        ["--phase", "train", "--model", m] for m in ("din", "sif")
+        ["--phase", "train", "--model", m] for m in a.models.split(",")
     ]
     results = []
     for extra in runs:
@@ -167,6 +178,9 @@ def main() -> None:
             print(f"| prepare | {r['rows_per_s']:,.0f} rows/s | {mem} | {note} |")
         else:
             note = f"history {r['history']}, {r['train_rows']:,} training rows, loader built in {r['setup_s']:.1f} s"
+            if r["model"] == "sif":
+                k = a.sif_code_cache_steps
+                note += f", code cache {f'every {k} steps' if k else 'off'}"
             print(f"| train {r['model']} | {r['samples_per_s']:,.0f} samples/s | {mem} | {note} |")
 
 

@@ -178,3 +178,53 @@ def test_sif_code_export_appends_only_the_new_rows(log, tmp_path, monkeypatch):
                         blocks=1, heads=2)  # fmt: skip
     with pytest.raises(Exception, match="not codes of this model's codebooks"):
         export_codes(other, grown, tmp_path / "codes", progress=False, append=True)
+
+
+def test_iat_tokens_of_the_new_rows_are_appended_as_a_rebuild_would_write_them(log, tmp_path, monkeypatch):
+    from sampletok.store import LocalTokenStore
+    from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, append_tokens, build_store
+
+    schema, old, new, split = log
+    ds = _prepared(tmp_path, "iat-ds", schema, old, split)
+    cfg = IATSourceConfig(
+        scheme="user", epochs=1, hidden=[32], decompress=[16], emb_dim=8, window=8, batch_size=256, folds=3,
+        dtype="float32",
+    )  # fmt: skip
+    before = build_store(ds, cfg, 1, tmp_path / "tokens", progress=False)
+    grown = append(ds.root, FrameSource(new, name="day.csv"), progress=False)
+    embedded: list[int] = []
+    real = SourceModel.compress
+    monkeypatch.setattr(SourceModel, "compress", lambda self, b: embedded.append(len(b)) or real(self, b))
+    store = append_tokens(tmp_path / "tokens", grown, progress=False)
+    monkeypatch.undo()
+    assert sum(embedded) == len(new)  # only the new rows were embedded
+    assert store.version == before.version + 1 and len(store) == len(old) + len(new)
+    rebuilt = build_store(grown, cfg, 1, tmp_path / "rebuilt", progress=False)
+    a, b = store.columns(), LocalTokenStore.open(rebuilt.root).columns()
+    for name in ("instance_id", "user", "ts", "side", "avail"):
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    np.testing.assert_allclose(a["payload"], b["payload"], rtol=0, atol=1e-6)
+    assert len(append_tokens(tmp_path / "tokens", grown, progress=False)) == len(store)  # nothing new: unchanged
+    # a model reading the grown store on the grown dataset accepts it
+    from sampletok.features import FeatureLayout
+    from sampletok.models import build_model
+    from sampletok.tokenizers.steps import model_tokens
+
+    iat = build_model("iat", FeatureLayout.from_dataset(grown), store=str(tmp_path / "tokens"), length=8,
+                      source=cfg.model_dump())  # fmt: skip
+    tokens = model_tokens(iat, grown, seed=1, hist_len=5)
+    assert tokens is not None and len(tokens.store) == len(old) + len(new)
+
+
+def test_iat_append_refuses_new_rows_inside_the_training_window(log, tmp_path):
+    from sampletok.errors import StoreError
+    from sampletok.tokenizers.iat import IATSourceConfig, append_tokens, build_store
+
+    schema, old, new, split = log
+    held = (pl.col(schema.user) == old.get_column(schema.user)[0]) & (pl.col("ts") < split.cut_ts[0])
+    ds = _prepared(tmp_path, "iat-ds", schema, old.filter(~held), split)  # one user's training rows arrive late
+    cfg = IATSourceConfig(scheme="user", epochs=1, hidden=[32], decompress=[16], emb_dim=8, window=8, folds=2)
+    build_store(ds, cfg, 1, tmp_path / "tokens", progress=False)
+    grown = append(ds.root, FrameSource(old.filter(held), name="late-arrivals.csv"), progress=False)
+    with pytest.raises(StoreError, match="inside the training window"):
+        append_tokens(tmp_path / "tokens", grown, progress=False)

@@ -89,9 +89,8 @@ def test_a_memory_mapped_dataset_stacks_its_columns_on_disk(synth_prepared, monk
     assert mapped.n_rows % 1000 and mapped.n_rows > 2000
     loader = BatchLoader(mapped, mapped.rows("train"), 64, hist_len=6, history_samples=True)
     assert isinstance(loader._cat, np.memmap) and isinstance(loader._seq_multi, np.memmap)
-    (folder,) = (root / "stacked").iterdir()
-    assert (folder / "complete").exists()
-    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+    (folder,) = [p for p in (root / "stacked").iterdir() if p.is_dir()]
+    assert (folder / "complete").exists() and not folder.name.startswith(".")  # no staging folder left
     rows = np.r_[mapped.rows("train")[:40], mapped.rows("test")[-40:]]
     want = BatchLoader(synth_prepared, rows, 64, hist_len=6, history_samples=True).build(rows)
     got = loader.build(rows)
@@ -105,3 +104,30 @@ def test_a_memory_mapped_dataset_stacks_its_columns_on_disk(synth_prepared, monk
     stamp = (folder / "cat.npy").stat().st_mtime_ns
     BatchLoader(PreparedDataset(root), rows, 64, hist_len=6)
     assert (folder / "cat.npy").stat().st_mtime_ns == stamp
+
+
+def _stack_in_a_process(root: str) -> int:
+    from sampletok.data.batches import BatchLoader
+    from sampletok.data.prepare import PreparedDataset
+
+    ds = PreparedDataset(root)
+    loader = BatchLoader(ds, ds.rows("train"), 64, hist_len=4)
+    return int(np.asarray(loader._cat, np.int64).sum() + np.asarray(loader._seq_multi, np.int64).sum())
+
+
+def test_concurrent_loaders_write_the_stacked_columns_once(synth_prepared, tmp_path):
+    """Two processes opening one memory-mapped dataset at once: one writes the stacked files, the other waits
+    and maps them; both read complete columns."""
+    import multiprocessing
+    import shutil
+
+    from sampletok.data.batches import BatchLoader
+
+    root = tmp_path / "ds"
+    shutil.copytree(synth_prepared.root, root)
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        sums = pool.map(_stack_in_a_process, [str(root)] * 2)
+    want = BatchLoader(synth_prepared, synth_prepared.rows("train"), 64, hist_len=4)
+    expected = int(want._cat.astype(np.int64).sum() + want._seq_multi.astype(np.int64).sum())
+    assert sums == [expected, expected]
+    assert len([p for p in (root / "stacked").iterdir() if p.is_dir()]) == 1

@@ -98,3 +98,56 @@ def test_cli_prepare_a_folder_of_partitions_with_ray(partitions, tmp_path):
     assert a.manifest["columns"] == b.manifest["columns"]  # checksums of every column file
     r = _cli(*args, "--out", str(tmp_path / "x"), "--engine", "spark")
     assert r.returncode == 2 and "--engine must be local or ray" in r.stderr
+
+
+def _small_sif(ds):
+    import torch
+
+    from sampletok.data.batches import BatchLoader
+    from sampletok.features import FeatureLayout
+    from sampletok.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(
+        "sif", FeatureLayout.from_dataset(ds), hgaq={"fields_per_token": 4, "codes": 32}, width=16, blocks=1, heads=2
+    )
+    rows = ds.rows("train")[:512]
+    model.train()(BatchLoader(ds, rows, 512, hist_len=5, history_samples=True).build(rows))  # data-init codebooks
+    return model.eval()
+
+
+def test_ray_code_export_equals_the_local_export(cluster, partitions, tmp_path):
+    from sampletok.store import LocalTokenStore
+    from sampletok.tokenizers.steps import export_codes
+
+    schema, paths = partitions
+    ds = prepare(FileSource(paths), schema, tmp_path / "ds", progress=False)
+    model = _small_sif(ds)
+    local = export_codes(model, ds, tmp_path / "local", progress=False, rows_per_segment=1000)
+    remote = export_codes(model, ds, tmp_path / "ray", progress=False, rows_per_segment=1000, engine="ray")
+    assert len(remote.manifest["segments"]) == len(local.manifest["segments"]) > 2
+    a, b = LocalTokenStore.open(local.root).columns(), LocalTokenStore.open(remote.root).columns()
+    for name in ("instance_id", "user", "ts", "payload", "side", "avail"):
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_a_failed_ray_export_task_leaves_the_previous_store_readable(cluster, partitions, tmp_path):
+    from sampletok.store import LocalTokenStore
+    from sampletok.tokenizers.ray_export import encode_segments_with_ray
+    from sampletok.tokenizers.steps import export_codes
+
+    schema, paths = partitions
+    ds = prepare(FileSource(paths), schema, tmp_path / "ds", progress=False)
+    model = _small_sif(ds)
+    before = export_codes(model, ds, tmp_path / "codes", progress=False, rows_per_segment=1000)
+    shape = (model.tokenizer.n_tokens, 3)
+    staged = LocalTokenStore.create(
+        tmp_path / "codes", "p", shape, ds.schema.response_names, dtype="uint8", overwrite=True
+    )
+    # the first tasks write their segments, the last one reads past the dataset's end and fails
+    ranges = [(0, 1000), (1000, 2000), (2000, ds.n_rows + 500)]
+    with pytest.raises(Exception, match="out of bounds|IndexError"):
+        encode_segments_with_ray(model, ds, staged, ranges, 256)
+    after = LocalTokenStore.open(tmp_path / "codes")
+    assert after.version == before.version and after.manifest["segments"] == before.manifest["segments"]
+    np.testing.assert_array_equal(after.columns()["payload"], LocalTokenStore.open(before.root).columns()["payload"])

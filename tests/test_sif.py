@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -401,3 +402,13 @@ def test_code_cache_needs_quantized_history(synth_prepared):
         )
     with pytest.raises(ConfigError, match="code_cache_steps"):
         build_model("sif", FeatureLayout.from_dataset(synth_prepared), **SMALL, code_cache_steps=-1)
+
+
+def test_code_export_in_segments_equals_one_segment(trained, synth_prepared, tmp_path):
+    one = export_codes(trained, synth_prepared, tmp_path / "one", progress=False)
+    many = export_codes(trained, synth_prepared, tmp_path / "many", progress=False, rows_per_segment=700)
+    assert len(one.manifest["segments"]) == 1
+    assert len(many.manifest["segments"]) == -(-synth_prepared.n_rows // 700)
+    a, b = one.columns(), many.columns()
+    for name in ("instance_id", "user", "ts", "payload", "side", "avail"):
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

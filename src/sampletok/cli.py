@@ -350,6 +350,23 @@ def iat_build(
     )
 
 
+@iat_app.command("append")
+def iat_append(
+    data: Path = typer.Option(..., help="the prepared dataset, grown by `sampletok prepare --append`"),
+    store: Path = typer.Option(..., help="the token store `iat build` wrote from it before it grew"),
+):
+    """Add the new rows' tokens to an IAT store (one new committed version), embedded by its final source
+    model: equal to building the store again when the new rows lie after the training window."""
+    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
+    from sampletok.store import LocalTokenStore
+    from sampletok.tokenizers.iat import append_tokens
+
+    ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
+    before = len(LocalTokenStore.open(store))
+    st = append_tokens(store, ds)
+    console.print(f"appended {len(st) - before:,} instance tokens → {store} ({len(st):,} in all)", soft_wrap=True)
+
+
 def _source_config(scheme: str, params: dict):
     from sampletok.tokenizers.iat import IATSourceConfig
 

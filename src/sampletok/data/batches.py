@@ -9,8 +9,9 @@ no per-sample Python.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
+import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from sampletok import distributed
+from sampletok.atomic import locked
 from sampletok.data.history import HistoryIndex
 from sampletok.data.prepare import PreparedDataset
 from sampletok.features import Batch, FeatureLayout, HistoryTokens
@@ -256,7 +258,8 @@ def _stacked_columns(ds: PreparedDataset, lay: FeatureLayout) -> dict[str, np.nd
         digest = hashlib.sha256(repr((key, ds.fingerprint, n)).encode()).hexdigest()[:16]
         try:
             out = _stacked_on_disk(ds, lay, layout, ds.root / "stacked" / digest)
-        except PermissionError:  # a read-only dataset folder: stack in RAM
+        except OSError as e:  # a read-only dataset folder (or mount): stack in RAM, and say so
+            warnings.warn(f"{ds.root}: cannot write stacked columns ({e}); stacking them in RAM", stacklevel=2)
             out = None
     if out is None:
         out = {name: np.zeros(shape, dtype) for name, (shape, dtype) in layout.items()}
@@ -270,23 +273,31 @@ def _stacked_columns(ds: PreparedDataset, lay: FeatureLayout) -> dict[str, np.nd
 def _stacked_on_disk(
     ds: PreparedDataset, lay: FeatureLayout, layout: dict[str, tuple[tuple[int, ...], np.dtype]], folder: Path
 ) -> dict[str, np.ndarray]:
+    """Map the stacked files in ``folder``, writing them first when absent. One writer per folder (an flock:
+    the other ranks or actors wait, then map its files), staged under a unique name and renamed into place, so
+    a reader never sees a half-written folder; a crashed writer's staging folder is removed by the next one."""
     if not (folder / "complete").exists():
-        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        arrays: dict[str, np.memmap] = {
-            name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-            for name, (shape, dtype) in layout.items()
-        }
-        _fill_stacked(ds, lay, arrays)
-        for a in arrays.values():
-            a.flush()
-        del arrays
-        (tmp / "complete").touch()
-        try:
-            tmp.rename(folder)  # atomic; a concurrent loader that published first wins
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with locked(folder.parent / f".{folder.name}.lock"):
+            if not (folder / "complete").exists():
+                for stale in folder.parent.glob(f".{folder.name}.*.tmp"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
+                tmp.mkdir(parents=True)
+                try:
+                    arrays: dict[str, np.memmap] = {
+                        name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+                        for name, (shape, dtype) in layout.items()
+                    }
+                    _fill_stacked(ds, lay, arrays)
+                    for a in arrays.values():
+                        a.flush()
+                    del arrays
+                    (tmp / "complete").touch()
+                    shutil.rmtree(folder, ignore_errors=True)  # a folder without `complete`: a crash's leftover
+                    tmp.rename(folder)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
     return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in layout}
 
 

@@ -204,10 +204,17 @@ class SIF(RankingModel):
         self._cache_clock = 0  # training steps seen since the cache was last cleared
 
     def train(self, mode: bool = True) -> SIF:
-        if mode:  # each epoch (each return to training) starts from codes of the current codebooks
-            self._cache_codes = self._cache_step = None
-            self._cache_clock = 0
+        # each epoch (each return to training) starts from codes of the current codebooks; evaluation, export
+        # and serving quantize on the fly and never carry the cache (nor pickle it to workers)
+        self._cache_codes = self._cache_step = None
+        self._cache_clock = 0
         return super().train(mode)
+
+    def _reads_code_cache(self, batch: Batch) -> bool:
+        """Whether this forward reads history codes from the cache: training, eager, whole past samples."""
+        return (
+            self.training and self.code_cache_steps > 0 and batch.tokens is None and not torch.compiler.is_compiling()
+        )
 
     @property
     def reads_history_samples(self) -> bool:
@@ -246,7 +253,7 @@ class SIF(RankingModel):
             raise ConfigError(
                 "SIF reads whole past samples: build its batches with BatchLoader(..., history_samples=True)"
             )
-        if self.quantize_history and self.code_cache_steps and self.training and eager:
+        if self._reads_code_cache(batch):
             q, losses = self._cached_history(samples), {}
         elif self.quantize_history:
             q, _, losses = self.tokenizer(samples, self.history_keep)
@@ -268,7 +275,9 @@ class SIF(RankingModel):
         need = int(rows.max()) + 1
         codes, step = self._cache_codes, self._cache_step
         if codes is None or step is None or codes.device != rows.device or len(codes) < need:
-            size = max(need, (3 * len(codes)) // 2 if codes is not None else 0)  # ×1.5: O(R) copies in all
+            # an eighth of headroom: the first batch of a shuffled epoch already reads rows near the last one, so
+            # this is one allocation in practice, and at most a few dozen for ids that only grow
+            size = max(need + need // 8, len(codes) + len(codes) // 8 if codes is not None else 0)
             # the smallest integer type that holds V codes: 9 bytes a row with T = 3, M = 3, V = 256
             dtype = torch.uint8 if self.cfg.codes <= 256 else torch.int16 if self.cfg.codes <= 32768 else torch.int32
             grown = torch.zeros(size, self.tokenizer.n_tokens, self.cfg.levels, dtype=dtype, device=rows.device)
@@ -291,7 +300,7 @@ class SIF(RankingModel):
         target = torch.einsum("btd,tde->bte", x, self.align)
         # one history for all rows (one request's candidates): an isolated history pass runs once
         hb = _first_history(batch) if batch.shared_history and self.isolate_target else batch
-        cached = self.training and self.code_cache_steps > 0
+        cached = self._reads_code_cache(hb)
         if cached:  # the request rows first: the first step's data init and each EMA step precede cached codes
             q_target, _, vq = self.tokenizer.rvq(x)
         hist, hist_labels, losses = self._history(hb)

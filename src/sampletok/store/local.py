@@ -44,6 +44,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -217,25 +218,17 @@ class LocalTokenStore:
         payload: np.ndarray,
         side: np.ndarray | None = None,
         avail: np.ndarray | None = None,
+        meta_update: dict | None = None,
     ) -> None:
         """Add instances. ``payload`` [k, *payload_shape] (float, quantized to the store dtype, or codes);
         ``side`` [k, A] label values; ``avail`` [k, A] the time each label becomes known. On a committed store
-        the append is committed at once (a new version); on a staged one it waits for :meth:`commit`."""
-        instance_id, user, ts, payload, side, avail = check_append(
-            str(self.root), self.meta, instance_id, user, ts, payload, side, avail
-        )
-        arrays: dict[str, np.ndarray] = {
-            "instance_id": instance_id,
-            "user": user,
-            "ts": ts,
-            "side": side,
-            "avail": avail,
-        }
-        arrays.update(encode_payload(payload, self.meta["dtype"], str(self.root)))
+        the append is committed at once (a new version, whose metadata gets ``meta_update``, e.g. the dataset
+        the store now covers); on a staged one it waits for :meth:`commit`."""
+        arrays = self._checked(instance_id, user, ts, payload, side, avail)
         if self.staged:
-            name = self._write_segment(arrays)
-            self.manifest = {**self.manifest, "segments": self.manifest["segments"] + [name]}
-            self._cache, self._parts, self._index = None, None, None
+            self.add_segments([self._write_segment(arrays)])
+            if meta_update:
+                self.update_meta(**meta_update)
             return
         with self._locked():
             # another process may have committed since we opened: build on what is current now, unless the
@@ -247,9 +240,60 @@ class LocalTokenStore:
                     f"{latest['meta'].get('producer')}, was {self.meta.get('producer')}); open it again"
                 )
             name = self._write_segment(arrays)  # under the lock, so a concurrent gc cannot take it
+            meta = {**latest["meta"], **(meta_update or {})}
             self._publish(
-                {**latest, "segments": latest["segments"] + [name], "version": latest["version"] + 1}, replaces=current
+                {**latest, "meta": meta, "segments": latest["segments"] + [name], "version": latest["version"] + 1},
+                replaces=current,
             )
+
+    def _checked(
+        self,
+        instance_id: np.ndarray,
+        user: np.ndarray,
+        ts: np.ndarray,
+        payload: np.ndarray,
+        side: np.ndarray | None,
+        avail: np.ndarray | None,
+    ) -> dict[str, np.ndarray]:
+        instance_id, user, ts, payload, side, avail = check_append(
+            str(self.root), self.meta, instance_id, user, ts, payload, side, avail
+        )
+        arrays: dict[str, np.ndarray] = {"instance_id": instance_id, "user": user, "ts": ts, "side": side}
+        arrays["avail"] = avail
+        arrays.update(encode_payload(payload, self.meta["dtype"], str(self.root)))
+        return arrays
+
+    def write_segment(
+        self,
+        instance_id: np.ndarray,
+        user: np.ndarray,
+        ts: np.ndarray,
+        payload: np.ndarray,
+        side: np.ndarray | None = None,
+        avail: np.ndarray | None = None,
+    ) -> str:
+        """Write instances as one segment of this staged store and return its name, without adding it: for
+        writers in other processes (a distributed export's tasks), whose segments the driver adds in order with
+        :meth:`add_segments` before one :meth:`commit`. A segment never added is removed by :meth:`gc`."""
+        if not self.staged:
+            raise StoreError(f"{self.root}: write_segment is for staged stores (LocalTokenStore.create)")
+        return self._write_segment(self._checked(instance_id, user, ts, payload, side, avail))
+
+    def add_segments(self, names: list[str]) -> None:
+        """Add written segments (in this order) to a staged store; they become visible at :meth:`commit`."""
+        if not self.staged:
+            raise StoreError(f"{self.root}: add_segments is for staged stores (LocalTokenStore.create)")
+        missing = [n for n in names if not (self.root / "segments" / n).is_dir()]
+        if missing:
+            raise StoreError(f"{self.root}: segments {missing} were never written")
+        self.manifest = {**self.manifest, "segments": self.manifest["segments"] + list(names)}
+        self._cache, self._parts, self._index = None, None, None
+
+    def update_meta(self, **values: Any) -> None:
+        """Add entries to a staged store's metadata before its commit (e.g. an export's measured speed)."""
+        if not self.staged:
+            raise StoreError(f"{self.root}: update_meta is for staged stores (LocalTokenStore.create)")
+        self.manifest = {**self.manifest, "meta": {**self.meta, **values}}
 
     def _write_segment(self, arrays: dict[str, np.ndarray]) -> str:
         """Write a segment folder (fsynced, renamed into place) and return its name; not yet committed."""
@@ -341,7 +385,9 @@ class LocalTokenStore:
         return self._columns()
 
     def __len__(self) -> int:
-        return len(self._key_column("ts"))
+        if self._cache is not None:
+            return len(self._cache["ts"])
+        return sum(len(p) for p in self._segments()["ts"])
 
     @property
     def index(self) -> HistoryIndex:

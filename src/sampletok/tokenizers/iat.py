@@ -47,7 +47,7 @@ from sampletok.atomic import locked, save_torch
 from sampletok.data.batches import BatchLoader, history_index
 from sampletok.data.history import HistoryIndex
 from sampletok.data.prepare import PreparedDataset
-from sampletok.errors import StoreError
+from sampletok.errors import StoreError, load_torch_dict
 from sampletok.features import Batch, FeatureLayout
 from sampletok.nn import MLP, FeatureEmbedding, TargetAttention, TransformerBlock
 from sampletok.nn.inference import map_row_batches
@@ -142,11 +142,12 @@ class SourceModel(nn.Module):
         return self.run_sit(seq, valid)[:, -1]
 
 
-def producer_id(model: SourceModel, ds: PreparedDataset) -> str:
-    """Hash of the source model's weights, config and dataset: stored tokens name their producer."""
+def producer_id(model: SourceModel, ds: PreparedDataset | str) -> str:
+    """Hash of the source model's weights, config and dataset (or its fingerprint): stored tokens name their
+    producer."""
     h = hashlib.sha256()
     h.update(model.cfg.fingerprint().encode())
-    h.update(ds.fingerprint.encode())
+    h.update((ds if isinstance(ds, str) else ds.fingerprint).encode())
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in sorted(model.state_dict().items())}, buf)
     h.update(buf.getvalue())
@@ -482,6 +483,55 @@ def build_store(
     saved = {"config": cfg.model_dump(), "state_dict": model.state_dict(), "dataset": ds.fingerprint}
     save_torch(saved, source_model_path(path))
     return store
+
+
+def append_tokens(path: str | Path, ds: PreparedDataset, progress: bool = True) -> LocalTokenStore:
+    """Add the tokens of the rows ``prepare --append`` added to ``ds`` to the IAT store at ``path`` (one new
+    committed version), embedded by the store's final source model (``source_model.pt`` beside it).
+
+    Exact when every new row lies after the source model's training window (appended days do: ``append``
+    splits by the dataset's cut times): a causal export embeds those rows with its final state too, so the
+    grown store equals exporting the grown dataset from scratch (tested). New rows inside the window would need
+    the fold states, which are not kept: they are refused (build the store again)."""
+    store = LocalTokenStore.open(path)
+    if store.meta.get("kind") != "iat":
+        raise StoreError(f"{path}: not an IAT token store")
+    saved = load_torch_dict(
+        source_model_path(path),
+        {"config", "state_dict", "dataset"},
+        "IAT source model",
+        "the store was not written by `iat build`; build it again",
+    )
+    cfg = IATSourceConfig.model_validate(saved["config"])
+    model = SourceModel(FeatureLayout.from_dataset(ds), cfg)
+    model.load_state_dict(saved["state_dict"])
+    # the producer names the dataset the source model was trained on (saved beside it), not the grown one
+    if producer_id(model, str(saved["dataset"])) != store.meta.get("producer"):
+        raise StoreError(f"{path}: source_model.pt is not the model that wrote these tokens; build it again")
+    keep = np.flatnonzero(ds.where(cfg.rows_where))
+    new = keep[~np.isin(np.asarray(ds.col("_instance_id"))[keep], store._key_column("instance_id"))]
+    if len(new) == 0:
+        if store.meta.get("dataset") != ds.fingerprint:
+            raise StoreError(f"{path}: holds every row of {ds.root} but was exported for another dataset")
+        return store
+    if (np.asarray(ds.col("_split"))[new] == 0).any():
+        first = int(new[np.asarray(ds.col("_split"))[new] == 0][0])
+        raise StoreError(
+            f"{path}: dataset row {first} is new and inside the training window, whose tokens come from the "
+            "causal export's fold states: build the store again"
+        )
+    emb = embed_all(model, ds, progress=progress, rows=new)
+    side = np.stack([np.asarray(ds.response_column(r))[new] for r in ds.schema.response_names], 1)
+    store.append(
+        np.asarray(ds.col("_instance_id"))[new],
+        np.asarray(ds.col("_user_key"))[new],
+        np.asarray(ds.col("_ts"))[new],
+        emb,
+        side,
+        ds.response_available_at(new),
+        meta_update={"dataset": ds.fingerprint},  # the store now covers the grown dataset (model_tokens checks)
+    )
+    return LocalTokenStore.open(path)
 
 
 def source_model_path(store_path: str | Path) -> Path:

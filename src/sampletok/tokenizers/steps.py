@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from sampletok.data.batches import BatchLoader, TokenSource, history_index
+from sampletok.data.batches import BatchLoader, TokenSource
+from sampletok.data.history import HistoryIndex
 from sampletok.data.prepare import PreparedDataset
 from sampletok.errors import ConfigError, StoreError
 from sampletok.models.base import RankingModel
 from sampletok.models.iat import IAT
 from sampletok.models.sif import SIF
 from sampletok.store import LocalTokenStore
+from sampletok.tokenizers.hgaq import code_dtype
 from sampletok.tokenizers.iat import build_or_load_store
 
 
@@ -57,13 +60,20 @@ def export_codes(
     progress: bool = True,
     workers: int | None = 1,
     append: bool = False,
+    engine: Literal["local", "ray"] = "local",
+    rows_per_segment: int = 1 << 22,
 ) -> LocalTokenStore:
-    """Frozen export: every instance's codes [T, M] (+ labels and availability) into a token store.
+    """Frozen export: every instance's codes [T, M] (+ labels and availability) into a token store, one segment
+    per ``rows_per_segment`` rows (memory bounded by a segment at any dataset size), committed once.
 
     ``append``: the store at ``path`` holds this model's codes of the dataset's first rows (an export made before
     ``prepare --append`` grew it): only the new rows are encoded, and the store is committed anew with all of
     them (one atomic version; readers of the old one keep it). A store of other codebooks or other rows is
     refused.
+
+    ``engine="ray"``: each segment is a Ray task (:mod:`sampletok.tokenizers.ray_export`) that encodes its rows
+    and writes its segment; the driver adds them in row order and commits, so a failed task leaves the previous
+    store as it was. The store equals the local engine's (tested).
 
     ``workers=1`` (default) encodes batch after batch with torch's intra-op threads: the [T, 1024, V] distance
     blocks are large enough to split; on 2 cores 2 worker threads were slower before the lean
@@ -71,29 +81,14 @@ def export_codes(
     ``benchmarks/bench_sif.py --sections encode``), unlike the IAT export's small ops."""
     import time
 
-    from sampletok.nn.inference import map_row_batches
-
     model.eval()
-    loader = BatchLoader(ds, np.zeros(0, np.int64), hist_len=0, index=history_index(ds))
     t, m = model.tokenizer.n_tokens, model.cfg.levels
-    codes = np.zeros((ds.n_rows, t, m), np.int64)
-    done = _stored_codes(model, ds, path, codes) if append else 0
-
-    def encode(rows: np.ndarray) -> None:
-        rows = rows + done
-        codes[rows] = model.tokenizer.encode(loader.build(rows), model.history_keep)
-
-    t0 = time.time()
-    map_row_batches(encode, ds.n_rows - done, batch_size, workers, progress, desc="SIF export")
-    sec = time.time() - t0
-    ts = np.asarray(ds.col("_ts"))
-    dtype = "uint8" if model.cfg.codes <= 256 else "uint16"
     store = LocalTokenStore.create(
         path,
         producer=model.tokenizer.rvq.version(),
         payload_shape=(t, m),
         label_names=ds.schema.response_names,
-        dtype=dtype,
+        dtype="uint8" if model.cfg.codes <= 256 else "uint16",
         overwrite=True,
         extra_meta={
             "kind": "sif",
@@ -102,15 +97,65 @@ def export_codes(
             "codebook_version": model.tokenizer.rvq.version(),
             "hgaq": model.cfg.model_dump(),
             "history_fields": _history_fields(model),  # the fields a history row's codes were made from
-            "export_instances_per_s": (ds.n_rows - done) / max(sec, 1e-9),
-            "rows_reused": done,
         },
     )
-    side = np.stack([np.asarray(ds.response_column(r)) for r in ds.schema.response_names], 1)
-    avail = ds.response_available_at()
-    store.append(np.asarray(ds.col("_instance_id")), np.asarray(ds.col("_user_key")), ts, codes, side, avail)
+    done = _reuse_stored_codes(model, ds, path, store, rows_per_segment) if append else 0
+    ranges = [(lo, min(lo + rows_per_segment, ds.n_rows)) for lo in range(done, ds.n_rows, rows_per_segment)]
+    t0 = time.time()
+    if engine == "ray":
+        from sampletok.tokenizers.ray_export import encode_segments_with_ray
+
+        names = encode_segments_with_ray(model, ds, store, ranges, batch_size)
+    else:
+        loader = no_history_loader(ds)
+        names = [
+            code_segment(model, ds, loader, store, lo, hi, batch_size, workers, progress and len(ranges) == 1)
+            for lo, hi in ranges
+        ]
+    store.add_segments(names)
+    sec = time.time() - t0
+    store.update_meta(export_instances_per_s=(ds.n_rows - done) / max(sec, 1e-9), rows_reused=done)
     store.commit()
     return store
+
+
+def no_history_loader(ds: PreparedDataset) -> BatchLoader:
+    """A loader of single rows (hist_len 0): it needs no index of the dataset's histories (sorting every row),
+    only one of the right response count, which never finds a row."""
+    none = HistoryIndex(np.zeros(1, np.int64), np.full(1, np.iinfo(np.int64).max // 4), ds.schema.response_delays())
+    return BatchLoader(ds, np.zeros(0, np.int64), hist_len=0, index=none)
+
+
+def code_segment(
+    model: SIF,
+    ds: PreparedDataset,
+    loader: BatchLoader,
+    store: LocalTokenStore,
+    lo: int,
+    hi: int,
+    batch_size: int,
+    workers: int | None = 1,
+    progress: bool = False,
+) -> str:
+    """Encode dataset rows [lo, hi) and write them as one segment of the staged ``store``; its name."""
+    from sampletok.nn.inference import map_row_batches
+
+    codes = np.zeros((hi - lo, model.tokenizer.n_tokens, model.cfg.levels), code_dtype(model.cfg.codes))
+
+    def encode(rows: np.ndarray) -> None:
+        codes[rows] = model.tokenizer.encode(loader.build(rows + lo), model.history_keep)
+
+    map_row_batches(encode, hi - lo, batch_size, workers, progress, desc="SIF export")
+    rows = slice(lo, hi)
+    side = np.stack([np.asarray(ds.response_column(r)[rows]) for r in ds.schema.response_names], 1)
+    return store.write_segment(
+        np.asarray(ds.col("_instance_id")[rows]),
+        np.asarray(ds.col("_user_key")[rows]),
+        np.asarray(ds.col("_ts")[rows]),
+        codes,
+        side,
+        ds.response_available_at(np.arange(lo, hi)),
+    )
 
 
 def _history_fields(model: SIF) -> list[str] | None:
@@ -119,9 +164,11 @@ def _history_fields(model: SIF) -> list[str] | None:
     return None if keep is None else [n for n, k in zip(names, keep.tolist(), strict=True) if k]
 
 
-def _stored_codes(model: SIF, ds: PreparedDataset, path: str | Path, codes: np.ndarray) -> int:
-    """Copy the codes an earlier export of the same model holds for the dataset's first rows into ``codes``;
-    return how many rows they cover (0 when there is no store yet)."""
+def _reuse_stored_codes(
+    model: SIF, ds: PreparedDataset, path: str | Path, store: LocalTokenStore, rows_per_segment: int
+) -> int:
+    """Copy the codes an earlier export of the same model holds for the dataset's first rows into segments of
+    the new staged ``store``; return how many rows they cover (0 when there is no store yet)."""
     if not (Path(path) / "CURRENT").exists():
         return 0
     old = LocalTokenStore.open(path)
@@ -132,9 +179,22 @@ def _stored_codes(model: SIF, ds: PreparedDataset, path: str | Path, codes: np.n
     )
     if old.meta.get("kind") != "sif" or not same_model:
         raise StoreError(f"{path}: not codes of this model's codebooks; export without append")
-    cols = old.columns()
-    k = len(cols["instance_id"])
-    if k > ds.n_rows or not np.array_equal(cols["instance_id"], np.asarray(ds.col("_instance_id"))[:k]):
+    k = len(old)
+    ids = old._key_column("instance_id")
+    if k > ds.n_rows or not np.array_equal(ids, np.asarray(ds.col("_instance_id"))[:k]):
         raise StoreError(f"{path}: holds other rows than the dataset's first {k}; export without append")
-    codes[:k] = cols["payload"]
+    names = []
+    for lo in range(0, k, rows_per_segment):
+        rows = np.arange(lo, min(lo + rows_per_segment, k))
+        names.append(
+            store.write_segment(
+                ids[rows],
+                old._take("user", rows),
+                old._take("ts", rows),
+                old._take("payload", rows),
+                old._take("side", rows),
+                old._take("avail", rows),
+            )
+        )
+    store.add_segments(names)
     return k
