@@ -151,3 +151,22 @@ def test_a_failed_ray_export_task_leaves_the_previous_store_readable(cluster, pa
     after = LocalTokenStore.open(tmp_path / "codes")
     assert after.version == before.version and after.manifest["segments"] == before.manifest["segments"]
     np.testing.assert_array_equal(after.columns()["payload"], LocalTokenStore.open(before.root).columns()["payload"])
+
+
+def test_ray_iat_causal_export_equals_the_local_export(cluster, partitions, tmp_path, monkeypatch):
+    from sampletok.store import LocalTokenStore
+    from sampletok.tokenizers import ray_export
+    from sampletok.tokenizers.iat import IATSourceConfig, build_store
+
+    schema, paths = partitions
+    ds = prepare(FileSource(paths), schema, tmp_path / "ds", progress=False)
+    cfg = IATSourceConfig(scheme="user", epochs=1, hidden=[32], decompress=[16], emb_dim=8, window=8, folds=2,
+                          dtype="float32")  # fmt: skip
+    monkeypatch.setattr(ray_export, "ROWS_PER_TASK", 400)  # several tasks per fold
+    local = build_store(ds, cfg, 1, tmp_path / "local", progress=False)
+    remote = build_store(ds, cfg, 1, tmp_path / "ray", progress=False, engine="ray")
+    a, b = LocalTokenStore.open(local.root).columns(), LocalTokenStore.open(remote.root).columns()
+    for name in ("instance_id", "user", "ts", "side", "avail"):
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    np.testing.assert_allclose(a["payload"], b["payload"], rtol=1e-5, atol=1e-6)
+    assert remote.meta["producer"] == local.meta["producer"]  # the same source model

@@ -334,15 +334,18 @@ def iat_build(
     scheme: str = typer.Option("user", help="temporal | user | user_stream"),
     param: list[str] | None = typer.Option(None, "--param", "-p", help="IATSourceConfig field key=value"),
     seed: int = typer.Option(2021),
+    engine: str = typer.Option("local", help="local | ray: the embedding passes as Ray Data jobs (ray extra)"),
 ):
     """Train a source model and export every instance's token, time-causally by default (fold k's tokens from
     the state trained on earlier folds only; `-p export_order=in_sample` for the leaky ablation)."""
     from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.tokenizers.iat import build_store, source_model_path
 
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine must be local or ray, got '{engine}'")
     ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
     cfg = _source_config(scheme, _parse_params(param))
-    st = build_store(ds, cfg, seed, store)
+    st = build_store(ds, cfg, seed, store, engine=cast(Literal["local", "ray"], engine))
     console.print(
         f"exported {len(st):,} {cfg.export_order} instance tokens → {store} (producer "
         f"{st.meta['producer']}; final source model {source_model_path(store)})",

@@ -63,13 +63,19 @@ class HistoryIndex:
         self.n_rows = len(ts)
         # sort by (user, ts); lexsort is stable, so ties keep row order (no row-number key: 8 bytes a row less)
         self.order = np.lexsort((ts, user)).astype(np.int64, copy=False)
-        self.sorted_user = user[self.order]
+        sorted_user = user[self.order]
         self.sorted_ts = ts[self.order]
         self.ts = ts
         self.response_delay = np.asarray(response_delay if response_delay is not None else [], dtype=np.int64)
         self.known_at = {k: np.asarray(v, dtype=np.int64) for k, v in (known_at or {}).items()}
         # composite key (user rank, ts) → one sorted int64 array, so a batch of lookups is one searchsorted
-        self._users, self._user_rank = np.unique(self.sorted_user, return_inverse=True)
+        # kept after construction: order, sorted_ts, _key (24 bytes a row) and the per-user arrays
+        # the rows are sorted by user: each user's first position, its key, and every row's user rank, no sort
+        boundary = np.r_[True, sorted_user[1:] != sorted_user[:-1]] if self.n_rows else np.zeros(0, bool)
+        starts = np.flatnonzero(boundary)
+        self._users = sorted_user[starts]
+        user_rank = np.cumsum(boundary) - 1
+        del boundary, sorted_user
         self._ts_min = int(ts.min()) if self.n_rows else 0
         ts_span = (int(ts.max()) - self._ts_min + 2) if self.n_rows else 2
         if (len(self._users) + 1) * ts_span >= 2**62:
@@ -79,12 +85,8 @@ class HistoryIndex:
                 "history index (must stay below 2^62); rescale the timestamp column (e.g. to seconds)",
             )
         self._span = ts_span
-        self._key = self._user_rank.astype(np.int64) * ts_span + (self.sorted_ts - self._ts_min)
-        starts = (
-            np.flatnonzero(np.r_[True, self.sorted_user[1:] != self.sorted_user[:-1]])
-            if self.n_rows
-            else np.zeros(0, dtype=np.int64)
-        )
+        self._key = user_rank.astype(np.int64, copy=False) * ts_span + (self.sorted_ts - self._ts_min)
+        del user_rank
         self._user_start = starts
 
     def _positions(self, users: np.ndarray, request_ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

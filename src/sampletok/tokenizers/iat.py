@@ -47,7 +47,7 @@ from sampletok.atomic import locked, save_torch
 from sampletok.data.batches import BatchLoader, history_index
 from sampletok.data.history import HistoryIndex
 from sampletok.data.prepare import PreparedDataset
-from sampletok.errors import StoreError, load_torch_dict
+from sampletok.errors import ConfigError, StoreError, load_torch_dict
 from sampletok.features import Batch, FeatureLayout
 from sampletok.nn import MLP, FeatureEmbedding, TargetAttention, TransformerBlock
 from sampletok.nn.inference import map_row_batches
@@ -270,7 +270,11 @@ def fold_of_rows(ds: PreparedDataset, cfg: IATSourceConfig) -> np.ndarray:
 
 
 def causal_embeddings(
-    ds: PreparedDataset, cfg: IATSourceConfig, seed: int, progress: bool = True
+    ds: PreparedDataset,
+    cfg: IATSourceConfig,
+    seed: int,
+    progress: bool = True,
+    engine: Literal["local", "ray"] = "local",
 ) -> tuple[np.ndarray, SourceModel]:
     """[N, emb_dim] tokens of the causal export and the final source model (see the module docstring).
 
@@ -293,7 +297,7 @@ def causal_embeddings(
     for k in range(cfg.folds + 1):
         rows_k = np.flatnonzero(fold == k)
         if len(rows_k):  # embed fold k with the state trained on labels known before it starts
-            out[rows_k] = embed_all(trainer.model, ds, rows=rows_k, progress=progress)
+            out[rows_k] = embed_all(trainer.model, ds, rows=rows_k, progress=progress, engine=engine)
         if k < cfg.folds:
             now = ~trained & (known_at < next_start[k])
             trainer.train(train_rows[now], progress=progress, desc=f" fold {k + 1}/{cfg.folds}")
@@ -357,15 +361,23 @@ def embed_all(
     progress: bool = True,
     workers: int | None = None,
     rows: np.ndarray | None = None,
+    engine: Literal["local", "ray"] = "local",
 ) -> np.ndarray:
     """[len(rows), emb_dim] exported embedding of ``rows`` (default: every row; pre-SIT z, or post-SIT per
-    ``cfg.export``), computed on ``workers`` threads (default: every core; see :mod:`sampletok.nn.inference`)."""
+    ``cfg.export``), computed on ``workers`` threads (default: every core; see :mod:`sampletok.nn.inference`),
+    or with ``engine="ray"`` as a Ray Data job over ranges of rows (pre-SIT only; equal, tested)."""
     model.eval()
     layout = FeatureLayout.from_dataset(ds)
     loader = BatchLoader(
         ds, np.zeros(0, np.int64), batch_size, index=history_index(ds), layout=layout, hist_len=model.cfg.hist_len
     )
     rows = np.arange(ds.n_rows) if rows is None else np.asarray(rows, np.int64)
+    if engine == "ray":
+        if model.cfg.export == "post_sit" and model.use_sit:
+            raise ConfigError("engine ray embeds rows independently: it needs export: pre_sit (the default)")
+        from sampletok.tokenizers.ray_export import embed_rows_with_ray
+
+        return embed_rows_with_ray(model, ds, rows, batch_size)
     if model.cfg.export == "pre_sit" or not model.use_sit:
         out = np.zeros((len(rows), model.cfg.emb_dim), np.float32)
 
@@ -407,12 +419,13 @@ def export_to_store(
     progress: bool = True,
     chunk: int = 1 << 20,
     embeddings: np.ndarray | None = None,
+    engine: Literal["local", "ray"] = "local",
 ) -> LocalTokenStore:
     """Write every instance's token, with its labels and their availability times, to a token store.
     ``embeddings`` [N, emb_dim] are the tokens (the causal export's); by default ``model`` embeds every
     instance (in-sample)."""
     t0 = time.time()
-    emb = embed_all(model, ds, progress=progress) if embeddings is None else embeddings
+    emb = embed_all(model, ds, progress=progress, engine=engine) if embeddings is None else embeddings
     seconds = time.time() - t0
     keep = np.flatnonzero(ds.where(model.cfg.rows_where))
     store = LocalTokenStore.create(
@@ -470,16 +483,21 @@ def build_or_load_store(
 
 
 def build_store(
-    ds: PreparedDataset, cfg: IATSourceConfig, seed: int, path: str | Path, progress: bool = True
+    ds: PreparedDataset,
+    cfg: IATSourceConfig,
+    seed: int,
+    path: str | Path,
+    progress: bool = True,
+    engine: Literal["local", "ray"] = "local",
 ) -> LocalTokenStore:
     """Train a source model and export every instance's token to ``path`` in ``cfg.export_order`` (causal or
     in-sample); the final source model is saved beside the tokens as ``source_model.pt`` (what
     `sampletok iat export` reads)."""
     if cfg.export_order == "causal":
-        emb, model = causal_embeddings(ds, cfg, seed, progress)
+        emb, model = causal_embeddings(ds, cfg, seed, progress, engine)
     else:
         model, emb = train_source(ds, cfg, seed, progress), None
-    store = export_to_store(model, ds, path, progress, embeddings=emb)
+    store = export_to_store(model, ds, path, progress, embeddings=emb, engine=engine)
     saved = {"config": cfg.model_dump(), "state_dict": model.state_dict(), "dataset": ds.fingerprint}
     save_torch(saved, source_model_path(path))
     return store

@@ -1,4 +1,5 @@
-"""SIF's code export as a Ray Data job: one task per segment of rows.
+"""The token exports as Ray Data jobs: SIF's codes (one task per store segment) and IAT's embeddings (one task
+per range of rows, pre-SIT tokens, which depend on their own row only).
 
 The driver creates the staged token store and puts the frozen model in Ray's object store; each task opens the
 prepared dataset (memory-mapped) and the staged store, encodes its rows with :func:`code_segment` (the local
@@ -14,9 +15,78 @@ from typing import TYPE_CHECKING, Any
 from sampletok.errors import ConfigError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from sampletok.data.prepare import PreparedDataset
     from sampletok.models.sif import SIF
     from sampletok.store import LocalTokenStore
+    from sampletok.tokenizers.iat import SourceModel
+
+ROWS_PER_TASK = 1 << 20  # IAT: rows a task embeds (its result travels back through Ray's object store)
+
+
+def _ray():  # noqa: ANN202 (the ray module)
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("engine ray needs Ray: pip install 'sampletok[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    return ray
+
+
+def embed_rows_with_ray(model: SourceModel, ds: PreparedDataset, rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """[len(rows), emb_dim] pre-SIT IAT tokens of ``rows``, one Ray task per ``ROWS_PER_TASK`` of them."""
+    import numpy as np
+
+    out = np.zeros((len(rows), model.cfg.emb_dim), np.float32)
+    if len(rows) == 0:
+        return out
+    ray = _ray()
+    state = {"model": ray.put(model.eval()), "dataset": str(ds.root.resolve()), "batch_size": batch_size}
+    tasks = [{"index": i, "rows": rows[i : i + ROWS_PER_TASK]} for i in range(0, len(rows), ROWS_PER_TASK)]
+    actors = max(1, min(len(tasks), int(ray.cluster_resources().get("CPU", 1))))
+    job = ray.data.from_items(tasks).map(
+        _EmbedRows,
+        fn_constructor_kwargs={"state": state},
+        concurrency=actors,
+    )
+    for r in job.take_all():
+        i = int(r["index"])
+        out[i : i + len(r["emb"])] = r["emb"]
+    return out
+
+
+class _EmbedRows:
+    """A Ray Data map actor: the source model and the dataset (memory-mapped, with its history index) opened
+    once, then the tokens of one range of rows per task."""
+
+    def __init__(self, state: dict[str, Any]):
+        import numpy as np
+        import ray
+        import torch
+
+        from sampletok.data.batches import BatchLoader, history_index
+        from sampletok.data.prepare import PreparedDataset
+
+        torch.set_num_threads(1)  # one actor per CPU
+        self.model = ray.get(state["model"]).eval()
+        ds = PreparedDataset(state["dataset"])
+        self.loader = BatchLoader(
+            ds, np.zeros(0, np.int64), state["batch_size"], index=history_index(ds), hist_len=self.model.cfg.hist_len
+        )
+        self.batch_size = state["batch_size"]
+
+    def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        rows = np.asarray(task["rows"], np.int64)
+        parts = []
+        with torch.inference_mode():
+            for i in range(0, len(rows), self.batch_size):  # a loop over batches, not rows
+                parts.append(self.model.compress(self.loader.build(rows[i : i + self.batch_size])).numpy())
+        return {"index": task["index"], "emb": np.concatenate(parts).astype(np.float32)}
 
 
 def encode_segments_with_ray(
@@ -24,14 +94,9 @@ def encode_segments_with_ray(
 ) -> list[str]:
     """Encode each row range [lo, hi) of ``ds`` as one segment of the staged ``store`` in a Ray task; the
     segments' names in the order of ``ranges``."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("engine ray needs Ray: pip install 'sampletok[ray]'") from None
     if not ranges:
         return []
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    ray = _ray()
     state = {
         "model": ray.put(model),
         "dataset": str(ds.root.resolve()),
@@ -42,7 +107,7 @@ def encode_segments_with_ray(
     tasks = [{"index": i, "lo": lo, "hi": hi} for i, (lo, hi) in enumerate(ranges)]
     actors = max(1, min(len(tasks), int(ray.cluster_resources().get("CPU", 1))))
     job = ray.data.from_items(tasks).map(
-        _EncodeSegment,  # type: ignore[arg-type]
+        _EncodeSegment,
         fn_constructor_kwargs={"state": state},
         concurrency=actors,
     )
