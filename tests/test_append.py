@@ -228,3 +228,23 @@ def test_iat_append_refuses_new_rows_inside_the_training_window(log, tmp_path):
     grown = append(ds.root, FrameSource(old.filter(held), name="late-arrivals.csv"), progress=False)
     with pytest.raises(StoreError, match="inside the training window"):
         append_tokens(tmp_path / "tokens", grown, progress=False)
+
+
+def test_iat_append_refuses_new_rows_earlier_than_stored_rows_of_their_user(log, tmp_path):
+    """A late-arriving row after the training window, but before rows of its user already exported, would be
+    in those rows' history: a rebuild would change their tokens, so the append is refused."""
+    from sampletok.errors import StoreError
+    from sampletok.tokenizers.iat import IATSourceConfig, append_tokens, build_store
+
+    schema, old, new, split = log
+    after = old.filter(pl.col("ts") >= split.cut_ts[1])  # the test period of the old rows
+    counts = after.group_by(schema.user).len().filter(pl.col("len") >= 2)
+    user = counts.get_column(schema.user)[0]
+    first = after.filter(pl.col(schema.user) == user).sort("ts").head(1)
+    late = (pl.col(schema.user) == user) & (pl.col("ts") == first.get_column("ts")[0])
+    ds = _prepared(tmp_path, "iat-ds", schema, old.filter(~late), split)
+    cfg = IATSourceConfig(scheme="user", epochs=1, hidden=[32], decompress=[16], emb_dim=8, window=8, folds=2)
+    build_store(ds, cfg, 1, tmp_path / "tokens", progress=False)
+    grown = append(ds.root, FrameSource(old.filter(late), name="late-arrivals.csv"), progress=False)
+    with pytest.raises(StoreError, match="earlier than rows of its user"):
+        append_tokens(tmp_path / "tokens", grown, progress=False)

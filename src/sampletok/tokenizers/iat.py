@@ -493,6 +493,8 @@ def build_store(
     """Train a source model and export every instance's token to ``path`` in ``cfg.export_order`` (causal or
     in-sample); the final source model is saved beside the tokens as ``source_model.pt`` (what
     `sampletok iat export` reads)."""
+    if engine == "ray" and cfg.export == "post_sit" and cfg.scheme != "temporal":
+        raise ConfigError("engine ray embeds rows independently of their windows: it needs export: pre_sit")
     if cfg.export_order == "causal":
         emb, model = causal_embeddings(ds, cfg, seed, progress, engine)
     else:
@@ -528,17 +530,30 @@ def append_tokens(path: str | Path, ds: PreparedDataset, progress: bool = True) 
         raise StoreError(f"{path}: source_model.pt is not the model that wrote these tokens; build it again")
     keep = np.flatnonzero(ds.where(cfg.rows_where))
     new = keep[~np.isin(np.asarray(ds.col("_instance_id"))[keep], store._key_column("instance_id"))]
-    if len(new) == 0:
-        if store.meta.get("dataset") != ds.fingerprint:
-            raise StoreError(f"{path}: holds every row of {ds.root} but was exported for another dataset")
-        return store
     if (np.asarray(ds.col("_split"))[new] == 0).any():
         first = int(new[np.asarray(ds.col("_split"))[new] == 0][0])
         raise StoreError(
             f"{path}: dataset row {first} is new and inside the training window, whose tokens come from the "
             "causal export's fold states: build the store again"
         )
-    emb = embed_all(model, ds, progress=progress, rows=new)
+    # a token reads its row's history: a new row earlier than a stored row of its user would change that
+    # stored token in a rebuild (history is strictly before, so an equal timestamp changes nothing)
+    users, ts = store._key_column("user"), store._key_column("ts")
+    known, inverse = np.unique(users, return_inverse=True)
+    latest = np.full(len(known), np.iinfo(np.int64).min, np.int64)
+    np.maximum.at(latest, inverse.reshape(-1), ts)
+    new_user, new_ts = np.asarray(ds.col("_user_key"))[new], np.asarray(ds.col("_ts"))[new]
+    at = np.minimum(np.searchsorted(known, new_user), max(len(known) - 1, 0))
+    seen = (known[at] == new_user) if len(known) else np.zeros(len(new), bool)
+    early = seen & (new_ts < latest[at])
+    if early.any():
+        raise StoreError(
+            f"{path}: dataset row {int(new[early][0])} is new and earlier than rows of its user already in the "
+            "store, whose tokens read it as history: build the store again"
+        )
+    if len(new) == 0 and store.meta.get("dataset") == ds.fingerprint:
+        return store
+    emb = embed_all(model, ds, progress=progress, rows=new) if len(new) else np.zeros((0, cfg.emb_dim), np.float32)
     side = np.stack([np.asarray(ds.response_column(r))[new] for r in ds.schema.response_names], 1)
     store.append(
         np.asarray(ds.col("_instance_id"))[new],

@@ -1,5 +1,6 @@
 """The token exports as Ray Data jobs: SIF's codes (one task per store segment) and IAT's embeddings (one task
-per range of rows, pre-SIT tokens, which depend on their own row only).
+per range of rows: pre-SIT tokens, which depend on their row and its history, read by every task from the
+memory-mapped dataset; post-SIT tokens also depend on the user's window of tokens and stay local).
 
 The driver creates the staged token store and puts the frozen model in Ray's object store; each task opens the
 prepared dataset (memory-mapped) and the staged store, encodes its rows with :func:`code_segment` (the local
@@ -51,8 +52,11 @@ def embed_rows_with_ray(model: SourceModel, ds: PreparedDataset, rows: np.ndarra
         fn_constructor_kwargs={"state": state},
         concurrency=actors,
     )
-    for r in job.take_all():
-        i = int(r["index"])
+    results = job.take_all()
+    if sorted(int(r["index"]) for r in results) != [t["index"] for t in tasks]:
+        raise RuntimeError(f"ray export returned {len(results)} of {len(tasks)} row ranges")
+    for r in results:
+        i = int(r["index"])  # the range's first position in `rows`
         out[i : i + len(r["emb"])] = r["emb"]
     return out
 
