@@ -68,9 +68,9 @@ class HistoryIndex:
         self.ts = ts
         self.response_delay = np.asarray(response_delay if response_delay is not None else [], dtype=np.int64)
         self.known_at = {k: np.asarray(v, dtype=np.int64) for k, v in (known_at or {}).items()}
-        # composite key (user rank, ts) → one sorted int64 array, so a batch of lookups is one searchsorted
-        # kept after construction: order, sorted_ts, _key (24 bytes a row) and the per-user arrays
-        # the rows are sorted by user: each user's first position, its key, and every row's user rank, no sort
+        # composite key (user rank, ts) → one sorted int64 array, so a batch of lookups is one searchsorted. The
+        # rows are sorted by user already, so users and ranks need no sort; kept: order, sorted_ts and _key
+        # (24 bytes a row) and the per-user arrays
         boundary = np.r_[True, sorted_user[1:] != sorted_user[:-1]] if self.n_rows else np.zeros(0, bool)
         starts = np.flatnonzero(boundary)
         self._users = sorted_user[starts]

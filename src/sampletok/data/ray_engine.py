@@ -38,10 +38,6 @@ def encode_with_ray(
 ) -> None:
     """Encode every kept row (``source_split >= 0``, in source order) of ``source`` into the column files of
     ``columns_dir`` (created by the driver at their final size), one Ray task per input file."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--engine ray needs Ray: pip install 'sampletok[ray]'") from None
     tasks: list[dict[str, Any]] = []
     read, written = 0, 0
     for i, path in enumerate(source.paths):
@@ -50,8 +46,6 @@ def encode_with_ray(
         # absolute paths: a worker's working directory need not be the driver's
         tasks.append({"index": i, "path": str(path.resolve()), "first": written, "split": keep})
         read, written = read + n, written + int((keep >= 0).sum())
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
     state = {
         "schema": schema,
         "stats": stats,
@@ -59,14 +53,7 @@ def encode_with_ray(
         "chunk_rows": source.chunk_rows,
         "delimiter": source.delimiter,
     }
-    # one actor per CPU of the cluster (never more than files): each opens the staged columns once
-    actors = max(1, min(len(tasks), int(ray.cluster_resources().get("CPU", 1))))
-    encode = ray.data.from_items(tasks).map(
-        _EncodeFile,  # type: ignore[arg-type]
-        fn_constructor_kwargs={"state": state},
-        concurrency=actors,
-    )
-    results = sorted(encode.take_all(), key=lambda r: r["index"])  # the first bad file in source order
+    results = map_with_ray(_EncodeFile, state, tasks)  # in source order: the first bad file is reported
     failed = [r for r in results if r["error"]]
     if failed:  # a task's bad input: the same one-line error as the local engine's (not Ray's wrapped traceback)
         origin, message, column, row = failed[0]["error"]
@@ -74,6 +61,31 @@ def encode_with_ray(
     rows = sum(int(r["rows"]) for r in results)
     if rows != written:
         raise RuntimeError(f"ray encode wrote {rows} rows, expected {written}")
+
+
+def ray_module() -> Any:
+    """The ``ray`` module, connected to a running cluster or a local one it starts (a one-line error without
+    the extra)."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--engine ray needs Ray: pip install 'sampletok[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    return ray
+
+
+def map_with_ray(actor: type, state: dict[str, Any], tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``actor(state)(task)`` over ``tasks`` (each with an ``index``) as one Ray Data job, one actor per CPU
+    of the cluster and never more than tasks (each actor opens what ``state`` names once); the results in task
+    order, every task's present."""
+    ray = ray_module()
+    actors = max(1, min(len(tasks), int(ray.cluster_resources().get("CPU", 1))))
+    job = ray.data.from_items(tasks).map(actor, fn_constructor_kwargs={"state": state}, concurrency=actors)
+    results = sorted(job.take_all(), key=lambda r: int(r["index"]))
+    if [int(r["index"]) for r in results] != [int(t["index"]) for t in tasks]:
+        raise RuntimeError(f"the ray job returned {len(results)} results for {len(tasks)} tasks")
+    return results
 
 
 class _EncodeFile:

@@ -373,8 +373,7 @@ def embed_all(
     )
     rows = np.arange(ds.n_rows) if rows is None else np.asarray(rows, np.int64)
     if engine == "ray":
-        if model.cfg.export == "post_sit" and model.use_sit:
-            raise ConfigError("engine ray embeds rows independently: it needs export: pre_sit (the default)")
+        _check_engine(model.cfg, engine)
         from sampletok.tokenizers.ray_export import embed_rows_with_ray
 
         return embed_rows_with_ray(model, ds, rows, batch_size)
@@ -410,6 +409,12 @@ def embed_all(
         desc="IAT export (post-SIT)",
     )
     return full[rows]
+
+
+def _check_engine(cfg: IATSourceConfig, engine: str) -> None:
+    """Ray tasks embed ranges of rows: post-SIT tokens, which read the user's window of tokens, stay local."""
+    if engine == "ray" and cfg.export == "post_sit" and cfg.scheme != "temporal":  # temporal: no SIT
+        raise ConfigError("engine ray embeds rows independently of their windows: it needs export: pre_sit")
 
 
 def export_to_store(
@@ -493,8 +498,7 @@ def build_store(
     """Train a source model and export every instance's token to ``path`` in ``cfg.export_order`` (causal or
     in-sample); the final source model is saved beside the tokens as ``source_model.pt`` (what
     `sampletok iat export` reads)."""
-    if engine == "ray" and cfg.export == "post_sit" and cfg.scheme != "temporal":
-        raise ConfigError("engine ray embeds rows independently of their windows: it needs export: pre_sit")
+    _check_engine(cfg, engine)  # before the source model trains
     if cfg.export_order == "causal":
         emb, model = causal_embeddings(ds, cfg, seed, progress, engine)
     else:
@@ -538,14 +542,9 @@ def append_tokens(path: str | Path, ds: PreparedDataset, progress: bool = True) 
         )
     # a token reads its row's history: a new row earlier than a stored row of its user would change that
     # stored token in a rebuild (history is strictly before, so an equal timestamp changes nothing)
-    users, ts = store._key_column("user"), store._key_column("ts")
-    known, inverse = np.unique(users, return_inverse=True)
-    latest = np.full(len(known), np.iinfo(np.int64).min, np.int64)
-    np.maximum.at(latest, inverse.reshape(-1), ts)
     new_user, new_ts = np.asarray(ds.col("_user_key"))[new], np.asarray(ds.col("_ts"))[new]
-    at = np.minimum(np.searchsorted(known, new_user), max(len(known) - 1, 0))
-    seen = (known[at] == new_user) if len(known) else np.zeros(len(new), bool)
-    early = seen & (new_ts < latest[at])
+    never = np.full(len(new), np.iinfo(np.int64).max // 4)
+    early = store.index.count_before(new_user, never) > store.index.count_before(new_user, new_ts + 1)
     if early.any():
         raise StoreError(
             f"{path}: dataset row {int(new[early][0])} is new and earlier than rows of its user already in the "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sampletok.errors import ConfigError
+from sampletok.data.ray_engine import map_with_ray, ray_module
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,16 +26,6 @@ if TYPE_CHECKING:
 ROWS_PER_TASK = 1 << 20  # IAT: rows a task embeds (its result travels back through Ray's object store)
 
 
-def _ray():  # noqa: ANN202 (the ray module)
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("engine ray needs Ray: pip install 'sampletok[ray]'") from None
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
-    return ray
-
-
 def embed_rows_with_ray(model: SourceModel, ds: PreparedDataset, rows: np.ndarray, batch_size: int) -> np.ndarray:
     """[len(rows), emb_dim] pre-SIT IAT tokens of ``rows``, one Ray task per ``ROWS_PER_TASK`` of them."""
     import numpy as np
@@ -43,19 +33,9 @@ def embed_rows_with_ray(model: SourceModel, ds: PreparedDataset, rows: np.ndarra
     out = np.zeros((len(rows), model.cfg.emb_dim), np.float32)
     if len(rows) == 0:
         return out
-    ray = _ray()
-    state = {"model": ray.put(model.eval()), "dataset": str(ds.root.resolve()), "batch_size": batch_size}
+    state = {"model": ray_module().put(model.eval()), "dataset": str(ds.root.resolve()), "batch_size": batch_size}
     tasks = [{"index": i, "rows": rows[i : i + ROWS_PER_TASK]} for i in range(0, len(rows), ROWS_PER_TASK)]
-    actors = max(1, min(len(tasks), int(ray.cluster_resources().get("CPU", 1))))
-    job = ray.data.from_items(tasks).map(
-        _EmbedRows,
-        fn_constructor_kwargs={"state": state},
-        concurrency=actors,
-    )
-    results = job.take_all()
-    if sorted(int(r["index"]) for r in results) != [t["index"] for t in tasks]:
-        raise RuntimeError(f"ray export returned {len(results)} of {len(tasks)} row ranges")
-    for r in results:
+    for r in map_with_ray(_EmbedRows, state, tasks):
         i = int(r["index"])  # the range's first position in `rows`
         out[i : i + len(r["emb"])] = r["emb"]
     return out
@@ -100,25 +80,15 @@ def encode_segments_with_ray(
     segments' names in the order of ``ranges``."""
     if not ranges:
         return []
-    ray = _ray()
     state = {
-        "model": ray.put(model),
+        "model": ray_module().put(model),
         "dataset": str(ds.root.resolve()),
         "store": str(store.root.resolve()),
         "manifest": store.manifest,
         "batch_size": batch_size,
     }
     tasks = [{"index": i, "lo": lo, "hi": hi} for i, (lo, hi) in enumerate(ranges)]
-    actors = max(1, min(len(tasks), int(ray.cluster_resources().get("CPU", 1))))
-    job = ray.data.from_items(tasks).map(
-        _EncodeSegment,
-        fn_constructor_kwargs={"state": state},
-        concurrency=actors,
-    )
-    results = sorted(job.take_all(), key=lambda r: r["index"])
-    if [r["index"] for r in results] != list(range(len(ranges))):
-        raise RuntimeError(f"ray export returned segments {[r['index'] for r in results]} of {len(ranges)}")
-    return [r["segment"] for r in results]
+    return [r["segment"] for r in map_with_ray(_EncodeSegment, state, tasks)]
 
 
 class _EncodeSegment:
