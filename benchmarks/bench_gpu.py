@@ -36,7 +36,7 @@ def main() -> None:
     from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
     from sampletok.features import FeatureLayout
     from sampletok.models import build_model
-    from sampletok.tokenizers.steps import export_codes
+    from sampletok.tokens.sif import export_codes
     from sampletok.train.trainer import TrainConfig
 
     ap = argparse.ArgumentParser()

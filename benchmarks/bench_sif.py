@@ -175,7 +175,7 @@ def bench_model(tmp: Path, lengths: list[int], requests: int) -> None:
     from sampletok.data.batches import BatchLoader, TokenSource, history_index
     from sampletok.features import FeatureLayout
     from sampletok.models import build_model
-    from sampletok.tokenizers.steps import export_codes
+    from sampletok.tokens.sif import export_codes
 
     ds = _prepared(tmp, n_users=48, events_per_user=2000, n_fields=24, days=400)
     layout = FeatureLayout.from_dataset(ds)

@@ -62,7 +62,8 @@ def main() -> None:
         from sampletok.data.prepare import prepare
         from sampletok.data.sources.movielens import load_movielens
         from sampletok.features import FeatureLayout
-        from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, embed_all
+        from sampletok.tokenizers.iat import IATSourceConfig, SourceModel
+        from sampletok.tokens.iat import embed_all
 
         with tempfile.TemporaryDirectory() as d:
             src, schema = load_movielens(a.export_ml100k)

@@ -155,7 +155,7 @@ def test_sif_code_export_appends_only_the_new_rows(log, tmp_path, monkeypatch):
     from sampletok.models import build_model
     from sampletok.store import LocalTokenStore
     from sampletok.tokenizers.hgaq import SampleTokenizer
-    from sampletok.tokenizers.steps import export_codes
+    from sampletok.tokens.sif import export_codes
 
     schema, old, new, split = log
     ds = _prepared(tmp_path, "codes-ds", schema, old, split)
@@ -182,7 +182,8 @@ def test_sif_code_export_appends_only_the_new_rows(log, tmp_path, monkeypatch):
 
 def test_iat_tokens_of_the_new_rows_are_appended_as_a_rebuild_would_write_them(log, tmp_path, monkeypatch):
     from sampletok.store import LocalTokenStore
-    from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, append_tokens, build_store
+    from sampletok.tokenizers.iat import IATSourceConfig, SourceModel
+    from sampletok.tokens.iat import append_tokens, build_store
 
     schema, old, new, split = log
     ds = _prepared(tmp_path, "iat-ds", schema, old, split)
@@ -208,17 +209,18 @@ def test_iat_tokens_of_the_new_rows_are_appended_as_a_rebuild_would_write_them(l
     # a model reading the grown store on the grown dataset accepts it
     from sampletok.features import FeatureLayout
     from sampletok.models import build_model
-    from sampletok.tokenizers.steps import model_tokens
+    from sampletok.tokens import open_tokens
 
     iat = build_model("iat", FeatureLayout.from_dataset(grown), store=str(tmp_path / "tokens"), length=8,
                       source=cfg.model_dump())  # fmt: skip
-    tokens = model_tokens(iat, grown, seed=1, hist_len=5)
+    tokens = open_tokens(iat, grown, seed=1, hist_len=5)
     assert tokens is not None and len(tokens.store) == len(old) + len(new)
 
 
 def test_iat_append_refuses_new_rows_inside_the_training_window(log, tmp_path):
     from sampletok.errors import StoreError
-    from sampletok.tokenizers.iat import IATSourceConfig, append_tokens, build_store
+    from sampletok.tokenizers.iat import IATSourceConfig
+    from sampletok.tokens.iat import append_tokens, build_store
 
     schema, old, new, split = log
     held = (pl.col(schema.user) == old.get_column(schema.user)[0]) & (pl.col("ts") < split.cut_ts[0])
@@ -234,7 +236,8 @@ def test_iat_append_refuses_new_rows_earlier_than_stored_rows_of_their_user(log,
     """A late-arriving row after the training window, but before rows of its user already exported, would be
     in those rows' history: a rebuild would change their tokens, so the append is refused."""
     from sampletok.errors import StoreError
-    from sampletok.tokenizers.iat import IATSourceConfig, append_tokens, build_store
+    from sampletok.tokenizers.iat import IATSourceConfig
+    from sampletok.tokens.iat import append_tokens, build_store
 
     schema, old, new, split = log
     after = old.filter(pl.col("ts") >= split.cut_ts[1])  # the test period of the old rows

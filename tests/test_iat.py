@@ -7,16 +7,10 @@ from sampletok.errors import ConfigError
 from sampletok.features import FeatureLayout
 from sampletok.models import build_model
 from sampletok.store import LocalTokenStore
-from sampletok.tokenizers.iat import (
-    IATSourceConfig,
-    SourceModel,
-    _train_stream_epoch,
-    embed_all,
-    export_to_store,
-    train_source,
-    user_windows,
-)
-from sampletok.tokenizers.steps import model_tokens
+from sampletok.tokenizers.iat import IATSourceConfig, SourceModel
+from sampletok.tokens import open_tokens
+from sampletok.tokens.iat import embed_all, export_to_store
+from sampletok.tokens.iat_source import _train_stream_epoch, train_source, user_windows
 
 FAST = dict(epochs=1, hidden=[64, 32], decompress=[32], emb_dim=16, window=16, batch_size=512, dtype="float32")
 
@@ -156,7 +150,7 @@ def test_iat_model_cannot_see_the_future(synth_prepared, store, tmp_path):
     """Rewriting every stored instance at or after a request's time leaves that request's score unchanged."""
     layout = FeatureLayout.from_dataset(synth_prepared)
     model = build_model("iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), length=20).eval()
-    tokens = model_tokens(model, synth_prepared, seed=1, hist_len=50)
+    tokens = open_tokens(model, synth_prepared, seed=1, hist_len=50)
     users = np.asarray(synth_prepared.col("_user_key"))
     valid_rows = synth_prepared.rows("valid")
     _, first = np.unique(users[valid_rows], return_index=True)
@@ -201,7 +195,7 @@ def test_iat_model_cannot_see_the_future(synth_prepared, store, tmp_path):
 def test_iat_forward_backward_on_bases(synth_prepared, store, params):
     layout = FeatureLayout.from_dataset(synth_prepared)
     model = build_model("iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), length=10, **params)
-    tokens = model_tokens(model, synth_prepared, seed=1, hist_len=50)
+    tokens = open_tokens(model, synth_prepared, seed=1, hist_len=50)
     rows = synth_prepared.rows("train")[:64]
     batch = BatchLoader(synth_prepared, rows, 64, tokens=tokens).build(rows)
     snapshot = np.array(store._columns()["payload"]).copy()
@@ -217,7 +211,7 @@ def test_store_from_another_dataset_is_refused(synth_prepared, toy_prepared, sto
     layout = FeatureLayout.from_dataset(toy_prepared)
     model = build_model("iat", layout, store=str(store.root), source=dict(scheme="user", **FAST))
     with pytest.raises(ConfigError, match="exported for dataset"):
-        model_tokens(model, toy_prepared, seed=0, hist_len=4)
+        open_tokens(model, toy_prepared, seed=0, hist_len=4)
 
 
 def _one_request(loader: BatchLoader, rows: np.ndarray):
@@ -236,7 +230,7 @@ def test_a_shared_history_is_computed_once_with_the_same_scores(synth_prepared, 
     layout = FeatureLayout.from_dataset(synth_prepared)
     model = build_model("iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), length=10, **params)
     model.eval()
-    tokens = model_tokens(model, synth_prepared, seed=1, hist_len=50)
+    tokens = open_tokens(model, synth_prepared, seed=1, hist_len=50)
     rows = synth_prepared.rows("test")[:8]
     batch = _one_request(BatchLoader(synth_prepared, rows, 64, hist_len=20, tokens=tokens), rows)
     assert batch.tokens is not None and batch.tokens.mask.any() and batch.hist_mask.any()

@@ -9,7 +9,9 @@ import torch
 
 from sampletok.data.prepare import PreparedDataset
 from sampletok.errors import StoreError
-from sampletok.tokenizers.iat import IATSourceConfig, causal_embeddings, embed_all, fold_of_rows, train_source
+from sampletok.tokenizers.iat import IATSourceConfig
+from sampletok.tokens.iat import causal_embeddings, embed_all, fold_of_rows
+from sampletok.tokens.iat_source import train_source
 from sampletok.train.experiment import ModelSpec, load_trained, run_model
 from sampletok.train.trainer import TrainConfig
 

@@ -12,8 +12,9 @@ from sampletok.data.sources import FrameSource
 from sampletok.features import FeatureLayout
 from sampletok.models import build_model
 from sampletok.schema import Schema
-from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, export_to_store
-from sampletok.tokenizers.steps import export_codes
+from sampletok.tokenizers.iat import IATSourceConfig, SourceModel
+from sampletok.tokens.iat import export_to_store
+from sampletok.tokens.sif import export_codes
 
 HOUR_MS = 3_600_000
 

@@ -118,7 +118,7 @@ def _small_sif(ds):
 
 def test_ray_code_export_equals_the_local_export(cluster, partitions, tmp_path):
     from sampletok.store import LocalTokenStore
-    from sampletok.tokenizers.steps import export_codes
+    from sampletok.tokens.sif import export_codes
 
     schema, paths = partitions
     ds = prepare(FileSource(paths), schema, tmp_path / "ds", progress=False)
@@ -133,8 +133,7 @@ def test_ray_code_export_equals_the_local_export(cluster, partitions, tmp_path):
 
 def test_a_failed_ray_export_task_leaves_the_previous_store_readable(cluster, partitions, tmp_path):
     from sampletok.store import LocalTokenStore
-    from sampletok.tokenizers.ray_export import encode_segments_with_ray
-    from sampletok.tokenizers.steps import export_codes
+    from sampletok.tokens.sif import encode_segments_with_ray, export_codes
 
     schema, paths = partitions
     ds = prepare(FileSource(paths), schema, tmp_path / "ds", progress=False)
@@ -155,14 +154,15 @@ def test_a_failed_ray_export_task_leaves_the_previous_store_readable(cluster, pa
 
 def test_ray_iat_causal_export_equals_the_local_export(cluster, partitions, tmp_path, monkeypatch):
     from sampletok.store import LocalTokenStore
-    from sampletok.tokenizers import ray_export
-    from sampletok.tokenizers.iat import IATSourceConfig, build_store
+    from sampletok.tokenizers.iat import IATSourceConfig
+    from sampletok.tokens import iat as iat_tokens
+    from sampletok.tokens.iat import build_store
 
     schema, paths = partitions
     ds = prepare(FileSource(paths), schema, tmp_path / "ds", progress=False)
     cfg = IATSourceConfig(scheme="user", epochs=1, hidden=[32], decompress=[16], emb_dim=8, window=8, folds=2,
                           dtype="float32")  # fmt: skip
-    monkeypatch.setattr(ray_export, "ROWS_PER_TASK", 400)  # several tasks per fold
+    monkeypatch.setattr(iat_tokens, "ROWS_PER_TASK", 400)  # several tasks per fold
     local = build_store(ds, cfg, 1, tmp_path / "local", progress=False)
     remote = build_store(ds, cfg, 1, tmp_path / "ray", progress=False, engine="ray")
     a, b = LocalTokenStore.open(local.root).columns(), LocalTokenStore.open(remote.root).columns()

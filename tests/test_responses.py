@@ -214,8 +214,10 @@ def test_response_encoder_reads_the_named_responses_only(resp_ds):
 def test_store_exports_carry_response_availability(resp_ds, tmp_path):
     """The IAT token store and the SIF code store show a response exactly when the history index does, and
     IAT's side information reads only known responses (or none with ``side_responses: false``)."""
-    from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, export_to_store
-    from sampletok.tokenizers.steps import export_codes, model_tokens
+    from sampletok.tokenizers.iat import IATSourceConfig, SourceModel
+    from sampletok.tokens import open_tokens
+    from sampletok.tokens.iat import export_to_store
+    from sampletok.tokens.sif import export_codes
 
     layout = FeatureLayout.from_dataset(resp_ds)
     sif = build_model("sif", layout, hgaq={"codes": 16, "levels": 2})
@@ -234,7 +236,7 @@ def test_store_exports_carry_response_availability(resp_ds, tmp_path):
     for side_responses in (True, False):
         iat = build_model("iat", layout, store=str(tmp_path / "iat"), source={"emb_dim": 4}, length=6,
                           side_responses=side_responses)  # fmt: skip
-        tokens = model_tokens(iat, resp_ds, seed=0, hist_len=6, progress=False)
+        tokens = open_tokens(iat, resp_ds, seed=0, hist_len=6, progress=False)
         iat.eval()
         tb = BatchLoader(resp_ds, rows, len(rows), hist_len=6, tokens=tokens).build(rows)
         assert tb.tokens is not None

@@ -7,7 +7,7 @@ from sampletok.errors import ConfigError, StoreError
 from sampletok.features import FeatureLayout
 from sampletok.models import build_model
 from sampletok.models.sif import MixerBlock
-from sampletok.tokenizers.steps import export_codes
+from sampletok.tokens.sif import export_codes
 
 SMALL = dict(hgaq=dict(fields_per_token=4, codes=32), width=16, blocks=2, heads=2)
 

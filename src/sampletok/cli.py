@@ -339,7 +339,7 @@ def iat_build(
     """Train a source model and export every instance's token, time-causally by default (fold k's tokens from
     the state trained on earlier folds only; `-p export_order=in_sample` for the leaky ablation)."""
     from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
-    from sampletok.tokenizers.iat import build_store, source_model_path
+    from sampletok.tokens.iat import build_store, source_model_path
 
     if engine not in ("local", "ray"):
         raise ConfigError(f"--engine must be local or ray, got '{engine}'")
@@ -362,7 +362,7 @@ def iat_append(
     model: equal to building the store again when the new rows lie after the training window."""
     from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.store import LocalTokenStore
-    from sampletok.tokenizers.iat import append_tokens
+    from sampletok.tokens.iat import append_tokens
 
     ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
     before = len(LocalTokenStore.open(store))
@@ -397,7 +397,7 @@ def iat_fit_source(
     import torch
 
     from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
-    from sampletok.tokenizers.iat import train_source
+    from sampletok.tokens.iat_source import train_source
 
     ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
     cfg = _source_config(scheme, _parse_params(param)).model_copy(update={"export_order": "in_sample"})
@@ -419,7 +419,8 @@ def iat_export(
 
     from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.features import FeatureLayout
-    from sampletok.tokenizers.iat import IATSourceConfig, SourceModel, export_to_store
+    from sampletok.tokenizers.iat import IATSourceConfig, SourceModel
+    from sampletok.tokens.iat import export_to_store
 
     ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
     saved = load_torch_dict(
@@ -480,16 +481,17 @@ def sif_export(
     """Frozen export of every instance's HGAQ codes (uint8 T × M) to a token store."""
     from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.models.sif import SIF
-    from sampletok.tokenizers.steps import export_codes
+    from sampletok.tokens.sif import export_codes
     from sampletok.train.experiment import load_trained
 
     ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
     model = load_trained(ds, run).model
-    if not isinstance(model, SIF):
+    if model.name != "sif":
         raise ConfigError(
             f"--run {run}: holds a '{model.name}' model, not a SIF model (train one with `sampletok sif fit`)"
         )
-    st = export_codes(model.eval(), ds, store)
+    sif = cast(SIF, model)
+    st = export_codes(sif.eval(), ds, store)
     b = st.bytes_per_instance()
     console.print(
         f"exported codes of {len(st):,} instances → {store} ({st.meta['export_instances_per_s']:,.0f} "
@@ -498,10 +500,10 @@ def sif_export(
     from sampletok.report.codebooks import write_codebook_report
 
     u = write_codebook_report(
-        np.asarray(st.load_into_memory()._columns()["payload"]), model.cfg.codes, run, model.tokenizer.sub_tokens
+        np.asarray(st.load_into_memory()._columns()["payload"]), sif.cfg.codes, run, sif.tokenizer.sub_tokens
     )
     console.print(
-        f"codebook utilization: mean perplexity {u['mean_perplexity']:.1f} of {model.cfg.codes}, "
+        f"codebook utilization: mean perplexity {u['mean_perplexity']:.1f} of {sif.cfg.codes}, "
         f"{u['dead_fraction']:.1%} codes unused → {run / 'codebooks.png'}"
     )
 

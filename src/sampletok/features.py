@@ -83,6 +83,17 @@ class FeatureLayout:
         return [f.name for f in self.cat_fields + self.multi_fields + self.num_fields]
 
 
+@dataclass(frozen=True)
+class TokenInput:
+    """The token input a model reads, declared by the model (:attr:`RankingModel.token_input`) and served by
+    the token method of its ``kind`` (:mod:`sampletok.tokens`): ``store`` is a given store's location (None:
+    the method builds or finds one), ``length`` the tokens per request (None: the run's ``hist_len``)."""
+
+    kind: str  # "iat" (instance embeddings) or "sif" (sample codes)
+    store: str | None = None
+    length: int | None = None
+
+
 @dataclass
 class HistoryTokens:
     """Tokens a token store returned for a batch's requests (IAT instance embeddings or SIF codes): the last

@@ -13,7 +13,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -129,42 +129,139 @@ class BatchLoader:
     def build(self, rows: np.ndarray) -> Batch:
         """The batch for the given request rows (with its history samples and tokens when configured)."""
         rows = np.asarray(rows, dtype=np.int64)
-        batch = self._build(rows, self.hist_len)
+        history = self._history(rows, self.hist_len)
         if self.history_samples:
             # each distinct history row once, as a sample of its own (no nested history)
-            present = batch.hist_rows[batch.hist_mask].numpy()
+            present = history.rows[history.mask]
             uniq, inverse = np.unique(present, return_inverse=True)
-            index = np.full(batch.hist_rows.shape, -1, np.int64)
-            index[batch.hist_mask.numpy()] = inverse
-            batch.history_samples = self._build(uniq, 0)
-            batch.history_sample_index = torch.from_numpy(index)
-        if self.tokens is not None:
-            batch.tokens = self.tokens.fetch(batch.user.numpy(), batch.ts.numpy())
-        return batch
+            index = np.full(history.rows.shape, -1, np.int64)
+            index[history.mask] = inverse
+            history.samples, history.sample_index = self._requests(uniq), index
+            history.samples_history = self._history(uniq, 0)
+        requests = self._requests(rows)
+        tokens = self.tokens.fetch(requests.user, requests.ts) if self.tokens is not None else None
+        return build_batch(requests, history, tokens)
 
-    def _build(self, rows: np.ndarray, n: int) -> Batch:
-        users, ts = self._user[rows], self._ts[rows]
-        h = self.index.fetch(users, ts, n)
-        padded = np.where(h.mask, h.rows, len(self._seq_cat) - 1)  # empty positions → the padding row
-        hist_cat, hist_multi = self._seq_cat[padded], self._seq_multi[padded]
-        hist_responses = self._responses[np.where(h.mask, h.rows, 0)] * h.response_mask
-        t = torch.from_numpy
-        return Batch(
-            cat=t(self._cat[rows].astype(np.int64)),
-            multi=t(self._multi[rows].astype(np.int64)),
-            num=t(self._num[rows]),
-            labels=t(self._labels[rows]),
-            hist_cat=t(hist_cat.astype(np.int64)),
-            hist_multi=t(hist_multi.astype(np.int64)),
-            hist_mask=t(h.mask),
-            hist_gap=t(h.gap / np.float32(self._ticks_per_second)),
-            hist_rows=t(h.rows),
-            hist_responses=t(hist_responses.astype(np.float32)),
-            hist_response_mask=t(h.response_mask),
-            user=t(users.astype(np.int64)),
-            ts=t(ts.astype(np.int64)),
-            rows=t(rows),
+    def _requests(self, rows: np.ndarray) -> RequestRows:
+        return RequestRows(
+            cat=self._cat[rows],
+            multi=self._multi[rows],
+            num=self._num[rows],
+            labels=self._labels[rows],
+            user=self._user[rows],
+            ts=self._ts[rows],
+            rows=rows,
         )
+
+    def _history(self, rows: np.ndarray, hist_len: int) -> FetchedHistory:
+        h = self.index.fetch(self._user[rows], self._ts[rows], hist_len)
+        padded = np.where(h.mask, h.rows, len(self._seq_cat) - 1)  # empty positions → the padding row
+        return FetchedHistory(
+            cat=self._seq_cat[padded],
+            multi=self._seq_multi[padded],
+            mask=h.mask,
+            gap=h.gap / np.float32(self._ticks_per_second),
+            rows=h.rows,
+            responses=(self._responses[np.where(h.mask, h.rows, 0)] * h.response_mask).astype(np.float32),
+            response_mask=h.response_mask,
+        )
+
+
+@dataclass
+class RequestRows:
+    """The request side of a batch, as arrays: B rows' own features, task labels and keys (offline: gathered
+    from the dataset's columns; serving: the encoded request, labels zero, rows -1)."""
+
+    cat: np.ndarray  # [B, F_c] integer codes
+    multi: np.ndarray  # [B, F_m, L_m]
+    num: np.ndarray  # [B, F_n] float32
+    labels: np.ndarray  # [B, Y] float32
+    user: np.ndarray  # [B] user keys
+    ts: np.ndarray  # [B] request times
+    rows: np.ndarray  # [B] dataset rows (-1: a served request)
+
+
+@dataclass
+class FetchedHistory:
+    """Each request's last ``hist_len`` past rows, right-aligned, as arrays (sequence fields only). With
+    ``shared`` the leading dimension is 1: one history for every request (a served request's candidates).
+
+    ``samples``: each distinct past row once as a sample of its own (every field) with ``sample_index`` [b, n]
+    its position there (-1 where padded), and ``samples_history`` the samples' own (empty) history, for models
+    that read whole past samples (SIF)."""
+
+    cat: np.ndarray  # [b, n, S_c]
+    multi: np.ndarray  # [b, n, S_m, L_m]
+    mask: np.ndarray  # [b, n] bool
+    gap: np.ndarray  # [b, n] float32 seconds before the request
+    rows: np.ndarray  # [b, n] int64 past rows' ids (dataset rows offline, store rows online), -1 where padded
+    responses: np.ndarray  # [b, n, R] float32, 0 where not yet known
+    response_mask: np.ndarray  # [b, n, R] bool
+    shared: bool = False
+    samples: RequestRows | None = None
+    sample_index: np.ndarray | None = None
+    samples_history: FetchedHistory | None = None
+
+    @classmethod
+    def empty(cls, b: int, layout: FeatureLayout) -> FetchedHistory:
+        """No history positions for ``b`` requests (a past sample's own history)."""
+        s_c, s_m = (len(p) for p in layout.sequence_positions())
+        r = len(layout.responses)
+        return cls(
+            cat=np.zeros((b, 0, s_c), np.int64),
+            multi=np.zeros((b, 0, s_m, layout.multi_len), np.int64),
+            mask=np.zeros((b, 0), bool),
+            gap=np.zeros((b, 0), np.float32),
+            rows=np.zeros((b, 0), np.int64),
+            responses=np.zeros((b, 0, r), np.float32),
+            response_mask=np.zeros((b, 0, r), bool),
+        )
+
+
+def build_batch(requests: RequestRows, history: FetchedHistory, tokens: HistoryTokens | None = None) -> Batch:
+    """The one way a :class:`Batch` is built, offline (:class:`BatchLoader`) and in serving (the Scorer): from
+    the request rows, their fetched history and their fetched tokens. A shared history (and its tokens) is
+    expanded to every request row as a view, without a copy."""
+    t = torch.from_numpy
+    b = len(requests.rows)
+
+    def hist(x: np.ndarray) -> torch.Tensor:
+        if not history.shared:
+            return t(x)
+        one = t(np.ascontiguousarray(x))
+        return one.expand(b, *one.shape[1:])
+
+    batch = Batch(
+        cat=t(requests.cat.astype(np.int64)),
+        multi=t(requests.multi.astype(np.int64)),
+        num=t(np.ascontiguousarray(requests.num)),
+        labels=t(requests.labels),
+        hist_cat=hist(history.cat.astype(np.int64)),
+        hist_multi=hist(history.multi.astype(np.int64)),
+        hist_mask=hist(history.mask),
+        hist_gap=hist(history.gap),
+        hist_rows=hist(history.rows),
+        hist_responses=hist(history.responses),
+        hist_response_mask=hist(history.response_mask),
+        user=t(requests.user.astype(np.int64)),
+        ts=t(requests.ts.astype(np.int64)),
+        rows=t(requests.rows),
+        shared_history=history.shared,
+    )
+    if history.samples is not None:
+        assert history.samples_history is not None and history.sample_index is not None
+        batch.history_samples = build_batch(history.samples, history.samples_history)
+        batch.history_sample_index = hist(history.sample_index)
+    if tokens is not None:
+        if history.shared:
+            tokens = HistoryTokens(
+                **{
+                    x.name: getattr(tokens, x.name).expand(b, *getattr(tokens, x.name).shape[1:])
+                    for x in fields(tokens)
+                }
+            )
+        batch.tokens = tokens
+    return batch
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sampletok.errors import ConfigError, one_line, validation_message
-from sampletok.features import Batch, FeatureLayout
+from sampletok.features import Batch, FeatureLayout, TokenInput
 
 
 @dataclass
@@ -49,6 +49,12 @@ class RankingModel(nn.Module):
     def reads_history_samples(self) -> bool:
         """Whether the model reads whole past samples (``Batch.history_samples``); the loader gathers them."""
         return False
+
+    @property
+    def token_input(self) -> TokenInput | None:
+        """The tokens the model reads from a token store (``Batch.tokens``), or None: the data stage fetches
+        them through the token method of their kind (:mod:`sampletok.tokens`)."""
+        return None
 
 
 MODELS: dict[str, type[RankingModel]] = {}

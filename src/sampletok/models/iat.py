@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sampletok.errors import ConfigError
-from sampletok.features import Batch, FeatureLayout
+from sampletok.features import Batch, FeatureLayout, TokenInput
 from sampletok.models.base import ModelOutput, RankingModel, build_model, register
 from sampletok.nn import MLP, FeatureEmbedding, ResponseEncoder, TargetAttention, TransformerBlock
 from sampletok.nn.layers import RecencyEncoding, key_padding_mask
@@ -90,6 +90,11 @@ class IAT(RankingModel):
         self.out = nn.Linear(d_tok, out_dim)
         if placement == "after":
             self.after_head = MLP(out_dim, [out_dim], out_dim=self.n_tasks)
+
+    @property
+    def token_input(self) -> TokenInput:
+        """The instance tokens of the given store, or of the causal store its source config builds."""
+        return TokenInput("iat", self.store_path, self.length)
 
     def iat_vector(self, batch: Batch) -> torch.Tensor:
         """[B, out_dim] the IAT branch's output for a batch."""

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from sampletok.errors import ConfigError, validated
-from sampletok.features import Batch, FeatureLayout, HistoryTokens
+from sampletok.features import Batch, FeatureLayout, HistoryTokens, TokenInput
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, ResponseEncoder
 from sampletok.nn.layers import MultiHeadAttention, RecencyEncoding, key_padding_mask
@@ -221,6 +221,11 @@ class SIF(RankingModel):
         """Joint training quantizes whole past samples (``Batch.history_samples``); with a code store the
         codes come in ``Batch.tokens`` instead."""
         return not self.store_path
+
+    @property
+    def token_input(self) -> TokenInput | None:
+        """With ``store``: the exported codes of its history rows (one per history position); else none."""
+        return TokenInput("sif", self.store_path) if self.store_path else None
 
     def check_code_store(self, meta: dict, dataset: str) -> None:
         """Refuse a store that is not SIF codes of this dataset made with this model's codebooks."""

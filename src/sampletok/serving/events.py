@@ -30,7 +30,8 @@ import numpy as np
 from sampletok.data.prepare import PreparedDataset
 from sampletok.errors import StoreError
 from sampletok.features import FeatureLayout
-from sampletok.store.base import TokenStore, create_store, open_store
+from sampletok.store.base import TokenStore
+from sampletok.store.locations import create_store, open_store
 
 EVENTS_KIND = "events"
 

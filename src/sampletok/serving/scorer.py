@@ -22,7 +22,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +30,17 @@ import numpy as np
 import polars as pl
 import torch
 
-from sampletok.data.batches import TokenSource
+from sampletok.data.batches import FetchedHistory, RequestRows, TokenSource, build_batch
 from sampletok.data.encoder import Encoder
 from sampletok.data.prepare import NEVER, PreparedDataset, user_keys
 from sampletok.errors import ConfigError, DataError, StoreError
-from sampletok.features import Batch, FeatureLayout, HistoryTokens
+from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import RankingModel
-from sampletok.models.iat import IAT
-from sampletok.models.sif import SIF
 from sampletok.serving.events import EventCodec, export_events, open_events
-from sampletok.store.base import Fetched, TokenStore, create_store, is_redis_url, open_store
+from sampletok.store.base import Fetched, TokenStore
 from sampletok.store.local import LocalTokenStore
-from sampletok.tokenizers.iat import SourceModel
+from sampletok.store.locations import create_store, is_redis_url, open_store, store_exists
+from sampletok.tokens import EventTokenizer, token_method
 
 
 def store_location(base: str | Path, part: str) -> str:
@@ -110,7 +109,8 @@ class Scorer:
         encoder: the dataset's fitted encoder.
         events: the event store (:mod:`sampletok.serving.events`) the history comes from.
         tokens: the token store the model reads (IAT embeddings, SIF codes), or None.
-        source: IAT's source model, which embeds appended events (None: no IAT tokens to append).
+        event_tokenizer: what tokenizes an appended event for ``tokens`` (its token method's; None: events
+            append no tokens).
         max_candidates: the most candidates one request may carry.
     """
 
@@ -121,19 +121,19 @@ class Scorer:
         encoder: Encoder,
         events: TokenStore,
         tokens: TokenSource | None = None,
-        source: SourceModel | None = None,
+        event_tokenizer: EventTokenizer | None = None,
         max_candidates: int = 1000,
     ):
         self.model, self.hist_len, self.encoder = model.eval(), hist_len, encoder
-        self.events, self.tokens, self.source, self.max_candidates = events, tokens, source, max_candidates
+        self.events, self.tokens, self.max_candidates = events, tokens, max_candidates
+        if tokens is not None and event_tokenizer is None:
+            raise ConfigError("a scorer of a model that reads tokens needs the event tokenizer that appends them")
+        self.event_tokenizer = event_tokenizer
         self.schema = encoder.schema
         self.layout = FeatureLayout.from_dataset(encoder)
         self.codec = EventCodec(self.layout)
         self._seq_cat, self._seq_multi = self.layout.sequence_positions()
         self._delays = np.array(self.schema.response_delays(), np.int64)
-        if isinstance(model, IAT) and source is None:
-            raise ConfigError("an IAT scorer needs the source model that embeds new events")
-        self.writes_codes = isinstance(model, SIF) and tokens is not None
         self.on_fetch: Callable[[float], None] | None = None  # seconds each history fetch took (metrics)
         self.example_users: list[str] = []  # raw ids of a few users with history (GET /schema's example)
 
@@ -156,19 +156,16 @@ class Scorer:
         from sampletok.train.experiment import load_trained
 
         trained = load_trained(ds, run_dir)
-        if isinstance(trained.model, IAT):
-            cfg = trained.model.source_cfg
-            if (cfg.export != "pre_sit" and cfg.scheme != "temporal") or cfg.rows_where:
-                raise ConfigError(
-                    "serving appends pre-SIT tokens of every event; this IAT source exports "
-                    f"{cfg.export} tokens{' of some rows only (rows_where)' if cfg.rows_where else ''}"
-                )
+        method = token_method(trained.model)
+        event_tokenizer = None
+        if method is not None and trained.tokens is not None:  # checked before any store is made
+            event_tokenizer = method.event_tokenizer(trained.tokens, ds)
         codec = EventCodec(FeatureLayout.from_dataset(ds))
         events_at, tokens_at = store_location(store, "events"), store_location(store, "tokens")
-        if reset or not _exists(events_at):
+        if reset or not store_exists(events_at):
             export_events(ds, events_at, overwrite=True, before_ts=before_ts)
             if trained.tokens is not None:
-                copy_tokens(_local(trained.tokens.store), tokens_at, before_ts)
+                copy_tokens(_local_store(trained.tokens.store), tokens_at, before_ts)
         events = open_events(events_at, ds.fingerprint, codec)
         tokens = None
         if trained.tokens is not None:
@@ -179,10 +176,7 @@ class Scorer:
                     f"{trained.tokens.producer}; start the service with --reset"
                 )
             tokens = TokenSource(served, trained.tokens.length, trained.tokens.dequantize)
-        source = None
-        if isinstance(trained.model, IAT):
-            source = load_source_model(_local(trained.tokens.store).root, ds) if trained.tokens else None
-        scorer = cls(trained.model, trained.hist_len, Encoder.from_dataset(ds), events, tokens, source, **kw)
+        scorer = cls(trained.model, trained.hist_len, Encoder.from_dataset(ds), events, tokens, event_tokenizer, **kw)
         scorer.example_users = list(ds.manifest.get("example_users", []))
         return scorer
 
@@ -262,67 +256,52 @@ class Scorer:
     def _batch(
         self, enc: dict[str, np.ndarray], key: int, ts: int, n: int, with_samples: bool, with_tokens: bool = False
     ) -> Batch:
+        """The batch of encoded rows ``enc`` of one user at ``ts``: the rows, the user's history fetched once from
+        the event store (and its tokens), assembled by the offline loader's :func:`build_batch`."""
         lay = self.layout
-        rows = len(next(iter(enc.values())))
         cat, multi, num = self.codec.unpack(self.codec.pack(enc))
-        t = torch.from_numpy
+        b, n_labels = len(cat), len(lay.task_labels)
         t0 = time.perf_counter()
         h = self.fetch_history(key, ts, n)
         tok = self.tokens.fetch(np.array([key]), np.array([ts])) if self.tokens is not None and with_tokens else None
         if self.on_fetch is not None:
             self.on_fetch(time.perf_counter() - t0)
         f = h.fetched
-        mask = f.mask
-        hist_cat = h.cat[..., self._seq_cat] if len(self._seq_cat) else np.zeros((1, n, 0), np.int64)
-        hist_multi = h.multi[..., self._seq_multi, :] if len(self._seq_multi) else np.zeros((1, n, 0, lay.multi_len))
-
-        def shared(x: np.ndarray) -> torch.Tensor:  # one history, every candidate row (a view, no copy)
-            return t(np.ascontiguousarray(x)).expand(rows, *x.shape[1:])
-
-        batch = Batch(
-            cat=t(cat),
-            multi=t(multi),
-            num=t(num),
-            labels=torch.zeros(rows, len(lay.task_labels)),
-            hist_cat=shared(hist_cat.astype(np.int64)),
-            hist_multi=shared(hist_multi.astype(np.int64)),
-            hist_mask=shared(mask),
-            hist_gap=shared(f.gap),
-            hist_rows=shared(f.rows),
-            hist_responses=shared(f.side),
-            hist_response_mask=shared(f.side_mask),
-            user=torch.full((rows,), key, dtype=torch.int64),
-            ts=torch.full((rows,), ts, dtype=torch.int64),
-            rows=torch.full((rows,), -1, dtype=torch.int64),
-            shared_history=True,
+        requests = RequestRows(
+            cat=cat,
+            multi=multi,
+            num=num,
+            labels=np.zeros((b, n_labels), np.float32),
+            user=np.full(b, key, np.int64),
+            ts=np.full(b, ts, np.int64),
+            rows=np.full(b, -1, np.int64),
+        )
+        history = FetchedHistory(
+            cat=h.cat[..., self._seq_cat] if len(self._seq_cat) else np.zeros((1, n, 0), np.int64),
+            multi=h.multi[..., self._seq_multi, :] if len(self._seq_multi) else np.zeros((1, n, 0, lay.multi_len)),
+            mask=f.mask,
+            gap=f.gap,
+            rows=f.rows,
+            responses=f.side,
+            response_mask=f.side_mask,
+            shared=True,
         )
         if with_samples:  # each past row once, as a sample of its own
-            valid = mask[0]
+            valid = f.mask[0]
             k = int(valid.sum())
-            index = np.full((1, n), -1, np.int64)
-            index[0, valid] = np.arange(k)
-            batch.history_samples = Batch(
-                cat=t(h.cat[0, valid]),
-                multi=t(h.multi[0, valid]),
-                num=t(np.ascontiguousarray(h.num[0, valid])),
-                labels=torch.zeros(k, len(lay.task_labels)),
-                hist_cat=torch.zeros(k, 0, len(self._seq_cat), dtype=torch.int64),
-                hist_multi=torch.zeros(k, 0, len(self._seq_multi), lay.multi_len, dtype=torch.int64),
-                hist_mask=torch.zeros(k, 0, dtype=torch.bool),
-                hist_gap=torch.zeros(k, 0),
-                hist_rows=torch.zeros(k, 0, dtype=torch.int64),
-                hist_responses=torch.zeros(k, 0, len(lay.responses)),
-                hist_response_mask=torch.zeros(k, 0, len(lay.responses), dtype=torch.bool),
-                user=torch.full((k,), key, dtype=torch.int64),
-                ts=t(np.zeros(k, np.int64)),
-                rows=t(f.rows[0, valid]),
+            history.sample_index = np.full((1, n), -1, np.int64)
+            history.sample_index[0, valid] = np.arange(k)
+            history.samples = RequestRows(
+                cat=h.cat[0, valid],
+                multi=h.multi[0, valid],
+                num=h.num[0, valid],
+                labels=np.zeros((k, n_labels), np.float32),
+                user=np.full(k, key, np.int64),
+                ts=np.zeros(k, np.int64),
+                rows=f.rows[0, valid],
             )
-            batch.history_sample_index = shared(index)
-        if tok is not None:
-            batch.tokens = HistoryTokens(
-                **{x.name: getattr(tok, x.name).expand(rows, *getattr(tok, x.name).shape[1:]) for x in fields(tok)}
-            )
-        return batch
+            history.samples_history = FetchedHistory.empty(k, lay)
+        return build_batch(requests, history, tok)
 
     def describe(self) -> dict:
         """What a request holds: the user and time, each field (type, group, frequent values) and a valid
@@ -403,32 +382,11 @@ class Scorer:
         return int(iid[0])
 
     def _token_of(self, feats: dict[str, np.ndarray], key: int, ts: int) -> np.ndarray | None:
-        """What the model's token store holds for a new event: its IAT embedding or its SIF codes."""
-        if self.source is not None:
-            n = self.source.cfg.hist_len
-            if n is None:  # the schema's sequence length, as the offline export's loader resolves it
-                n = self.schema.sequence.max_len if self.schema.sequence else 0
-            b = self._batch(feats, key, ts, n, with_samples=False)
-            return self.source.compress(b).numpy()
-        if self.writes_codes:
-            assert isinstance(self.model, SIF)
-            b = self._batch(feats, key, ts, 0, with_samples=False)
-            return self.model.tokenizer.encode(b, self.model.history_keep)
-        return None
-
-
-def load_source_model(store_root: Path, ds: PreparedDataset) -> SourceModel:
-    """The source model saved beside an IAT store (its final state: it embeds events after the export)."""
-    from sampletok.errors import load_torch_dict
-    from sampletok.tokenizers.iat import IATSourceConfig, source_model_path
-
-    path = source_model_path(store_root)
-    saved = load_torch_dict(path, {"config", "state_dict", "dataset"}, "IAT source model", "export the store again")
-    if saved["dataset"] != ds.fingerprint:
-        raise StoreError(f"{path}: source model of dataset {saved['dataset']}, not {ds.fingerprint}")
-    model = SourceModel(FeatureLayout.from_dataset(ds), IATSourceConfig(**saved["config"]))
-    model.load_state_dict(saved["state_dict"])
-    return model.eval()
+        """What the model's token store holds for a new event (its IAT embedding, its SIF codes), or None."""
+        if self.event_tokenizer is None:
+            return None
+        n = self.event_tokenizer.hist_len
+        return self.event_tokenizer.encode_event(self._batch(feats, key, ts, n, with_samples=False))
 
 
 def _check_cell(where: str, name: str, value: Any, multi: bool) -> None:
@@ -445,17 +403,7 @@ def _placeholder(schema, name: str) -> Any:
     return "0" if spec is not None and spec.type == "categorical" else 0
 
 
-def _exists(location: str) -> bool:
-    """Whether a store was ever committed at ``location`` (any other trouble is an error, never a rebuild that
-    would drop the appended events)."""
-    if is_redis_url(location):
-        from sampletok.store.redis import RedisTokenStore
-
-        return RedisTokenStore.exists(location)
-    return (Path(location) / "CURRENT").exists()
-
-
-def _local(store: TokenStore) -> LocalTokenStore:
+def _local_store(store: TokenStore) -> LocalTokenStore:
     if not isinstance(store, LocalTokenStore):
         raise StoreError("a trained run's token store is a local one")
     return store

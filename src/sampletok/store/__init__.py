@@ -6,7 +6,8 @@ embeddings, SIF writes integer codes.
 Redis server. ``open_store`` opens either from a path or a ``redis://`` URL.
 """
 
-from sampletok.store.base import Fetched, TokenStore, create_store, open_store
+from sampletok.store.base import Fetched, TokenStore
 from sampletok.store.local import LocalTokenStore
+from sampletok.store.locations import create_store, open_store, store_exists
 
-__all__ = ["Fetched", "LocalTokenStore", "TokenStore", "create_store", "open_store"]
+__all__ = ["Fetched", "LocalTokenStore", "TokenStore", "create_store", "open_store", "store_exists"]

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -143,38 +142,3 @@ def check_append(
     side = np.zeros((k, a), np.float32) if side is None else np.asarray(side, np.float32).reshape(k, a)
     avail = np.broadcast_to(ts[:, None], (k, a)) if avail is None else np.asarray(avail, np.int64).reshape(k, a)
     return np.asarray(instance_id, np.int64), np.asarray(user, np.int64), ts, payload, side, np.ascontiguousarray(avail)
-
-
-def is_redis_url(location: str | Path) -> bool:
-    return str(location).startswith(("redis://", "rediss://", "unix://"))
-
-
-def create_store(
-    location: str | Path,
-    producer: str,
-    payload_shape: tuple[int, ...],
-    label_names: list[str],
-    dtype: str,
-    extra_meta: dict | None = None,
-    overwrite: bool = False,
-) -> TokenStore:
-    """A new store, staged until ``commit()``, at a directory path (local) or a ``redis://`` URL."""
-    kw: dict[str, Any] = dict(producer=producer, payload_shape=payload_shape, label_names=label_names, dtype=dtype)
-    if is_redis_url(location):
-        from sampletok.store.redis import RedisTokenStore
-
-        return RedisTokenStore.create(str(location), **kw, extra_meta=extra_meta, overwrite=overwrite)
-    from sampletok.store.local import LocalTokenStore
-
-    return LocalTokenStore.create(location, **kw, extra_meta=extra_meta, overwrite=overwrite)
-
-
-def open_store(location: str | Path) -> TokenStore:
-    """The committed store at a directory path (local) or a ``redis://host:port/db?store=NAME`` URL."""
-    if is_redis_url(location):
-        from sampletok.store.redis import RedisTokenStore
-
-        return RedisTokenStore.open(str(location))
-    from sampletok.store.local import LocalTokenStore
-
-    return LocalTokenStore.open(location)

@@ -22,7 +22,7 @@ from sampletok.errors import ConfigError, StoreError, load_torch_dict, load_yaml
 from sampletok.errors import validation_message as _errors
 from sampletok.features import FeatureLayout
 from sampletok.models import build_model
-from sampletok.tokenizers.steps import model_tokens
+from sampletok.tokens import open_tokens
 from sampletok.train.metrics import all_metrics
 from sampletok.train.trainer import TrainConfig, evaluate, fit, fit_calibration, predict, set_seed
 
@@ -187,7 +187,7 @@ def run_model(
     index = history_index(ds)
     hist_len = resolved_hist_len(ds, train_cfg.hist_len)
     # the tokenizer step (IAT: train + export the source model's tokens, cached; SIF with a store: open it)
-    tokens = model_tokens(model, ds, seed=seed, hist_len=hist_len, progress=progress)
+    tokens = open_tokens(model, ds, seed=seed, hist_len=hist_len, progress=progress)
     producer = tokens.producer if tokens is not None else None
 
     def mk(request_rows: np.ndarray, batch_size: int, shuffle: bool) -> BatchLoader:
@@ -335,7 +335,7 @@ def load_trained(ds: PreparedDataset, run_dir: str | Path) -> TrainedRun:
         ) from None
     hist_len = resolved_hist_len(ds, saved["hist_len"])
     # the training seed finds the same cached store; build=False: never train a new source model here
-    tokens = model_tokens(model, ds, seed=saved.get("seed", 0), hist_len=hist_len, progress=False, build=False)
+    tokens = open_tokens(model, ds, seed=saved.get("seed", 0), hist_len=hist_len, progress=False, build=False)
     got, want = (tokens.producer if tokens is not None else None), saved.get("producer")
     if got != want:
         raise StoreError(

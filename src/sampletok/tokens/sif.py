@@ -1,55 +1,72 @@
-"""The explicit tokenizer steps the experiment runs before training or scoring a model that reads tokens:
-IAT's source-model training and causal export (cached per dataset, source config and seed), SIF's code
-export, and opening the store a model reads. Models themselves never touch a store: the loader fetches what a
-:class:`~sampletok.data.batches.TokenSource` names into ``Batch.tokens``.
+"""SIF's tokens: the frozen export of every instance's HGAQ codes into a token store (one segment per range of
+rows, locally or as a Ray Data job beside the local function), and the ``sif`` token method (a SIF with a code
+store reads its history rows' codes instead of quantizing the past samples).
+
+With Ray (``pip install 'sampletok[ray]'``) the driver creates the staged token store and puts the frozen
+model in Ray's object store; each task opens the prepared dataset (memory-mapped) and the staged store, encodes
+its rows with :func:`code_segment` (the local engine's function) and writes them as one segment. The driver
+adds the segments in row order and commits once: a failed task fails the job before the commit, so readers
+keep the previous store. The store's folder must be on a filesystem every worker sees.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
+import torch
 
 from sampletok.data.batches import BatchLoader, TokenSource
 from sampletok.data.history import HistoryIndex
 from sampletok.data.prepare import PreparedDataset
-from sampletok.errors import ConfigError, StoreError
+from sampletok.data.ray_engine import map_with_ray, ray_module
+from sampletok.errors import StoreError
+from sampletok.features import Batch
 from sampletok.models.base import RankingModel
-from sampletok.models.iat import IAT
 from sampletok.models.sif import SIF
+from sampletok.nn.inference import map_row_batches
 from sampletok.store import LocalTokenStore
+from sampletok.store.base import TokenStore
 from sampletok.tokenizers.hgaq import code_dtype
-from sampletok.tokenizers.iat import build_or_load_store
+from sampletok.tokens.base import register_method
 
 
-def model_tokens(
-    model: RankingModel, ds: PreparedDataset, *, seed: int, hist_len: int, build: bool = True, progress: bool = True
-) -> TokenSource | None:
-    """The token source ``model`` reads, or None for a model that reads none.
+@register_method("sif")
+class SIFTokens:
+    """The ``sif`` token method: the exported code store given as the model's ``store``, one code row per
+    history position, refused unless made with this model's codebooks."""
 
-    IAT: the store given as ``store``, else the cached (or, with ``build``, newly trained and exported) causal
-    store of its source config and ``seed``; ``build=False`` never trains a source model (scoring a saved
-    model). SIF with ``store``: its exported code store, refused unless made with this model's codebooks."""
-    if isinstance(model, IAT):
-        if model.store_path:
-            store = LocalTokenStore.open(model.store_path)
-            if store.meta.get("dataset") != ds.fingerprint:
-                raise ConfigError(
-                    f"{model.store_path}: store was exported for dataset {store.meta.get('dataset')}"
-                    f", not {ds.fingerprint}"
-                )
-        else:
-            store = build_or_load_store(ds, model.source_cfg, seed, model.cache_dir, progress, build=build)
-        if store.meta.get("kind") != "iat" or store.meta["payload_shape"] != [model.source_cfg.emb_dim]:
-            raise ConfigError(f"{store.root}: not an IAT store of {model.source_cfg.emb_dim}-d embeddings")
-        return TokenSource(store.load_into_memory(), model.length)
-    if isinstance(model, SIF) and model.store_path:
-        store = LocalTokenStore.open(model.store_path).load_into_memory()
-        model.check_code_store(store.meta, ds.fingerprint)
+    def __init__(self, model: RankingModel):
+        self.model = cast(SIF, model)
+
+    def open(
+        self, ds: PreparedDataset, *, seed: int, hist_len: int, build: bool = True, progress: bool = True
+    ) -> TokenSource:
+        assert self.model.store_path is not None  # the model declares a token input only with a store
+        store = LocalTokenStore.open(self.model.store_path).load_into_memory()
+        self.check(store, ds.fingerprint)
         return TokenSource(store, hist_len, dequantize=False)
-    return None
+
+    def check(self, store: TokenStore, dataset: str) -> None:
+        self.model.check_code_store(store.meta, dataset)
+
+    def event_tokenizer(self, tokens: TokenSource, ds: PreparedDataset) -> CodeEventTokenizer:
+        return CodeEventTokenizer(self.model)
+
+
+class CodeEventTokenizer:
+    """A served event's SIF codes [1, T, M]: its own sample quantized (no history)."""
+
+    hist_len = 0
+
+    def __init__(self, model: SIF):
+        self.model = model
+
+    def encode_event(self, batch: Batch) -> np.ndarray:
+        return self.model.tokenizer.encode(batch, self.model.history_keep)
 
 
 def export_codes(
@@ -71,7 +88,7 @@ def export_codes(
     them (one atomic version; readers of the old one keep it). A store of other codebooks or other rows is
     refused.
 
-    ``engine="ray"``: each segment is a Ray task (:mod:`sampletok.tokenizers.ray_export`) that encodes its rows
+    ``engine="ray"``: each segment is a Ray task (:func:`encode_segments_with_ray`) that encodes its rows
     and writes its segment; the driver adds them in row order and commits, so a failed task leaves the previous
     store as it was. The store equals the local engine's (tested).
 
@@ -79,7 +96,6 @@ def export_codes(
     blocks are large enough to split; on 2 cores 2 worker threads were slower before the lean
     ``ResidualVQ.encode`` (120-152k vs 147-173k samples/s) and equal after it (228k vs 224-238k,
     ``benchmarks/bench_sif.py --sections encode``), unlike the IAT export's small ops."""
-    import time
 
     model.eval()
     t, m = model.tokenizer.n_tokens, model.cfg.levels
@@ -103,8 +119,6 @@ def export_codes(
     ranges = [(lo, min(lo + rows_per_segment, ds.n_rows)) for lo in range(done, ds.n_rows, rows_per_segment)]
     t0 = time.time()
     if engine == "ray":
-        from sampletok.tokenizers.ray_export import encode_segments_with_ray
-
         names = encode_segments_with_ray(model, ds, store, ranges, batch_size)
     else:
         loader = no_history_loader(ds)
@@ -138,8 +152,6 @@ def code_segment(
     progress: bool = False,
 ) -> str:
     """Encode dataset rows [lo, hi) and write them as one segment of the staged ``store``; its name."""
-    from sampletok.nn.inference import map_row_batches
-
     codes = np.zeros((hi - lo, model.tokenizer.n_tokens, model.cfg.levels), code_dtype(model.cfg.codes))
 
     def encode(rows: np.ndarray) -> None:
@@ -156,6 +168,44 @@ def code_segment(
         side,
         ds.response_available_at(np.arange(lo, hi)),
     )
+
+
+def encode_segments_with_ray(
+    model: SIF, ds: PreparedDataset, store: LocalTokenStore, ranges: list[tuple[int, int]], batch_size: int
+) -> list[str]:
+    """Encode each row range [lo, hi) of ``ds`` as one segment of the staged ``store`` in a Ray task; the
+    segments' names in the order of ``ranges``."""
+    if not ranges:
+        return []
+    state = {
+        "model": ray_module().put(model),
+        "dataset": str(ds.root.resolve()),
+        "store": str(store.root.resolve()),
+        "manifest": store.manifest,
+        "batch_size": batch_size,
+    }
+    tasks = [{"index": i, "lo": lo, "hi": hi} for i, (lo, hi) in enumerate(ranges)]
+    return [r["segment"] for r in map_with_ray(_EncodeSegment, state, tasks)]
+
+
+class _EncodeSegment:
+    """A Ray Data map actor: the model, dataset and staged store opened once, then one segment per task."""
+
+    def __init__(self, state: dict[str, Any]):
+        import ray
+
+        torch.set_num_threads(1)  # one actor per CPU
+        self.model = ray.get(state["model"]).eval()
+        self.ds = PreparedDataset(state["dataset"])
+        self.loader = no_history_loader(self.ds)
+        self.store = LocalTokenStore(Path(state["store"]), state["manifest"], "", staged=True)
+        self.batch_size = state["batch_size"]
+
+    def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
+        name = code_segment(
+            self.model, self.ds, self.loader, self.store, task["lo"], task["hi"], self.batch_size, workers=1
+        )
+        return {"index": task["index"], "segment": name}
 
 
 def _history_fields(model: SIF) -> list[str] | None:
