@@ -32,7 +32,8 @@ def _sync(device: torch.device) -> None:
 
 def main() -> None:
     from sampletok.data.batches import BatchLoader, TokenSource, history_index
-    from sampletok.data.prepare import SplitSpec, prepare
+    from sampletok.data.dataset import SplitSpec
+    from sampletok.data.prepare import prepare
     from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
     from sampletok.features import FeatureLayout
     from sampletok.models import build_model

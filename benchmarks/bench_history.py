@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sampletok.data.history import History, HistoryIndex
+from sampletok.history import History, HistoryIndex
 
 
 def timeit(fn: Callable[[], object], repeat: int = 5) -> float:

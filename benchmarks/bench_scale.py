@@ -89,7 +89,7 @@ def phase_train(a: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     from sampletok.data.batches import BatchLoader
-    from sampletok.data.prepare import PreparedDataset
+    from sampletok.data.dataset import PreparedDataset
     from sampletok.features import FeatureLayout
     from sampletok.models import build_model
 

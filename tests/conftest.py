@@ -10,7 +10,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from sampletok.data.prepare import PreparedDataset, SplitSpec, prepare
+from sampletok.data.dataset import PreparedDataset, SplitSpec
+from sampletok.data.prepare import prepare
 from sampletok.data.sources import FrameSource
 from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
 from sampletok.schema import Schema

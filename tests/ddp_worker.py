@@ -8,7 +8,7 @@ import torch
 
 from sampletok import distributed
 from sampletok.data.batches import BatchLoader
-from sampletok.data.prepare import PreparedDataset
+from sampletok.data.dataset import PreparedDataset
 from sampletok.features import FeatureLayout
 from sampletok.models import build_model
 from sampletok.train.trainer import TrainConfig, evaluate, fit, set_seed

@@ -8,7 +8,8 @@ import polars as pl
 import pytest
 
 from sampletok.data.batches import history_index
-from sampletok.data.prepare import PreparedDataset, SplitSpec, append, prepare
+from sampletok.data.dataset import PreparedDataset, SplitSpec
+from sampletok.data.prepare import append, prepare
 from sampletok.data.sources.files import FrameSource
 from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
 from sampletok.errors import DataError

@@ -35,7 +35,8 @@ def layout_of(synth_prepared, tmp_path_factory):
     """The feature layout an experiment's models are built on: the small synthetic log for synthetic configs
     (their params must not depend on the generator's sizes), the shipped schema over the first rows of the real
     log for MovieLens configs (their params may name its fields, e.g. SIF's history_fields)."""
-    from sampletok.data.prepare import SplitSpec, prepare
+    from sampletok.data.dataset import SplitSpec
+    from sampletok.data.prepare import prepare
     from sampletok.data.sources import FrameSource
     from sampletok.data.sources.kuairand import load_kuairand
     from sampletok.data.sources.movielens import load_movielens

@@ -102,7 +102,7 @@ def test_unseen_values_are_oov_and_missing_fields_null_when_lenient(ml100k):
 def test_small_batches_encode_like_prepare_on_every_ml100k_row(ml100k):
     """A served request's few rows take the dict lookup (polars' cost per call dominates there): every row
     of ml-100k, in batches of at most VocabLookup.SMALL, gets prepare's codes."""
-    from sampletok.data.prepare import VocabLookup
+    from sampletok.data.codec import VocabLookup
 
     source, ds = ml100k
     enc = Encoder.from_dataset(ds)

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sampletok.data.history import HistoryIndex, fetch_reference
+from sampletok.history import HistoryIndex, fetch_reference
 
 
 @st.composite
@@ -80,7 +80,7 @@ def test_a_memory_mapped_dataset_stacks_its_columns_on_disk(synth_prepared, monk
 
     from sampletok.data import batches
     from sampletok.data.batches import BatchLoader
-    from sampletok.data.prepare import PreparedDataset
+    from sampletok.data.dataset import PreparedDataset
 
     monkeypatch.setattr(batches, "STACK_CHUNK_ROWS", 1000)  # several chunks, the last one partial
     root = tmp_path / "ds"
@@ -108,7 +108,7 @@ def test_a_memory_mapped_dataset_stacks_its_columns_on_disk(synth_prepared, monk
 
 def _stack_in_a_process(root: str) -> int:
     from sampletok.data.batches import BatchLoader
-    from sampletok.data.prepare import PreparedDataset
+    from sampletok.data.dataset import PreparedDataset
 
     ds = PreparedDataset(root)
     loader = BatchLoader(ds, ds.rows("train"), 64, hist_len=4)

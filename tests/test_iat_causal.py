@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sampletok.data.prepare import PreparedDataset
+from sampletok.data.dataset import PreparedDataset
 from sampletok.errors import StoreError
 from sampletok.tokenizers.iat import IATSourceConfig
 from sampletok.tokens.iat import causal_embeddings, embed_all, fold_of_rows

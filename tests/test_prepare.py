@@ -5,7 +5,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from sampletok.data.prepare import PreparedDataset, SplitSpec, assign_splits, prepare
+from sampletok.data.dataset import PreparedDataset, SplitSpec, assign_splits
+from sampletok.data.prepare import prepare
 from sampletok.data.sources import FileSource, FrameSource
 from sampletok.errors import DataError
 from sampletok.schema import Schema

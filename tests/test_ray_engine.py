@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from sampletok.data.prepare import PreparedDataset, SplitSpec, prepare
+from sampletok.data.dataset import PreparedDataset, SplitSpec
+from sampletok.data.prepare import prepare
 from sampletok.data.sources.files import FileSource
 from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
 from sampletok.errors import DataError

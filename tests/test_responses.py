@@ -14,8 +14,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sampletok.columns import NEVER
 from sampletok.data.batches import BatchLoader
-from sampletok.data.prepare import NEVER, PreparedDataset, SplitSpec, prepare
+from sampletok.data.dataset import PreparedDataset, SplitSpec
+from sampletok.data.prepare import prepare
 from sampletok.data.sources import FrameSource
 from sampletok.errors import DataError, SchemaError
 from sampletok.features import FeatureLayout

@@ -16,7 +16,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from sampletok.data.prepare import prepare, user_keys
+from sampletok.data.cells import user_keys
+from sampletok.data.prepare import prepare
 from sampletok.errors import DataError
 from sampletok.serving.events import EventCodec, export_events
 from sampletok.serving.scorer import Scorer, store_location

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sampletok.data.history import HistoryIndex
 from sampletok.errors import StoreError
+from sampletok.history import HistoryIndex
 from sampletok.store import LocalTokenStore
 
 

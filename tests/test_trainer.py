@@ -50,7 +50,7 @@ def test_killed_run_resumes_to_the_same_result(synth_prepared, tmp_path):
     ds_dir = str(synth_prepared.root)
     script = textwrap.dedent(f"""
         import json, os, sys
-        from sampletok.data.prepare import PreparedDataset
+        from sampletok.data.dataset import PreparedDataset
         from sampletok.train.experiment import ModelSpec, run_model
         from sampletok.train.trainer import TrainConfig
         ds = PreparedDataset({ds_dir!r}).load_into_memory()

@@ -197,7 +197,7 @@ def train(
     """Train one model on a prepared dataset; writes checkpoint.pt, model.pt and result.json. Under
     `torchrun --nproc-per-node N -m sampletok.cli train ...` it trains data-parallel (DDP)."""
     from sampletok import distributed
-    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
+    from sampletok.data.dataset import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.train.experiment import ModelSpec, run_model
 
     distributed.init()
@@ -221,7 +221,7 @@ def evaluate(
     seen_users_only: bool = typer.Option(False, help="only rows of users seen in training"),
 ):
     """Evaluate a trained model on a split: AUC, GAUC, LogLoss."""
-    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
+    from sampletok.data.dataset import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.train.experiment import load_trained
     from sampletok.train.trainer import evaluate as do_eval
 
@@ -286,7 +286,7 @@ def serve(
 ):
     """Serve a trained model over HTTP: POST /score, POST /events, GET /healthz, GET /metrics (the serve
     extra). The stores are made from the dataset on first start (every prepared row as history)."""
-    from sampletok.data.prepare import PreparedDataset
+    from sampletok.data.dataset import PreparedDataset
     from sampletok.serving.app import create_app
     from sampletok.serving.scorer import Scorer
 
@@ -338,7 +338,7 @@ def iat_build(
 ):
     """Train a source model and export every instance's token, time-causally by default (fold k's tokens from
     the state trained on earlier folds only; `-p export_order=in_sample` for the leaky ablation)."""
-    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
+    from sampletok.data.dataset import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.tokens.iat import build_store, source_model_path
 
     if engine not in ("local", "ray"):
@@ -360,7 +360,7 @@ def iat_append(
 ):
     """Add the new rows' tokens to an IAT store (one new committed version), embedded by its final source
     model: equal to building the store again when the new rows lie after the training window."""
-    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
+    from sampletok.data.dataset import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.store import LocalTokenStore
     from sampletok.tokens.iat import append_tokens
 
@@ -396,7 +396,7 @@ def iat_fit_source(
     time-causal store downstream training should read is `iat build`'s)."""
     import torch
 
-    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
+    from sampletok.data.dataset import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.tokens.iat_source import train_source
 
     ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
@@ -417,7 +417,7 @@ def iat_export(
     """Embed every instance with one source model (in-sample: training-window tokens come from parameters that
     saw later labels; use `iat build` for the causal store) and write the tokens (+ labels) to a token store."""
 
-    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
+    from sampletok.data.dataset import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.features import FeatureLayout
     from sampletok.tokenizers.iat import IATSourceConfig, SourceModel
     from sampletok.tokens.iat import export_to_store
@@ -463,7 +463,7 @@ def sif_fit(
     seed: int = typer.Option(2021),
 ):
     """Jointly train the HGAQ tokenizer and the SIF-Mixer (history quantized on the fly)."""
-    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
+    from sampletok.data.dataset import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.train.experiment import ModelSpec, run_model
 
     ds = PreparedDataset(data).load_into_memory(max_rows=IN_MEMORY_MAX_ROWS)
@@ -479,7 +479,7 @@ def sif_export(
     store: Path = typer.Option(..., help="token store directory to (re)write"),
 ):
     """Frozen export of every instance's HGAQ codes (uint8 T × M) to a token store."""
-    from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset
+    from sampletok.data.dataset import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.models.sif import SIF
     from sampletok.tokens.sif import export_codes
     from sampletok.train.experiment import load_trained

@@ -1,7 +1,7 @@
 """The one batch structure every model reads, and the vectorized loader that builds it.
 
 A :class:`Batch` holds the request's own features, its labels, and its history (the last ``n`` rows of the
-same user strictly before the request time, from :class:`~sampletok.data.history.HistoryIndex`). Models
+same user strictly before the request time, from :class:`~sampletok.history.HistoryIndex`). Models
 declare nothing special: they read the parts they need. Building a batch is a handful of NumPy gathers,
 no per-sample Python.
 """
@@ -21,9 +21,10 @@ import torch
 
 from sampletok import distributed
 from sampletok.atomic import locked
-from sampletok.data.history import HistoryIndex
-from sampletok.data.prepare import PreparedDataset
+from sampletok.columns import TIMESTAMP, USER_KEY, cat_col, label_col, multi_col, num_col
+from sampletok.data.dataset import PreparedDataset
 from sampletok.features import Batch, FeatureLayout, HistoryTokens
+from sampletok.history import HistoryIndex
 from sampletok.schema import FieldType
 from sampletok.store.base import TokenStore
 
@@ -70,8 +71,8 @@ class BatchLoader:
         self._labels, self._responses = m["labels"], m["responses"]
         self._seq_cat, self._seq_multi = m["seq_cat"], m["seq_multi"]
         seq_cat_idx, seq_multi_idx = lay.sequence_positions()
-        self._user = np.asarray(ds.col("_user_key"))
-        self._ts = np.asarray(ds.col("_ts"))
+        self._user = np.asarray(ds.col(USER_KEY))
+        self._ts = np.asarray(ds.col(TIMESTAMP))
         self._ticks_per_second = float(ds.schema.ticks_per_second)  # hist_gap is seconds on ms logs too
         # OOV code per column (0 = never replaced: bucketized numerics have no unseen values)
         true_cat = [f.type == FieldType.categorical for f in lay.cat_fields]
@@ -303,8 +304,8 @@ def history_index(ds: PreparedDataset) -> HistoryIndex:
     cached = getattr(ds, "_history_index", None)
     if cached is None:
         cached = HistoryIndex(
-            np.asarray(ds.col("_user_key")),
-            np.asarray(ds.col("_ts")),
+            np.asarray(ds.col(USER_KEY)),
+            np.asarray(ds.col(TIMESTAMP)),
             ds.schema.response_delays(),
             ds.response_known_at(),
         )
@@ -351,7 +352,7 @@ def _stacked_columns(ds: PreparedDataset, lay: FeatureLayout) -> dict[str, np.nd
         "seq_multi": ((n + 1, len(seq_multi_idx), lay.multi_len), i32),
     }
     out: dict[str, np.ndarray] | None = None
-    if isinstance(ds.col("_ts"), np.memmap):
+    if isinstance(ds.col(TIMESTAMP), np.memmap):
         digest = hashlib.sha256(repr((key, ds.fingerprint, n)).encode()).hexdigest()[:16]
         try:
             out = _stacked_on_disk(ds, lay, layout, ds.root / "stacked" / digest)
@@ -402,17 +403,17 @@ def _fill_stacked(ds: PreparedDataset, lay: FeatureLayout, out: Mapping[str, np.
     """Copy the dataset's columns into the stacked matrices, ``STACK_CHUNK_ROWS`` rows at a time (the new
     matrices start zeroed: padding codes, and the padding row n)."""
     seq_cat_idx, seq_multi_idx = lay.sequence_positions()
-    labels = [ds.col(f"label__{name}") for name in lay.task_labels]
+    labels = [ds.col(label_col(name)) for name in lay.task_labels]
     responses = [ds.response_column(r) for r in lay.responses]
     for start in range(0, ds.n_rows, STACK_CHUNK_ROWS):  # a loop over chunks of a million rows, not rows
         rows = slice(start, min(start + STACK_CHUNK_ROWS, ds.n_rows))
         cat, multi = out["cat"][rows], out["multi"][rows]  # views: written in place
         for i, f in enumerate(lay.cat_fields):
-            cat[:, i] = ds.col(f"cat__{f.name}")[rows]
+            cat[:, i] = ds.col(cat_col(f.name))[rows]
         for i, f in enumerate(lay.num_fields):
-            out["num"][rows, i] = ds.col(f"num__{f.name}")[rows]
+            out["num"][rows, i] = ds.col(num_col(f.name))[rows]
         for i, f in enumerate(lay.multi_fields):
-            m = ds.col(f"multi__{f.name}")[rows]
+            m = ds.col(multi_col(f.name))[rows]
             multi[:, i, : m.shape[1]] = m
         for i, c in enumerate(labels):
             out["labels"][rows, i] = c[rows]

@@ -1,7 +1,7 @@
 """The fitted encoder of a prepared dataset: its vocabularies and normalization statistics, applied to raw rows
 outside ``prepare`` (a serving request, a streamed event) with exactly the codes ``prepare`` gives.
 
-It is the same function as prepare's encode pass (:func:`~sampletok.data.prepare.encode_chunk`) over the
+It is the same function as prepare's encode pass (:func:`~sampletok.data.codec.encode_chunk`) over the
 same fitted state, so the two cannot drift; a test checks equality on every row of ml-100k.
 
 Example:
@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from sampletok.data.prepare import FieldStats, PreparedDataset, encode_chunk, response_vocab_size, vocab_lookups
+from sampletok.data.codec import FieldStats, encode_chunk, response_vocab_size, vocab_lookups
+from sampletok.data.dataset import PreparedDataset
 from sampletok.data.sources.files import RawChunk
 from sampletok.errors import DataError, one_line
 from sampletok.schema import Schema

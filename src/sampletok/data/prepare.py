@@ -24,320 +24,48 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sampletok.data.sources.files import RawChunk, RawSource
+from sampletok.columns import (
+    INSTANCE_ID,
+    SPLIT,
+    SPLIT_NAMES,
+    TIMESTAMP,
+    USER_KEY,
+    cat_col,
+    known_col,
+    label_col,
+    multi_col,
+    num_col,
+    resp_col,
+)
+from sampletok.data.cells import as_float, as_str, list_cells, parse_timestamp, row_of, user_keys
+from sampletok.data.codec import (
+    FieldStats,
+    check_finite,
+    encode_chunk,
+    response_and_feature_columns,
+    transform_numeric,
+    vocab_lookups,
+)
+from sampletok.data.dataset import PreparedDataset, SplitSpec, assign_splits, split_cut_times
+from sampletok.data.sources.files import RawSource
 from sampletok.errors import ConfigError, DataError
 from sampletok.schema import FeatureField, FieldType, ResponseSpec, Schema
 
 PREP_VERSION = 2  # 2: _user_key is the stable hash of the raw user id
-SPLIT_NAMES = ("train", "valid", "test")
 _MAX_BUCKET_SAMPLE = 1_000_000
 
 
-class SplitSpec(BaseModel):
-    """Time-ordered split. Either fractions of rows after a stable sort by timestamp (ties keep file order), or
-    explicit timestamp cut points ``[valid_start, test_start]``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    train: float = Field(0.8, gt=0)
-    valid: float = Field(0.1, ge=0)
-    test: float = Field(0.1, ge=0)
-    cut_ts: tuple[int, int] | None = None
-
-    @model_validator(mode="after")
-    def _sum(self) -> SplitSpec:
-        if self.cut_ts is None and not math.isclose(self.train + self.valid + self.test, 1.0, abs_tol=1e-6):
-            raise ValueError("train + valid + test must be 1")
-        if self.cut_ts is not None and self.cut_ts[0] > self.cut_ts[1]:
-            raise ValueError("cut_ts must be increasing")
-        return self
-
-
-def assign_splits(ts: np.ndarray, spec: SplitSpec) -> np.ndarray:
-    """Split code per row (0 train, 1 valid, 2 test), by time only."""
-    n = len(ts)
-    out = np.empty(n, dtype=np.int8)
-    if spec.cut_ts is not None:
-        out[:] = 0
-        out[ts >= spec.cut_ts[0]] = 1
-        out[ts >= spec.cut_ts[1]] = 2
-        return out
-    order = np.argsort(ts, kind="stable")
-    n_train = int(round(n * spec.train))
-    n_valid = int(round(n * spec.valid))
-    out[order[:n_train]] = 0
-    out[order[n_train : n_train + n_valid]] = 1
-    out[order[n_train + n_valid :]] = 2
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- column typing
-def _where(chunk: RawChunk, mask: np.ndarray) -> int:
-    """1-based row (within the chunk's origin) of the first True in mask."""
-    return chunk.first_row + int(np.flatnonzero(mask)[0])
-
-
-NEVER = np.iinfo(np.int64).max  # the known-at time of a response that never became known
-
-
-def parse_timestamp(chunk: RawChunk, column: str, unit: str, *, null_is_never: bool = False) -> np.ndarray:
-    """Column as int64 ticks of ``unit``; a null is an error, or :data:`NEVER` when ``null_is_never``."""
-    s = chunk.frame.get_column(column)
-    if s.null_count():
-        null = s.is_null().to_numpy()
-        if not null_is_never:
-            raise DataError(chunk.origin, "null timestamp", column, _where(chunk, null))
-        frame = chunk.frame.with_columns(s.fill_null(strategy="forward").fill_null(strategy="backward"))
-        filled = RawChunk(origin=chunk.origin, first_row=chunk.first_row, frame=frame)
-        if filled.frame.get_column(column).null_count():  # every cell null
-            return np.full(len(s), NEVER, np.int64)
-        out = np.array(parse_timestamp(filled, column, unit), np.int64)  # a writable copy
-        out[null] = NEVER
-        return out
-    if s.dtype == pl.Utf8:
-        as_int = s.str.strip_chars().cast(pl.Int64, strict=False)
-        if as_int.null_count() < len(s):  # integer timestamps: any cell that is not one is bad
-            bad = as_int.is_null().to_numpy()
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                raise DataError(chunk.origin, f"unparseable timestamp {s[i]!r}", column, chunk.first_row + i)
-            return as_int.to_numpy()
-        try:
-            parsed = s.str.to_datetime(strict=False, time_unit="ms")
-        except pl.exceptions.PolarsError:
-            parsed = pl.Series([None] * len(s), dtype=pl.Datetime("ms"))
-        bad = parsed.is_null().to_numpy()
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise DataError(chunk.origin, f"unparseable timestamp {s[i]!r}", column, chunk.first_row + i)
-        ms = parsed.dt.epoch("ms").to_numpy()
-        return ms if unit == "ms" else ms // 1000
-    if s.dtype in (pl.Datetime, pl.Date) or isinstance(s.dtype, pl.Datetime):
-        ms = s.cast(pl.Datetime("ms")).dt.epoch("ms").to_numpy()
-        return ms if unit == "ms" else ms // 1000
-    if s.dtype.is_float():
-        arr = s.to_numpy()
-        bad = ~np.isfinite(arr) | (arr != np.floor(arr))
-        if bad.any():
-            msg = f"timestamp {arr[bad][0]!r} is not a whole number"
-            raise DataError(chunk.origin, msg, column, _where(chunk, bad))
-        return arr.astype(np.int64)
-    if s.dtype.is_integer():
-        return s.cast(pl.Int64).to_numpy()
-    raise DataError(chunk.origin, f"timestamp has unsupported type {s.dtype}", column)
-
-
-def as_float(chunk: RawChunk, column: str, *, allow_null: bool = False) -> np.ndarray:
-    """Column as float64; a cell that is not a number is an error naming its row."""
-    s = chunk.frame.get_column(column)
-    if s.dtype == pl.Boolean:
-        s = s.cast(pl.Int8)
-    if s.dtype == pl.Utf8:
-        cast = s.str.strip_chars().cast(pl.Float64, strict=False)
-        bad = (cast.is_null() & s.is_not_null()).to_numpy()
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise DataError(chunk.origin, f"expected a number, got {s[i]!r}", column, chunk.first_row + i)
-        s = cast
-    elif not s.dtype.is_numeric():
-        raise DataError(chunk.origin, f"expected a number, column has type {s.dtype}", column)
-    if s.null_count() and not allow_null:
-        raise DataError(chunk.origin, "missing value", column, _where(chunk, s.is_null().to_numpy()))
-    return s.cast(pl.Float64).fill_null(float("nan")).to_numpy()
-
-
-def as_str(chunk: RawChunk, column: str) -> pl.Series:
-    s = chunk.frame.get_column(column)
-    if s.dtype.is_float():
-        # 3.0 → "3" so CSV strings and parquet floats of integer ids agree
-        f = s.to_numpy()
-        if np.all(np.isnan(f) | (f == np.floor(f))):
-            s = s.cast(pl.Int64, strict=False)
-    return s.cast(pl.Utf8)
-
-
-def _list_cells(chunk: RawChunk, f: FeatureField) -> pl.Series:
-    s = chunk.frame.get_column(f.name)
-    s = s.cast(pl.List(pl.Utf8)) if isinstance(s.dtype, pl.List) else s.cast(pl.Utf8).str.split(f.separator)
-    return s.list.eval(pl.element().filter(pl.element().str.len_chars() > 0))  # "" is no value
-
-
-# ---------------------------------------------------------------------------------------------- fitted state
 @dataclass
-class FieldStats:
-    """What pass 2 learns about one field on the training window."""
-
-    vocab: list[str] | None = None  # categorical: values by descending train frequency
-    mean: float = 0.0
-    std: float = 1.0
-    edges: list[float] | None = None  # bucketize: interior quantile edges
-
-    @property
-    def vocab_size(self) -> int:
-        """Table size: 0 padding, 1..len(vocab) known values, len(vocab)+1 OOV."""
-        if self.edges is not None:
-            return len(self.edges) + 3
-        return len(self.vocab) + 2 if self.vocab is not None else 0
-
-
 @dataclass
 class _FitAccumulator:
     counts: dict[str, Counter] = field(default_factory=dict)
     sums: dict[str, list[float]] = field(default_factory=dict)  # n, sum, sumsq
     samples: dict[str, list[np.ndarray]] = field(default_factory=dict)
-
-
-def _transform_numeric(x: np.ndarray, f: FeatureField | ResponseSpec) -> np.ndarray:
-    return np.sign(x) * np.log1p(np.abs(x)) if f.normalize == "log_standard" else x
-
-
-def _check_finite(chunk: RawChunk, f: FeatureField | ResponseSpec, x: np.ndarray) -> np.ndarray:
-    bad = ~np.isfinite(x)
-    if bad.any():
-        if f.nan_policy == "error":
-            raise DataError(
-                chunk.origin,
-                f"missing or non-finite value {x[bad][0]!r} (nan_policy: fill fills it)",
-                f.name,
-                _where(chunk, bad),
-            )
-        x = np.where(bad, f.fill_value, x)
-    return x
-
-
-def user_keys(raw: pl.Series, origin: str = "request") -> np.ndarray:
-    """[N] int64 stable key of each raw user id: the first 8 bytes of its BLAKE2b digest (of the id's text).
-
-    Token stores and the history index are keyed by it, so a re-prepared log, a store exported from it and a
-    serving request all name a user the same way (a dense code would change with every preparation). Hashed
-    once per distinct user; two ids with one key (odds ~n²/2⁶⁴) are an error, never a silent merge.
-
-    Example:
-        >>> k = user_keys(pl.Series(["u1", "u2", "u1"]))
-        >>> bool(k[0] == k[2] != k[1]), int(k[0]) == int(user_keys(pl.Series(["u1"]))[0])
-        (True, True)
-    """
-    text = raw.cast(pl.Utf8)
-    uniq, inverse = np.unique(text.to_numpy().astype(str), return_inverse=True)
-    keys = np.fromiter(
-        (int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little", signed=True) for u in uniq),
-        np.int64,
-        len(uniq),
-    )
-    if len(np.unique(keys)) != len(keys):
-        raise DataError(origin, "two user ids hash to the same 64-bit key; rename one of them")
-    return keys[inverse.reshape(-1)]
-
-
-# ---------------------------------------------------------------------------------------------- the dataset
-IN_MEMORY_MAX_ROWS = 20_000_000  # training runs load a dataset up to this size into RAM, memory-map larger ones
-
-
-class PreparedDataset:
-    """A prepared, memory-mapped dataset directory.
-
-    Columns (all length N, in source row order):
-      ``_user_key`` int64 stable hash of the raw user id (:func:`user_keys`: the same in every preparation
-      and in a serving request), ``_ts`` int64, ``_instance_id`` int64, ``_split`` int8,
-      ``label__<name>`` float32, ``resp__<name>`` float32 (0/1, normalized value or vocabulary code),
-      ``known__<name>`` int64 (a response's known-at time), ``cat__<name>`` int32 codes,
-      ``multi__<name>`` int32 [N, max_len], ``num__<name>`` float32 normalized.
-    """
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        manifest = self.root / "manifest.json"
-        if not manifest.exists():
-            raise DataError(str(self.root), "not a prepared dataset (no manifest.json); run `sampletok prepare`")
-        try:
-            self.manifest = json.loads(manifest.read_text())
-            self.schema = Schema.model_validate(self.manifest["schema"])
-            self.stats = {k: FieldStats(**v) for k, v in self.manifest["fields"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON, pydantic and shape errors
-            raise DataError(
-                str(manifest),
-                f"unreadable manifest ({type(e).__name__}: {e}); prepare the dataset "
-                "again with `sampletok prepare --force`",
-            ) from None
-        self._cols: dict[str, np.ndarray] = {}
-
-    def col(self, name: str) -> np.ndarray:
-        if name not in self._cols:
-            self._cols[name] = np.load(self.root / "columns" / f"{name}.npy", mmap_mode="r")
-        return self._cols[name]
-
-    def load_into_memory(self, max_rows: int | None = None) -> PreparedDataset:
-        """Replace memory maps by RAM arrays (faster random gathers for small datasets); a dataset of more than
-        ``max_rows`` rows stays memory-mapped (its loaders then stack their columns in files, not in RAM)."""
-        if max_rows is not None and self.n_rows > max_rows:
-            return self
-        for name in self.manifest["columns"]:
-            self._cols[name] = np.ascontiguousarray(self.col(name))
-        return self
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.manifest["n_rows"])
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["key"]
-
-    def where(self, conditions: dict[str, list] | None) -> np.ndarray:
-        """Boolean row mask: every categorical field's raw value is one of the given values."""
-        mask = np.ones(self.n_rows, dtype=bool)
-        for name, values in (conditions or {}).items():
-            vocab = self.stats[name].vocab if name in self.stats else None
-            if vocab is None:
-                raise DataError(str(self.root), f"row filter field '{name}' is not a categorical field")
-            codes = [vocab.index(str(v)) + 1 for v in values if str(v) in vocab]
-            mask &= np.isin(np.asarray(self.col(f"cat__{name}")), codes)
-        return mask
-
-    def rows(self, split: str, seen_users_only: bool = False, where: dict[str, list] | None = None) -> np.ndarray:
-        """Row ids of a split, in time order (stable); ``where`` keeps rows whose fields take given values."""
-        code = SPLIT_NAMES.index(split)
-        rows = np.flatnonzero((np.asarray(self.col("_split")) == code) & self.where(where))
-        if seen_users_only and split != "train":
-            train_users = np.unique(np.asarray(self.col("_user_key"))[self.rows("train", where=where)])
-            rows = rows[np.isin(np.asarray(self.col("_user_key"))[rows], train_users)]
-        ts = np.asarray(self.col("_ts"))[rows]
-        return rows[np.argsort(ts, kind="stable")]
-
-    def vocab_size(self, field_name: str) -> int:
-        return self.stats[field_name].vocab_size
-
-    # ------------------------------------------------------------------ responses of past rows
-    def response_column(self, name: str) -> np.ndarray:
-        """[N] float32 values of one response (task labels included), as models read it on a past row."""
-        return self.col(f"label__{name}" if name in self.schema.task_labels else f"resp__{name}")
-
-    def response_vocab_size(self, name: str) -> int:
-        """Embedding-table size of a categorical (or bucketized) response; 0 for one read as a value."""
-        return response_vocab_size(self.schema, self.stats, name)
-
-    def response_known_at(self) -> dict[int, np.ndarray]:
-        """{response index: [N] int64 time it became known} for responses with a ``known_at`` column."""
-        names = self.schema.response_names
-        return {names.index(r.name): self.col(f"known__{r.name}") for r in self.schema.responses if r.known_at}
-
-    def response_available_at(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """[N or len(rows), R] int64 time from which each response of each row is visible (strictly after)."""
-        rows = np.arange(self.n_rows) if rows is None else np.asarray(rows)
-        avail = np.asarray(self.col("_ts"))[rows, None] + np.array(self.schema.response_delays(), np.int64)[None]
-        for k, known in self.response_known_at().items():
-            avail[:, k] = np.asarray(known)[rows]
-        return avail
-
-    def feature_column(self, f: FeatureField) -> str:
-        if f.type == FieldType.multi_categorical:
-            return f"multi__{f.name}"
-        return f"cat__{f.name}" if f.is_categorical_like else f"num__{f.name}"
 
 
 def _source_key(source: RawSource, schema: Schema, split: SplitSpec) -> str:
@@ -444,10 +172,10 @@ def prepare(
 
         # ---- pass 3: encode into the staging folder, then rename it into place
         arrays = _open_outputs(tmp / "columns", schema, n)
-        arrays["_user_key"][:] = user_key
-        arrays["_ts"][:] = ts_all
-        arrays["_instance_id"][:] = iid_all
-        arrays["_split"][:] = split_code
+        arrays[USER_KEY][:] = user_key
+        arrays[TIMESTAMP][:] = ts_all
+        arrays[INSTANCE_ID][:] = iid_all
+        arrays[SPLIT][:] = split_code
         if engine == "ray":
             from sampletok.data.ray_engine import encode_with_ray
             from sampletok.data.sources.files import FileSource
@@ -502,8 +230,8 @@ def _fit(source: RawSource, schema: Schema, source_split: np.ndarray, split_code
             continue
         for f in fitted:
             if f.type == FieldType.numeric:
-                x = _check_finite(chunk, f, as_float(chunk, f.name, allow_null=True))[train]
-                x = _transform_numeric(x, f)
+                x = check_finite(chunk, f, as_float(chunk, f.name, allow_null=True))[train]
+                x = transform_numeric(x, f)
                 if f.normalize == "bucketize":
                     acc.samples.setdefault(f.name, []).append(x[::stride])
                 s = acc.sums.setdefault(f.name, [0.0, 0.0, 0.0])
@@ -515,7 +243,7 @@ def _fit(source: RawSource, schema: Schema, source_split: np.ndarray, split_code
                 vals = as_str(chunk, f.name).filter(pl.Series(train)).drop_nulls()
             else:
                 assert isinstance(f, FeatureField)  # responses are never multi-valued
-                vals = _list_cells(chunk, f).filter(pl.Series(train)).list.head(f.max_len).explode().drop_nulls()
+                vals = list_cells(chunk, f).filter(pl.Series(train)).list.head(f.max_len).explode().drop_nulls()
             vc = vals.value_counts()
             seen = dict(zip(vc[:, 0].to_list(), vc[:, 1].to_list(), strict=True))
             acc.counts.setdefault(f.name, Counter()).update(seen)
@@ -537,13 +265,6 @@ def _fit(source: RawSource, schema: Schema, source_split: np.ndarray, split_code
             kept.sort(key=lambda vc: (-vc[1], vc[0]))
             stats[f.name] = FieldStats(vocab=[v for v, _ in kept])
     return stats
-
-
-def response_and_feature_columns(schema: Schema) -> list[str]:
-    """The raw columns the encode pass reads: labels, responses (and their known-at times), features."""
-    known_cols = [r.known_at for r in schema.responses if r.known_at]
-    response_cols = [r.name for r in schema.responses] + known_cols + ([schema.timestamp] if known_cols else [])
-    return [l.name for l in schema.labels] + response_cols + [f.name for f in schema.features]
 
 
 def _encode_rows(
@@ -620,19 +341,6 @@ def _publish(tmp: Path, arrays: dict[str, np.memmap], manifest: dict, out_dir: P
     shutil.rmtree(old, ignore_errors=True)
 
 
-def split_cut_times(ds: PreparedDataset) -> SplitSpec:
-    """The dataset's split as explicit cut times ``[valid_start, test_start]``: its own if it was cut by time,
-    else the first timestamp of its valid and test rows (rows later than all of them are test rows)."""
-    spec = SplitSpec.model_validate(ds.manifest["split"])
-    if spec.cut_ts is not None:
-        return spec
-    ts, code = np.asarray(ds.col("_ts")), np.asarray(ds.col("_split"))
-    after_all = int(ts.max()) + 1
-    test_start = int(ts[code == 2].min()) if (code == 2).any() else after_all
-    valid_start = int(ts[code == 1].min()) if (code == 1).any() else test_start
-    return SplitSpec(cut_ts=(valid_start, test_start))
-
-
 def _frozen_key(key: str, frozen: PreparedDataset) -> str:
     return hashlib.sha256(f"{key}+frozen:{frozen.fingerprint}".encode()).hexdigest()[:20]
 
@@ -670,7 +378,7 @@ def _append(dataset: Path, source: RawSource, progress: bool) -> PreparedDataset
         origins = keys.origins
         keep, duplicates = _apply_duplicates_policy(keys.instance_id, origins, schema)
         keep = np.ones(len(keys.instance_id), bool) if keep is None else keep
-        old_iid = np.asarray(ds.col("_instance_id"))
+        old_iid = np.asarray(ds.col(INSTANCE_ID))
         known = np.isin(keys.instance_id, old_iid) & keep  # rows dropped as duplicates within the new rows: not counted
         if known.any():
             if schema.duplicates == "error":
@@ -693,10 +401,10 @@ def _append(dataset: Path, source: RawSource, progress: bool) -> PreparedDataset
         for name, out in arrays.items():
             out[:n_old] = ds.col(name)
         new = slice(n_old, n_old + n_new)
-        arrays["_user_key"][new] = user_key
-        arrays["_ts"][new] = ts_new
-        arrays["_instance_id"][new] = iid_new
-        arrays["_split"][new] = split_new
+        arrays[USER_KEY][new] = user_key
+        arrays[TIMESTAMP][new] = ts_new
+        arrays[INSTANCE_ID][new] = iid_new
+        arrays[SPLIT][new] = split_new
         del keys, ts_new, iid_new, user_key
         shutil.rmtree(tmp / "keys")
         _encode_rows(source, schema, ds.stats, source_split, arrays, n_old)
@@ -704,8 +412,8 @@ def _append(dataset: Path, source: RawSource, progress: bool) -> PreparedDataset
         m.update(
             key=hashlib.sha256(f"{ds.fingerprint}+{source.fingerprint()}".encode()).hexdigest()[:20],
             n_rows=n_old + n_new,
-            n_users=int(len(np.unique(np.asarray(arrays["_user_key"])))),
-            **_row_summary(np.asarray(arrays["_ts"]), np.asarray(arrays["_split"])),
+            n_users=int(len(np.unique(np.asarray(arrays[USER_KEY])))),
+            **_row_summary(np.asarray(arrays[TIMESTAMP]), np.asarray(arrays[SPLIT])),
             split=split.model_dump(mode="json"),
             appended=[
                 *ds.manifest.get("appended", []),
@@ -745,13 +453,13 @@ def _read_keys(source: RawSource, schema: Schema, folder: Path) -> _Keys:
                 continue
             u = as_str(chunk, schema.user)
             if u.null_count():
-                raise DataError(chunk.origin, "null user key", schema.user, _where(chunk, u.is_null().to_numpy()))
+                raise DataError(chunk.origin, "null user key", schema.user, row_of(chunk, u.is_null().to_numpy()))
             ts = parse_timestamp(chunk, schema.timestamp, schema.timestamp_unit)
             if schema.instance_id:
                 iid_s = as_str(chunk, schema.instance_id)
                 if iid_s.null_count():
                     raise DataError(
-                        chunk.origin, "null instance id", schema.instance_id, _where(chunk, iid_s.is_null().to_numpy())
+                        chunk.origin, "null instance id", schema.instance_id, row_of(chunk, iid_s.is_null().to_numpy())
                     )
             else:
                 parts = [u, pl.Series(ts).cast(pl.Utf8)]
@@ -863,168 +571,29 @@ def _raise_duplicate(
     )
 
 
-def response_vocab_size(schema: Schema, stats: dict[str, FieldStats], name: str) -> int:
-    """Embedding-table size of a categorical (or bucketized) response; 0 for a task label or a value response."""
-    if name in schema.task_labels or not schema.response(name).is_categorical_like:
-        return 0
-    return stats[name].vocab_size
-
-
-class VocabLookup:
-    """value → code of one fitted vocabulary: a join table for chunks of a log, and a dict for the few rows
-    of a served request (where polars' fixed cost per call, ~1 ms a field, would dominate)."""
-
-    SMALL = 256  # at most this many values: the dict
-
-    def __init__(self, vocab: list[str]):
-        self.vocab = vocab
-        self.frame = _vocab_frame(vocab)
-        self._codes: dict[str, int] | None = None
-
-    @property
-    def codes(self) -> dict[str, int]:
-        if self._codes is None:
-            self._codes = {v: i + 1 for i, v in enumerate(self.vocab)}
-        return self._codes
-
-
-def vocab_lookups(stats: dict[str, FieldStats]) -> dict[str, VocabLookup]:
-    """The lookups of every fitted vocabulary (features and categorical responses)."""
-    return {name: VocabLookup(st.vocab) for name, st in stats.items() if st.vocab is not None}
-
-
-def encode_chunk(
-    chunk: RawChunk,
-    schema: Schema,
-    stats: dict[str, FieldStats],
-    lookup: dict[str, VocabLookup],
-    outcomes: bool = True,
-) -> dict[str, np.ndarray]:
-    """Every column of a chunk of raw rows as prepared codes (``label__``, ``resp__``, ``known__``, ``cat__``,
-    ``num__``, ``multi__``), with the fitted vocabularies and statistics: the one encoding function of both
-    ``prepare`` and :class:`~sampletok.data.encoder.Encoder`. ``outcomes=False`` encodes features only (a
-    request has no labels yet). Bad cells raise a one-line DataError naming the chunk's origin, column, row."""
-    out: dict[str, np.ndarray] = {}
-    if outcomes:
-        for lab in schema.task_labels:
-            y = as_float(chunk, lab)
-            bad = ~np.isfinite(y)
-            if bad.any():
-                raise DataError(chunk.origin, "label is not a finite number", lab, _where(chunk, bad))
-            out[f"label__{lab}"] = y
-        if any(r.known_at for r in schema.responses):
-            row_ts = parse_timestamp(chunk, schema.timestamp, schema.timestamp_unit)
-        for r in schema.responses:
-            out[f"resp__{r.name}"] = _encode_response(chunk, r, stats.get(r.name), lookup.get(r.name))
-            if r.known_at:
-                known = parse_timestamp(chunk, r.known_at, schema.timestamp_unit, null_is_never=True)
-                early = known < row_ts
-                if early.any():
-                    msg = f"response '{r.name}' is known before its event (known_at < {schema.timestamp})"
-                    raise DataError(chunk.origin, msg, r.known_at, _where(chunk, early))
-                out[f"known__{r.name}"] = known
-    for f in schema.features:
-        st = stats[f.name]
-        if f.type == FieldType.numeric:
-            x = _transform_numeric(_check_finite(chunk, f, as_float(chunk, f.name, allow_null=True)), f)
-            if f.normalize == "bucketize":
-                out[f"cat__{f.name}"] = np.searchsorted(np.asarray(st.edges), x, side="right") + 1
-            elif f.normalize == "none":
-                out[f"num__{f.name}"] = x
-            else:
-                out[f"num__{f.name}"] = (x - st.mean) / st.std
-        elif f.type == FieldType.categorical:
-            out[f"cat__{f.name}"] = _encode(as_str(chunk, f.name), lookup[f.name], st.vocab_size - 1)
-        else:
-            out[f"multi__{f.name}"] = _encode_lists(_list_cells(chunk, f), lookup[f.name], st.vocab_size - 1, f.max_len)
-    return out
-
-
-def _encode_response(chunk: RawChunk, r: ResponseSpec, st: FieldStats | None, vocab: VocabLookup | None) -> np.ndarray:
-    """A response column as float32: 0/1 (binary), the normalized value (numeric) or the vocabulary code
-    (categorical, bucketized numeric)."""
-    if r.type == "categorical":
-        assert st is not None and vocab is not None
-        values = as_str(chunk, r.name)
-        if values.null_count():
-            raise DataError(chunk.origin, "missing value", r.name, _where(chunk, values.is_null().to_numpy()))
-        return _encode(values, vocab, st.vocab_size - 1).astype(np.float32)
-    x = as_float(chunk, r.name)
-    bad = ~np.isfinite(x) if r.type == "numeric" else ~np.isin(x, (0.0, 1.0))
-    if bad.any():
-        what = "not a finite number" if r.type == "numeric" else f"binary response is {float(x[bad][0])}, not 0 or 1"
-        raise DataError(chunk.origin, what, r.name, _where(chunk, bad))
-    if r.type == "binary":
-        return x.astype(np.float32)
-    assert st is not None
-    x = _transform_numeric(x, r)
-    if r.normalize == "bucketize":
-        return (np.searchsorted(np.asarray(st.edges), x, side="right") + 1).astype(np.float32)
-    return (x if r.normalize == "none" else (x - st.mean) / st.std).astype(np.float32)
-
-
 def _open_outputs(folder: Path, schema: Schema, n: int) -> dict[str, np.memmap]:
     def mm(name: str, dtype, shape) -> np.memmap:
         return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
 
     out = {
-        "_user_key": mm("_user_key", np.int64, (n,)),
-        "_ts": mm("_ts", np.int64, (n,)),
-        "_instance_id": mm("_instance_id", np.int64, (n,)),
-        "_split": mm("_split", np.int8, (n,)),
+        USER_KEY: mm(USER_KEY, np.int64, (n,)),
+        TIMESTAMP: mm(TIMESTAMP, np.int64, (n,)),
+        INSTANCE_ID: mm(INSTANCE_ID, np.int64, (n,)),
+        SPLIT: mm(SPLIT, np.int8, (n,)),
     }
     for lab in schema.labels:
-        out[f"label__{lab.name}"] = mm(f"label__{lab.name}", np.float32, (n,))
+        out[label_col(lab.name)] = mm(label_col(lab.name), np.float32, (n,))
     for r in schema.responses:
-        out[f"resp__{r.name}"] = mm(f"resp__{r.name}", np.float32, (n,))  # value, or vocabulary code
+        out[resp_col(r.name)] = mm(resp_col(r.name), np.float32, (n,))  # value, or vocabulary code
         if r.known_at:
-            out[f"known__{r.name}"] = mm(f"known__{r.name}", np.int64, (n,))
+            out[known_col(r.name)] = mm(known_col(r.name), np.int64, (n,))
     for f in schema.features:
         if f.type == FieldType.multi_categorical:
-            out[f"multi__{f.name}"] = mm(f"multi__{f.name}", np.int32, (n, f.max_len))
+            out[multi_col(f.name)] = mm(multi_col(f.name), np.int32, (n, f.max_len))
         elif f.is_categorical_like:
-            out[f"cat__{f.name}"] = mm(f"cat__{f.name}", np.int32, (n,))
+            out[cat_col(f.name)] = mm(cat_col(f.name), np.int32, (n,))
         else:
-            out[f"num__{f.name}"] = mm(f"num__{f.name}", np.float32, (n,))
-    return out
-
-
-def _vocab_frame(vocab: list[str]) -> pl.DataFrame:
-    return pl.DataFrame(
-        {"value": pl.Series(vocab, dtype=pl.Utf8), "code": pl.Series(np.arange(1, len(vocab) + 1, dtype=np.int32))}
-    )
-
-
-def _encode(values: pl.Series, vocab: VocabLookup, oov: int) -> np.ndarray:
-    """Codes of string values: 0 for null, 1..V for known values, ``oov`` otherwise (one join; a dict lookup
-    for a few values, with the same result: a test checks both on every ml-100k row)."""
-    if len(values) <= VocabLookup.SMALL:
-        codes_of = vocab.codes
-        return np.array([0 if v is None else codes_of.get(v, oov) for v in values.to_list()], np.int32)
-    df = pl.DataFrame({"value": values}).with_row_index("i").join(vocab.frame, on="value", how="left")
-    df = df.sort("i")
-    codes = df.get_column("code").fill_null(oov).to_numpy().astype(np.int32)
-    codes[values.is_null().to_numpy()] = 0
-    return codes
-
-
-def _encode_lists(cells: pl.Series, vocab: VocabLookup, oov: int, max_len: int) -> np.ndarray:
-    """[n, max_len] codes of list cells (first max_len values, 0-padded), via Arrow's flat values + offsets."""
-    n = len(cells)
-    arr = cells.list.head(max_len).to_arrow()
-    if hasattr(arr, "combine_chunks"):
-        arr = arr.combine_chunks()
-    offsets = arr.offsets.to_numpy().astype(np.int64)
-    offsets = offsets - offsets[0]
-    lens = np.diff(offsets)
-    lens[np.asarray(arr.is_null())] = 0
-    # an Arrow array (not a table) converts to a Series
-    flat = cast(pl.Series, pl.from_arrow(arr.flatten())) if len(arr.flatten()) else pl.Series([], dtype=pl.Utf8)
-    flat_codes = _encode(flat.cast(pl.Utf8), vocab, oov)
-    row = np.repeat(np.arange(n), lens)
-    pos = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-    out = np.zeros((n, max_len), dtype=np.int32)
-    out[row, pos] = flat_codes[np.repeat(offsets[:-1], lens) + pos]
+            out[num_col(f.name)] = mm(num_col(f.name), np.float32, (n,))
     return out
 
 

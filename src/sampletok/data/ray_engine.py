@@ -23,7 +23,7 @@ import numpy as np
 from sampletok.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from sampletok.data.prepare import FieldStats
+    from sampletok.data.codec import FieldStats
     from sampletok.data.sources.files import FileSource
     from sampletok.schema import Schema
 
@@ -92,7 +92,7 @@ class _EncodeFile:
     """A Ray Data map actor: opens the staged column files once, then encodes the files it is given."""
 
     def __init__(self, state: dict[str, Any]):
-        from sampletok.data.prepare import vocab_lookups
+        from sampletok.data.codec import vocab_lookups
 
         self.schema, self.stats = state["schema"], state["stats"]
         self.lookup = vocab_lookups(self.stats)
@@ -109,7 +109,7 @@ class _EncodeFile:
         return out
 
     def _encode(self, task: dict[str, Any]) -> int:
-        from sampletok.data.prepare import encode_chunk, response_and_feature_columns
+        from sampletok.data.codec import encode_chunk, response_and_feature_columns
         from sampletok.data.sources.files import FileSource
 
         source = FileSource([task["path"]], chunk_rows=self.chunk_rows, delimiter=self.delimiter)

@@ -17,7 +17,7 @@ Example:
     >>> codec = EventCodec(FeatureLayout.from_dataset(ds))
     >>> packed = codec.pack(codec.columns_of(ds, np.arange(3)))
     >>> cat, multi, num = codec.unpack(packed)
-    >>> bool((num[:, 0] == np.asarray(ds.col(f"num__{codec.layout.num_fields[0].name}"))[:3]).all())
+    >>> bool((num[:, 0] == np.asarray(ds.col(num_col(codec.layout.num_fields[0].name)))[:3]).all())
     True
 """
 
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sampletok.data.prepare import PreparedDataset
+from sampletok.columns import INSTANCE_ID, TIMESTAMP, USER_KEY, cat_col, multi_col, num_col
+from sampletok.data.dataset import PreparedDataset
 from sampletok.errors import StoreError
 from sampletok.features import FeatureLayout
 from sampletok.store.base import TokenStore
@@ -50,16 +51,16 @@ class EventCodec:
         """What a store's rows mean: the field columns in packed order (checked when a store is opened)."""
         lay = self.layout
         return (
-            [f"cat__{f.name}" for f in lay.cat_fields]
+            [cat_col(f.name) for f in lay.cat_fields]
             + [f"multi__{f.name}[{lay.multi_len}]" for f in lay.multi_fields]
-            + [f"num__{f.name}" for f in lay.num_fields]
+            + [num_col(f.name) for f in lay.num_fields]
         )
 
     def columns_of(self, ds: PreparedDataset, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The encoded feature columns of dataset rows."""
         lay = self.layout
-        cols = [f"cat__{f.name}" for f in lay.cat_fields] + [f"num__{f.name}" for f in lay.num_fields]
-        cols += [f"multi__{f.name}" for f in lay.multi_fields]
+        cols = [cat_col(f.name) for f in lay.cat_fields] + [num_col(f.name) for f in lay.num_fields]
+        cols += [multi_col(f.name) for f in lay.multi_fields]
         return {c: np.asarray(ds.col(c))[rows] for c in cols}
 
     def pack(self, columns: dict[str, np.ndarray]) -> np.ndarray:
@@ -67,14 +68,14 @@ class EventCodec:
         k = len(next(iter(columns.values()))) if columns else 0
         out = np.zeros((k, self.width), np.int32)
         for i, f in enumerate(lay.cat_fields):
-            out[:, i] = columns[f"cat__{f.name}"]
+            out[:, i] = columns[cat_col(f.name)]
         for i, f in enumerate(lay.multi_fields):
-            m = np.asarray(columns[f"multi__{f.name}"])
+            m = np.asarray(columns[multi_col(f.name)])
             start = self.n_cat + i * lay.multi_len
             out[:, start : start + m.shape[1]] = m
         num0 = self.n_cat + self.n_multi * lay.multi_len
         for i, f in enumerate(lay.num_fields):
-            out[:, num0 + i] = np.asarray(columns[f"num__{f.name}"], np.float32).view(np.int32)
+            out[:, num0 + i] = np.asarray(columns[num_col(f.name)], np.float32).view(np.int32)
         return out
 
     def unpack(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,7 +119,7 @@ def export_events(
         extra_meta=events_meta(ds, codec),
         overwrite=overwrite,
     )
-    iid, user, ts = (np.asarray(ds.col(c)) for c in ("_instance_id", "_user_key", "_ts"))
+    iid, user, ts = (np.asarray(ds.col(c)) for c in (INSTANCE_ID, USER_KEY, TIMESTAMP))
     side = np.stack([np.asarray(ds.response_column(r), np.float32) for r in ds.schema.response_names], 1)
     avail = ds.response_available_at()
     keep = np.arange(ds.n_rows) if before_ts is None else np.flatnonzero(ts < before_ts)

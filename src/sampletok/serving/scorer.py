@@ -13,7 +13,7 @@ model's source model embeds it (from its own features and its history in the eve
 store, a SIF code store gets its codes. It becomes visible only to requests after ``ts``, each response only
 once known (the schema's delay, a given ``known_at``; a response not given is never visible).
 
-Users are keyed by the stable hash of their raw id (:func:`~sampletok.data.prepare.user_keys`): an unknown
+Users are keyed by the stable hash of their raw id (:func:`~sampletok.data.cells.user_keys`): an unknown
 user has an empty history, and unknown values encode as OOV.
 """
 
@@ -30,9 +30,11 @@ import numpy as np
 import polars as pl
 import torch
 
+from sampletok.columns import NEVER, known_col, label_col, resp_col
 from sampletok.data.batches import FetchedHistory, RequestRows, TokenSource, build_batch
+from sampletok.data.cells import user_keys
+from sampletok.data.dataset import PreparedDataset
 from sampletok.data.encoder import Encoder
-from sampletok.data.prepare import NEVER, PreparedDataset, user_keys
 from sampletok.errors import ConfigError, DataError, StoreError
 from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import RankingModel
@@ -366,12 +368,12 @@ class Scorer:
         enc = self.encoder.encode(row, outcomes=True, origin="event")
         feats = {k: v for k, v in enc.items() if k.split("__")[0] in ("cat", "multi", "num")}
         side = np.array(
-            [[enc[f"label__{r}" if r in self.schema.task_labels else f"resp__{r}"][0] for r in names]], np.float32
+            [[enc[label_col(r) if r in self.schema.task_labels else resp_col(r)][0] for r in names]], np.float32
         )
         avail = ts + self._delays[None, :]
         for i, r in enumerate(names):
             if r in known_cols:
-                avail[0, i] = enc[f"known__{r}"][0]
+                avail[0, i] = enc[known_col(r)][0]
             if r in placeholder:
                 avail[0, i], side[0, i] = NEVER, 0.0
         iid = np.array([secrets.randbits(63)], np.int64)

@@ -2,7 +2,7 @@
 
 A token store holds, per user, time-ordered instances: an instance id, a timestamp, a payload (an IAT
 embedding or SIF codes), the instance's responses (``side``) and the time each became known (``avail``).
-``fetch(users, before_ts, n)`` has exactly the semantics of :class:`~sampletok.data.history.HistoryIndex`:
+``fetch(users, before_ts, n)`` has exactly the semantics of :class:`~sampletok.history.HistoryIndex`:
 the last ``n`` instances strictly before each request time, most recent last, ties in append order;
 responses are zeroed unless known before the request (``avail < before_ts``).
 

@@ -20,7 +20,7 @@ switched last (the commit point). So:
   those segments' files does not disturb it (POSIX keeps unlinked mapped files alive).
 
 ``fetch(users, before_ts, n)`` has the semantics of :class:`~sampletok.store.base.TokenStore` (those of
-:class:`~sampletok.data.history.HistoryIndex`).
+:class:`~sampletok.history.HistoryIndex`).
 
 Example:
     >>> import numpy as np, tempfile
@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 
 from sampletok.atomic import locked, save_atomic
-from sampletok.data.history import HistoryIndex
 from sampletok.errors import StoreError
+from sampletok.history import HistoryIndex
 from sampletok.store.base import (
     PAYLOAD_DTYPES,
     Fetched,

@@ -18,7 +18,7 @@ from sampletok.errors import ConfigError
 
 if TYPE_CHECKING:
     from sampletok.data.batches import TokenSource
-    from sampletok.data.prepare import PreparedDataset
+    from sampletok.data.dataset import PreparedDataset
     from sampletok.features import Batch
     from sampletok.models.base import RankingModel
     from sampletok.store.base import TokenStore

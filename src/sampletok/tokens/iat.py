@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from sampletok.atomic import locked, save_torch
+from sampletok.columns import INSTANCE_ID, SPLIT, TIMESTAMP, USER_KEY
 from sampletok.data.batches import BatchLoader, TokenSource, history_index
-from sampletok.data.prepare import PreparedDataset
+from sampletok.data.dataset import PreparedDataset
 from sampletok.data.ray_engine import map_with_ray, ray_module
 from sampletok.errors import ConfigError, StoreError, load_torch_dict
 from sampletok.features import Batch, FeatureLayout
@@ -97,7 +98,7 @@ def _where(store: TokenStore) -> str:
 def fold_of_rows(ds: PreparedDataset, cfg: IATSourceConfig) -> np.ndarray:
     """[N] causal-export fold of every row: 0..folds-1 inside the training window (cut by time into folds of
     about equal size; rows with equal timestamps share a fold), ``folds`` after it."""
-    ts = np.asarray(ds.col("_ts"))
+    ts = np.asarray(ds.col(TIMESTAMP))
     train_rows = ds.rows("train", where=cfg.rows_where)
     out = np.full(ds.n_rows, cfg.folds, np.int64)
     if len(train_rows) == 0:
@@ -123,7 +124,7 @@ def causal_embeddings(
     round, or never when its label arrives after the training window."""
     trainer = SourceTrainer(ds, cfg, seed)
     fold = fold_of_rows(ds, cfg)
-    ts = np.asarray(ds.col("_ts"))
+    ts = np.asarray(ds.col(TIMESTAMP))
     train_rows = ds.rows("train", where=cfg.rows_where)
     known_at = ts[train_rows] + ds.schema.task_delay
     # start of every fold after k: its first timestamp (a fold can be empty when equal timestamps straddle a
@@ -190,7 +191,7 @@ def embed_all(
     # post-SIT: a token depends on its user window, so whole windows are run and the asked rows picked out
     full = np.zeros((ds.n_rows, model.cfg.emb_dim), np.float32)
     wins = user_windows(
-        np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts")), np.arange(ds.n_rows), model.cfg.window
+        np.asarray(ds.col(USER_KEY)), np.asarray(ds.col(TIMESTAMP)), np.arange(ds.n_rows), model.cfg.window
     )
 
     def embed_windows(idx: np.ndarray) -> None:
@@ -292,10 +293,10 @@ def export_to_store(
             "export_instances_per_s": ds.n_rows / max(seconds, 1e-9),
         },
     )
-    ts = np.asarray(ds.col("_ts"))[keep]
+    ts = np.asarray(ds.col(TIMESTAMP))[keep]
     side = np.stack([np.asarray(ds.response_column(r))[keep] for r in ds.schema.response_names], 1)
     avail = ds.response_available_at(keep)
-    iid, user, emb = np.asarray(ds.col("_instance_id"))[keep], np.asarray(ds.col("_user_key"))[keep], emb[keep]
+    iid, user, emb = np.asarray(ds.col(INSTANCE_ID))[keep], np.asarray(ds.col(USER_KEY))[keep], emb[keep]
     for i in range(0, len(keep), chunk):
         sl = slice(i, i + chunk)
         store.append(iid[sl], user[sl], ts[sl], emb[sl], side[sl], avail[sl])
@@ -375,16 +376,16 @@ def append_tokens(path: str | Path, ds: PreparedDataset, progress: bool = True) 
     if producer_id(model, str(saved["dataset"])) != store.meta.get("producer"):
         raise StoreError(f"{path}: source_model.pt is not the model that wrote these tokens; build it again")
     keep = np.flatnonzero(ds.where(cfg.rows_where))
-    new = keep[~np.isin(np.asarray(ds.col("_instance_id"))[keep], store._key_column("instance_id"))]
-    if (np.asarray(ds.col("_split"))[new] == 0).any():
-        first = int(new[np.asarray(ds.col("_split"))[new] == 0][0])
+    new = keep[~np.isin(np.asarray(ds.col(INSTANCE_ID))[keep], store._key_column("instance_id"))]
+    if (np.asarray(ds.col(SPLIT))[new] == 0).any():
+        first = int(new[np.asarray(ds.col(SPLIT))[new] == 0][0])
         raise StoreError(
             f"{path}: dataset row {first} is new and inside the training window, whose tokens come from the "
             "causal export's fold states: build the store again"
         )
     # a token reads its row's history: a new row earlier than a stored row of its user would change that
     # stored token in a rebuild (history is strictly before, so an equal timestamp changes nothing)
-    new_user, new_ts = np.asarray(ds.col("_user_key"))[new], np.asarray(ds.col("_ts"))[new]
+    new_user, new_ts = np.asarray(ds.col(USER_KEY))[new], np.asarray(ds.col(TIMESTAMP))[new]
     never = np.full(len(new), np.iinfo(np.int64).max // 4)
     early = store.index.count_before(new_user, never) > store.index.count_before(new_user, new_ts + 1)
     if early.any():
@@ -397,9 +398,9 @@ def append_tokens(path: str | Path, ds: PreparedDataset, progress: bool = True) 
     emb = embed_all(model, ds, progress=progress, rows=new) if len(new) else np.zeros((0, cfg.emb_dim), np.float32)
     side = np.stack([np.asarray(ds.response_column(r))[new] for r in ds.schema.response_names], 1)
     store.append(
-        np.asarray(ds.col("_instance_id"))[new],
-        np.asarray(ds.col("_user_key"))[new],
-        np.asarray(ds.col("_ts"))[new],
+        np.asarray(ds.col(INSTANCE_ID))[new],
+        np.asarray(ds.col(USER_KEY))[new],
+        np.asarray(ds.col(TIMESTAMP))[new],
         emb,
         side,
         ds.response_available_at(new),

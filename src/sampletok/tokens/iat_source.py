@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sampletok.columns import TIMESTAMP, USER_KEY
 from sampletok.data.batches import BatchLoader, history_index
-from sampletok.data.history import HistoryIndex
-from sampletok.data.prepare import PreparedDataset
+from sampletok.data.dataset import PreparedDataset
 from sampletok.features import FeatureLayout
+from sampletok.history import HistoryIndex
 from sampletok.tokenizers.iat import IATSourceConfig, SourceModel
 
 
@@ -79,7 +80,7 @@ class SourceTrainer:
     def train(self, rows: np.ndarray, progress: bool = True, desc: str = "") -> None:
         """``cfg.epochs`` epochs over ``rows`` (time-ordered request rows)."""
         cfg, model, opt, loader, ds = self.cfg, self.model, self.opt, self.loader, self.ds
-        user, ts = np.asarray(ds.col("_user_key")), np.asarray(ds.col("_ts"))
+        user, ts = np.asarray(ds.col(USER_KEY)), np.asarray(ds.col(TIMESTAMP))
         model.train()
         for epoch in range(cfg.epochs):
             round_seed = self.seed * 1000 + self.steps * 100 + epoch
@@ -153,7 +154,7 @@ def _train_stream_epoch(
     n = ds.n_rows
     buffer = np.zeros((n, cfg.emb_dim), np.float32)
     written = np.zeros(n, bool)
-    idx = HistoryIndex(np.asarray(ds.col("_user_key"))[rows], np.asarray(ds.col("_ts"))[rows])
+    idx = HistoryIndex(np.asarray(ds.col(USER_KEY))[rows], np.asarray(ds.col(TIMESTAMP))[rows])
     for i in tqdm(
         range(0, len(rows), cfg.batch_size),
         desc=f"IAT source (stream) epoch {epoch + 1}",

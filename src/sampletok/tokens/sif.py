@@ -19,12 +19,13 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 
+from sampletok.columns import INSTANCE_ID, TIMESTAMP, USER_KEY
 from sampletok.data.batches import BatchLoader, TokenSource
-from sampletok.data.history import HistoryIndex
-from sampletok.data.prepare import PreparedDataset
+from sampletok.data.dataset import PreparedDataset
 from sampletok.data.ray_engine import map_with_ray, ray_module
 from sampletok.errors import StoreError
 from sampletok.features import Batch
+from sampletok.history import HistoryIndex
 from sampletok.models.base import RankingModel
 from sampletok.models.sif import SIF
 from sampletok.nn.inference import map_row_batches
@@ -161,9 +162,9 @@ def code_segment(
     rows = slice(lo, hi)
     side = np.stack([np.asarray(ds.response_column(r)[rows]) for r in ds.schema.response_names], 1)
     return store.write_segment(
-        np.asarray(ds.col("_instance_id")[rows]),
-        np.asarray(ds.col("_user_key")[rows]),
-        np.asarray(ds.col("_ts")[rows]),
+        np.asarray(ds.col(INSTANCE_ID)[rows]),
+        np.asarray(ds.col(USER_KEY)[rows]),
+        np.asarray(ds.col(TIMESTAMP)[rows]),
         codes,
         side,
         ds.response_available_at(np.arange(lo, hi)),
@@ -231,7 +232,7 @@ def _reuse_stored_codes(
         raise StoreError(f"{path}: not codes of this model's codebooks; export without append")
     k = len(old)
     ids = old._key_column("instance_id")
-    if k > ds.n_rows or not np.array_equal(ids, np.asarray(ds.col("_instance_id"))[:k]):
+    if k > ds.n_rows or not np.array_equal(ids, np.asarray(ds.col(INSTANCE_ID))[:k]):
         raise StoreError(f"{path}: holds other rows than the dataset's first {k}; export without append")
     names = []
     for lo in range(0, k, rows_per_segment):

@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sampletok import distributed
 from sampletok.atomic import save_json, save_torch
+from sampletok.columns import TIMESTAMP, USER_KEY
 from sampletok.data.batches import BatchLoader, TokenSource, history_index, resolved_hist_len
-from sampletok.data.prepare import IN_MEMORY_MAX_ROWS, PreparedDataset, SplitSpec, prepare
+from sampletok.data.dataset import IN_MEMORY_MAX_ROWS, PreparedDataset, SplitSpec
+from sampletok.data.prepare import prepare
 from sampletok.errors import ConfigError, StoreError, load_torch_dict, load_yaml_mapping, one_line, validated
 from sampletok.errors import validation_message as _errors
 from sampletok.features import FeatureLayout
@@ -152,7 +154,7 @@ def metrics_by_history(
 ) -> dict[str, dict[str, float]]:
     """Test metrics per bucket of the requests' number of past events (``TrainConfig.history_buckets``), each
     with its row count ``n``: both papers report gains that grow with the history a user has."""
-    past = index.count_before(np.asarray(ds.col("_user_key"))[rows], np.asarray(ds.col("_ts"))[rows])
+    past = index.count_before(np.asarray(ds.col(USER_KEY))[rows], np.asarray(ds.col(TIMESTAMP))[rows])
     bucket = np.searchsorted(np.asarray(cfg.history_buckets, np.int64), past, side="right")
     out: dict[str, dict[str, float]] = {}
     for k, label in enumerate(cfg.history_bucket_labels()):

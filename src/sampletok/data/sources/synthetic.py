@@ -320,7 +320,7 @@ def bayes_optimal_auc(cfg: SyntheticConfig, split=None, domain: int | None = Non
     that knows every static effect (affinity, promotion, price, hour) but not the user's current context
     sensitivity, which only the user's recent full samples reveal; and ``auc_regime_only`` for that term alone.
     """
-    from sampletok.data.prepare import SplitSpec, assign_splits
+    from sampletok.data.dataset import SplitSpec, assign_splits
     from sampletok.train.metrics import auc, gauc, logloss
 
     df = SyntheticSource(cfg, domain).to_frame(with_truth=True)

@@ -1,0 +1,199 @@
+"""The fitted codec of a prepared dataset: vocabularies (0 padding, 1..V by training frequency, V+1 OOV) and
+numeric normalizations learnt on the training window, and :func:`encode_chunk`, the one function that turns raw
+rows into prepared codes: prepare's encode pass, its Ray tasks and the serving Encoder all call it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+import polars as pl
+
+from sampletok.columns import cat_col, known_col, label_col, multi_col, num_col, resp_col
+from sampletok.data.cells import as_float, as_str, list_cells, parse_timestamp, row_of
+from sampletok.data.sources.files import RawChunk
+from sampletok.errors import DataError
+from sampletok.schema import FeatureField, FieldType, ResponseSpec, Schema
+
+
+@dataclass
+@dataclass
+class FieldStats:
+    """What pass 2 learns about one field on the training window."""
+
+    vocab: list[str] | None = None  # categorical: values by descending train frequency
+    mean: float = 0.0
+    std: float = 1.0
+    edges: list[float] | None = None  # bucketize: interior quantile edges
+
+    @property
+    def vocab_size(self) -> int:
+        """Table size: 0 padding, 1..len(vocab) known values, len(vocab)+1 OOV."""
+        if self.edges is not None:
+            return len(self.edges) + 3
+        return len(self.vocab) + 2 if self.vocab is not None else 0
+
+
+def transform_numeric(x: np.ndarray, f: FeatureField | ResponseSpec) -> np.ndarray:
+    return np.sign(x) * np.log1p(np.abs(x)) if f.normalize == "log_standard" else x
+
+
+def check_finite(chunk: RawChunk, f: FeatureField | ResponseSpec, x: np.ndarray) -> np.ndarray:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        if f.nan_policy == "error":
+            raise DataError(
+                chunk.origin,
+                f"missing or non-finite value {x[bad][0]!r} (nan_policy: fill fills it)",
+                f.name,
+                row_of(chunk, bad),
+            )
+        x = np.where(bad, f.fill_value, x)
+    return x
+
+
+def response_and_feature_columns(schema: Schema) -> list[str]:
+    """The raw columns the encode pass reads: labels, responses (and their known-at times), features."""
+    known_cols = [r.known_at for r in schema.responses if r.known_at]
+    response_cols = [r.name for r in schema.responses] + known_cols + ([schema.timestamp] if known_cols else [])
+    return [l.name for l in schema.labels] + response_cols + [f.name for f in schema.features]
+
+
+def response_vocab_size(schema: Schema, stats: dict[str, FieldStats], name: str) -> int:
+    """Embedding-table size of a categorical (or bucketized) response; 0 for a task label or a value response."""
+    if name in schema.task_labels or not schema.response(name).is_categorical_like:
+        return 0
+    return stats[name].vocab_size
+
+
+class VocabLookup:
+    """value → code of one fitted vocabulary: a join table for chunks of a log, and a dict for the few rows
+    of a served request (where polars' fixed cost per call, ~1 ms a field, would dominate)."""
+
+    SMALL = 256  # at most this many values: the dict
+
+    def __init__(self, vocab: list[str]):
+        self.vocab = vocab
+        self.frame = _vocab_frame(vocab)
+        self._codes: dict[str, int] | None = None
+
+    @property
+    def codes(self) -> dict[str, int]:
+        if self._codes is None:
+            self._codes = {v: i + 1 for i, v in enumerate(self.vocab)}
+        return self._codes
+
+
+def vocab_lookups(stats: dict[str, FieldStats]) -> dict[str, VocabLookup]:
+    """The lookups of every fitted vocabulary (features and categorical responses)."""
+    return {name: VocabLookup(st.vocab) for name, st in stats.items() if st.vocab is not None}
+
+
+def encode_chunk(
+    chunk: RawChunk,
+    schema: Schema,
+    stats: dict[str, FieldStats],
+    lookup: dict[str, VocabLookup],
+    outcomes: bool = True,
+) -> dict[str, np.ndarray]:
+    """Every column of a chunk of raw rows as prepared codes (``label__``, ``resp__``, ``known__``, ``cat__``,
+    ``num__``, ``multi__``), with the fitted vocabularies and statistics: the one encoding function of both
+    ``prepare`` and :class:`~sampletok.data.encoder.Encoder`. ``outcomes=False`` encodes features only (a
+    request has no labels yet). Bad cells raise a one-line DataError naming the chunk's origin, column, row."""
+    out: dict[str, np.ndarray] = {}
+    if outcomes:
+        for lab in schema.task_labels:
+            y = as_float(chunk, lab)
+            bad = ~np.isfinite(y)
+            if bad.any():
+                raise DataError(chunk.origin, "label is not a finite number", lab, row_of(chunk, bad))
+            out[label_col(lab)] = y
+        if any(r.known_at for r in schema.responses):
+            row_ts = parse_timestamp(chunk, schema.timestamp, schema.timestamp_unit)
+        for r in schema.responses:
+            out[resp_col(r.name)] = _encode_response(chunk, r, stats.get(r.name), lookup.get(r.name))
+            if r.known_at:
+                known = parse_timestamp(chunk, r.known_at, schema.timestamp_unit, null_is_never=True)
+                early = known < row_ts
+                if early.any():
+                    msg = f"response '{r.name}' is known before its event (known_at < {schema.timestamp})"
+                    raise DataError(chunk.origin, msg, r.known_at, row_of(chunk, early))
+                out[known_col(r.name)] = known
+    for f in schema.features:
+        st = stats[f.name]
+        if f.type == FieldType.numeric:
+            x = transform_numeric(check_finite(chunk, f, as_float(chunk, f.name, allow_null=True)), f)
+            if f.normalize == "bucketize":
+                out[cat_col(f.name)] = np.searchsorted(np.asarray(st.edges), x, side="right") + 1
+            elif f.normalize == "none":
+                out[num_col(f.name)] = x
+            else:
+                out[num_col(f.name)] = (x - st.mean) / st.std
+        elif f.type == FieldType.categorical:
+            out[cat_col(f.name)] = _encode(as_str(chunk, f.name), lookup[f.name], st.vocab_size - 1)
+        else:
+            out[multi_col(f.name)] = _encode_lists(list_cells(chunk, f), lookup[f.name], st.vocab_size - 1, f.max_len)
+    return out
+
+
+def _encode_response(chunk: RawChunk, r: ResponseSpec, st: FieldStats | None, vocab: VocabLookup | None) -> np.ndarray:
+    """A response column as float32: 0/1 (binary), the normalized value (numeric) or the vocabulary code
+    (categorical, bucketized numeric)."""
+    if r.type == "categorical":
+        assert st is not None and vocab is not None
+        values = as_str(chunk, r.name)
+        if values.null_count():
+            raise DataError(chunk.origin, "missing value", r.name, row_of(chunk, values.is_null().to_numpy()))
+        return _encode(values, vocab, st.vocab_size - 1).astype(np.float32)
+    x = as_float(chunk, r.name)
+    bad = ~np.isfinite(x) if r.type == "numeric" else ~np.isin(x, (0.0, 1.0))
+    if bad.any():
+        what = "not a finite number" if r.type == "numeric" else f"binary response is {float(x[bad][0])}, not 0 or 1"
+        raise DataError(chunk.origin, what, r.name, row_of(chunk, bad))
+    if r.type == "binary":
+        return x.astype(np.float32)
+    assert st is not None
+    x = transform_numeric(x, r)
+    if r.normalize == "bucketize":
+        return (np.searchsorted(np.asarray(st.edges), x, side="right") + 1).astype(np.float32)
+    return (x if r.normalize == "none" else (x - st.mean) / st.std).astype(np.float32)
+
+
+def _vocab_frame(vocab: list[str]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"value": pl.Series(vocab, dtype=pl.Utf8), "code": pl.Series(np.arange(1, len(vocab) + 1, dtype=np.int32))}
+    )
+
+
+def _encode(values: pl.Series, vocab: VocabLookup, oov: int) -> np.ndarray:
+    """Codes of string values: 0 for null, 1..V for known values, ``oov`` otherwise (one join; a dict lookup
+    for a few values, with the same result: a test checks both on every ml-100k row)."""
+    if len(values) <= VocabLookup.SMALL:
+        codes_of = vocab.codes
+        return np.array([0 if v is None else codes_of.get(v, oov) for v in values.to_list()], np.int32)
+    df = pl.DataFrame({"value": values}).with_row_index("i").join(vocab.frame, on="value", how="left")
+    df = df.sort("i")
+    codes = df.get_column("code").fill_null(oov).to_numpy().astype(np.int32)
+    codes[values.is_null().to_numpy()] = 0
+    return codes
+
+
+def _encode_lists(cells: pl.Series, vocab: VocabLookup, oov: int, max_len: int) -> np.ndarray:
+    """[n, max_len] codes of list cells (first max_len values, 0-padded), via Arrow's flat values + offsets."""
+    n = len(cells)
+    arr = cells.list.head(max_len).to_arrow()
+    if hasattr(arr, "combine_chunks"):
+        arr = arr.combine_chunks()
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    offsets = offsets - offsets[0]
+    lens = np.diff(offsets)
+    lens[np.asarray(arr.is_null())] = 0
+    # an Arrow array (not a table) converts to a Series
+    flat = cast(pl.Series, pl.from_arrow(arr.flatten())) if len(arr.flatten()) else pl.Series([], dtype=pl.Utf8)
+    flat_codes = _encode(flat.cast(pl.Utf8), vocab, oov)
+    row = np.repeat(np.arange(n), lens)
+    pos = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+    out = np.zeros((n, max_len), dtype=np.int32)
+    out[row, pos] = flat_codes[np.repeat(offsets[:-1], lens) + pos]
+    return out
