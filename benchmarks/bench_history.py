@@ -35,7 +35,7 @@ def timeit(fn: Callable[[], object], repeat: int = 5) -> float:
 
 def assert_same_rows(name: str, q: np.ndarray, rows: np.ndarray, h: History) -> None:
     """A peer's (request, row) answer, ordered by request then time, must be HistoryIndex's rows exactly."""
-    expect_q = np.repeat(np.arange(len(h.length)), h.length)
+    expect_q = np.repeat(np.arange(len(h.n_past)), h.n_past)
     if not (
         np.array_equal(np.asarray(q, np.int64), expect_q) and np.array_equal(np.asarray(rows, np.int64), h.rows[h.mask])
     ):

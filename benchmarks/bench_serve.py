@@ -43,7 +43,7 @@ MODELS = {
         "iat",
         {
             "base": "din",
-            "length": 256,
+            "token_len": 256,
             "token_dim": 32,
             "side_dim": 16,
             "encoder_layers": 0,

@@ -39,14 +39,14 @@ def main() -> None:
     user = rng.integers(0, a.users, a.rows)
     ts = rng.integers(0, 10**8, a.rows)
     emb = rng.normal(size=(a.rows, a.dim)).astype(np.float32)
-    side = rng.integers(0, 2, (a.rows, 2)).astype(np.float32)
+    responses = rng.integers(0, 2, (a.rows, 2)).astype(np.float32)
     print(f"| dtype | payload B/instance | total B/instance | write s | fetch ms ({a.batch}×{a.T}) | max abs error |")
     print("|---|---|---|---|---|---|")
     for dtype in ("float32", "float16", "int8"):
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
             s = LocalTokenStore.create(Path(d) / "s", "bench", (a.dim,), ["click", "conv"], dtype=dtype)
-            s.append(np.arange(a.rows), user, ts, emb, side)
+            s.append(np.arange(a.rows), user, ts, emb, responses)
             s.commit()
             write = time.perf_counter() - t
             s = LocalTokenStore.open(Path(d) / "s").load_into_memory()
@@ -55,7 +55,7 @@ def main() -> None:
             # bound now (B023): each timing calls this store's fetch of this query
             best = min(_time(functools.partial(s.fetch, qu, qt, a.T)) for _ in range(3))
             f = s.fetch(qu, qt, a.T)
-            err = float(np.abs(f.payload[f.mask] - emb[np.asarray(s._columns()["instance_id"])[f.rows[f.mask]]]).max())
+            err = float(np.abs(f.payload[f.mask] - emb[np.asarray(s.columns()["instance_id"])[f.seq[f.mask]]]).max())
             b = s.bytes_per_instance()
             print(f"| {dtype} | {b['payload']:.0f} | {b['total']:.0f} | {write:.2f} | {best * 1e3:.0f} | {err:.4f} |")
     if a.export_ml100k:
@@ -99,7 +99,7 @@ def compare_backends(a) -> None:
     user = rng.integers(0, a.users, a.rows)
     ts = rng.integers(0, 10**8, a.rows)
     emb = rng.normal(size=(a.rows, a.dim)).astype(np.float32)
-    side = rng.integers(0, 2, (a.rows, 2)).astype(np.float32)
+    responses = rng.integers(0, 2, (a.rows, 2)).astype(np.float32)
     args = ("bench", (a.dim,), ["click", "conv"])
     print(f"{a.rows:,} instances of {a.users:,} users, {a.dim}-d float16; fetch {a.batch} users × {a.T} tokens\n")
     print("| backend | write s | fetch P50 ms | fetch P99 ms | tokens/s | tokens returned |")
@@ -108,14 +108,14 @@ def compare_backends(a) -> None:
         stores = {}
         t = time.perf_counter()
         local = LocalTokenStore.create(Path(d) / "local", *args)
-        local.append(np.arange(a.rows), user, ts, emb, side)
+        local.append(np.arange(a.rows), user, ts, emb, responses)
         local.commit()
         stores["local"] = (LocalTokenStore.open(Path(d) / "local").load_into_memory(), time.perf_counter() - t)
         t = time.perf_counter()
         remote = RedisTokenStore.create(url + "?store=bench", *args)
         for i in range(0, a.rows, 50_000):  # the way an export writes: bounded transactions
             sl = slice(i, i + 50_000)
-            remote.append(np.arange(a.rows)[sl], user[sl], ts[sl], emb[sl], side[sl])
+            remote.append(np.arange(a.rows)[sl], user[sl], ts[sl], emb[sl], responses[sl])
         remote.commit()
         stores["redis"] = (RedisTokenStore.open(url + "?store=bench"), time.perf_counter() - t)
         queries = [

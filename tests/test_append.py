@@ -172,7 +172,7 @@ def test_sif_code_export_appends_only_the_new_rows(log, tmp_path, monkeypatch):
     assert sum(encoded) == len(new)  # only the new rows were encoded
     full = export_codes(model, grown, tmp_path / "codes-full", progress=False)
     a, b = LocalTokenStore.open(store.root).columns(), full.columns()
-    for name in ("instance_id", "user", "ts", "payload", "side", "avail"):
+    for name in ("instance_id", "user", "ts", "payload", "responses", "known_at"):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert store.meta["dataset"] == grown.fingerprint and store.meta["rows_reused"] == len(old)
     other = build_model("sif", FeatureLayout.from_dataset(ds), hgaq={"fields_per_token": 4, "codes": 32}, width=16,
@@ -203,7 +203,7 @@ def test_iat_tokens_of_the_new_rows_are_appended_as_a_rebuild_would_write_them(l
     assert store.version == before.version + 1 and len(store) == len(old) + len(new)
     rebuilt = build_store(grown, cfg, 1, tmp_path / "rebuilt", progress=False)
     a, b = store.columns(), LocalTokenStore.open(rebuilt.root).columns()
-    for name in ("instance_id", "user", "ts", "side", "avail"):
+    for name in ("instance_id", "user", "ts", "responses", "known_at"):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     np.testing.assert_allclose(a["payload"], b["payload"], rtol=0, atol=1e-6)
     assert len(append_tokens(tmp_path / "tokens", grown, progress=False)) == len(store)  # nothing new: unchanged
@@ -212,7 +212,7 @@ def test_iat_tokens_of_the_new_rows_are_appended_as_a_rebuild_would_write_them(l
     from sampletok.models import build_model
     from sampletok.tokens import open_tokens
 
-    iat = build_model("iat", FeatureLayout.from_dataset(grown), store=str(tmp_path / "tokens"), length=8,
+    iat = build_model("iat", FeatureLayout.from_dataset(grown), store=str(tmp_path / "tokens"), token_len=8,
                       source=cfg.model_dump())  # fmt: skip
     tokens = open_tokens(iat, grown, seed=1, hist_len=5)
     assert tokens is not None and len(tokens.store) == len(old) + len(new)

@@ -392,7 +392,7 @@ def test_iat_build_writes_a_causal_store_the_iat_model_reads(small_prepared, tmp
 
     st = LocalTokenStore.open(store)
     assert st.meta["export_order"] == "causal" and len(st) == small_prepared.n_rows
-    run_params = [f"store={store}", f"source={src}", "length=8"]
+    run_params = [f"store={store}", f"source={src}", "token_len=8"]
     r = _cli(
         "train",
         "--data",

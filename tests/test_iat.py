@@ -139,7 +139,7 @@ def test_export_store_fetch_round_trip_equals_model_output(synth_prepared, user_
     assert f.mask.any()
     iid = np.asarray(synth_prepared.col("_instance_id"))
     row_of_iid = {v: i for i, v in enumerate(iid)}
-    stored_rows = np.array([row_of_iid[v] for v in np.asarray(store._columns()["instance_id"])[f.rows[f.mask]]])
+    stored_rows = np.array([row_of_iid[v] for v in np.asarray(store.columns()["instance_id"])[f.seq[f.mask]]])
     with torch.no_grad():
         direct = user_source.compress(BatchLoader(synth_prepared, stored_rows, 4096).build(stored_rows)).numpy()
     np.testing.assert_allclose(f.payload[f.mask], direct, atol=1e-5)
@@ -149,7 +149,7 @@ def test_export_store_fetch_round_trip_equals_model_output(synth_prepared, user_
 def test_iat_model_cannot_see_the_future(synth_prepared, store, tmp_path):
     """Rewriting every stored instance at or after a request's time leaves that request's score unchanged."""
     layout = FeatureLayout.from_dataset(synth_prepared)
-    model = build_model("iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), length=20).eval()
+    model = build_model("iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), token_len=20).eval()
     tokens = open_tokens(model, synth_prepared, seed=1, hist_len=50)
     users = np.asarray(synth_prepared.col("_user_key"))
     valid_rows = synth_prepared.rows("valid")
@@ -159,24 +159,24 @@ def test_iat_model_cannot_see_the_future(synth_prepared, store, tmp_path):
     with torch.no_grad():
         before = model(batch).logits
     # a copy of the store whose instances at/after their user's request time carry garbage payload and labels
-    c = store._columns()
+    c = store.columns()
     request_ts = dict(zip(users[rows].tolist(), batch.ts.tolist(), strict=True))
     payload = np.array(c["payload"], dtype=np.float32)
-    side = np.array(c["side"])
+    responses = np.array(c["responses"])
     limit = np.array([request_ts.get(u, np.iinfo(np.int64).max) for u in np.asarray(c["user"]).tolist()])
     future = np.asarray(c["ts"]) >= limit
     assert future.any()
     payload[future] = 99.0
-    side[future] = 1 - side[future]
+    responses[future] = 1 - responses[future]
     forged = LocalTokenStore.create(
         tmp_path / "forged",
         producer=store.meta["producer"],
         payload_shape=(16,),
-        label_names=store.meta["labels"],
+        response_names=store.meta["responses"],
         dtype="float32",
         extra_meta={k: store.meta[k] for k in ("kind", "dataset")},
     )
-    forged.append(c["instance_id"], c["user"], c["ts"], payload, side, c["avail"])
+    forged.append(c["instance_id"], c["user"], c["ts"], payload, responses, c["known_at"])
     forged.commit()
     forged_tokens = TokenSource(forged.load_into_memory(), 20)
     with torch.no_grad():
@@ -194,17 +194,19 @@ def test_iat_model_cannot_see_the_future(synth_prepared, store, tmp_path):
 )
 def test_iat_forward_backward_on_bases(synth_prepared, store, params):
     layout = FeatureLayout.from_dataset(synth_prepared)
-    model = build_model("iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), length=10, **params)
+    model = build_model(
+        "iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), token_len=10, **params
+    )
     tokens = open_tokens(model, synth_prepared, seed=1, hist_len=50)
     rows = synth_prepared.rows("train")[:64]
     batch = BatchLoader(synth_prepared, rows, 64, tokens=tokens).build(rows)
-    snapshot = np.array(store._columns()["payload"]).copy()
+    snapshot = np.array(store.columns()["payload"]).copy()
     out = model(batch)
     assert out.logits.shape == (64, 1) and torch.isfinite(out.logits).all()
     out.logits.sum().backward()
     assert model.adapt[0].weight.grad is not None and model.adapt[0].weight.grad.abs().sum() > 0
     assert tokens is not None
-    np.testing.assert_array_equal(np.asarray(tokens.store._columns()["payload"]), snapshot)  # tokens are frozen
+    np.testing.assert_array_equal(np.asarray(tokens.store.columns()["payload"]), snapshot)  # tokens are frozen
 
 
 def test_store_from_another_dataset_is_refused(synth_prepared, toy_prepared, store):
@@ -228,7 +230,9 @@ def test_a_shared_history_is_computed_once_with_the_same_scores(synth_prepared, 
     and broadcast) scores exactly as the plain per-row path."""
     torch.manual_seed(0)
     layout = FeatureLayout.from_dataset(synth_prepared)
-    model = build_model("iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), length=10, **params)
+    model = build_model(
+        "iat", layout, source=dict(scheme="user", **FAST), store=str(store.root), token_len=10, **params
+    )
     model.eval()
     tokens = open_tokens(model, synth_prepared, seed=1, hist_len=50)
     rows = synth_prepared.rows("test")[:8]

@@ -91,7 +91,7 @@ def test_saved_iat_run_is_scored_with_its_own_store_only(synth_prepared, tmp_pat
     ds = synth_prepared
     params = {
         "base": "din",
-        "length": 8,
+        "token_len": 8,
         "token_dim": 8,
         "side_dim": 4,
         "encoder_layers": 0,

@@ -84,11 +84,11 @@ def test_iat_and_sif_stores_use_the_same_availability(ms_log, tmp_path):
     sif = build_model("sif", layout, hgaq={"fields_per_token": 2, "codes": 8}, width=8, blocks=1, heads=1)
     sif_store = export_codes(sif.eval(), ds, tmp_path / "sif", progress=False)
     for store in (iat_store, sif_store):
-        avail = np.asarray(store.load_into_memory()._columns()["avail"])
-        store_ts = np.asarray(store._columns()["ts"])
-        np.testing.assert_array_equal(avail[:, 1], store_ts + HOUR_MS)
+        known_at = np.asarray(store.load_into_memory().columns()["known_at"])
+        store_ts = np.asarray(store.columns()["ts"])
+        np.testing.assert_array_equal(known_at[:, 1], store_ts + HOUR_MS)
         f = store.fetch(users[rows], ts[rows], 8)
-        np.testing.assert_array_equal(f.side_mask[:, :, 1], known)
+        np.testing.assert_array_equal(f.response_mask[:, :, 1], known)
 
 
 def test_history_gaps_are_seconds_on_an_ms_log(ms_log, tmp_path):

@@ -128,7 +128,7 @@ def test_ray_code_export_equals_the_local_export(cluster, partitions, tmp_path):
     remote = export_codes(model, ds, tmp_path / "ray", progress=False, rows_per_segment=1000, engine="ray")
     assert len(remote.manifest["segments"]) == len(local.manifest["segments"]) > 2
     a, b = LocalTokenStore.open(local.root).columns(), LocalTokenStore.open(remote.root).columns()
-    for name in ("instance_id", "user", "ts", "payload", "side", "avail"):
+    for name in ("instance_id", "user", "ts", "payload", "responses", "known_at"):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
@@ -167,7 +167,7 @@ def test_ray_iat_causal_export_equals_the_local_export(cluster, partitions, tmp_
     local = build_store(ds, cfg, 1, tmp_path / "local", progress=False)
     remote = build_store(ds, cfg, 1, tmp_path / "ray", progress=False, engine="ray")
     a, b = LocalTokenStore.open(local.root).columns(), LocalTokenStore.open(remote.root).columns()
-    for name in ("instance_id", "user", "ts", "side", "avail"):
+    for name in ("instance_id", "user", "ts", "responses", "known_at"):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     np.testing.assert_allclose(a["payload"], b["payload"], rtol=1e-5, atol=1e-6)
     assert remote.meta["producer"] == local.meta["producer"]  # the same source model

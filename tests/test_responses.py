@@ -148,10 +148,10 @@ def test_known_at_null_is_never_known_and_before_the_event_is_an_error(resp_ds, 
 # ---------------------------------------------------------------------------------------------------- leakage
 def _visible_reference(ds: PreparedDataset, rows: np.ndarray, req_ts: np.ndarray) -> np.ndarray:
     """[B, n, R] which responses each history row may show: row ts < request and known before the request."""
-    avail = ds.response_available_at()
+    known_at = ds.response_available_at()
     ts = np.asarray(ds.col("_ts"))
     safe = np.maximum(rows, 0)
-    return (rows >= 0)[..., None] & (ts[safe] < req_ts[:, None])[..., None] & (avail[safe] < req_ts[:, None, None])
+    return (rows >= 0)[..., None] & (ts[safe] < req_ts[:, None])[..., None] & (known_at[safe] < req_ts[:, None, None])
 
 
 @settings(max_examples=25, deadline=None)
@@ -215,7 +215,7 @@ def test_response_encoder_reads_the_named_responses_only(resp_ds):
 
 def test_store_exports_carry_response_availability(resp_ds, tmp_path):
     """The IAT token store and the SIF code store show a response exactly when the history index does, and
-    IAT's side information reads only known responses (or none with ``side_responses: false``)."""
+    IAT's responses information reads only known responses (or none with ``side_responses: false``)."""
     from sampletok.tokenizers.iat import IATSourceConfig, SourceModel
     from sampletok.tokens import open_tokens
     from sampletok.tokens.iat import export_to_store
@@ -232,11 +232,11 @@ def test_store_exports_carry_response_availability(resp_ds, tmp_path):
     b = BatchLoader(resp_ds, rows, len(rows), hist_len=6).build(rows)
     for store in stores.values():
         f = store.fetch(b.user.numpy(), b.ts.numpy(), 6, dequantize=False)
-        np.testing.assert_array_equal(f.side_mask, b.hist_response_mask.numpy())
-        np.testing.assert_allclose(f.side, b.hist_responses.numpy())
+        np.testing.assert_array_equal(f.response_mask, b.hist_response_mask.numpy())
+        np.testing.assert_allclose(f.responses, b.hist_responses.numpy())
     torch.manual_seed(0)
     for side_responses in (True, False):
-        iat = build_model("iat", layout, store=str(tmp_path / "iat"), source={"emb_dim": 4}, length=6,
+        iat = build_model("iat", layout, store=str(tmp_path / "iat"), source={"emb_dim": 4}, token_len=6,
                           side_responses=side_responses)  # fmt: skip
         tokens = open_tokens(iat, resp_ds, seed=0, hist_len=6, progress=False)
         iat.eval()

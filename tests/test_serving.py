@@ -35,7 +35,7 @@ MODELS = {
     "din": {"history_responses": True},
     "iat": {
         "base": "din",
-        "length": 30,
+        "token_len": 30,
         "token_dim": 16,
         "side_dim": 8,
         "encoder_layers": 0,
@@ -191,7 +191,7 @@ def test_streamed_events_rebuild_the_offline_stores(ml, runs, tmp_path):
     at = np.full(len(users), ts.max() + 1)
     got, want = scorer.events.fetch(users, at, 500, dequantize=False), full.fetch(users, at, 500, dequantize=False)
     assert got.mask.sum() == want.mask.sum() == before.mask.sum() + len(replay)
-    for part in ("payload", "side", "side_mask", "mask", "gap"):
+    for part in ("payload", "responses", "response_mask", "mask", "gap"):
         np.testing.assert_array_equal(getattr(got, part), getattr(want, part), err_msg=part)
     offline = load_trained(ds, runs["iat"]).tokens
     assert offline is not None and scorer.tokens is not None
@@ -221,7 +221,7 @@ def test_an_event_is_visible_after_its_time_and_responses_once_known(toy_prepare
 
     def seen(at: int):
         f = events.fetch(np.array([key]), np.array([at]), 4, dequantize=False)
-        return int(f.mask.sum()), f.side_mask[0, f.mask[0]].tolist()
+        return int(f.mask.sum()), f.response_mask[0, f.mask[0]].tolist()
 
     names = ds.schema.response_names  # click (delay 0), buy (delay 5 s)
     assert names == ["click", "buy"]

@@ -410,5 +410,5 @@ def test_code_export_in_segments_equals_one_segment(trained, synth_prepared, tmp
     assert len(one.manifest["segments"]) == 1
     assert len(many.manifest["segments"]) == -(-synth_prepared.n_rows // 700)
     a, b = one.columns(), many.columns()
-    for name in ("instance_id", "user", "ts", "payload", "side", "avail"):
+    for name in ("instance_id", "user", "ts", "payload", "responses", "known_at"):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -20,15 +20,15 @@ def _instances(n, seed=0, dim=4):
         user=rng.integers(0, 5, n),
         ts=rng.integers(0, 30, n),
         payload=rng.normal(size=(n, dim)).astype(np.float32),
-        side=rng.integers(0, 2, (n, 1)).astype(float),
-        avail=None,
+        responses=rng.integers(0, 2, (n, 1)).astype(float),
+        known_at=None,
     )
 
 
 def _make(tmp_path, dtype="float32", name="s"):
     """An empty committed store (later appends commit one version each)."""
     store = LocalTokenStore.create(
-        tmp_path / name, producer="p1", payload_shape=(4,), label_names=["click"], dtype=dtype
+        tmp_path / name, producer="p1", payload_shape=(4,), response_names=["click"], dtype=dtype
     )
     store.commit()
     return store
@@ -40,9 +40,9 @@ def test_fetch_matches_history_index_and_never_leaks(tmp_path_factory, n, seed, 
     store = _make(tmp_path_factory.mktemp("s"))
     parts = [_instances(n, seed + k) for k in range(n_appends)]
     for p in parts:
-        p["avail"] = p["ts"][:, None] + 3  # label known 3 s after the event
+        p["known_at"] = p["ts"][:, None] + 3  # label known 3 s after the event
         store.append(**p)
-    allc = {k: np.concatenate([p[k] for p in parts]) for k in ("user", "ts", "payload", "side")}
+    allc = {k: np.concatenate([p[k] for p in parts]) for k in ("user", "ts", "payload", "responses")}
     rng = np.random.default_rng(seed)
     qu, qt = rng.integers(0, 6, 20), rng.integers(-1, 35, 20)
     got = store.fetch(qu, qt, length)
@@ -50,11 +50,11 @@ def test_fetch_matches_history_index_and_never_leaks(tmp_path_factory, n, seed, 
     ref = HistoryIndex(allc["user"], allc["ts"], [3]).fetch(qu, qt, length)
     np.testing.assert_array_equal(got.mask, ref.mask)
     np.testing.assert_array_equal(got.gap, ref.gap)
-    np.testing.assert_array_equal(got.side_mask, ref.response_mask)
+    np.testing.assert_array_equal(got.response_mask, ref.response_mask)
     safe = np.where(ref.mask, ref.rows, 0)
     np.testing.assert_allclose(got.payload, np.where(ref.mask[..., None], allc["payload"][safe], 0))
-    np.testing.assert_allclose(got.side, np.where(ref.response_mask, allc["side"][safe], 0))
-    assert np.all(allc["ts"][got.rows[got.mask]] < np.broadcast_to(qt[:, None], got.rows.shape)[got.mask])
+    np.testing.assert_allclose(got.responses, np.where(ref.response_mask, allc["responses"][safe], 0))
+    assert np.all(allc["ts"][got.seq[got.mask]] < np.broadcast_to(qt[:, None], got.seq.shape)[got.mask])
 
 
 @pytest.mark.parametrize("dtype, tol, nbytes", [("float32", 0, 16), ("float16", 2e-3, 8), ("int8", 2e-2, 8)])
@@ -63,7 +63,7 @@ def test_payload_dtypes_round_trip(tmp_path, dtype, tol, nbytes):
     inst = _instances(50)
     store.append(**inst)
     f = store.fetch(inst["user"], inst["ts"] + 100, 60)
-    order = f.rows[f.mask]
+    order = f.seq[f.mask]
     got = f.payload[f.mask]
     scale = np.abs(inst["payload"]).max()
     assert np.max(np.abs(got - inst["payload"][order])) <= tol * scale + 1e-7
@@ -103,7 +103,7 @@ def test_killed_writer_leaves_previous_state_readable(tmp_path):
         from sampletok.store import LocalTokenStore
         s = LocalTokenStore.open({str(tmp_path / "s")!r}, on_before_commit=lambda: os._exit(137))
         s.append(instance_id=np.arange(10) + 10**6, user=np.zeros(10, int), ts=np.arange(10),
-                 payload=np.ones((10, 4)), side=np.ones((10, 1)))
+                 payload=np.ones((10, 4)), responses=np.ones((10, 1)))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert proc.returncode == 137, proc.stderr.decode()  # really killed between segment write and commit
@@ -126,7 +126,7 @@ def test_killed_writer_with_sigkill_mid_append(tmp_path):
         print("ready", flush=True)
         for k in range(100000):
             s.append(instance_id=np.arange(50) + 10**6 + 50 * k, user=np.zeros(50, int), ts=np.arange(50),
-                     payload=np.ones((50, 4)), side=np.ones((50, 1)))
+                     payload=np.ones((50, 4)), responses=np.ones((50, 1)))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     assert proc.stdout.readline().strip() == b"ready"
@@ -144,7 +144,7 @@ def test_killed_writer_with_sigkill_mid_append(tmp_path):
 def test_a_store_is_readable_only_once_complete(tmp_path):
     """An export that dies before its commit leaves no store (or the previous one), never a partial one."""
     staged = LocalTokenStore.create(
-        tmp_path / "s", producer="p1", payload_shape=(4,), label_names=["click"], dtype="float32"
+        tmp_path / "s", producer="p1", payload_shape=(4,), response_names=["click"], dtype="float32"
     )
     staged.append(**_instances(20))
     with pytest.raises(StoreError, match="not a token store"):
@@ -159,7 +159,7 @@ def test_overwrite_keeps_the_old_store_until_the_new_one_is_committed(tmp_path):
     reader = LocalTokenStore.open(tmp_path / "s")
     before = reader.fetch(np.arange(5), np.full(5, 40), 8)
     new = LocalTokenStore.create(
-        tmp_path / "s", producer="p2", payload_shape=(4,), label_names=["click"], dtype="float32", overwrite=True
+        tmp_path / "s", producer="p2", payload_shape=(4,), response_names=["click"], dtype="float32", overwrite=True
     )
     new.append(**_instances(7, seed=5))
     # not committed yet: a new reader still gets the old store, whole
@@ -198,13 +198,13 @@ def test_concurrent_writer_processes_lose_no_append(tmp_path):
         s = LocalTokenStore.open({str(tmp_path / "s")!r})
         for k in range(15):
             s.append(instance_id=np.arange(3) + 10**6 * w + 10 * k, user=np.full(3, w), ts=np.arange(3) + 10 * k,
-                     payload=np.full((3, 4), float(w)), side=np.ones((3, 1)))
+                     payload=np.full((3, 4), float(w)), responses=np.ones((3, 1)))
     """)
     procs = [subprocess.Popen([sys.executable, "-c", script, str(w)]) for w in (1, 2)]
     assert [p.wait() for p in procs] == [0, 0]
     final = LocalTokenStore.open(tmp_path / "s")
     assert final.version == 31  # 1 (create) + 30 appends, none overwritten by the other writer
-    ids = np.sort(np.asarray(final._columns()["instance_id"]))
+    ids = np.sort(np.asarray(final.columns()["instance_id"]))
     want = np.sort(np.concatenate([np.arange(3) + 10**6 * w + 10 * k for w in (1, 2) for k in range(15)]))
     np.testing.assert_array_equal(ids, want)
 
@@ -213,7 +213,7 @@ def test_an_appender_never_writes_into_a_store_that_replaced_its_own(tmp_path):
     old = _make(tmp_path)
     old.append(**_instances(5))
     new = LocalTokenStore.create(
-        tmp_path / "s", producer="p2", payload_shape=(4,), label_names=["click"], dtype="float32", overwrite=True
+        tmp_path / "s", producer="p2", payload_shape=(4,), response_names=["click"], dtype="float32", overwrite=True
     )
     new.append(**_instances(3, seed=2))
     new.commit()
@@ -223,8 +223,8 @@ def test_an_appender_never_writes_into_a_store_that_replaced_its_own(tmp_path):
 
 
 def test_two_creates_without_overwrite_do_not_replace_each_other(tmp_path):
-    a = LocalTokenStore.create(tmp_path / "s", producer="a", payload_shape=(4,), label_names=["click"])
-    b = LocalTokenStore.create(tmp_path / "s", producer="b", payload_shape=(4,), label_names=["click"])
+    a = LocalTokenStore.create(tmp_path / "s", producer="a", payload_shape=(4,), response_names=["click"])
+    b = LocalTokenStore.create(tmp_path / "s", producer="b", payload_shape=(4,), response_names=["click"])
     a.commit()
     with pytest.raises(StoreError, match="another writer created a token store here first"):
         b.commit()
@@ -246,7 +246,7 @@ def test_gc_spares_the_young_segments_of_a_create_staging_beside_it(tmp_path):
     committed = _make(tmp_path)
     committed.append(**_instances(5))
     staging = LocalTokenStore.create(
-        tmp_path / "s", producer="p1", payload_shape=(4,), label_names=["click"], dtype="float32", overwrite=True
+        tmp_path / "s", producer="p1", payload_shape=(4,), response_names=["click"], dtype="float32", overwrite=True
     )
     staging.append(**_instances(7, seed=4))
     LocalTokenStore.open(tmp_path / "s").gc()  # default min age: a just-written segment is not an orphan yet

@@ -32,8 +32,8 @@ def _instances(n: int, seed: int, dim: int, dtype: str):
         user=rng.integers(0, 5, n),
         ts=ts,
         payload=payload,
-        side=rng.normal(size=(n, 2)),
-        avail=ts[:, None] + rng.integers(0, 8, (n, 2)),  # each response known some seconds later
+        responses=rng.normal(size=(n, 2)),
+        known_at=ts[:, None] + rng.integers(0, 8, (n, 2)),  # each response known some seconds later
     )
 
 
@@ -47,7 +47,7 @@ def _instances(n: int, seed: int, dim: int, dtype: str):
     st.booleans(),
 )
 def test_redis_fetch_equals_the_local_store(redis_url, tmp_path_factory, n, seed, length, appends, dtype, staged):
-    meta = dict(producer="p", payload_shape=(3,), label_names=["a", "b"], dtype=dtype, extra_meta={"kind": "x"})
+    meta = dict(producer="p", payload_shape=(3,), response_names=["a", "b"], dtype=dtype, extra_meta={"kind": "x"})
     local = LocalTokenStore.create(tmp_path_factory.mktemp("s") / "s", **meta)
     remote = RedisTokenStore.create(_url(redis_url), **meta)
     if not staged:  # appends to a committed store commit one by one
@@ -63,7 +63,7 @@ def test_redis_fetch_equals_the_local_store(redis_url, tmp_path_factory, n, seed
     users, before = rng.integers(0, 6, 30), rng.integers(-1, 40, 30)
     want = local.fetch(users, before, length)
     got = open_store(remote.url).fetch(users, before, length)
-    for field in ("payload", "side", "side_mask", "mask", "gap", "rows"):
+    for field in ("payload", "responses", "response_mask", "mask", "gap", "seq"):
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
     codes = open_store(remote.url).fetch(users, before, length, dequantize=False)
     np.testing.assert_array_equal(codes.payload, local.fetch(users, before, length, dequantize=False).payload)
@@ -71,7 +71,7 @@ def test_redis_fetch_equals_the_local_store(redis_url, tmp_path_factory, n, seed
 
 def test_staged_store_is_invisible_until_commit_and_overwrite_keeps_the_old(redis_url):
     url = _url(redis_url)
-    meta = dict(producer="v1", payload_shape=(2,), label_names=["y"], dtype="float32")
+    meta = dict(producer="v1", payload_shape=(2,), response_names=["y"], dtype="float32")
     first = RedisTokenStore.create(url, **meta)
     first.append(np.array([1]), np.array([7]), np.array([5]), np.ones((1, 2)))
     with pytest.raises(StoreError, match="no token store"):
@@ -94,7 +94,7 @@ def test_staged_store_is_invisible_until_commit_and_overwrite_keeps_the_old(redi
 
 def test_eight_concurrent_writers_lose_no_append(redis_url):
     url = _url(redis_url)
-    store = RedisTokenStore.create(url, producer="p", payload_shape=(1,), label_names=[], dtype="float32")
+    store = RedisTokenStore.create(url, producer="p", payload_shape=(1,), response_names=[], dtype="float32")
     store.commit()
     code = textwrap.dedent(
         f"""
@@ -123,6 +123,50 @@ def test_connection_errors_and_bad_appends_are_one_line():
 
 
 def test_bad_append_shape_is_one_line(redis_url):
-    store = RedisTokenStore.create(_url(redis_url), producer="p", payload_shape=(4,), label_names=["y"])
+    store = RedisTokenStore.create(_url(redis_url), producer="p", payload_shape=(4,), response_names=["y"])
     with pytest.raises(StoreError, match=r"payload shape \(2, 3\) is not \(2, 4\)"):
         store.append(np.array([1, 2]), np.array([1, 1]), np.array([1, 2]), np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8", "uint8"])
+def test_the_protocol_reads_meta_and_producer_the_same_on_both_backends(redis_url, tmp_path, dtype):
+    meta = dict(producer="p", payload_shape=(3,), response_names=["a", "b"], dtype=dtype)
+    local = LocalTokenStore.create(tmp_path / "s", **meta)
+    remote = RedisTokenStore.create(_url(redis_url), **meta)
+    assert not LocalTokenStore.exists(tmp_path / "s") and not RedisTokenStore.exists(remote.url)
+    for k in range(3):  # three appends: the local store has three segments
+        part = _instances(20, k, 3, dtype)
+        local.append(**part)
+        remote.append(**part)
+    for store in (local, remote):
+        store.update_meta(export_speed=12.5)
+        store.commit()
+    local, remote = LocalTokenStore.open(tmp_path / "s"), open_store(remote.url)
+    assert LocalTokenStore.exists(local.root) and RedisTokenStore.exists(remote.url)
+    assert local.meta["export_speed"] == remote.meta["export_speed"] == 12.5
+    seq = np.array([59, 0, 21, 40, 7])
+    for name in ("instance_id", "user", "ts", "payload", "responses", "known_at"):
+        np.testing.assert_array_equal(remote.read(name), local.read(name), err_msg=name)
+        np.testing.assert_array_equal(remote.read(name, seq), local.read(name)[seq], err_msg=name)
+    for store in (local, remote):
+        store.check_producer("p")
+        with pytest.raises(StoreError, match="written by producer p, but the model expects q"):
+            store.check_producer("q")
+        with pytest.raises(StoreError, match="update_meta is for staged stores"):
+            store.update_meta(x=1)
+
+
+def test_a_store_of_the_older_format_names_the_fix(redis_url, tmp_path):
+    import json
+
+    local = LocalTokenStore.create(
+        tmp_path / "s", producer="p", payload_shape=(2,), response_names=["y"], dtype="float32"
+    )
+    local.commit()
+    current = (tmp_path / "s" / "CURRENT").read_text().strip()
+    manifest_path = tmp_path / "s" / current
+    manifest = json.loads(manifest_path.read_text())
+    manifest["meta"]["format"] = 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="store format 1 is not 2 .*export the tokens again"):
+        LocalTokenStore.open(tmp_path / "s")

@@ -445,7 +445,7 @@ def iat_export(
     console.print(
         f"exported {len(st):,} instance tokens → {store} "
         f"({st.meta['export_instances_per_s']:,.0f} instances/s, {b['payload']:.0f} payload bytes "
-        f"+ {b['keys'] + b['side']:.0f} key/side bytes per instance, producer {st.meta['producer']})"
+        f"+ {b['keys'] + b['responses']:.0f} key/response bytes per instance, producer {st.meta['producer']})"
     )
 
 
@@ -500,7 +500,7 @@ def sif_export(
     from sampletok.report.codebooks import write_codebook_report
 
     u = write_codebook_report(
-        np.asarray(st.load_into_memory()._columns()["payload"]), sif.cfg.codes, run, sif.tokenizer.sub_tokens
+        np.asarray(st.load_into_memory().columns()["payload"]), sif.cfg.codes, run, sif.tokenizer.sub_tokens
     )
     console.print(
         f"codebook utilization: mean perplexity {u['mean_perplexity']:.1f} of {sif.cfg.codes}, "

@@ -23,7 +23,7 @@ from sampletok.train.trainer import TrainConfig
 
 IAT_SMALL = {
     "base": "din",
-    "length": 64,
+    "token_len": 64,
     "token_dim": 32,
     "side_dim": 16,
     "encoder_layers": 0,

@@ -87,11 +87,11 @@ class FeatureLayout:
 class TokenInput:
     """The token input a model reads, declared by the model (:attr:`RankingModel.token_input`) and served by
     the token method of its ``kind`` (:mod:`sampletok.tokens`): ``store`` is a given store's location (None:
-    the method builds or finds one), ``length`` the tokens per request (None: the run's ``hist_len``)."""
+    the method builds or finds one), ``hist_len`` the tokens per request (None: the run's ``hist_len``)."""
 
     kind: str  # "iat" (instance embeddings) or "sif" (sample codes)
     store: str | None = None
-    length: int | None = None
+    hist_len: int | None = None
 
 
 @dataclass

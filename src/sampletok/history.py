@@ -12,7 +12,7 @@ is the plain per-request loop it is property-tested against.
 Example:
     >>> import numpy as np
     >>> idx = HistoryIndex(user=np.array([0, 0, 1, 0]), ts=np.array([10, 20, 5, 20]))
-    >>> h = idx.fetch(np.array([0]), np.array([20]), n=3)
+    >>> h = idx.fetch(np.array([0]), np.array([20]), hist_len=3)
     >>> h.rows.tolist(), h.mask.tolist()
     ([[-1, -1, 0]], [[False, False, True]])
 """
@@ -34,7 +34,7 @@ class History:
     mask: np.ndarray  # [B, n] bool, True where a real past row
     gap: np.ndarray  # [B, n] float32 request_ts - ts(row), 0 where padded
     response_mask: np.ndarray  # [B, n, R] bool, True where that response was known before the request
-    length: np.ndarray  # [B] int64 number of real rows
+    n_past: np.ndarray  # [B] int64 number of real rows
 
 
 class HistoryIndex:
@@ -106,19 +106,23 @@ class HistoryIndex:
         end = np.where(known, end, start)
         return start, end
 
-    def fetch(self, users: np.ndarray, request_ts: np.ndarray, n: int) -> History:
-        """Last ``n`` rows of each user strictly before each request time."""
+    def fetch(self, users: np.ndarray, request_ts: np.ndarray, hist_len: int) -> History:
+        """Last ``hist_len`` rows of each user strictly before each request time."""
         start, end = self._positions(users, request_ts)
-        length = np.minimum(end - start, n)
+        n_past = np.minimum(end - start, hist_len)
         b = len(end)
         req = np.asarray(request_ts, dtype=np.int64)
-        # output position j (0..n-1) holds sorted position end - n + j when that is >= end - length
-        offs = np.arange(n, dtype=np.int64) - n
-        mask = offs[None, :] >= -length[:, None]
+        # output position j (0..n-1) holds sorted position end - hist_len + j when that is >= end - n_past
+        offs = np.arange(hist_len, dtype=np.int64) - hist_len
+        mask = offs[None, :] >= -n_past[:, None]
         if self.n_rows == 0:
-            zeros = np.zeros((b, n), np.float32)
+            zeros = np.zeros((b, hist_len), np.float32)
             return History(
-                np.full((b, n), -1, np.int64), mask, zeros, np.zeros((b, n, len(self.response_delay)), bool), length
+                np.full((b, hist_len), -1, np.int64),
+                mask,
+                zeros,
+                np.zeros((b, hist_len, len(self.response_delay)), bool),
+                n_past,
             )
         pos = end[:, None] + offs[None, :]
         np.maximum(pos, 0, out=pos)
@@ -128,13 +132,13 @@ class HistoryIndex:
         rows[pad] = -1
         gap = (req[:, None] - row_ts).astype(np.float32)
         gap[pad] = 0
-        response_mask = np.empty((b, n, len(self.response_delay)), dtype=bool)
+        response_mask = np.empty((b, hist_len, len(self.response_delay)), dtype=bool)
         for k, d in enumerate(self.response_delay):  # a few responses, not samples
             if k in self.known_at:
                 response_mask[:, :, k] = mask & (self.known_at[k][np.maximum(rows, 0)] < req[:, None])
             else:  # valid rows already satisfy ts < request; a delay d > 0 also needs ts < request - d
                 response_mask[:, :, k] = mask if d <= 0 else mask & (row_ts < (req - d)[:, None])
-        return History(rows=rows, mask=mask, gap=gap, response_mask=response_mask, length=length)
+        return History(rows=rows, mask=mask, gap=gap, response_mask=response_mask, n_past=n_past)
 
     def count_before(self, users: np.ndarray, request_ts: np.ndarray) -> np.ndarray:
         """How many rows each user has strictly before each request time."""
@@ -148,26 +152,26 @@ def fetch_reference(
     response_delay: list[int],
     users: np.ndarray,
     request_ts: np.ndarray,
-    n: int,
+    hist_len: int,
     known_at: dict[int, np.ndarray] | None = None,
 ) -> History:
     """Plain, obviously-correct loop over requests (the reference the fast path is tested against)."""
     user, ts, known_at = np.asarray(user), np.asarray(ts), known_at or {}
     b, n_labels = len(users), len(response_delay)
-    rows = np.full((b, n), -1, dtype=np.int64)
-    mask = np.zeros((b, n), dtype=bool)
-    gap = np.zeros((b, n), dtype=np.float32)
-    response_mask = np.zeros((b, n, n_labels), dtype=bool)
-    length = np.zeros(b, dtype=np.int64)
+    rows = np.full((b, hist_len), -1, dtype=np.int64)
+    mask = np.zeros((b, hist_len), dtype=bool)
+    gap = np.zeros((b, hist_len), dtype=np.float32)
+    response_mask = np.zeros((b, hist_len, n_labels), dtype=bool)
+    n_past = np.zeros(b, dtype=np.int64)
     for i, (u, t) in enumerate(zip(users, request_ts, strict=True)):
         past = [r for r in range(len(ts)) if user[r] == u and ts[r] < t]
         past.sort(key=lambda r: (ts[r], r))
-        past = past[-n:] if n else []
-        length[i] = len(past)
+        past = past[-hist_len:] if hist_len else []
+        n_past[i] = len(past)
         for j, r in enumerate(past):
-            k = n - len(past) + j
+            k = hist_len - len(past) + j
             rows[i, k], mask[i, k], gap[i, k] = r, True, t - ts[r]
             for lab, d in enumerate(response_delay):
                 known = known_at[lab][r] if lab in known_at else ts[r] + d
                 response_mask[i, k, lab] = known < t
-    return History(rows=rows, mask=mask, gap=gap, response_mask=response_mask, length=length)
+    return History(rows=rows, mask=mask, gap=gap, response_mask=response_mask, n_past=n_past)

@@ -271,7 +271,7 @@ class TokenSource:
     ``Batch.tokens`` (models never touch a store)."""
 
     store: TokenStore
-    length: int
+    hist_len: int
     dequantize: bool = True
 
     @property
@@ -279,14 +279,14 @@ class TokenSource:
         return str(self.store.meta["producer"])
 
     def fetch(self, users: np.ndarray, ts: np.ndarray) -> HistoryTokens:
-        f = self.store.fetch(users, ts, self.length, dequantize=self.dequantize)
+        f = self.store.fetch(users, ts, self.hist_len, dequantize=self.dequantize)
         payload = torch.from_numpy(np.ascontiguousarray(f.payload))
         if not payload.is_floating_point():
             payload = payload.long()  # codes of any stored width
         return HistoryTokens(
             payload=payload,
-            responses=torch.from_numpy(f.side),
-            response_mask=torch.from_numpy(f.side_mask),
+            responses=torch.from_numpy(f.responses),
+            response_mask=torch.from_numpy(f.response_mask),
             mask=torch.from_numpy(f.mask),
             gap=torch.from_numpy(f.gap),
         )

@@ -1,6 +1,6 @@
 """IAT stage II: a base ranking model (DIN, BST or RankMixer) plus an instance-token branch.
 
-For each request the branch reads the user's last ``length`` instance embeddings strictly before the
+For each request the branch reads the user's last ``token_len`` instance embeddings strictly before the
 request time (fetched from the token store by the loader into ``Batch.tokens``: no gradient can reach them), builds
 ``token = concat(adapt_MLP(InsEmb), side_embedding)`` where the side embedding encodes the instance's labels
 *available at request time* and its time gap, and runs a target-aware sequence model (Transformer by
@@ -50,7 +50,7 @@ class IAT(RankingModel):
         base_params: dict[str, Any] | None = None,
         source: dict[str, Any] | None = None,
         store: str | None = None,
-        length: int = 256,
+        token_len: int = 256,
         token_dim: int = 64,
         side_dim: int = 64,
         side_info: bool = True,
@@ -69,7 +69,7 @@ class IAT(RankingModel):
             raise ConfigError(f"IAT base must be one of {BASES}, got '{base}'")
         self.source_cfg = IATSourceConfig(**(source or {}))
         self.store_path, self.cache_dir = store, cache_dir
-        self.length, self.side_info, self.query_kind = length, side_info, query
+        self.token_len, self.side_info, self.query_kind = token_len, side_info, query
         self.seq_kind, self.placement = seq_model, placement
         params = {**(base_params or {}), "extra_dim": out_dim if placement == "before" else 0}
         self.base = cast(_Base, build_model(base, layout, **params))
@@ -94,7 +94,7 @@ class IAT(RankingModel):
     @property
     def token_input(self) -> TokenInput:
         """The instance tokens of the given store, or of the causal store its source config builds."""
-        return TokenInput("iat", self.store_path, self.length)
+        return TokenInput("iat", self.store_path, self.token_len)
 
     def iat_vector(self, batch: Batch) -> torch.Tensor:
         """[B, out_dim] the IAT branch's output for a batch."""

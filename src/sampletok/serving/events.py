@@ -114,18 +114,20 @@ def export_events(
         location,
         producer=f"events-{ds.fingerprint}",
         payload_shape=(codec.width,),
-        label_names=ds.schema.response_names,
+        response_names=ds.schema.response_names,
         dtype="int32",
         extra_meta=events_meta(ds, codec),
         overwrite=overwrite,
     )
     iid, user, ts = (np.asarray(ds.col(c)) for c in (INSTANCE_ID, USER_KEY, TIMESTAMP))
-    side = np.stack([np.asarray(ds.response_column(r), np.float32) for r in ds.schema.response_names], 1)
-    avail = ds.response_available_at()
+    responses = np.stack([np.asarray(ds.response_column(r), np.float32) for r in ds.schema.response_names], 1)
+    known_at = ds.response_available_at()
     keep = np.arange(ds.n_rows) if before_ts is None else np.flatnonzero(ts < before_ts)
     for start in range(0, len(keep), chunk):
         rows = keep[start : start + chunk]
-        store.append(iid[rows], user[rows], ts[rows], codec.pack(codec.columns_of(ds, rows)), side[rows], avail[rows])
+        store.append(
+            iid[rows], user[rows], ts[rows], codec.pack(codec.columns_of(ds, rows)), responses[rows], known_at[rows]
+        )
     store.commit()
     return store
 

@@ -63,14 +63,14 @@ def copy_tokens(src: LocalTokenStore, location: str, before_ts: int | None = Non
     """A copy of a local token store (its instances with ``ts < before_ts``, or all) at ``location``: the
     service appends to its own copy, never to an experiment's cached export."""
     meta = dict(src.meta)
-    base = {k: meta.pop(k) for k in ("producer", "payload_shape", "labels", "dtype")}
+    base = {k: meta.pop(k) for k in ("producer", "payload_shape", "responses", "dtype")}
     for k in ("format", "created_at"):
         meta.pop(k, None)
     dst = create_store(
         location,
         producer=base["producer"],
         payload_shape=tuple(base["payload_shape"]),
-        label_names=base["labels"],
+        response_names=base["responses"],
         dtype=base["dtype"],
         extra_meta=meta,
         overwrite=True,
@@ -85,8 +85,8 @@ def copy_tokens(src: LocalTokenStore, location: str, before_ts: int | None = Non
         np.asarray(c["user"])[keep],
         np.asarray(c["ts"])[keep],
         payload,
-        np.asarray(c["side"])[keep],
-        np.asarray(c["avail"])[keep],
+        np.asarray(c["responses"])[keep],
+        np.asarray(c["known_at"])[keep],
     )
     dst.commit()
     return dst
@@ -177,7 +177,7 @@ class Scorer:
                     f"{tokens_at}: tokens of producer {served.meta.get('producer')}, but the model reads "
                     f"{trained.tokens.producer}; start the service with --reset"
                 )
-            tokens = TokenSource(served, trained.tokens.length, trained.tokens.dequantize)
+            tokens = TokenSource(served, trained.tokens.hist_len, trained.tokens.dequantize)
         scorer = cls(trained.model, trained.hist_len, Encoder.from_dataset(ds), events, tokens, event_tokenizer, **kw)
         scorer.example_users = list(ds.manifest.get("example_users", []))
         return scorer
@@ -250,8 +250,8 @@ class Scorer:
         info["min_gap_s"] = float(gap.min()) if len(gap) else None
         return p, info
 
-    def fetch_history(self, key: int, ts: int, n: int) -> _History:
-        f = self.events.fetch(np.array([key]), np.array([ts]), n, dequantize=False)
+    def fetch_history(self, key: int, ts: int, hist_len: int) -> _History:
+        f = self.events.fetch(np.array([key]), np.array([ts]), hist_len, dequantize=False)
         cat, multi, num = self.codec.unpack(f.payload)
         return _History(cat, multi, num, f)
 
@@ -283,9 +283,9 @@ class Scorer:
             multi=h.multi[..., self._seq_multi, :] if len(self._seq_multi) else np.zeros((1, n, 0, lay.multi_len)),
             mask=f.mask,
             gap=f.gap,
-            rows=f.rows,
-            responses=f.side,
-            response_mask=f.side_mask,
+            rows=np.full_like(f.seq, -1),  # a served history has store tokens, not dataset rows
+            responses=f.responses,
+            response_mask=f.response_mask,
             shared=True,
         )
         if with_samples:  # each past row once, as a sample of its own
@@ -300,7 +300,7 @@ class Scorer:
                 labels=np.zeros((k, n_labels), np.float32),
                 user=np.full(k, key, np.int64),
                 ts=np.zeros(k, np.int64),
-                rows=f.rows[0, valid],
+                rows=np.full(k, -1, np.int64),
             )
             history.samples_history = FetchedHistory.empty(k, lay)
         return build_batch(requests, history, tok)
@@ -367,20 +367,20 @@ class Scorer:
         row.update({col: known_at.get(name) for name, col in known_cols.items()})
         enc = self.encoder.encode(row, outcomes=True, origin="event")
         feats = {k: v for k, v in enc.items() if k.split("__")[0] in ("cat", "multi", "num")}
-        side = np.array(
+        row_responses = np.array(
             [[enc[label_col(r) if r in self.schema.task_labels else resp_col(r)][0] for r in names]], np.float32
         )
-        avail = ts + self._delays[None, :]
+        row_known_at = ts + self._delays[None, :]
         for i, r in enumerate(names):
             if r in known_cols:
-                avail[0, i] = enc[known_col(r)][0]
+                row_known_at[0, i] = enc[known_col(r)][0]
             if r in placeholder:
-                avail[0, i], side[0, i] = NEVER, 0.0
+                row_known_at[0, i], row_responses[0, i] = NEVER, 0.0
         iid = np.array([secrets.randbits(63)], np.int64)
         token = self._token_of(feats, key, ts)  # its past is what is in the store before it
-        self.events.append(iid, np.array([key]), np.array([ts]), self.codec.pack(feats), side, avail)
+        self.events.append(iid, np.array([key]), np.array([ts]), self.codec.pack(feats), row_responses, row_known_at)
         if token is not None and self.tokens is not None:
-            self.tokens.store.append(iid, np.array([key]), np.array([ts]), token, side, avail)
+            self.tokens.store.append(iid, np.array([key]), np.array([ts]), token, row_responses, row_known_at)
         return int(iid[0])
 
     def _token_of(self, feats: dict[str, np.ndarray], key: int, ts: int) -> np.ndarray | None:

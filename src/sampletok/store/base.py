@@ -1,10 +1,10 @@
 """The token-store contract every backend implements, the fetch result, and the payload codec they share.
 
 A token store holds, per user, time-ordered instances: an instance id, a timestamp, a payload (an IAT
-embedding or SIF codes), the instance's responses (``side``) and the time each became known (``avail``).
+embedding or SIF codes), the instance's responses and the time each became known (``known_at``).
 ``fetch(users, before_ts, n)`` has exactly the semantics of :class:`~sampletok.history.HistoryIndex`:
 the last ``n`` instances strictly before each request time, most recent last, ties in append order;
-responses are zeroed unless known before the request (``avail < before_ts``).
+responses are zeroed unless known before the request (``known_at < before_ts``).
 
 Backends: :class:`~sampletok.store.local.LocalTokenStore` (a directory of memory-mapped segments, the embedded
 default) and :class:`~sampletok.store.redis.RedisTokenStore` (a Redis server, for serving and streaming
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol, cast, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -42,11 +43,12 @@ class Fetched:
     """Tokens of B requests × n positions (right-aligned, most recent last)."""
 
     payload: np.ndarray  # [B, n, *payload_shape] float32 (dequantized) or integer codes
-    side: np.ndarray  # [B, n, R] float32 responses, 0 where not yet known
-    side_mask: np.ndarray  # [B, n, R] bool response known before the request
+    responses: np.ndarray  # [B, n, R] float32 responses, 0 where not yet known
+    response_mask: np.ndarray  # [B, n, R] bool response known before the request
     mask: np.ndarray  # [B, n] bool
     gap: np.ndarray  # [B, n] float32 seconds from the token to the request (meta ticks_per_second)
-    rows: np.ndarray  # [B, n] backend row ids (local: store row, redis: append sequence), -1 where padded
+    seq: np.ndarray  # [B, n] int64 the store's sequence number of each token (local: store row, redis: append
+    # order), -1 where padded; not a dataset row
 
 
 @runtime_checkable
@@ -62,18 +64,36 @@ class TokenStore(Protocol):
         user: np.ndarray,
         ts: np.ndarray,
         payload: np.ndarray,
-        side: np.ndarray | None = None,
-        avail: np.ndarray | None = None,
+        responses: np.ndarray | None = None,
+        known_at: np.ndarray | None = None,
     ) -> None: ...
 
     def commit(self) -> None: ...
 
-    def fetch(self, users: np.ndarray, before_ts: np.ndarray, n: int, dequantize: bool = True) -> Fetched: ...
+    def update_meta(self, **values: Any) -> None:
+        """Add entries to a staged store's meta before its commit (an export's measured speed, say)."""
+        ...
+
+    def check_producer(self, expected: str) -> None:
+        """A one-line StoreError unless the tokens were written by producer ``expected``."""
+        ...
+
+    @classmethod
+    def exists(cls, location: str | Path) -> bool:
+        """Whether a store was ever committed at ``location``."""
+        ...
+
+    def read(self, name: str, seq: np.ndarray | None = None) -> np.ndarray:
+        """A stored column (``instance_id``, ``user``, ``ts``, ``payload``, ``responses``, ``known_at``) in sequence
+        order: whole, or at the sequence numbers ``seq`` (for exports and appends; a fetch is the serving read)."""
+        ...
+
+    def fetch(self, users: np.ndarray, before_ts: np.ndarray, hist_len: int, dequantize: bool = True) -> Fetched: ...
 
     def close(self) -> None: ...
 
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: responses and known_at (were side and avail), meta "responses" (was "labels")
 
 
 def check_dtype(dtype: str) -> None:
@@ -82,7 +102,7 @@ def check_dtype(dtype: str) -> None:
 
 
 def new_meta(
-    producer: str, payload_shape: tuple[int, ...], label_names: list[str], dtype: str, extra_meta: dict | None
+    producer: str, payload_shape: tuple[int, ...], response_names: list[str], dtype: str, extra_meta: dict | None
 ) -> dict:
     """The meta every backend's ``create`` writes (callers check the dtype before any side effect)."""
     return {
@@ -90,15 +110,28 @@ def new_meta(
         "producer": producer,
         "payload_shape": list(payload_shape),
         "dtype": dtype,
-        "labels": list(label_names),
+        "responses": list(response_names),
         "created_at": time.time(),
         **(extra_meta or {}),
     }
 
 
+def check_producer(where: str, meta: dict, expected: str) -> None:
+    """The producer check every backend runs: a model reads only tokens its own producer wrote."""
+    got = meta["producer"]
+    if got != expected:
+        raise StoreError(
+            f"{where}: tokens were written by producer {got}, but the model expects {expected}; re-export the "
+            "store with the matching model"
+        )
+
+
 def check_format(where: str, meta: dict) -> None:
     if meta.get("format") != STORE_FORMAT:
-        raise StoreError(f"{where}: store format {meta.get('format')} is not {STORE_FORMAT}")
+        raise StoreError(
+            f"{where}: store format {meta.get('format')} is not {STORE_FORMAT} (written by another version of "
+            "sampletok); export the tokens again"
+        )
 
 
 def encode_payload(payload: np.ndarray, dtype: str, where: str = "store") -> dict[str, np.ndarray]:
@@ -127,18 +160,27 @@ def decode_payload(payload: np.ndarray, scale: np.ndarray | None, dtype: str, de
 
 
 def check_append(
-    where: str, meta: dict, instance_id, user, ts, payload, side, avail
+    where: str, meta: dict, instance_id, user, ts, payload, responses, known_at
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The append arguments as arrays of the store's shapes, or a one-line StoreError."""
     k = len(instance_id)
     shape = tuple(meta["payload_shape"])
-    a = len(meta["labels"])
+    a = len(meta["responses"])
     payload = np.asarray(payload)
     if payload.shape != (k, *shape):
         raise StoreError(f"{where}: payload shape {payload.shape} is not ({k}, {', '.join(map(str, shape))})")
     ts = np.asarray(ts, np.int64)
     if np.asarray(user).shape != (k,) or ts.shape != (k,):
         raise StoreError(f"{where}: instance_id, user and ts must all have length {k}")
-    side = np.zeros((k, a), np.float32) if side is None else np.asarray(side, np.float32).reshape(k, a)
-    avail = np.broadcast_to(ts[:, None], (k, a)) if avail is None else np.asarray(avail, np.int64).reshape(k, a)
-    return np.asarray(instance_id, np.int64), np.asarray(user, np.int64), ts, payload, side, np.ascontiguousarray(avail)
+    responses = np.zeros((k, a), np.float32) if responses is None else np.asarray(responses, np.float32).reshape(k, a)
+    known_at = (
+        np.broadcast_to(ts[:, None], (k, a)) if known_at is None else np.asarray(known_at, np.int64).reshape(k, a)
+    )
+    return (
+        np.asarray(instance_id, np.int64),
+        np.asarray(user, np.int64),
+        ts,
+        payload,
+        responses,
+        np.ascontiguousarray(known_at),
+    )

@@ -6,7 +6,7 @@ Layout::
       CURRENT                 name of the committed manifest (replaced atomically with os.replace)
       LOCK                    writers hold an exclusive flock on it while they commit
       manifest-000003.json    meta (producer, payload dtype/shape, labels) + the list of live segments
-      segments/seg-<id>/      instance_id.npy user.npy ts.npy payload.npy [scale.npy] side.npy avail.npy
+      segments/seg-<id>/      instance_id.npy user.npy ts.npy payload.npy [scale.npy] responses.npy known_at.npy
 
 Every write builds new segments under temporary names and publishes them with a new manifest; ``CURRENT`` is
 switched last (the commit point). So:
@@ -25,12 +25,12 @@ switched last (the commit point). So:
 Example:
     >>> import numpy as np, tempfile
     >>> store = LocalTokenStore.create(tempfile.mkdtemp() + "/s", producer="demo", payload_shape=(2,),
-    ...                                label_names=["click"], dtype="float32")
+    ...                                response_names=["click"], dtype="float32")
     >>> store.append(instance_id=np.array([1, 2]), user=np.array([7, 7]), ts=np.array([10, 20]),
-    ...              payload=np.array([[1., 2.], [3., 4.]]), side=np.array([[1.], [0.]]),
-    ...              avail=np.array([[10], [20]]))
+    ...              payload=np.array([[1., 2.], [3., 4.]]), responses=np.array([[1.], [0.]]),
+    ...              known_at=np.array([[10], [20]]))
     >>> store.commit()
-    >>> LocalTokenStore.open(store.root).fetch(np.array([7]), np.array([20]), n=2).payload.tolist()
+    >>> LocalTokenStore.open(store.root).fetch(np.array([7]), np.array([20]), hist_len=2).payload.tolist()
     [[[0.0, 0.0], [1.0, 2.0]]]
 """
 
@@ -57,6 +57,7 @@ from sampletok.store.base import (
     check_append,
     check_dtype,
     check_format,
+    check_producer,
     decode_payload,
     encode_payload,
     new_meta,
@@ -111,7 +112,7 @@ class LocalTokenStore:
         root: str | Path,
         producer: str,
         payload_shape: tuple[int, ...],
-        label_names: list[str],
+        response_names: list[str],
         dtype: str = "float16",
         extra_meta: dict | None = None,
         overwrite: bool = False,
@@ -123,7 +124,7 @@ class LocalTokenStore:
         if (root / "CURRENT").exists() and not overwrite:
             raise StoreError(f"{root}: a token store already exists (pass overwrite=True to replace it)")
         (root / "segments").mkdir(parents=True, exist_ok=True)
-        meta = new_meta(producer, payload_shape, label_names, dtype, extra_meta)
+        meta = new_meta(producer, payload_shape, response_names, dtype, extra_meta)
         store = cls(
             root, {"meta": meta, "segments": [], "version": 0}, "", staged=True, on_before_commit=on_before_commit
         )
@@ -147,13 +148,12 @@ class LocalTokenStore:
             store.check_producer(expect_producer)
         return store
 
+    @classmethod
+    def exists(cls, location: str | Path) -> bool:
+        return (Path(location) / "CURRENT").exists()
+
     def check_producer(self, expected: str) -> None:
-        got = self.meta["producer"]
-        if got != expected:
-            raise StoreError(
-                f"{self.root}: tokens were written by producer {got}, but the model expects "
-                f"{expected}; re-export the store with the matching model"
-            )
+        check_producer(str(self.root), self.meta, expected)
 
     @property
     def meta(self) -> dict:
@@ -216,15 +216,15 @@ class LocalTokenStore:
         user: np.ndarray,
         ts: np.ndarray,
         payload: np.ndarray,
-        side: np.ndarray | None = None,
-        avail: np.ndarray | None = None,
+        responses: np.ndarray | None = None,
+        known_at: np.ndarray | None = None,
         meta_update: dict | None = None,
     ) -> None:
         """Add instances. ``payload`` [k, *payload_shape] (float, quantized to the store dtype, or codes);
-        ``side`` [k, A] label values; ``avail`` [k, A] the time each label becomes known. On a committed store
+        ``responses`` [k, A] label values; ``known_at`` [k, A] the time each label becomes known. On a committed store
         the append is committed at once (a new version, whose metadata gets ``meta_update``, e.g. the dataset
         the store now covers); on a staged one it waits for :meth:`commit`."""
-        arrays = self._checked(instance_id, user, ts, payload, side, avail)
+        arrays = self._checked(instance_id, user, ts, payload, responses, known_at)
         if self.staged:
             self.add_segments([self._write_segment(arrays)])
             if meta_update:
@@ -252,14 +252,14 @@ class LocalTokenStore:
         user: np.ndarray,
         ts: np.ndarray,
         payload: np.ndarray,
-        side: np.ndarray | None,
-        avail: np.ndarray | None,
+        responses: np.ndarray | None,
+        known_at: np.ndarray | None,
     ) -> dict[str, np.ndarray]:
-        instance_id, user, ts, payload, side, avail = check_append(
-            str(self.root), self.meta, instance_id, user, ts, payload, side, avail
+        instance_id, user, ts, payload, responses, known_at = check_append(
+            str(self.root), self.meta, instance_id, user, ts, payload, responses, known_at
         )
-        arrays: dict[str, np.ndarray] = {"instance_id": instance_id, "user": user, "ts": ts, "side": side}
-        arrays["avail"] = avail
+        arrays: dict[str, np.ndarray] = {"instance_id": instance_id, "user": user, "ts": ts, "responses": responses}
+        arrays["known_at"] = known_at
         arrays.update(encode_payload(payload, self.meta["dtype"], str(self.root)))
         return arrays
 
@@ -269,15 +269,15 @@ class LocalTokenStore:
         user: np.ndarray,
         ts: np.ndarray,
         payload: np.ndarray,
-        side: np.ndarray | None = None,
-        avail: np.ndarray | None = None,
+        responses: np.ndarray | None = None,
+        known_at: np.ndarray | None = None,
     ) -> str:
         """Write instances as one segment of this staged store and return its name, without adding it: for
         writers in other processes (a distributed export's tasks), whose segments the driver adds in order with
         :meth:`add_segments` before one :meth:`commit`. A segment never added is removed by :meth:`gc`."""
         if not self.staged:
             raise StoreError(f"{self.root}: write_segment is for staged stores (LocalTokenStore.create)")
-        return self._write_segment(self._checked(instance_id, user, ts, payload, side, avail))
+        return self._write_segment(self._checked(instance_id, user, ts, payload, responses, known_at))
 
     def add_segments(self, names: list[str]) -> None:
         """Add written segments (in this order) to a staged store; they become visible at :meth:`commit`."""
@@ -346,13 +346,12 @@ class LocalTokenStore:
             self._parts = _load_segments(self.root, self.manifest["segments"], self.meta)
         return self._parts
 
-    def _columns(self) -> dict[str, np.ndarray]:
-        if self._cache is None:
-            self._cache = {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in self._segments().items()}
-        return self._cache
+    def read(self, name: str, seq: np.ndarray | None = None) -> np.ndarray:
+        """A stored column whole (no copy for a one-segment store), or its values at the store rows ``seq``."""
+        return self._key_column(name) if seq is None else self._take(name, np.asarray(seq, np.int64))
 
     def _key_column(self, name: str) -> np.ndarray:
-        """A small key column (user, ts) whole: the history index is built over them."""
+        """A column whole: the history index is built over the key columns (user, ts)."""
         if self._cache is not None:
             return self._cache[name]
         parts = self._segments()[name]
@@ -382,7 +381,9 @@ class LocalTokenStore:
 
     def columns(self) -> dict[str, np.ndarray]:
         """Every stored column of this version, whole (memory maps, or RAM after :meth:`load_into_memory`)."""
-        return self._columns()
+        if self._cache is None:
+            self._cache = {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in self._segments().items()}
+        return self._cache
 
     def __len__(self) -> int:
         if self._cache is not None:
@@ -396,51 +397,58 @@ class LocalTokenStore:
         return self._index
 
     def load_into_memory(self) -> LocalTokenStore:
-        self._cache = {k: np.ascontiguousarray(v) for k, v in self._columns().items()}
+        self._cache = {k: np.ascontiguousarray(v) for k, v in self.columns().items()}
         return self
 
-    def fetch(self, users: np.ndarray, before_ts: np.ndarray, n: int, dequantize: bool = True) -> Fetched:
-        """The last ``n`` tokens of each user strictly before each request time."""
+    def fetch(self, users: np.ndarray, before_ts: np.ndarray, hist_len: int, dequantize: bool = True) -> Fetched:
+        """The last ``hist_len`` tokens of each user strictly before each request time."""
         before_ts = np.asarray(before_ts, np.int64)
         stored = len(self)
         if stored == 0:
             h = HistoryIndex(np.zeros(1, np.int64), np.full(1, np.iinfo(np.int64).max // 4)).fetch(
-                np.asarray(users), before_ts, n
+                np.asarray(users), before_ts, hist_len
             )
         else:
-            h = self.index.fetch(np.asarray(users), before_ts, n)
+            h = self.index.fetch(np.asarray(users), before_ts, hist_len)
         safe = np.where(h.mask, h.rows, 0)
         payload = (
             self._take("payload", safe)
             if stored
-            else np.zeros((len(users), n, *self.meta["payload_shape"]), self.payload_dtype)
+            else np.zeros((len(users), hist_len, *self.meta["payload_shape"]), self.payload_dtype)
         )
         scale = None
         if self.meta["dtype"] == "int8":
-            scale = self._take("scale", safe) if stored else np.zeros((len(users), n), np.float32)
+            scale = self._take("scale", safe) if stored else np.zeros((len(users), hist_len), np.float32)
         payload = decode_payload(payload, scale, self.meta["dtype"], dequantize)
         payload[~h.mask] = 0
         if stored:
-            side_mask = h.mask[:, :, None] & (self._take("avail", safe) < before_ts[:, None, None])
-            side = np.where(side_mask, self._take("side", safe), 0.0).astype(np.float32)
+            response_mask = h.mask[:, :, None] & (self._take("known_at", safe) < before_ts[:, None, None])
+            responses = np.where(response_mask, self._take("responses", safe), 0.0).astype(np.float32)
         else:
-            a = len(self.meta["labels"])
-            side_mask = np.zeros((len(users), n, a), bool)
-            side = np.zeros((len(users), n, a), np.float32)
+            a = len(self.meta["responses"])
+            response_mask = np.zeros((len(users), hist_len, a), bool)
+            responses = np.zeros((len(users), hist_len, a), np.float32)
         gap = h.gap / np.float32(self.meta.get("ticks_per_second", 1))  # seconds, whatever the log's unit
-        return Fetched(payload=payload, side=side, side_mask=side_mask, mask=h.mask, gap=gap, rows=h.rows)
+        return Fetched(
+            payload=payload, responses=responses, response_mask=response_mask, mask=h.mask, gap=gap, seq=h.rows
+        )
 
     def close(self) -> None:
         """Drop this reader's memory maps (the store on disk is unchanged)."""
         self._cache, self._parts, self._index = None, None, None
 
     def bytes_per_instance(self) -> dict[str, float]:
-        c = self._columns()
+        c = self.columns()
         n = max(len(c["ts"]), 1)
         payload = c["payload"].nbytes + (c["scale"].nbytes if "scale" in c else 0)
         keys = c["instance_id"].nbytes + c["user"].nbytes + c["ts"].nbytes
-        side = c["side"].nbytes + c["avail"].nbytes
-        return {"payload": payload / n, "keys": keys / n, "side": side / n, "total": (payload + keys + side) / n}
+        responses = c["responses"].nbytes + c["known_at"].nbytes
+        return {
+            "payload": payload / n,
+            "keys": keys / n,
+            "responses": responses / n,
+            "total": (payload + keys + responses) / n,
+        }
 
 
 def _read_current(root: Path) -> tuple[str, dict]:
@@ -460,7 +468,9 @@ def _read_current(root: Path) -> tuple[str, dict]:
 def _load_segments(root: Path, segments: list[str], meta: dict) -> dict[str, list[np.ndarray]]:
     """Memory maps of every column of the given segments (empty arrays of the right shape when none)."""
     parts: dict[str, list[np.ndarray]] = {}
-    need = {"instance_id", "user", "ts", "side", "avail", "payload"} | ({"scale"} if meta["dtype"] == "int8" else set())
+    need = {"instance_id", "user", "ts", "responses", "known_at", "payload"} | (
+        {"scale"} if meta["dtype"] == "int8" else set()
+    )
     for s in segments:
         files = {f.stem: f for f in (root / "segments" / s).glob("*.npy")}
         if not need <= set(files):  # never read a version with a missing segment as a smaller store
@@ -472,13 +482,13 @@ def _load_segments(root: Path, segments: list[str], meta: dict) -> dict[str, lis
             parts.setdefault(stem, []).append(np.load(files[stem], mmap_mode="r"))
     if not parts:
         shape = tuple(meta["payload_shape"])
-        a = len(meta["labels"])
+        a = len(meta["responses"])
         parts = {
             "instance_id": [np.zeros(0, np.int64)],
             "user": [np.zeros(0, np.int64)],
             "ts": [np.zeros(0, np.int64)],
-            "side": [np.zeros((0, a), np.float32)],
-            "avail": [np.zeros((0, a), np.int64)],
+            "responses": [np.zeros((0, a), np.float32)],
+            "known_at": [np.zeros((0, a), np.int64)],
             "payload": [np.zeros((0, *shape), PAYLOAD_DTYPES[meta["dtype"]])],
         }
         if meta["dtype"] == "int8":

@@ -18,13 +18,15 @@ def create_store(
     location: str | Path,
     producer: str,
     payload_shape: tuple[int, ...],
-    label_names: list[str],
+    response_names: list[str],
     dtype: str,
     extra_meta: dict | None = None,
     overwrite: bool = False,
 ) -> TokenStore:
     """A new store, staged until ``commit()``, at a directory path (local) or a ``redis://`` URL."""
-    kw: dict[str, Any] = dict(producer=producer, payload_shape=payload_shape, label_names=label_names, dtype=dtype)
+    kw: dict[str, Any] = dict(
+        producer=producer, payload_shape=payload_shape, response_names=response_names, dtype=dtype
+    )
     if is_redis_url(location):
         from sampletok.store.redis import RedisTokenStore
 
@@ -51,5 +53,7 @@ def store_exists(location: str | Path) -> bool:
     if is_redis_url(location):
         from sampletok.store.redis import RedisTokenStore
 
-        return RedisTokenStore.exists(str(location))
-    return (Path(location) / "CURRENT").exists()
+        return RedisTokenStore.exists(location)
+    from sampletok.store.local import LocalTokenStore
+
+    return LocalTokenStore.exists(location)

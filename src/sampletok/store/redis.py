@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import numpy as np
@@ -42,6 +43,7 @@ from sampletok.store.base import (
     check_append,
     check_dtype,
     check_format,
+    check_producer,
     decode_payload,
     encode_payload,
     new_meta,
@@ -82,7 +84,7 @@ class RedisTokenStore:
         url: str,
         producer: str,
         payload_shape: tuple[int, ...],
-        label_names: list[str],
+        response_names: list[str],
         dtype: str = "float16",
         extra_meta: dict | None = None,
         overwrite: bool = False,
@@ -91,15 +93,15 @@ class RedisTokenStore:
         client, name = _client(url)
         if client.exists(f"{name}:current") and not overwrite:
             raise StoreError(f"{url}: a token store '{name}' already exists (pass overwrite=True to replace it)")
-        meta = new_meta(producer, payload_shape, label_names, dtype, extra_meta)
+        meta = new_meta(producer, payload_shape, response_names, dtype, extra_meta)
         vid = uuid.uuid4().hex[:12]
         client.set(f"{name}:{vid}:meta", json.dumps(meta))
         return cls(url, client, name, vid, meta, staged=True)
 
     @classmethod
-    def exists(cls, url: str) -> bool:
-        """Whether a committed store is at ``url`` (an unreachable server is an error, not False)."""
-        client, name = _client(url)
+    def exists(cls, location: str | Path) -> bool:
+        """Whether a committed store is at the URL ``location`` (an unreachable server is an error, not False)."""
+        client, name = _client(str(location))
         try:
             return bool(client.exists(f"{name}:current"))
         finally:
@@ -117,11 +119,19 @@ class RedisTokenStore:
         meta = json.loads(raw)
         check_format(url, meta)
         store = cls(url, client, name, vid.decode(), meta, staged=False)
-        if expect_producer is not None and meta["producer"] != expect_producer:
-            raise StoreError(
-                f"{url}: tokens were written by producer {meta['producer']}, but the model expects {expect_producer}"
-            )
+        if expect_producer is not None:
+            store.check_producer(expect_producer)
         return store
+
+    def check_producer(self, expected: str) -> None:
+        check_producer(self.url, self._meta, expected)
+
+    def update_meta(self, **values: Any) -> None:
+        """Add entries to a staged store's meta before its commit."""
+        if not self.staged:
+            raise StoreError(f"{self.url}: update_meta is for staged stores (RedisTokenStore.create)")
+        self._meta = {**self._meta, **values}
+        self.client.set(f"{self.name}:{self.vid}:meta", json.dumps(self._meta))
 
     @property
     def meta(self) -> dict:
@@ -153,9 +163,9 @@ class RedisTokenStore:
     def _layout(self) -> None:
         """The fixed-width member layout: a structured dtype, so packing and unpacking are one numpy view."""
         shape = tuple(self._meta["payload_shape"])
-        a = len(self._meta["labels"])
+        a = len(self._meta["responses"])
         dt = self._meta["dtype"]
-        fields = [("ts", ">i8"), ("seq", ">i8"), ("iid", "<i8"), ("avail", "<i8", (a,)), ("side", "<f4", (a,))]
+        fields = [("ts", ">i8"), ("seq", ">i8"), ("iid", "<i8"), ("known_at", "<i8", (a,)), ("responses", "<f4", (a,))]
         if dt == "int8":
             fields.append(("scale", "<f4"))
         fields.append(("payload", np.dtype(PAYLOAD_DTYPES[dt]).newbyteorder("<"), shape))
@@ -171,19 +181,25 @@ class RedisTokenStore:
         user: np.ndarray,
         ts: np.ndarray,
         payload: np.ndarray,
-        side: np.ndarray | None = None,
-        avail: np.ndarray | None = None,
+        responses: np.ndarray | None = None,
+        known_at: np.ndarray | None = None,
     ) -> None:
         """Add instances, atomically (one transaction); on a staged store they are visible after commit."""
-        iid, user, ts, payload, side, avail = check_append(
-            self.url, self._meta, instance_id, user, ts, payload, side, avail
+        iid, user, ts, payload, responses, known_at = check_append(
+            self.url, self._meta, instance_id, user, ts, payload, responses, known_at
         )
         k = len(iid)
         if k == 0:
             return
         enc = encode_payload(payload, self._meta["dtype"], self.url)
         rec = np.zeros(k, self._record)
-        rec["ts"], rec["iid"], rec["avail"], rec["side"], rec["payload"] = ts, iid, avail, side, enc["payload"]
+        rec["ts"], rec["iid"], rec["known_at"], rec["responses"], rec["payload"] = (
+            ts,
+            iid,
+            known_at,
+            responses,
+            enc["payload"],
+        )
         if "scale" in enc:
             rec["scale"] = enc["scale"]
         seq_key = f"{self.name}:{self.vid}:seq"
@@ -207,8 +223,36 @@ class RedisTokenStore:
             raise StoreError(f"{self.url}: append failed ({type(e).__name__}: {e})") from None
 
     # ------------------------------------------------------------------ reads
-    def fetch(self, users: np.ndarray, before_ts: np.ndarray, n: int, dequantize: bool = True) -> Fetched:
-        """The last ``n`` tokens of each user strictly before each request time: one pipelined round trip."""
+    def read(self, name: str, seq: np.ndarray | None = None) -> np.ndarray:
+        """A stored column in sequence order (whole, or at the sequence numbers ``seq``): one scan of every
+        user's set, for exports and copies, not for serving (sequence numbers a crashed append skipped are
+        absent, so ``seq`` indexes the instances present, in order)."""
+        import redis
+
+        members: list[bytes] = []
+        users: list[int] = []
+        try:
+            for key in self.client.scan_iter(match=f"{self.name}:{self.vid}:u:*", count=1000):
+                got = self.client.zrange(key, 0, -1)
+                members.extend(got)
+                users.extend([int(key.rsplit(b":", 1)[1])] * len(got))
+        except redis.RedisError as e:
+            raise StoreError(f"{self.url}: read failed ({type(e).__name__}: {e})") from None
+        rec = np.frombuffer(b"".join(members), self._record)
+        order = np.argsort(rec["seq"], kind="stable")
+        rec = rec[order]
+        field = {"instance_id": "iid"}.get(name, name)
+        if field != "user" and field not in (self._record.names or ()):
+            raise StoreError(f"{self.url}: no stored column '{name}'")
+        column = np.asarray(users, np.int64)[order] if field == "user" else rec[field]
+        if field == "payload":
+            scale = rec["scale"] if "scale" in (self._record.names or ()) else None
+            column = decode_payload(column, scale, self._meta["dtype"], dequantize=False)
+        column = column.astype(column.dtype.newbyteorder("="))
+        return column if seq is None else column[np.asarray(seq, np.int64)]
+
+    def fetch(self, users: np.ndarray, before_ts: np.ndarray, hist_len: int, dequantize: bool = True) -> Fetched:
+        """The last ``hist_len`` tokens of each user strictly before each request time: one pipelined round trip."""
         import redis
 
         users = np.asarray(users, np.int64)
@@ -217,36 +261,36 @@ class RedisTokenStore:
         try:
             pipe = self.client.pipeline(transaction=False)
             for u, t in zip(users.tolist(), before_ts.tolist(), strict=True):
-                pipe.zrevrangebyscore(self._key(u), f"({t}", "-inf", start=0, num=n)
-            replies = pipe.execute() if n > 0 and b else [[] for _ in range(b)]
+                pipe.zrevrangebyscore(self._key(u), f"({t}", "-inf", start=0, num=hist_len)
+            replies = pipe.execute() if hist_len > 0 and b else [[] for _ in range(b)]
         except redis.RedisError as e:
             raise StoreError(f"{self.url}: fetch failed ({type(e).__name__}: {e})") from None
         counts = np.array([len(r) for r in replies], np.int64)
         rec = np.frombuffer(b"".join(m for r in replies for m in r), self._record)
-        # reply i holds its user's most recent first: item j goes to position n-1-j (right-aligned)
+        # reply i holds its user's most recent first: item j goes to position hist_len-1-j (right-aligned)
         req = np.repeat(np.arange(b), counts)
-        pos = n - 1 - (np.arange(len(rec)) - np.repeat(np.cumsum(counts) - counts, counts))
+        pos = hist_len - 1 - (np.arange(len(rec)) - np.repeat(np.cumsum(counts) - counts, counts))
         shape = tuple(self._meta["payload_shape"])
-        a = len(self._meta["labels"])
-        mask = np.zeros((b, n), bool)
+        a = len(self._meta["responses"])
+        mask = np.zeros((b, hist_len), bool)
         mask[req, pos] = True
-        payload = np.zeros((b, n, *shape), PAYLOAD_DTYPES[self._meta["dtype"]])
+        payload = np.zeros((b, hist_len, *shape), PAYLOAD_DTYPES[self._meta["dtype"]])
         payload[req, pos] = rec["payload"]
         scale = None
         if "scale" in (self._record.names or ()):
-            scale = np.zeros((b, n), np.float32)
+            scale = np.zeros((b, hist_len), np.float32)
             scale[req, pos] = rec["scale"]
         payload = decode_payload(payload, scale, self._meta["dtype"], dequantize)
-        side_mask = np.zeros((b, n, a), bool)
-        side_mask[req, pos] = rec["avail"] < before_ts[req, None]
-        side = np.zeros((b, n, a), np.float32)
-        side[req, pos] = np.where(side_mask[req, pos], rec["side"], 0.0)
-        gap = np.zeros((b, n), np.float32)
+        response_mask = np.zeros((b, hist_len, a), bool)
+        response_mask[req, pos] = rec["known_at"] < before_ts[req, None]
+        responses = np.zeros((b, hist_len, a), np.float32)
+        responses[req, pos] = np.where(response_mask[req, pos], rec["responses"], 0.0)
+        gap = np.zeros((b, hist_len), np.float32)
         tps = np.float32(self._meta.get("ticks_per_second", 1))  # seconds, as the local store computes them
         gap[req, pos] = (before_ts[req] - rec["ts"].astype(np.int64)).astype(np.float32) / tps
-        rows = np.full((b, n), -1, np.int64)
-        rows[req, pos] = rec["seq"]
-        return Fetched(payload=payload, side=side, side_mask=side_mask, mask=mask, gap=gap, rows=rows)
+        seq = np.full((b, hist_len), -1, np.int64)
+        seq[req, pos] = rec["seq"]
+        return Fetched(payload=payload, responses=responses, response_mask=response_mask, mask=mask, gap=gap, seq=seq)
 
 
 @contextmanager

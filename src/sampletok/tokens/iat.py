@@ -56,7 +56,7 @@ class IATTokens:
         else:
             store = build_or_load_store(ds, m.source_cfg, seed, m.cache_dir, progress, build=build)
         self.check(store, ds.fingerprint)
-        return TokenSource(store.load_into_memory(), m.length)
+        return TokenSource(store.load_into_memory(), m.token_len)
 
     def check(self, store: TokenStore, dataset: str) -> None:
         m, meta = self.model, store.meta
@@ -280,7 +280,7 @@ def export_to_store(
         path,
         producer=producer_id(model, ds),
         payload_shape=(model.cfg.emb_dim,),
-        label_names=ds.schema.response_names,
+        response_names=ds.schema.response_names,
         dtype=model.cfg.dtype,
         overwrite=True,
         extra_meta={
@@ -294,12 +294,12 @@ def export_to_store(
         },
     )
     ts = np.asarray(ds.col(TIMESTAMP))[keep]
-    side = np.stack([np.asarray(ds.response_column(r))[keep] for r in ds.schema.response_names], 1)
-    avail = ds.response_available_at(keep)
+    responses = np.stack([np.asarray(ds.response_column(r))[keep] for r in ds.schema.response_names], 1)
+    known_at = ds.response_available_at(keep)
     iid, user, emb = np.asarray(ds.col(INSTANCE_ID))[keep], np.asarray(ds.col(USER_KEY))[keep], emb[keep]
     for i in range(0, len(keep), chunk):
         sl = slice(i, i + chunk)
-        store.append(iid[sl], user[sl], ts[sl], emb[sl], side[sl], avail[sl])
+        store.append(iid[sl], user[sl], ts[sl], emb[sl], responses[sl], known_at[sl])
     store.commit()  # the store becomes readable only now, complete
     store.compact()
     return store
@@ -376,7 +376,7 @@ def append_tokens(path: str | Path, ds: PreparedDataset, progress: bool = True) 
     if producer_id(model, str(saved["dataset"])) != store.meta.get("producer"):
         raise StoreError(f"{path}: source_model.pt is not the model that wrote these tokens; build it again")
     keep = np.flatnonzero(ds.where(cfg.rows_where))
-    new = keep[~np.isin(np.asarray(ds.col(INSTANCE_ID))[keep], store._key_column("instance_id"))]
+    new = keep[~np.isin(np.asarray(ds.col(INSTANCE_ID))[keep], store.read("instance_id"))]
     if (np.asarray(ds.col(SPLIT))[new] == 0).any():
         first = int(new[np.asarray(ds.col(SPLIT))[new] == 0][0])
         raise StoreError(
@@ -396,13 +396,13 @@ def append_tokens(path: str | Path, ds: PreparedDataset, progress: bool = True) 
     if len(new) == 0 and store.meta.get("dataset") == ds.fingerprint:
         return store
     emb = embed_all(model, ds, progress=progress, rows=new) if len(new) else np.zeros((0, cfg.emb_dim), np.float32)
-    side = np.stack([np.asarray(ds.response_column(r))[new] for r in ds.schema.response_names], 1)
+    responses = np.stack([np.asarray(ds.response_column(r))[new] for r in ds.schema.response_names], 1)
     store.append(
         np.asarray(ds.col(INSTANCE_ID))[new],
         np.asarray(ds.col(USER_KEY))[new],
         np.asarray(ds.col(TIMESTAMP))[new],
         emb,
-        side,
+        responses,
         ds.response_available_at(new),
         meta_update={"dataset": ds.fingerprint},  # the store now covers the grown dataset (model_tokens checks)
     )

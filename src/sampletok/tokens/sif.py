@@ -104,7 +104,7 @@ def export_codes(
         path,
         producer=model.tokenizer.rvq.version(),
         payload_shape=(t, m),
-        label_names=ds.schema.response_names,
+        response_names=ds.schema.response_names,
         dtype="uint8" if model.cfg.codes <= 256 else "uint16",
         overwrite=True,
         extra_meta={
@@ -160,13 +160,13 @@ def code_segment(
 
     map_row_batches(encode, hi - lo, batch_size, workers, progress, desc="SIF export")
     rows = slice(lo, hi)
-    side = np.stack([np.asarray(ds.response_column(r)[rows]) for r in ds.schema.response_names], 1)
+    responses = np.stack([np.asarray(ds.response_column(r)[rows]) for r in ds.schema.response_names], 1)
     return store.write_segment(
         np.asarray(ds.col(INSTANCE_ID)[rows]),
         np.asarray(ds.col(USER_KEY)[rows]),
         np.asarray(ds.col(TIMESTAMP)[rows]),
         codes,
-        side,
+        responses,
         ds.response_available_at(np.arange(lo, hi)),
     )
 
@@ -220,7 +220,7 @@ def _reuse_stored_codes(
 ) -> int:
     """Copy the codes an earlier export of the same model holds for the dataset's first rows into segments of
     the new staged ``store``; return how many rows they cover (0 when there is no store yet)."""
-    if not (Path(path) / "CURRENT").exists():
+    if not LocalTokenStore.exists(path):
         return 0
     old = LocalTokenStore.open(path)
     same_model = (
@@ -231,7 +231,7 @@ def _reuse_stored_codes(
     if old.meta.get("kind") != "sif" or not same_model:
         raise StoreError(f"{path}: not codes of this model's codebooks; export without append")
     k = len(old)
-    ids = old._key_column("instance_id")
+    ids = old.read("instance_id")
     if k > ds.n_rows or not np.array_equal(ids, np.asarray(ds.col(INSTANCE_ID))[:k]):
         raise StoreError(f"{path}: holds other rows than the dataset's first {k}; export without append")
     names = []
@@ -240,11 +240,11 @@ def _reuse_stored_codes(
         names.append(
             store.write_segment(
                 ids[rows],
-                old._take("user", rows),
-                old._take("ts", rows),
-                old._take("payload", rows),
-                old._take("side", rows),
-                old._take("avail", rows),
+                old.read("user", rows),
+                old.read("ts", rows),
+                old.read("payload", rows),
+                old.read("responses", rows),
+                old.read("known_at", rows),
             )
         )
     store.add_segments(names)
