@@ -27,6 +27,12 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert r.returncode == 2 and "missing columns ['y']" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_bad_serving_config_is_one_line(tmp_path):
+    r = _cli("serve", "--data", str(tmp_path), "--run", str(tmp_path), "--max-candidates", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "serve" in r.stderr and "max_candidates" in r.stderr, r.stderr
+
+
 def test_help_explains_commands():
     r = _cli("--help")
     assert r.returncode == 0

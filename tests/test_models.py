@@ -147,3 +147,38 @@ def test_models_export_with_torch_export(name, params, synth_prepared):
     program = torch.export.export(wrapped, tuple(tensors.values()))
     with torch.no_grad():
         torch.testing.assert_close(program.module()(*tensors.values()), wrapped(*tensors.values()))
+
+
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"iat"}))  # IAT reads a token store
+def test_every_model_scores_a_batch_built_from_tensors_alone(name):
+    from sampletok.features import Batch
+
+    layout = FeatureLayout.example()
+    model = build_model(name, layout).eval()
+    batch = Batch.example(layout, batch_size=5, hist_len=7, history_samples=model.reads_history_samples)
+    highs = torch.tensor([layout.vocab_sizes[f.name] for f in layout.cat_fields])
+    assert bool(((batch.cat > 0) & (batch.cat < highs)).all())  # every code inside its vocabulary, none padding
+    with torch.no_grad():
+        out = model(batch).logits
+    assert out.shape == (5, 1) and torch.isfinite(out).all()
+
+
+def test_the_full_model_config_rebuilds_the_same_model():
+    from sampletok.models.base import model_config
+    from sampletok.tokenizers.hgaq import HGAQConfig
+
+    config = model_config("sif", {"width": 16, "hgaq": {"levels": 2}})
+    full = config["params"]
+    assert full["width"] == 16 and full["blocks"] == 4 and full["hgaq"] == HGAQConfig(levels=2).model_dump(mode="json")
+    layout = FeatureLayout.example()
+    torch.manual_seed(0)
+    given = build_model("sif", layout, width=16, hgaq={"levels": 2})
+    torch.manual_seed(0)
+    rebuilt = build_model(config["name"], layout, **full)
+    assert rebuilt.cfg == given.cfg
+    for (k, a), (_, b) in zip(given.state_dict().items(), rebuilt.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(ConfigError, match="model 'sif': width"):
+        model_config("sif", {"width": "wide"})
+    with pytest.raises(ConfigError, match=r"has no parameter\(s\) \['depth'\]"):
+        model_config("din", {"depth": 3})

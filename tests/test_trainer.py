@@ -294,3 +294,24 @@ def test_a_diverged_model_never_wins_early_stopping(synth_prepared):
     loader = BatchLoader(ds, ds.rows("train")[:512], 512)
     with pytest.raises(TrainingError, match="no epoch had a finite validation monitor"):
         fit(model, loader, loader, TrainConfig(max_epochs=2, monitor={"auc": 1}), seed=0, progress=False)
+
+
+def test_a_saved_model_carries_its_full_config_and_an_older_one_names_the_fix(synth_prepared, tmp_path):
+    from sampletok.atomic import save_torch
+    from sampletok.train.experiment import load_trained
+
+    cfg = CFG.model_copy(update={"max_epochs": 1})
+    run_model(
+        synth_prepared, ModelSpec(name="din", params={"embed_dim": 8}), cfg, seed=1, run_dir=tmp_path, progress=False
+    )
+    saved = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert saved["config"]["name"] == "din"
+    assert saved["config"]["params"]["embed_dim"] == 8 and saved["config"]["params"]["hidden"] == [256, 128, 64]
+    trained = load_trained(synth_prepared, tmp_path)
+    for k, v in saved["state_dict"].items():
+        assert torch.equal(trained.model.state_dict()[k], v), k
+    # a model saved before configs were kept: a one-line error, never a model built from today's defaults
+    old = {k: v for k, v in saved.items() if k != "config"} | {"name": "din", "params": {"embed_dim": 8}}
+    save_torch(old, tmp_path / "model.pt")
+    with pytest.raises(ConfigError, match="older sampletok, without the model's config; train the model again"):
+        load_trained(synth_prepared, tmp_path)

@@ -287,18 +287,25 @@ def serve(
     """Serve a trained model over HTTP: POST /score, POST /events, GET /healthz, GET /metrics (the serve
     extra). The stores are made from the dataset on first start (every prepared row as history)."""
     from sampletok.data.dataset import PreparedDataset
+    from sampletok.errors import validated
     from sampletok.serving.app import create_app
+    from sampletok.serving.config import ServingConfig
     from sampletok.serving.scorer import Scorer
 
     try:
         import uvicorn
     except ImportError:
         raise SampletokError("the service needs the serve extra: pip install 'sampletok[serve]'") from None
+    cfg = validated(
+        ServingConfig,
+        dict(host=host, port=port, store=store, reset=reset, max_candidates=max_candidates),
+        where="serve",
+    )
     ds = PreparedDataset(data)
     with console.status("opening the stores (made from the dataset on first start)"):
-        scorer = Scorer.from_run(ds, run, store, reset=reset, max_candidates=max_candidates)
-    console.print(f"serving {run} from {store} on http://{host}:{port} (POST /score, POST /events)")
-    uvicorn.run(create_app(scorer), host=host, port=port, log_level="warning")
+        scorer = Scorer.from_run(ds, run, cfg.store, reset=cfg.reset, max_candidates=cfg.max_candidates)
+    console.print(f"serving {run} from {cfg.store} on http://{cfg.host}:{cfg.port} (POST /score, POST /events)")
+    uvicorn.run(create_app(scorer), host=cfg.host, port=cfg.port, log_level="warning")
 
 
 @app.command("models")

@@ -63,6 +63,39 @@ class FeatureLayout:
             response_vocab_sizes={r: v for r in s.response_names if (v := ds.response_vocab_size(r))},
         )
 
+    @classmethod
+    def example(cls) -> FeatureLayout:
+        """A small layout for examples and tests that need no dataset: user and item ids, a genre list, an hour
+        bucket and a price; the item id (and its genres) as the sequence; task label ``click``, response
+        ``rating`` (a 5-value categorical).
+
+        Example:
+            >>> FeatureLayout.example().field_names
+            ['user_id', 'item_id', 'hour', 'genres', 'price']
+        """
+        cat = FieldType.categorical
+        fs = [
+            FeatureField(name="user_id", type=cat, group="user"),
+            FeatureField(name="item_id", type=cat, group="item"),
+            FeatureField(name="hour", type=cat, group="context"),
+            FeatureField(name="genres", type=FieldType.multi_categorical, group="item", max_len=3),
+            FeatureField(name="price", type=FieldType.numeric, group="item"),
+        ]
+        return cls(
+            cat_fields=fs[:3],
+            multi_fields=fs[3:4],
+            num_fields=fs[4:],
+            vocab_sizes={"user_id": 32, "item_id": 52, "hour": 26, "genres": 12},
+            task_labels=["click"],
+            responses=["click", "rating"],
+            seq_cat=["item_id"],
+            seq_multi=["genres"],
+            multi_len=3,
+            groups={f.name: f.group for f in fs},
+            features=fs,
+            response_vocab_sizes={"rating": 7},
+        )
+
     @property
     def n_fields(self) -> int:
         return len(self.cat_fields) + len(self.multi_fields) + len(self.num_fields)
@@ -140,6 +173,78 @@ class Batch:
     history_sample_index: torch.Tensor | None = None  # [B, n] int64
     tokens: HistoryTokens | None = None
     shared_history: bool = False  # every row has the same history (one request's candidates)
+
+    @classmethod
+    def example(
+        cls, layout: FeatureLayout, batch_size: int = 4, hist_len: int = 8, history_samples: bool = False, seed: int = 0
+    ) -> Batch:
+        """A batch of random valid codes for ``layout`` (every code inside its vocabulary, histories of random
+        lengths, responses known at random): what a model's doctest or a shape test feeds a model without
+        preparing a dataset. ``history_samples`` adds each history row as a sample of its own (models that read
+        past samples, e.g. SIF).
+
+        Example:
+            >>> b = Batch.example(FeatureLayout.example(), batch_size=2, hist_len=5)
+            >>> tuple(b.cat.shape), tuple(b.hist_cat.shape), tuple(b.hist_responses.shape)
+            ((2, 3), (2, 5, 1), (2, 5, 2))
+        """
+        g = torch.Generator().manual_seed(seed)
+        b, n = batch_size, hist_len
+        seq_cat, seq_multi = (torch.from_numpy(p) for p in layout.sequence_positions())
+
+        def codes(fields_: list[FeatureField], shape: tuple[int, ...]) -> torch.Tensor:
+            highs = torch.tensor([layout.vocab_sizes[f.name] for f in fields_], dtype=torch.int64)
+            return (torch.rand(*shape, len(fields_), generator=g) * (highs - 1)).long() + 1  # 1..V-1: no padding
+
+        def own(k: int) -> dict[str, Any]:
+            multi = codes(layout.multi_fields, (k, layout.multi_len)).transpose(1, 2) if layout.multi_fields else None
+            return {
+                "cat": codes(layout.cat_fields, (k,)),
+                "multi": multi if multi is not None else torch.zeros(k, 0, layout.multi_len, dtype=torch.int64),
+                "num": torch.randn(k, len(layout.num_fields), generator=g),
+                "labels": (torch.rand(k, len(layout.task_labels), generator=g) < 0.5).float(),
+                "user": torch.randint(0, 1 << 40, (k,), generator=g),
+                "ts": torch.randint(1 << 20, 1 << 30, (k,), generator=g),
+                "rows": torch.arange(k),
+            }
+
+        def history(k: int, length: int) -> dict[str, Any]:
+            past = torch.randint(0, length + 1, (k,), generator=g)
+            mask = torch.arange(length)[None, :] >= (length - past)[:, None]  # right-aligned
+            rows = torch.where(mask, torch.arange(k * length).reshape(k, length), -1)
+            r = len(layout.responses)
+            highs = torch.tensor([layout.response_vocab_sizes.get(x, 2) for x in layout.responses], dtype=torch.int64)
+            values = (torch.rand(k, length, r, generator=g) * (highs - 1)).floor()
+            values = torch.where(
+                torch.tensor([x in layout.response_vocab_sizes for x in layout.responses]), values + 1, values
+            )
+            known = mask[..., None] & (torch.rand(k, length, r, generator=g) < 0.8)
+            item = own(k * length)
+            return {
+                "hist_cat": item["cat"][:, seq_cat].reshape(k, length, len(seq_cat)) * mask[..., None],
+                "hist_multi": item["multi"][:, seq_multi].reshape(k, length, len(seq_multi), layout.multi_len)
+                * mask[..., None, None],
+                "hist_mask": mask,
+                "hist_gap": torch.rand(k, length, generator=g) * 86400 * mask,
+                "hist_rows": rows,
+                "hist_responses": values * known,
+                "hist_response_mask": known,
+            }
+
+        batch = cls(**own(b), **history(b, n))
+        if history_samples:
+            valid = batch.hist_mask.reshape(-1)
+            index = torch.full((b * n,), -1, dtype=torch.int64)
+            index[valid] = torch.arange(int(valid.sum()))
+            k = int(valid.sum())
+            samples = cls(**own(k), **history(k, 0))
+            # a history row's sequence fields are the same values in both views of it
+            samples.cat[:, seq_cat] = batch.hist_cat.reshape(b * n, -1)[valid]
+            if len(seq_multi):
+                samples.multi[:, seq_multi] = batch.hist_multi.reshape(b * n, len(seq_multi), -1)[valid]
+            samples.rows = batch.hist_rows.reshape(-1)[valid]
+            batch.history_samples, batch.history_sample_index = samples, index.reshape(b, n)
+        return batch
 
     def to(self, device: torch.device | str) -> Batch:
         def move(x):

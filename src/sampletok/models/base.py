@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,15 @@ class RankingModel(nn.Module):
         return 1.0 / (1.0 + np.exp(-(a * logits + b)))
 
     def forward(self, batch: Batch) -> ModelOutput:  # pragma: no cover - abstract
+        """Score a batch; every model has this one signature and reads nothing but the batch's tensors.
+
+        Args:
+            batch: B requests (shapes in :class:`~sampletok.features.Batch`; ``Batch.example(layout)`` builds
+                one from random codes).
+
+        Returns:
+            :class:`ModelOutput`: ``logits`` [B, Y], one per task label, and ``aux_losses`` (scalar tensors).
+        """
         raise NotImplementedError
 
     @property
@@ -89,6 +99,44 @@ def build_model(name: str, layout: FeatureLayout, **params) -> RankingModel:
         raise ConfigError(f"model '{name}': {e.title}: {validation_message(e)}") from None
     except (ValueError, TypeError, AssertionError, ZeroDivisionError, RuntimeError) as e:
         raise ConfigError(f"model '{name}' cannot be built with parameters {params}: {one_line(e)}") from None
+
+
+def model_config(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The model's full config: every constructor argument, given or default, as JSON (a sub-config such as
+    IAT's ``source`` or SIF's ``hgaq`` with all its fields). ``model.pt`` stores it beside the weights and
+    :func:`~sampletok.train.experiment.load_trained` builds the model from it, so a later change of a default
+    cannot change a saved model.
+
+    Example:
+        >>> cfg = model_config("sif", {"width": 16})
+        >>> cfg["name"], cfg["params"]["width"], cfg["params"]["blocks"], cfg["params"]["hgaq"]["levels"]
+        ('sif', 16, 4, 3)
+    """
+    import typing
+
+    from pydantic import BaseModel, ValidationError, create_model
+
+    if name not in MODELS:
+        raise ConfigError(f"unknown model '{name}'; available: {', '.join(sorted(MODELS))}")
+    cls = MODELS[name]
+    init = next(vars(c)["__init__"] for c in cls.__mro__ if "__init__" in vars(c))
+    hints = typing.get_type_hints(init)
+    sig = inspect.signature(init).parameters
+    unknown = sorted(set(params) - set(sig) - {"self", "layout"})
+    if unknown:
+        raise ConfigError(f"model '{name}' has no parameter(s) {unknown}")
+    fields: dict[str, Any] = {k: (hints.get(k, Any), p.default) for k, p in sig.items() if k not in ("self", "layout")}
+    try:
+        checked = create_model(f"{name} config", __config__={"protected_namespaces": ()}, **fields)(**params)
+    except ValidationError as e:
+        raise ConfigError(f"model '{name}': {validation_message(e)}") from None
+    full = checked.model_dump(mode="json")
+    for k in fields:  # a sub-config left at None: its defaults in full
+        sub = [t for t in typing.get_args(hints.get(k)) if isinstance(t, type) and issubclass(t, BaseModel)]
+        value = getattr(checked, k)
+        if sub and (value is None or isinstance(value, dict)):
+            full[k] = sub[0].model_validate(value or {}).model_dump(mode="json")
+    return {"name": name, "params": full}
 
 
 def _checked_params(name: str, cls: type, params: dict) -> dict:

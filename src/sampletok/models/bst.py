@@ -26,6 +26,17 @@ class BST(RankingModel):
         dropout: float = 0.1,
         extra_dim: int = 0,
     ):
+        """Build the model; every argument but ``layout`` is a key of its ``params`` in an experiment.
+
+        Args:
+            layout: the batch's column order and vocabulary sizes (:class:`~sampletok.features.FeatureLayout`).
+            embed_dim: width of each field embedding (a field's ``embed_dim`` in the schema overrides it).
+            layers: Transformer layers over history + target.
+            heads: attention heads.
+            hidden: MLP widths of the prediction head.
+            dropout: dropout rate of the MLP.
+            extra_dim: width of an extra input vector (IAT's branch before interaction); 0 for none.
+        """
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         d = self.embed.seq_dim

@@ -23,6 +23,15 @@ class DCNv2(RankingModel):
         hidden: Sequence[int] = (256, 128, 64),
         dropout: float = 0.1,
     ):
+        """Build the model; every argument but ``layout`` is a key of its ``params`` in an experiment.
+
+        Args:
+            layout: the batch's column order and vocabulary sizes (:class:`~sampletok.features.FeatureLayout`).
+            embed_dim: width of each field embedding (a field's ``embed_dim`` in the schema overrides it).
+            cross_layers: layers of the cross network.
+            hidden: MLP widths of the prediction head. (the deep tower)
+            dropout: dropout rate of the MLP.
+        """
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         self.use_history = bool(layout.seq_cat or layout.seq_multi)

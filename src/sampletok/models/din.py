@@ -10,16 +10,9 @@ rows enters the MLP beside the item attention, which then reads item IDs only): 
 describe the user, not re-weight items (an ablation for the GAUC question in docs/results.md).
 
 Example:
-    >>> from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
-    >>> from sampletok.data.prepare import prepare
-    >>> from sampletok.data.batches import BatchLoader
-    >>> from sampletok.features import FeatureLayout
-    >>> import tempfile
-    >>> src, schema = generate_source(SyntheticConfig(n_users=30, events_per_user=10, n_items=50))
-    >>> ds = prepare(src, schema, tempfile.mkdtemp(), progress=False)
-    >>> model = DIN(FeatureLayout.from_dataset(ds), history_responses=True)
-    >>> rows = ds.rows("test")[:4]
-    >>> model(BatchLoader(ds, rows, 4, hist_len=8).build(rows)).logits.shape
+    >>> from sampletok.features import Batch, FeatureLayout
+    >>> model = DIN(FeatureLayout.example(), history_responses=True)
+    >>> model(Batch.example(model.layout, batch_size=4, hist_len=8)).logits.shape
     torch.Size([4, 1])
 """
 
@@ -50,6 +43,19 @@ class DIN(RankingModel):
         response_dropout: float = 0.0,
         responses_to: Literal["items", "user"] = "items",
     ):
+        """Build the model; every argument but ``layout`` is a key of its ``params`` in an experiment.
+
+        Args:
+            layout: the batch's column order and vocabulary sizes (:class:`~sampletok.features.FeatureLayout`).
+            embed_dim: width of each field embedding (a field's ``embed_dim`` in the schema overrides it).
+            hidden: MLP widths of the prediction head.
+            attention_hidden: MLP widths of the target-attention unit.
+            dropout: dropout rate of the MLP.
+            extra_dim: width of an extra input vector (IAT's branch before interaction); 0 for none.
+            history_responses: add each history row's responses known at the request: True all, a list the named.
+            response_dropout: probability of hiding a history row's responses while training.
+            responses_to: ``items`` (responses re-weight history items) or ``user`` (a separate user branch).
+        """
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         self.responses = (

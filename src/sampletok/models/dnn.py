@@ -22,6 +22,15 @@ class DNN(RankingModel):
         dropout: float = 0.1,
         use_history: bool = True,
     ):
+        """Build the model; every argument but ``layout`` is a key of its ``params`` in an experiment.
+
+        Args:
+            layout: the batch's column order and vocabulary sizes (:class:`~sampletok.features.FeatureLayout`).
+            embed_dim: width of each field embedding (a field's ``embed_dim`` in the schema overrides it).
+            hidden: MLP widths of the prediction head.
+            dropout: dropout rate of the MLP.
+            use_history: add the mean of the history item embeddings (ignored without a sequence).
+        """
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         self.use_history = use_history and bool(layout.seq_cat or layout.seq_multi)

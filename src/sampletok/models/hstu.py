@@ -16,16 +16,9 @@ causally (to earlier events and the context), the candidate to every event: it n
 The head reads the candidate's output and the request's field embeddings.
 
 Example:
-    >>> from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
-    >>> from sampletok.data.prepare import prepare
-    >>> from sampletok.data.batches import BatchLoader
-    >>> from sampletok.features import FeatureLayout
-    >>> import tempfile
-    >>> src, schema = generate_source(SyntheticConfig(n_users=30, events_per_user=10, n_items=50))
-    >>> ds = prepare(src, schema, tempfile.mkdtemp(), progress=False)
-    >>> model = HSTU(FeatureLayout.from_dataset(ds))
-    >>> rows = ds.rows("test")[:4]
-    >>> model(BatchLoader(ds, rows, 4, hist_len=8).build(rows)).logits.shape
+    >>> from sampletok.features import Batch, FeatureLayout
+    >>> model = HSTU(FeatureLayout.example())
+    >>> model(Batch.example(model.layout, batch_size=4, hist_len=8)).logits.shape
     torch.Size([4, 1])
 """
 
@@ -103,6 +96,20 @@ class HSTU(RankingModel):
         response_dropout: float = 0.0,
         max_len: int = 1024,
     ):
+        """Build the model; every argument but ``layout`` is a key of its ``params`` in an experiment.
+
+        Args:
+            layout: the batch's column order and vocabulary sizes (:class:`~sampletok.features.FeatureLayout`).
+            embed_dim: width of each field embedding (a field's ``embed_dim`` in the schema overrides it).
+            width: token width of the STU stack.
+            layers: STU layers.
+            heads: attention heads.
+            hidden: MLP widths of the prediction head.
+            dropout: dropout rate of the MLP.
+            history_responses: the action encoding reads the known responses: True all, a list the named.
+            response_dropout: probability of hiding a history row's responses while training.
+            max_len: the longest history the relative position bias covers.
+        """
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         self.content = nn.Linear(self.embed.seq_dim, width)

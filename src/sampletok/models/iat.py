@@ -48,7 +48,7 @@ class IAT(RankingModel):
         layout: FeatureLayout,
         base: str = "din",
         base_params: dict[str, Any] | None = None,
-        source: dict[str, Any] | None = None,
+        source: IATSourceConfig | dict[str, Any] | None = None,
         store: str | None = None,
         token_len: int = 256,
         token_dim: int = 64,
@@ -64,10 +64,33 @@ class IAT(RankingModel):
         ffn_mult: int = 4,
         cache_dir: str = "runs/iat-cache",
     ):
+        """Build the model; every argument but ``layout`` is a key of its ``params`` in an experiment.
+
+        Args:
+            layout: the batch's column order and vocabulary sizes (:class:`~sampletok.features.FeatureLayout`).
+            base: the base ranking model (``din``, ``bst`` or ``rankmixer``).
+            base_params: the base model's parameters.
+            source: the source model's config (:class:`~sampletok.tokenizers.iat.IATSourceConfig`, or its fields).
+            store: a token store to read (None: the causal store the source config builds, cached in
+                ``cache_dir``).
+            token_len: instance tokens per request (the last ones strictly before it).
+            token_dim: width of the adapted instance embedding.
+            side_dim: width of the side embedding (known responses + time gap).
+            side_info: add the side embedding to each token.
+            side_responses: which responses the side embedding reads: True all, a list the named, False none.
+            query: the attention query: ``compressed`` (all request fields) or ``id`` (the item id).
+            seq_model: ``transformer`` (self-attention, then target cross-attention) or ``din`` (target attention).
+            placement: the branch's vector enters the base ``before`` interaction or is fused ``after`` it.
+            out_dim: width of the branch's output vector.
+            heads: attention heads.
+            encoder_layers: self-attention layers over the tokens.
+            ffn_mult: FFN width multiple.
+            cache_dir: where built stores are cached (by dataset, source config and seed).
+        """
         super().__init__(layout)
         if base not in BASES:
             raise ConfigError(f"IAT base must be one of {BASES}, got '{base}'")
-        self.source_cfg = IATSourceConfig(**(source or {}))
+        self.source_cfg = source if isinstance(source, IATSourceConfig) else IATSourceConfig(**(source or {}))
         self.store_path, self.cache_dir = store, cache_dir
         self.token_len, self.side_info, self.query_kind = token_len, side_info, query
         self.seq_kind, self.placement = seq_model, placement

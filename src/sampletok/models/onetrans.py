@@ -27,6 +27,17 @@ class OneTrans(RankingModel):
         hidden: Sequence[int] = (64,),
         dropout: float = 0.1,
     ):
+        """Build the model; every argument but ``layout`` is a key of its ``params`` in an experiment.
+
+        Args:
+            layout: the batch's column order and vocabulary sizes (:class:`~sampletok.features.FeatureLayout`).
+            embed_dim: width of each field embedding (a field's ``embed_dim`` in the schema overrides it).
+            width: token width of the unified stack.
+            layers: Transformer layers.
+            heads: attention heads.
+            hidden: MLP widths of the prediction head.
+            dropout: dropout rate of the MLP.
+        """
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         f = self.embed.n_tokens

@@ -26,6 +26,18 @@ class RankMixer(RankingModel):
         dropout: float = 0.1,
         extra_dim: int = 0,
     ):
+        """Build the model; every argument but ``layout`` is a key of its ``params`` in an experiment.
+
+        Args:
+            layout: the batch's column order and vocabulary sizes (:class:`~sampletok.features.FeatureLayout`).
+            embed_dim: width of each field embedding (a field's ``embed_dim`` in the schema overrides it).
+            tokens: feature tokens T the input is projected into.
+            width: width D of each token.
+            layers: RankMixer blocks (token mixing + per-token FFN).
+            hidden: MLP widths of the prediction head.
+            dropout: dropout rate of the MLP.
+            extra_dim: width of an extra input vector (IAT's branch before interaction); 0 for none.
+        """
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
         self.attention = TargetAttention(self.embed.seq_dim)

@@ -142,7 +142,7 @@ class SIF(RankingModel):
     def __init__(
         self,
         layout: FeatureLayout,
-        hgaq: dict[str, Any] | None = None,
+        hgaq: HGAQConfig | dict[str, Any] | None = None,
         width: int = 32,
         blocks: int = 4,
         heads: int = 4,
@@ -157,8 +157,28 @@ class SIF(RankingModel):
         isolate_target: bool = False,
         code_cache_steps: int = 0,
     ):
+        """Build the model; every argument but ``layout`` is a key of its ``params`` in an experiment.
+
+        Args:
+            layout: the batch's column order and vocabulary sizes (:class:`~sampletok.features.FeatureLayout`).
+            hgaq: the Sample Tokenizer's config (:class:`~sampletok.tokenizers.hgaq.HGAQConfig`, or its fields).
+            width: token width of the SIF-Mixer (sub-tokens of width d0 are projected up to it).
+            blocks: SIF-Mixer blocks.
+            heads: attention heads.
+            hidden: MLP widths of the prediction head.
+            mixer: ``factored`` (token level, then sample level), ``flat`` (one attention over the grid) or
+                ``pool``.
+            vq_weight: weight of the commitment and entropy losses.
+            align_weight: weight of the alignment loss.
+            store: exported codes to read (None: history rows quantized on the fly from whole past samples).
+            history_responses: add a history row's known responses: True all, a list the named, False none.
+            history_fields: the fields a history row keeps (None: the whole raw sample).
+            quantize_history: quantize history rows (False: the dense projection, an ablation).
+            isolate_target: history rows do not attend to the target row (one history pass serves all candidates).
+            code_cache_steps: training only: reuse a history row's codes for this many steps (0: no cache).
+        """
         super().__init__(layout)
-        self.cfg = validated(HGAQConfig, {} if hgaq is None else hgaq, prefix="hgaq.")
+        self.cfg = hgaq if isinstance(hgaq, HGAQConfig) else validated(HGAQConfig, hgaq or {}, prefix="hgaq.")
         self.tokenizer = SampleTokenizer(layout, self.cfg)
         t, d0 = self.tokenizer.n_tokens, self.cfg.d0
         self.align = nn.Parameter(torch.eye(d0).repeat(t, 1, 1))  # R: one d0×d0 map per sub-token

@@ -24,6 +24,7 @@ from sampletok.errors import ConfigError, StoreError, load_torch_dict, load_yaml
 from sampletok.errors import validation_message as _errors
 from sampletok.features import FeatureLayout
 from sampletok.models import build_model
+from sampletok.models.base import model_config
 from sampletok.tokens import open_tokens
 from sampletok.train.metrics import all_metrics
 from sampletok.train.trainer import TrainConfig, evaluate, fit, fit_calibration, predict, set_seed
@@ -271,8 +272,7 @@ def run_model(
         # the producer of the tokens/codes the model was trained on: scoring with another store is refused
         save_torch(
             {
-                "name": spec.name,
-                "params": spec.params,
+                "config": model_config(spec.name, spec.params),  # every argument, defaults included
                 "state_dict": model.state_dict(),
                 "dataset": ds.fingerprint,
                 "hist_len": hist_len,
@@ -320,19 +320,22 @@ def load_trained(ds: PreparedDataset, run_dir: str | Path) -> TrainedRun:
     another producer than it was trained with."""
     path = Path(run_dir) / "model.pt"
     saved = load_torch_dict(
-        path,
-        {"name", "params", "state_dict", "dataset"},
-        "model saved by `sampletok train`",
-        "train a model there first",
+        path, {"state_dict", "dataset"}, "model saved by `sampletok train`", "train a model there first"
     )
+    if "config" not in saved:
+        raise ConfigError(
+            f"{path}: saved by an older sampletok, without the model's config; train the model again "
+            "(`sampletok train`, or `compare` for an experiment)"
+        )
     if saved["dataset"] != ds.fingerprint:
         raise ConfigError(f"{path}: trained on dataset {saved['dataset']}, not {ds.fingerprint}")
-    model = build_model(saved["name"], FeatureLayout.from_dataset(ds), **saved["params"])
+    config = saved["config"]
+    model = build_model(config["name"], FeatureLayout.from_dataset(ds), **config["params"])
     try:
         model.load_state_dict(saved["state_dict"])
     except RuntimeError as e:
         raise ConfigError(
-            f"{path}: weights do not fit the model {saved['name']} of this version "
+            f"{path}: weights do not fit the model {config['name']} of this version "
             f"({one_line(e)[:200]}); train the model again"
         ) from None
     hist_len = resolved_hist_len(ds, saved["hist_len"])
