@@ -294,7 +294,7 @@ def test_bad_options_and_configs_name_what_to_change(small_prepared, tmp_path):
         (t("--model", "sif", "-p", "hgaq={nope: 1}"), "model 'sif': hgaq.nope: "),
         (t("--model", "sif", "-p", "hgaq={fields_per_token: 0}"), "hgaq.fields_per_token: ", "(got 0)"),
         (t("--model", "sif", "-p", "hgaq=5"), "hgaq: "),
-        (t("--model", "iat", "-p", "source={nope: 1}"), "model 'iat'", "IATSourceConfig: nope: "),
+        (t("--model", "iat", "-p", "source={nope: 1}"), "model 'iat'", "source.nope: "),
         (t("--model", "iat", "-p", "base_params={hidden: 3}"), "model 'din': hidden: "),
         (
             ["train", "--data", str(tmp_path / "pinned"), "--model", "sif", "--epochs", "1"],

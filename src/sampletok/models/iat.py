@@ -48,7 +48,7 @@ class IAT(RankingModel):
         layout: FeatureLayout,
         base: str = "din",
         base_params: dict[str, Any] | None = None,
-        source: IATSourceConfig | dict[str, Any] | None = None,
+        source: IATSourceConfig | None = None,  # or its fields as a dict (validated into one)
         store: str | None = None,
         token_len: int = 256,
         token_dim: int = 64,

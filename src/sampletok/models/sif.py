@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import fields, replace
-from typing import Any, Literal, cast
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ class SIF(RankingModel):
     def __init__(
         self,
         layout: FeatureLayout,
-        hgaq: HGAQConfig | dict[str, Any] | None = None,
+        hgaq: HGAQConfig | None = None,  # or its fields as a dict (validated into one)
         width: int = 32,
         blocks: int = 4,
         heads: int = 4,
