@@ -124,6 +124,38 @@ def test_ablation_variants_train(variant, synth_prepared):
     assert out.logits.shape == (64, 1) and torch.isfinite(out.logits).all()
 
 
+@pytest.mark.parametrize("mixer", ["pool", "factored"])
+def test_the_pool_mixer_mixes_one_token_per_row(mixer, synth_prepared):
+    """``pool`` averages each row's sub-tokens into one token before mixing (sample-level attention only): the
+    blocks see T = 1; the factored mixer sees every sub-token."""
+    model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **{**SMALL, "mixer": mixer}).eval()
+    seen: list[tuple[int, ...]] = []
+    model.blocks[0].register_forward_hook(lambda _m, args, _o: seen.append(tuple(args[0].shape)))
+    rows = synth_prepared.rows("train")[:16]
+    with torch.no_grad():
+        model(BatchLoader(synth_prepared, rows, 16, hist_len=8, history_samples=True).build(rows))
+    tokens = seen[0][2]
+    assert tokens == (1 if mixer == "pool" else model.tokenizer.n_tokens)
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_a_dense_history_does_not_read_the_codebooks(quantize, synth_prepared):
+    """``quantize_history: false`` feeds history rows as the dense projection P x: the scores do not move when
+    the codebooks do; quantized history rows do (the request row is never quantized in the forward pass)."""
+    torch.manual_seed(0)
+    model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **{**SMALL, "quantize_history": quantize})
+    rows = synth_prepared.rows("train")[:64]
+    batch = BatchLoader(synth_prepared, rows, 64, hist_len=8, history_samples=True).build(rows)
+    model.train()
+    model(batch)  # the first training step initializes the codebooks from data
+    model.eval()
+    with torch.no_grad():
+        before = model(batch).logits
+        model.tokenizer.rvq.codebook.add_(torch.randn_like(model.tokenizer.rvq.codebook))
+        after = model(batch).logits
+    assert torch.equal(before, after) != quantize
+
+
 def test_history_fields_hide_the_other_fields_of_past_samples(synth_prepared):
     """With history_fields = [item_id] a history row's projection depends on the item id only; the request's
     own row (projected without ``keep``) still sees every field."""
@@ -385,14 +417,23 @@ def test_code_cache_reads_fresh_codes_at_an_epoch_start(synth_prepared):
 
 
 def test_code_cache_trains_projection_and_label_head_from_the_request_rows(synth_prepared):
+    """With cached history codes the tokenizer still learns from the request rows: the task loss on the real
+    labels, the auxiliary label loss and the commitment loss each reach the projection (through the request rows'
+    straight-through quantization for the last two: ``rvq(x.detach())`` would cut them)."""
     model = _cached_model(synth_prepared, steps=100)
     rows = synth_prepared.rows("train")[-128:]
-    out = model(BatchLoader(synth_prepared, rows, 128, hist_len=12, history_samples=True).build(rows))
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, out.logits.detach().sigmoid())
-    (loss + sum(out.aux_losses.values())).backward()
+    batch = BatchLoader(synth_prepared, rows, 128, hist_len=12, history_samples=True).build(rows)
+    out = model(batch)
     tok = model.tokenizer
-    assert tok.proj.grad is not None and tok.proj.grad.abs().sum() > 0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tok.aux_head.parameters())
+    task = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, batch.labels)
+    assert "aux_label" in out.aux_losses and "vq_commit" in out.aux_losses
+    for name, loss in (("task", task), ("aux_label", out.aux_losses["aux_label"])):
+        (grad,) = torch.autograd.grad(loss, tok.proj, retain_graph=True)
+        assert grad.abs().sum() > 0, name
+    (grad,) = torch.autograd.grad(out.aux_losses["vq_commit"], tok.proj, retain_graph=True)
+    assert grad.abs().sum() > 0, "commitment"
+    head = torch.autograd.grad(out.aux_losses["aux_label"], list(tok.aux_head.parameters()), retain_graph=True)
+    assert all(g.abs().sum() > 0 for g in head)
 
 
 def test_code_cache_needs_quantized_history(synth_prepared):
