@@ -157,7 +157,8 @@ class _service:
     """`sampletok serve` in its own process on a free loopback port, with a fresh store."""
 
     def __init__(self, ds, run: Path, store: str):
-        self.args = ["--data", str(ds.root), "--run", str(run), "--store", store, "--reset"]
+        # the no-future check reads each reply's history gap: a trusted caller
+        self.args = ["--data", str(ds.root), "--run", str(run), "--store", store, "--reset", "--expose-history-gap"]
 
     def __enter__(self) -> str:
         with socket.socket() as s:

@@ -283,13 +283,20 @@ def serve(
     port: int = typer.Option(8000),
     reset: bool = typer.Option(False, help="rebuild the stores from the dataset (dropping appended events)"),
     max_candidates: int = typer.Option(1000, help="the most candidates one request may carry"),
+    max_body_bytes: int = typer.Option(1 << 20, help="the largest request body in bytes (413 above it)"),
+    token_file: Path | None = typer.Option(
+        None, help="a file holding a bearer token that /score, /events and /schema then require (/healthz stays open)"
+    ),
+    expose_history_gap: bool = typer.Option(
+        False, help="reply with the age of each request's most recent history event (trusted callers only)"
+    ),
 ):
     """Serve a trained model over HTTP: POST /score, POST /events, GET /healthz, GET /metrics (the serve
     extra). The stores are made from the dataset on first start (every prepared row as history)."""
     from sampletok.data.dataset import PreparedDataset
     from sampletok.errors import validated
     from sampletok.serving.app import create_app
-    from sampletok.serving.config import ServingConfig
+    from sampletok.serving.config import ServingConfig, read_token_file
     from sampletok.serving.scorer import Scorer
 
     try:
@@ -298,14 +305,23 @@ def serve(
         raise SampletokError("the service needs the serve extra: pip install 'sampletok[serve]'") from None
     cfg = validated(
         ServingConfig,
-        dict(host=host, port=port, store=store, reset=reset, max_candidates=max_candidates),
+        dict(
+            host=host,
+            port=port,
+            store=store,
+            reset=reset,
+            max_candidates=max_candidates,
+            max_body_bytes=max_body_bytes,
+            token=read_token_file(token_file) if token_file else None,
+            expose_history_gap=expose_history_gap,
+        ),
         where="serve",
     )
     ds = PreparedDataset(data)
     with console.status("opening the stores (made from the dataset on first start)"):
         scorer = Scorer.from_run(ds, run, cfg.store, reset=cfg.reset, max_candidates=cfg.max_candidates)
     console.print(f"serving {run} from {cfg.store} on http://{cfg.host}:{cfg.port} (POST /score, POST /events)")
-    uvicorn.run(create_app(scorer), host=cfg.host, port=cfg.port, log_level="warning")
+    uvicorn.run(create_app(scorer, cfg), host=cfg.host, port=cfg.port, log_level="warning")
 
 
 @app.command("models")

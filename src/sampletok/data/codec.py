@@ -108,6 +108,9 @@ def encode_chunk(
             bad = ~np.isfinite(y)
             if bad.any():
                 raise DataError(chunk.origin, "label is not a finite number", lab, row_of(chunk, bad))
+            bad = (y < 0) | (y > 1)  # a task label is a BCE target: a probability
+            if bad.any():
+                raise DataError(chunk.origin, f"label {float(y[bad][0])} is not in [0, 1]", lab, row_of(chunk, bad))
             out[label_col(lab)] = y
         if any(r.known_at for r in schema.responses):
             row_ts = parse_timestamp(chunk, schema.timestamp, schema.timestamp_unit)

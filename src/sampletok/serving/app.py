@@ -3,7 +3,8 @@
 
 * ``POST /score`` ``{user, ts?, context, candidates: [...]}`` → ``{"scores": [...], "ts", "history"}``, one
   calibrated probability per candidate; ``ts`` defaults to now (in the log's timestamp unit); ``history``
-  says how many past events (and tokens) were read and the most recent one's age (``min_gap_s``).
+  says how many past events (and tokens) were read (and, only with ``expose_history_gap``, the most recent
+  one's age ``min_gap_s``: it reveals a user's event times, so it is for trusted callers).
 * ``POST /events`` ``{user, ts, fields, responses?, known_at?}`` → ``{"instance_id": ...}``: the event is in
   the stores when the reply comes (visible to requests after ``ts``, its responses once known).
 * ``GET /schema``: the fields a request holds (type, group, frequent values) and a valid example body.
@@ -11,9 +12,11 @@
   errors per endpoint, request latency and store-fetch histograms, appended events).
 
 A bad request gets a 4xx reply whose body is one JSON line ``{"error": "..."}`` naming the field: 422 for a
-malformed body, 400 for values the schema refuses (unknown field, too many candidates, a missing user);
-503 when the store is unreachable. Nothing answers with a traceback: an unexpected failure is logged and
-answered ``500 {"error": "internal error (<type>)"}``.
+malformed body, 400 for values the schema refuses (unknown field, too many candidates, a missing user), 401
+without the bearer token when one is set (``--token-file``; ``/healthz`` stays open), 413 for a body over
+``max_body_bytes``, 404/405 for an unknown path or method; 503 when the store is unreachable. Nothing
+answers with a traceback: an unexpected failure is logged and answered ``500 {"error": "internal error
+(<type>)"}``.
 
 Requests are served one at a time (a lock around the scorer): on a CPU host the model's forward already uses
 every core through torch's intra-op threads, and the local store's append must not race its readers.
@@ -22,6 +25,7 @@ every core through torch's intra-op threads, and the local store's append must n
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from typing import Annotated, Any
@@ -29,6 +33,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from sampletok.errors import SampletokError, StoreError, one_line
+from sampletok.serving.config import ServingConfig
 from sampletok.serving.scorer import Scorer
 
 log = logging.getLogger("sampletok.serve")
@@ -39,7 +44,9 @@ class ScoreRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     user: StrictStr | StrictInt
-    ts: int | None = Field(None, ge=-(2**62), le=2**62, description="request time in the log's unit (default: now)")
+    ts: StrictInt | None = Field(
+        None, ge=-(2**62), le=2**62, description="request time in the log's unit (default: now)"
+    )
     context: dict[str, Any] = Field(default_factory=dict, description="the request's own fields")
     candidates: list[dict[str, Any]] = Field(min_length=1, description="each candidate's item fields")
 
@@ -49,22 +56,32 @@ class EventRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     user: StrictStr | StrictInt
-    ts: int = Field(ge=-(2**62), le=2**62)
+    ts: StrictInt = Field(ge=-(2**62), le=2**62)
     fields: dict[str, Any]
     responses: dict[str, Any] = Field(default_factory=dict)
-    known_at: dict[str, Annotated[int, Field(ge=-(2**62), le=2**62)]] = Field(default_factory=dict)
+    known_at: dict[str, Annotated[StrictInt, Field(ge=-(2**62), le=2**62)]] = Field(default_factory=dict)
 
 
+# a high surrogate escape not followed by a low one, or a low one not preceded by a high one
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
-def create_app(scorer: Scorer) -> Any:
-    """The FastAPI app serving ``scorer``."""
+def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
+    """The FastAPI app serving ``scorer`` under ``config`` (its limits, token and reply options)."""
+    import hmac
+    import json
+
+    cfg = config or ServingConfig()
     try:
         from fastapi import FastAPI, Request
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse, Response
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+        from starlette.exceptions import HTTPException as StarletteHTTPException
     except ImportError as e:
         raise SampletokError(f"the service needs the serve extra (pip install 'sampletok[serve]'): {e}") from None
 
@@ -88,11 +105,31 @@ def create_app(scorer: Scorer) -> Any:
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": one_line(message)}, status_code=status)
 
+    guarded = ("/score", "/events", "/schema")
+    expected = f"Bearer {cfg.token}".encode() if cfg.token else None
+
+    async def checked(request: Request) -> JSONResponse | None:
+        """The reply refusing a request before it is parsed (token, body size), or None."""
+        if expected is not None and request.url.path in guarded:
+            got = request.headers.get("authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(got, expected):  # constant time: the token is never guessed bytewise
+                return error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
+            return error(413, f"request body over {cfg.max_body_bytes} bytes")
+        if request.method in ("POST", "PUT", "PATCH"):
+            body = await request.body()  # cached by starlette for the endpoint; a chunked body is counted too
+            if len(body) > cfg.max_body_bytes:
+                return error(413, f"request body over {cfg.max_body_bytes} bytes")
+            if b"\\u" in body and _LONE_SURROGATE.search(body):  # valid JSON, but no text: never a 500 later
+                return error(400, "request body holds a lone UTF-16 surrogate escape (not valid Unicode)")
+        return None
+
     @app.middleware("http")
     async def count(request: Request, call_next):
         t0 = time.perf_counter()
         try:
-            response = await call_next(request)
+            response = await checked(request) or await call_next(request)
         except Exception as e:  # never a traceback to the client
             log.exception("unexpected error")
             response = error(500, f"internal error ({type(e).__name__})")
@@ -106,7 +143,12 @@ def create_app(scorer: Scorer) -> Any:
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-        return error(422, f"request field '{where}': {first.get('msg', 'invalid')}")
+        message = json.dumps(first.get("msg", "invalid"), ensure_ascii=True)[1:-1]  # no raw surrogate in a reply
+        return error(422, f"request field '{where}': {message}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405, bad JSON bodies
+        return error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(StoreError)
     async def store_down(_: Request, exc: StoreError) -> JSONResponse:
@@ -121,6 +163,8 @@ def create_app(scorer: Scorer) -> Any:
         ts = req.ts if req.ts is not None else int(time.time() * scorer.schema.ticks_per_second)
         with lock:
             scores, history = scorer.score_request(req.user, ts, req.context, req.candidates)
+        if not cfg.expose_history_gap:
+            history.pop("min_gap_s", None)
         candidates.inc(len(scores))
         return {"scores": scores.tolist(), "ts": ts, "history": history}
 
@@ -131,7 +175,7 @@ def create_app(scorer: Scorer) -> Any:
         appended.inc()
         return {"instance_id": iid}
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=None)  # a Response: no model (and no forward ref to resolve)
     def healthz() -> Response:
         try:
             with lock:
@@ -144,7 +188,7 @@ def create_app(scorer: Scorer) -> Any:
     def schema() -> dict:
         return scorer.describe()
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_model=None)
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -7,7 +7,11 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
+
+from sampletok.errors import ConfigError
 
 
 class ServingConfig(BaseModel):
@@ -19,3 +23,20 @@ class ServingConfig(BaseModel):
     store: str = Field("runs/serve-store", description="the event and token stores: a directory or redis:// URL")
     reset: bool = Field(False, description="rebuild the stores from the dataset (dropping appended events)")
     max_candidates: int = Field(1000, ge=1, description="the most candidates one request may carry")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body (413 above it)")
+    token: str | None = Field(None, min_length=16, description="bearer token /score and /events require (None: open)")
+    expose_history_gap: bool = Field(
+        False,
+        description="reply with the age of the most recent history event (it reveals event times: trusted callers)",
+    )
+
+
+def read_token_file(path: str | Path) -> str:
+    """The bearer token in ``path`` (its first line, whitespace stripped): at least 16 characters."""
+    try:
+        token = Path(path).read_text().strip().splitlines()[0].strip() if Path(path).read_text().strip() else ""
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the token file ({e.strerror})") from None
+    if len(token) < 16:
+        raise ConfigError(f"{path}: the token must be at least 16 characters")
+    return token

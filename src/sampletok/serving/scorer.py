@@ -178,6 +178,9 @@ class Scorer:
                     f"{trained.tokens.producer}; start the service with --reset"
                 )
             tokens = TokenSource(served, trained.tokens.hist_len, trained.tokens.dequantize)
+        for opened in (events, tokens.store if tokens is not None else None):
+            if isinstance(opened, LocalTokenStore):
+                opened.gc()  # what a crashed append left (its writer is gone), before serving
         scorer = cls(trained.model, trained.hist_len, Encoder.from_dataset(ds), events, tokens, event_tokenizer, **kw)
         scorer.example_users = list(ds.manifest.get("example_users", []))
         return scorer
@@ -188,6 +191,11 @@ class Scorer:
         """The stable key of a raw user id (an empty one is a request error)."""
         if user is None or (isinstance(user, str) and not user.strip()):
             raise DataError("request", "missing user", "user")
+        if isinstance(user, str):
+            try:
+                user.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError("request", "not valid Unicode (a lone surrogate)", "user") from None
         return int(user_keys(pl.Series([str(user)]))[0])
 
     def rows(self, user: object, ts: int, context: Mapping[str, Any], items: Sequence[Mapping[str, Any]]) -> list:
@@ -225,6 +233,7 @@ class Scorer:
             raise DataError("request", f"{len(candidates)} candidates, more than the limit {self.max_candidates}")
         key = self.user_key(user)
         enc = self.encoder.encode(self.rows(user, ts, context, candidates), origin="request")
+        _check_magnitudes("request", enc)
         return self._batch(enc, key, int(ts), self.hist_len, self.model.reads_history_samples, with_tokens=True)
 
     def score(
@@ -241,6 +250,8 @@ class Scorer:
         age — always > 0, as nothing at or after the request time is read; None without history)."""
         batch = self.batch(user, ts, context, candidates)
         p = self.model.calibrated(self.model(batch).logits[:, 0].double().numpy())
+        if not np.isfinite(p).all():  # never a null score: inputs are bounded, so this is a bug, not the caller's
+            raise RuntimeError("the model scored a non-finite value")
         gaps = [batch.hist_gap[0][batch.hist_mask[0]]]
         info: dict[str, int | float | None] = {"events": int(batch.hist_mask[0].sum())}
         if batch.tokens is not None:
@@ -366,6 +377,7 @@ class Scorer:
         row.update({**placeholder, **responses})
         row.update({col: known_at.get(name) for name, col in known_cols.items()})
         enc = self.encoder.encode(row, outcomes=True, origin="event")
+        _check_magnitudes("event", enc)
         feats = {k: v for k, v in enc.items() if k.split("__")[0] in ("cat", "multi", "num")}
         row_responses = np.array(
             [[enc[label_col(r) if r in self.schema.task_labels else resp_col(r)][0] for r in names]], np.float32
@@ -389,6 +401,19 @@ class Scorer:
             return None
         n = self.event_tokenizer.hist_len
         return self.event_tokenizer.encode_event(self._batch(feats, key, ts, n, with_samples=False))
+
+
+MAX_NORMALIZED = 1e6  # a served numeric value this many standard deviations out is refused, not scored
+
+
+def _check_magnitudes(where: str, enc: dict[str, np.ndarray]) -> None:
+    """Numeric features and responses of a served row within ``MAX_NORMALIZED`` after normalization: a value
+    like 1e30 is valid JSON and a finite float, but overflows the model's layers to a null score."""
+    for name, values in enc.items():
+        kind, _, field = name.partition("__")
+        if kind in ("num", "resp") and values.size and np.abs(values).max() > MAX_NORMALIZED:
+            bad = float(np.ravel(values)[np.argmax(np.abs(np.ravel(values)))])
+            raise DataError(where, f"value too far out of the training range (normalized {bad:.3g})", field)
 
 
 def _check_cell(where: str, name: str, value: Any, multi: bool) -> None:

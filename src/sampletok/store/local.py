@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from sampletok.atomic import locked, save_atomic
-from sampletok.errors import StoreError
+from sampletok.errors import DataError, StoreError
 from sampletok.history import HistoryIndex
 from sampletok.store.base import (
     PAYLOAD_DTYPES,
@@ -101,6 +101,7 @@ class LocalTokenStore:
         self.staged = staged
         self.overwrite = False  # create(overwrite=True): commit may replace a store committed meanwhile
         self.on_before_commit = on_before_commit
+        self._span_state: tuple[int, int, int] | None = None  # (min ts, max ts, users)
         self._cache: dict[str, np.ndarray] | None = None  # whole columns (columns(), load_into_memory)
         self._parts: dict[str, list[np.ndarray]] | None = None  # each column's segment memory maps
         self._index: HistoryIndex | None = None
@@ -225,6 +226,7 @@ class LocalTokenStore:
         the append is committed at once (a new version, whose metadata gets ``meta_update``, e.g. the dataset
         the store now covers); on a staged one it waits for :meth:`commit`."""
         arrays = self._checked(instance_id, user, ts, payload, responses, known_at)
+        self._refuse_unindexable(arrays["user"], arrays["ts"])
         if self.staged:
             self.add_segments([self._write_segment(arrays)])
             if meta_update:
@@ -245,6 +247,28 @@ class LocalTokenStore:
                 {**latest, "meta": meta, "segments": latest["segments"] + [name], "version": latest["version"] + 1},
                 replaces=current,
             )
+
+    def _refuse_unindexable(self, user: np.ndarray, ts: np.ndarray) -> None:
+        """A DataError, before anything is written, for timestamps so far from the stored ones that the history
+        index could no longer be built (users × time span must stay below 2^62): one bad event must never make
+        the store unreadable for every user."""
+        if not len(ts):
+            return
+        if self._span_state is None:  # once per opened store; appends then update it
+            stored_ts, stored_user = np.asarray(self._key_column("ts")), np.asarray(self._key_column("user"))
+            lo, hi = (int(stored_ts.min()), int(stored_ts.max())) if len(stored_ts) else (int(ts[0]), int(ts[0]))
+            self._span_state = (lo, hi, len(np.unique(stored_user)))
+        lo, hi, users = self._span_state
+        new_lo, new_hi = min(lo, int(ts.min())), max(hi, int(ts.max()))
+        new_users = users + len(np.unique(user))  # an upper bound: some may be stored already
+        if (new_users + 1) * (new_hi - new_lo + 2) >= 2**62:
+            far = int(ts[np.argmax(np.maximum(lo - ts, ts - hi))])
+            raise DataError(
+                str(self.root),
+                f"timestamp {far} is too far from the stored ones ({lo} .. {hi}) for the history index; refused",
+                "ts",
+            )
+        self._span_state = (new_lo, new_hi, new_users)
 
     def _checked(
         self,
@@ -334,7 +358,7 @@ class LocalTokenStore:
             live = set(latest["segments"])
             cutoff = time.time() - min_age_s
             for p in (self.root / "segments").iterdir():
-                if p.name not in live and p.stat().st_mtime <= cutoff:
+                if p.name not in live and (p.stat().st_mtime <= cutoff or _writer_is_gone(p.name)):
                     shutil.rmtree(p, ignore_errors=True)
             for p in self.root.glob(".*tmp-*"):
                 if p.stat().st_mtime <= cutoff:
@@ -463,6 +487,23 @@ def _read_current(root: Path) -> tuple[str, dict]:
         raise StoreError(f"{root / name}: unreadable manifest: {e}") from None
     check_format(str(root), manifest["meta"])
     return name, manifest
+
+
+def _writer_is_gone(name: str) -> bool:
+    """Whether ``name`` is a segment temporary (``.seg-….tmp-PID``) whose writing process no longer runs on this
+    host: a crash mid-append left it, and it can go at once."""
+    if ".tmp-" not in name:
+        return False
+    pid = name.rsplit(".tmp-", 1)[1]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
 
 
 def _load_segments(root: Path, segments: list[str], meta: dict) -> dict[str, list[np.ndarray]]:
