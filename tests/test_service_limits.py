@@ -142,3 +142,21 @@ def test_a_crashed_appends_temporary_is_removed_when_the_service_starts(served):
     os.makedirs(left)
     Scorer.from_run(ds, run, store)
     assert not os.path.exists(left)
+
+
+def test_a_redis_store_lost_in_a_restart_makes_the_service_unhealthy(served, redis_url):
+    """Redis restarted without persistence (here: the service's keys deleted): /healthz and /score answer 503
+    in one line, and an event is refused rather than written into a version no one will open."""
+    import uuid
+
+    import redis
+
+    ds, run, _, client = served
+    prefix = f"svc{uuid.uuid4().hex[:8]}"
+    c = client(scorer=Scorer.from_run(ds, run, f"{redis_url}?store={prefix}"))
+    assert c.get("/healthz").status_code == 200 and c.post("/score", json=_score()).status_code == 200
+    server = redis.Redis.from_url(redis_url)
+    server.delete(*server.scan_iter(match=f"{prefix}:*"))
+    assert "gone from the server" in _one_line_error(c.get("/healthz"), 503)
+    _one_line_error(c.post("/score", json=_score()), 503)
+    _one_line_error(c.post("/events", json={"user": "u-1", "ts": 20_000, "fields": FIELDS}), 503)

@@ -90,6 +90,25 @@ def test_staged_store_is_invisible_until_commit_and_overwrite_keeps_the_old(redi
     assert now.fetch(np.array([7]), np.array([10]), 2).payload[0, -1].tolist() == [2.0, 2.0]
     assert isinstance(now, TokenStore)
     assert not list(now.client.scan_iter(match=f"{now.name}:{first.vid}:*"))  # the old version is gone
+    with pytest.raises(StoreError, match="replaced since it was opened"):  # never an empty read of a dead version
+        reader.fetch(np.array([7]), np.array([10]), 2)
+
+
+def test_a_lost_store_is_an_error_never_an_empty_history(redis_url):
+    """After a Redis restart without persistence (here: the store's keys deleted) a fetch and an append fail
+    loudly instead of reading nothing and writing into a version no one will open."""
+    url = _url(redis_url)
+    store = RedisTokenStore.create(url, producer="p", payload_shape=(2,), response_names=["y"], dtype="float32")
+    store.append(np.array([1]), np.array([7]), np.array([5]), np.ones((1, 2)))
+    store.commit()
+    reader = open_store(url)
+    assert reader.fetch(np.array([7]), np.array([10]), 2).mask.sum() == 1
+    keys = list(reader.client.scan_iter(match=f"{reader.name}:*"))
+    reader.client.delete(*keys)
+    with pytest.raises(StoreError, match="gone from the server"):
+        reader.fetch(np.array([7]), np.array([10]), 2)
+    with pytest.raises(StoreError, match="gone from the server"):
+        reader.append(np.array([2]), np.array([7]), np.array([6]), np.ones((1, 2)))
 
 
 def test_eight_concurrent_writers_lose_no_append(redis_url):

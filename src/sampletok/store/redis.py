@@ -17,10 +17,12 @@ fetch has the local store's semantics exactly: the last ``n`` instances strictly
 (an exclusive score bound), most recent last, responses zeroed unless known before the request.
 
 Atomicity: :meth:`RedisTokenStore.create` writes a new version beside the committed one, invisible until
-:meth:`commit` switches ``NAME:current`` (readers of the old version keep reading it until they re-open; the
-old version's keys are then deleted). An append to a committed store is one ``MULTI``/``EXEC`` transaction
-(sequence numbers drawn with ``INCRBY`` inside it), so concurrent writers interleave whole appends and lose
-none.
+:meth:`commit` switches ``NAME:current`` (the old version's keys are then deleted). Every fetch reads
+``NAME:current`` in its round trip and every append checks it: a reader of a replaced version, or of a store
+lost in a Redis restart without persistence, gets a StoreError (the service answers 503 and /healthz is
+unhealthy) instead of empty histories and appends into a version no one will open. An append to a committed
+store is one ``MULTI``/``EXEC`` transaction (sequence numbers drawn with ``INCRBY`` inside it), so concurrent
+writers interleave whole appends and lose none.
 """
 
 from __future__ import annotations
@@ -171,6 +173,20 @@ class RedisTokenStore:
         fields.append(("payload", np.dtype(PAYLOAD_DTYPES[dt]).newbyteorder("<"), shape))
         self._record = np.dtype(fields)
 
+    def _check_current(self, current: bytes | None) -> None:
+        """A StoreError unless this (committed) version is still the store's current one: after a Redis restart
+        without persistence the keys are gone, and scoring from an empty history, or appending to an orphaned
+        version, would lose data silently."""
+        if self.staged:
+            return
+        if current is None:
+            raise StoreError(
+                f"{self.url}: the store is gone from the server (a restart without persistence, or a flush); "
+                "restore it or restart the service with --reset"
+            )
+        if current.decode() != self.vid:
+            raise StoreError(f"{self.url}: the store was replaced since it was opened; open it again")
+
     def _key(self, user: int) -> str:
         return f"{self.name}:{self.vid}:u:{user}"
 
@@ -206,6 +222,7 @@ class RedisTokenStore:
         import redis
 
         try:
+            self._check_current(self.client.get(f"{self.name}:current"))
             # the sequence numbers first (one INCRBY), then every ZADD in one MULTI/EXEC: a crash mid-way
             # leaves a gap in the sequence, never a partial append
             first = int(self.client.incrby(seq_key, k)) - k
@@ -260,11 +277,15 @@ class RedisTokenStore:
         b = len(users)
         try:
             pipe = self.client.pipeline(transaction=False)
+            pipe.get(f"{self.name}:current")  # in the same round trip: is the version read still the store?
             for u, t in zip(users.tolist(), before_ts.tolist(), strict=True):
                 pipe.zrevrangebyscore(self._key(u), f"({t}", "-inf", start=0, num=hist_len)
-            replies = pipe.execute() if hist_len > 0 and b else [[] for _ in range(b)]
+            current, *replies = pipe.execute()
         except redis.RedisError as e:
             raise StoreError(f"{self.url}: fetch failed ({type(e).__name__}: {e})") from None
+        self._check_current(current)
+        if hist_len <= 0:
+            replies = [[] for _ in range(b)]
         counts = np.array([len(r) for r in replies], np.int64)
         rec = np.frombuffer(b"".join(m for r in replies for m in r), self._record)
         # reply i holds its user's most recent first: item j goes to position hist_len-1-j (right-aligned)
