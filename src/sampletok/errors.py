@@ -33,6 +33,10 @@ class StoreError(SampletokError):
     """A token store is missing, corrupt, or was written by a different producer."""
 
 
+class ConflictError(SampletokError):
+    """A write names an instance (an event id) that is stored already with other content."""
+
+
 class ConfigError(SampletokError):
     """An experiment or model configuration is invalid."""
 

@@ -5,8 +5,10 @@
   calibrated probability per candidate; ``ts`` defaults to now (in the log's timestamp unit); ``history``
   says how many past events (and tokens) were read (and, only with ``expose_history_gap``, the most recent
   one's age ``min_gap_s``: it reveals a user's event times, so it is for trusted callers).
-* ``POST /events`` ``{user, ts, fields, responses?, known_at?}`` → ``{"instance_id": ...}``: the event is in
-  the stores when the reply comes (visible to requests after ``ts``, its responses once known).
+* ``POST /events`` ``{user, ts, fields, responses?, known_at?, event_id?}`` → ``{"instance_id", "duplicate"}``:
+  the event and its token are in the stores, committed together, when the reply comes (visible to requests
+  after ``ts``, its responses once known). With ``event_id`` a retry stores nothing and answers the first
+  instance id with ``"duplicate": true``; another event under a used ``event_id`` is 409.
 * ``GET /schema``: the fields a request holds (type, group, frequent values) and a valid example body.
 * ``GET /healthz`` (503 when the store cannot be read), ``GET /metrics`` (Prometheus text: requests and
   errors per endpoint, request latency and store-fetch histograms, appended events).
@@ -32,7 +34,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from sampletok.errors import SampletokError, StoreError, one_line
+from sampletok.errors import ConflictError, SampletokError, StoreError, one_line
 from sampletok.serving.config import ServingConfig
 from sampletok.serving.scorer import Scorer
 
@@ -60,6 +62,9 @@ class EventRequest(BaseModel):
     fields: dict[str, Any]
     responses: dict[str, Any] = Field(default_factory=dict)
     known_at: dict[str, Annotated[StrictInt, Field(ge=-(2**62), le=2**62)]] = Field(default_factory=dict)
+    event_id: StrictStr | None = Field(
+        None, min_length=1, max_length=128, description="the client's id of the event: a retry is stored once"
+    )
 
 
 # a high surrogate escape not followed by a low one, or a low one not preceded by a high one
@@ -154,6 +159,10 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
     async def store_down(_: Request, exc: StoreError) -> JSONResponse:
         return error(503, str(exc))
 
+    @app.exception_handler(ConflictError)
+    async def conflict(_: Request, exc: ConflictError) -> JSONResponse:
+        return error(409, str(exc))
+
     @app.exception_handler(SampletokError)
     async def refused(_: Request, exc: SampletokError) -> JSONResponse:
         return error(400, str(exc))
@@ -171,9 +180,12 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
     @app.post("/events")
     def events(req: EventRequest) -> dict:
         with lock:
-            iid = scorer.append_event(req.user, req.ts, req.fields, req.responses, req.known_at)
-        appended.inc()
-        return {"instance_id": iid}
+            iid, stored = scorer.append_event_once(
+                req.user, req.ts, req.fields, req.responses, req.known_at, req.event_id
+            )
+        if stored:
+            appended.inc()
+        return {"instance_id": iid, "duplicate": not stored}
 
     @app.get("/healthz", response_model=None)  # a Response: no model (and no forward ref to resolve)
     def healthz() -> Response:

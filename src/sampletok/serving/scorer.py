@@ -19,6 +19,7 @@ user has an empty history, and unknown values encode as OOV.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,9 +40,9 @@ from sampletok.errors import ConfigError, DataError, StoreError
 from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import RankingModel
 from sampletok.serving.events import EventCodec, export_events, open_events
-from sampletok.store.base import Fetched, TokenStore
+from sampletok.store.base import Fetched, Instances, TokenStore
 from sampletok.store.local import LocalTokenStore
-from sampletok.store.locations import create_store, is_redis_url, open_store, store_exists
+from sampletok.store.locations import append_together, create_store, is_redis_url, open_store, store_exists
 from sampletok.tokens import EventTokenizer, token_method
 
 
@@ -354,10 +355,31 @@ class Scorer:
         fields_: Mapping[str, Any],
         responses: Mapping[str, Any] | None = None,
         known_at: Mapping[str, int] | None = None,
+        event_id: str | None = None,
     ) -> int:
         """Append one event; returns its instance id. ``responses``: values by name (a response not given is
         never visible); ``known_at``: when a response became known, for responses whose schema says so with a
-        ``known_at`` column (the others are known ``delay`` seconds after ``ts``)."""
+        ``known_at`` column (the others are known ``delay`` seconds after ``ts``).
+
+        The event row and its token (IAT embedding, SIF codes) are committed together: a reader sees both or
+        neither, whatever fails between them. ``event_id`` (the client's id of the event) makes the append
+        idempotent: the instance id is derived from it, and a retry of the same event stores nothing and
+        returns the same id (see :meth:`append_event_once`)."""
+        return self.append_event_once(user, ts, fields_, responses, known_at, event_id)[0]
+
+    @torch.no_grad()
+    def append_event_once(
+        self,
+        user: object,
+        ts: int,
+        fields_: Mapping[str, Any],
+        responses: Mapping[str, Any] | None = None,
+        known_at: Mapping[str, int] | None = None,
+        event_id: str | None = None,
+    ) -> tuple[int, bool]:
+        """:meth:`append_event`, returning (instance id, whether it was stored now: False for a retry of an
+        event with this ``event_id`` already stored). Another event under a stored ``event_id`` is a
+        :class:`~sampletok.errors.ConflictError`."""
         responses, known_at = dict(responses or {}), dict(known_at or {})
         names = self.schema.response_names
         unknown = sorted(set(responses) - set(names))
@@ -388,12 +410,14 @@ class Scorer:
                 row_known_at[0, i] = enc[known_col(r)][0]
             if r in placeholder:
                 row_known_at[0, i], row_responses[0, i] = NEVER, 0.0
-        iid = np.array([secrets.randbits(63)], np.int64)
+        iid = np.array([secrets.randbits(63) if event_id is None else instance_id_of(event_id)], np.int64)
         token = self._token_of(feats, key, ts)  # its past is what is in the store before it
-        self.events.append(iid, np.array([key]), np.array([ts]), self.codec.pack(feats), row_responses, row_known_at)
+        users, times = np.array([key]), np.array([ts])
+        writes = [(self.events, Instances(iid, users, times, self.codec.pack(feats), row_responses, row_known_at))]
         if token is not None and self.tokens is not None:
-            self.tokens.store.append(iid, np.array([key]), np.array([ts]), token, row_responses, row_known_at)
-        return int(iid[0])
+            writes.append((self.tokens.store, Instances(iid, users, times, token, row_responses, row_known_at)))
+        stored = append_together(writes, unique=event_id is not None)
+        return int(iid[0]), stored
 
     def _token_of(self, feats: dict[str, np.ndarray], key: int, ts: int) -> np.ndarray | None:
         """What the model's token store holds for a new event (its IAT embedding, its SIF codes), or None."""
@@ -401,6 +425,26 @@ class Scorer:
             return None
         n = self.event_tokenizer.hist_len
         return self.event_tokenizer.encode_event(self._batch(feats, key, ts, n, with_samples=False))
+
+
+MAX_EVENT_ID = 128  # characters
+
+
+def instance_id_of(event_id: str) -> int:
+    """The instance id of a client's event id: the first 8 bytes of its BLAKE2b digest, as a non-negative
+    int64 (ids a log carries are small integers; odds of a clash with one are ~n/2^63).
+
+    Example:
+        >>> instance_id_of("e-1") == instance_id_of("e-1") != instance_id_of("e-2")
+        True
+    """
+    if not isinstance(event_id, str) or not event_id.strip() or len(event_id) > MAX_EVENT_ID:
+        raise DataError("event", f"an event id is a non-empty string of at most {MAX_EVENT_ID} characters", "event_id")
+    try:
+        raw = event_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError("event", "not valid Unicode (a lone surrogate)", "event_id") from None
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8, person=b"sampletok-event").digest(), "little") >> 1
 
 
 MAX_NORMALIZED = 1e6  # a served numeric value this many standard deviations out is refused, not scored

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -49,6 +49,17 @@ class Fetched:
     gap: np.ndarray  # [B, n] float32 seconds from the token to the request (meta ticks_per_second)
     seq: np.ndarray  # [B, n] int64 the store's sequence number of each token (local: store row, redis: append
     # order), -1 where padded; not a dataset row
+
+
+class Instances(NamedTuple):
+    """What one append writes: k instances (the arguments of :meth:`TokenStore.append`)."""
+
+    instance_id: np.ndarray  # [k] int64
+    user: np.ndarray  # [k] int64 user keys
+    ts: np.ndarray  # [k] int64
+    payload: np.ndarray  # [k, *payload_shape]
+    responses: np.ndarray | None = None  # [k, R] float32
+    known_at: np.ndarray | None = None  # [k, R] int64
 
 
 @runtime_checkable

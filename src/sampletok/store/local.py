@@ -41,15 +41,15 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sampletok.atomic import locked, save_atomic
-from sampletok.errors import DataError, StoreError
+from sampletok.errors import ConflictError, DataError, StoreError
 from sampletok.history import HistoryIndex
 from sampletok.store.base import (
     PAYLOAD_DTYPES,
@@ -140,6 +140,8 @@ class LocalTokenStore:
         root = Path(root)
         if not (root / "CURRENT").exists():
             _read_current(root)  # the one-line "not a token store" error, without creating a LOCK file
+        if (root / PENDING).exists():
+            recover(root)  # a multi-store commit cut off by a crash: finished or undone, before any read
         # shared lock: no commit, compaction or gc runs between reading CURRENT and mapping its segments
         with locked(root / "LOCK", shared=True):
             name, manifest = _read_current(root)
@@ -179,10 +181,18 @@ class LocalTokenStore:
         it ``replaces`` (readers read their manifest once, at open)."""
         if self.on_before_commit is not None:
             self.on_before_commit()
+        name = self._write_manifest(manifest)
+        self._switch(name, manifest, replaces)
+
+    def _write_manifest(self, manifest: dict) -> str:
+        """Write a manifest file (not yet current) and return its name."""
         name = f"manifest-{manifest['version']:06d}.json"
         save_atomic(self.root / name, lambda fh: json.dump(manifest, fh), binary=False)
-        save_atomic(self.root / "CURRENT", lambda fh: fh.write(name), binary=False)  # the commit point
-        _fsync_dir(self.root)
+        return name
+
+    def _switch(self, name: str, manifest: dict, replaces: str = "") -> None:
+        """Make the written manifest ``name`` current (the commit point of a one-store write)."""
+        _write_current(self.root, name)
         self.manifest, self.manifest_name, self.staged = manifest, name, False
         self._cache, self._parts, self._index = None, None, None
         self._segments()  # map the new version now, under the lock, before anything can remove its files
@@ -232,21 +242,7 @@ class LocalTokenStore:
             if meta_update:
                 self.update_meta(**meta_update)
             return
-        with self._locked():
-            # another process may have committed since we opened: build on what is current now, unless the
-            # store was replaced by another one (other producer, shape or labels) since
-            current, latest = _read_current(self.root)
-            if latest["meta"] != self.meta:
-                raise StoreError(
-                    f"{self.root}: the store was replaced since it was opened (producer "
-                    f"{latest['meta'].get('producer')}, was {self.meta.get('producer')}); open it again"
-                )
-            name = self._write_segment(arrays)  # under the lock, so a concurrent gc cannot take it
-            meta = {**latest["meta"], **(meta_update or {})}
-            self._publish(
-                {**latest, "meta": meta, "segments": latest["segments"] + [name], "version": latest["version"] + 1},
-                replaces=current,
-            )
+        commit_appends([(self, arrays, meta_update)])
 
     def _refuse_unindexable(self, user: np.ndarray, ts: np.ndarray) -> None:
         """A DataError, before anything is written, for timestamps so far from the stored ones that the history
@@ -473,6 +469,187 @@ class LocalTokenStore:
             "responses": responses / n,
             "total": (payload + keys + responses) / n,
         }
+
+
+PENDING = "PENDING.json"  # a multi-store commit's intent record (see commit_appends)
+
+
+def commit_appends(
+    writes: Sequence[tuple[LocalTokenStore, dict[str, np.ndarray], dict | None]], unique: bool = False
+) -> bool:
+    """Append checked arrays to committed stores in **one commit**: every store shows all of its write or none
+    does, to any reader, across crashes. Returns False (and writes nothing) when ``unique`` and the first
+    write's instance ids are stored already with the same content (a retried event); other content under a
+    stored id is a :class:`~sampletok.errors.ConflictError`.
+
+    One store: its new manifest, then ``CURRENT`` (the commit point). Several: every store's segment and
+    manifest are written under all their locks; a ``PENDING.json`` naming them goes to each secondary store,
+    then to the first (the commit point); the ``CURRENT`` files switch; the records are removed, the first
+    last. A crash before the first's record leaves every store as it was; after it, the next :meth:`open` of
+    any of them finishes the commit (:func:`recover`)."""
+    stores = [w[0] for w in writes]
+    if len({s.root.resolve() for s in stores}) != len(stores):
+        raise StoreError("commit_appends: one write per store")
+    for store in stores:
+        if store.staged:
+            raise StoreError(f"{store.root}: commit the store before appending to it together with others")
+    with ExitStack() as stack:
+        for store in sorted(stores, key=lambda st: str(st.root.resolve())):  # one lock order: no deadlock
+            stack.enter_context(store._locked())
+        latest: list[tuple[str, dict]] = []
+        for store in stores:
+            # another process may have committed since we opened: build on what is current now, unless the
+            # store was replaced by another one (other producer, shape or labels) since
+            current, manifest = _read_current(store.root)
+            if manifest["meta"] != store.meta:
+                raise StoreError(
+                    f"{store.root}: the store was replaced since it was opened (producer "
+                    f"{manifest['meta'].get('producer')}, was {store.meta.get('producer')}); open it again"
+                )
+            latest.append((current, manifest))
+        if unique and _stored_already(stores[0], writes[0][1], latest[0][1]):
+            return False
+        staged = []
+        merged: list[tuple[LocalTokenStore, list[str]]] = []
+        for (store, arrays, meta_update), (current, manifest) in zip(writes, latest, strict=True):
+            keep, tail = _merge_plan(store.root, manifest["segments"], len(arrays["ts"]))
+            if tail:  # the small trailing segments merge into the new one: O(log n) segments, amortized
+                old = _load_segments(store.root, tail, manifest["meta"])
+                arrays = {k: np.concatenate([*old[k], v]) for k, v in arrays.items()}
+                del old
+                merged.append((store, tail))
+            name = store._write_segment(arrays)  # under the lock, so a concurrent gc cannot take it
+            new = {
+                **manifest,
+                "meta": {**manifest["meta"], **(meta_update or {})},
+                "segments": keep + [name],
+                "version": manifest["version"] + 1,
+            }
+            staged.append((store, store._write_manifest(new), new, current))
+        if len(staged) == 1:
+            store, name, new, current = staged[0]
+            if store.on_before_commit is not None:
+                store.on_before_commit()
+            store._switch(name, new, replaces=current)
+        else:
+            _commit_together(stores[0].root, staged)
+        for store, tail in merged:  # readers of older versions keep their memory maps (POSIX)
+            for seg in tail:
+                shutil.rmtree(store.root / "segments" / seg, ignore_errors=True)
+        return True
+
+
+def _merge_plan(root: Path, segments: list[str], new_rows: int) -> tuple[list[str], list[str]]:
+    """(segments kept, trailing segments merged into the new one): trailing segments no larger than what
+    merges after them, as a binary counter does, so a store appended to one event at a time holds about
+    log2(events) segments (and their open memory maps), and each row is rewritten about log2(events) times."""
+    rows = new_rows
+    cut = len(segments)
+    while cut > 0:
+        n = _segment_rows(root, segments[cut - 1])
+        if n > rows:
+            break
+        rows += n
+        cut -= 1
+    return segments[:cut], segments[cut:]
+
+
+def _segment_rows(root: Path, name: str) -> int:
+    with open(root / "segments" / name / "ts.npy", "rb") as fh:  # the .npy header only
+        major, _ = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, _ = read(fh)
+    return int(shape[0])
+
+
+def _commit_together(primary: Path, staged: list[tuple[LocalTokenStore, str, dict, str]]) -> None:
+    """Switch several stores' written manifests in one commit, through a ``PENDING.json`` record."""
+    record = {
+        "txn": uuid.uuid4().hex,
+        "stores": [
+            {"root": os.path.relpath(st.root, primary), "manifest": name, "replaces": cur}
+            for st, name, _, cur in staged
+        ],
+    }
+    for st, *_ in staged[1:]:  # prepared: a secondary names the first store, whose record decides
+        _write_record(st.root, {**record, "primary": os.path.relpath(primary, st.root)})
+    first = staged[0][0]
+    if first.on_before_commit is not None:
+        first.on_before_commit()
+    _write_record(primary, record)  # the commit point
+    for st, name, new, cur in reversed(staged):  # the first store last: who sees its rows sees the rest
+        st._switch(name, new, replaces=cur)
+    (primary / PENDING).unlink()
+    for st, *_ in staged[1:]:
+        (st.root / PENDING).unlink(missing_ok=True)
+
+
+def _write_current(root: Path, manifest_name: str) -> None:
+    save_atomic(root / "CURRENT", lambda fh: fh.write(manifest_name), binary=False)
+    _fsync_dir(root)
+
+
+def _write_record(root: Path, record: dict) -> None:
+    save_atomic(root / PENDING, lambda fh: json.dump(record, fh), binary=False)
+    _fsync_dir(root)
+
+
+def recover(root: str | Path) -> None:
+    """Finish or undo the multi-store commit a crash cut off (:func:`commit_appends`), under every store's lock.
+    The first store's record is the commit point: present, every store switches to its new manifest; absent,
+    a secondary whose ``CURRENT`` is not the named manifest was never committed, and keeps its old state."""
+    root = Path(root)
+    try:
+        record = json.loads((root / PENDING).read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"{root / PENDING}: unreadable commit record: {e}") from None
+    primary = (root / record["primary"]).resolve() if "primary" in record else root.resolve()
+    roots = [(primary / s["root"]).resolve() for s in record["stores"]]
+    with ExitStack() as stack:
+        for r in sorted(roots, key=str):
+            stack.enter_context(locked(r / "LOCK"))
+        try:
+            decided = json.loads((primary / PENDING).read_text()).get("txn") == record["txn"]
+        except (OSError, json.JSONDecodeError):
+            decided = False
+        for r, s in zip(roots, record["stores"], strict=True):
+            if decided and (r / s["manifest"]).exists():
+                _write_current(r, s["manifest"])
+        if decided:
+            (primary / PENDING).unlink(missing_ok=True)
+        for r in roots:
+            own = r / PENDING
+            try:
+                if json.loads(own.read_text()).get("txn") == record["txn"]:
+                    own.unlink()
+            except (OSError, json.JSONDecodeError):
+                pass
+
+
+def _stored_already(store: LocalTokenStore, arrays: dict[str, np.ndarray], manifest: dict) -> bool:
+    """Whether every instance id of ``arrays`` is in the store's current version with the same content (a
+    retry: True), none is (False), or a ConflictError: an id reused for other content, or a partial retry."""
+    mapped = store.version == manifest["version"] and store.manifest_name  # this reader's version is current
+    current = store._segments() if mapped else _load_segments(store.root, manifest["segments"], manifest["meta"])
+    stored_iid = np.concatenate(current["instance_id"])
+    hit = np.flatnonzero(np.isin(stored_iid, arrays["instance_id"]))
+    if not len(hit):
+        return False
+    ids = stored_iid[hit]
+    if len(np.unique(ids)) != len(np.unique(arrays["instance_id"])):
+        raise ConflictError(f"{store.root}: some of these instance ids are stored already, others are not")
+    order = np.argsort(ids, kind="stable")
+    for col, new in arrays.items():
+        old = np.concatenate(current[col])[hit[order]]
+        new = new[np.argsort(arrays["instance_id"], kind="stable")]
+        if old.shape != new.shape or not np.array_equal(old, new):
+            raise ConflictError(
+                f"{store.root}: instance id {int(ids[0])} is stored already with other content ({col} differs); "
+                "an event id names one event"
+            )
+    return True
 
 
 def _read_current(root: Path) -> tuple[str, dict]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sampletok.store.base import TokenStore
+from sampletok.errors import StoreError
+from sampletok.store.base import Instances, TokenStore
 
 
 def is_redis_url(location: str | Path) -> bool:
@@ -57,3 +58,48 @@ def store_exists(location: str | Path) -> bool:
     from sampletok.store.local import LocalTokenStore
 
     return LocalTokenStore.exists(location)
+
+
+def append_together(writes: list[tuple[TokenStore, Instances]], unique: bool = False) -> bool:
+    """Append to several committed stores of one backend in **one commit**: an event and its token are both
+    visible to every reader or neither is, across crashes (local: one commit record; Redis: one Lua script on
+    one server). With ``unique``, a first write whose instance ids are stored already with the same content
+    writes nothing and returns False (a retried event is stored once); other content under a stored id is a
+    :class:`~sampletok.errors.ConflictError`. Returns True when written.
+
+    Example:
+        >>> import numpy as np, tempfile
+        >>> from sampletok.store.local import LocalTokenStore
+        >>> def empty(root):
+        ...     s = LocalTokenStore.create(root, producer="p", payload_shape=(1,), response_names=[], dtype="float32")
+        ...     s.commit()
+        ...     return s
+        >>> base = tempfile.mkdtemp()
+        >>> a, b = empty(base + "/events"), empty(base + "/tokens")
+        >>> one = Instances(np.array([5]), np.array([1]), np.array([10]), np.array([[0.5]]))
+        >>> append_together([(a, one), (b, one)], unique=True), append_together([(a, one), (b, one)], unique=True)
+        (True, False)
+        >>> len(LocalTokenStore.open(base + "/events")), len(LocalTokenStore.open(base + "/tokens"))
+        (1, 1)
+    """
+    if not writes:
+        return False
+    from sampletok.store.local import LocalTokenStore
+
+    if all(isinstance(st, LocalTokenStore) for st, _ in writes):
+        from sampletok.store.local import commit_appends
+
+        checked = []
+        for st, rows in writes:
+            assert isinstance(st, LocalTokenStore)
+            arrays = st._checked(*rows)
+            st._refuse_unindexable(arrays["user"], arrays["ts"])
+            checked.append((st, arrays, None))
+        return commit_appends(checked, unique=unique)
+    from sampletok.store.redis import RedisTokenStore
+
+    if all(isinstance(st, RedisTokenStore) for st, _ in writes):
+        from sampletok.store.redis import commit_appends as redis_commit
+
+        return redis_commit([(st, tuple(rows)) for st, rows in writes], unique=unique)  # type: ignore[misc]
+    raise StoreError("stores appended together must share one backend (all local, or all on one Redis server)")

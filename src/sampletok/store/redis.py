@@ -201,14 +201,31 @@ class RedisTokenStore:
         known_at: np.ndarray | None = None,
     ) -> None:
         """Add instances, atomically (one transaction); on a staged store they are visible after commit."""
+        rec, user = self._records(instance_id, user, ts, payload, responses, known_at)
+        k = len(rec)
+        if k == 0:
+            return
+        import redis
+
+        try:
+            self._check_current(self.client.get(f"{self.name}:current"))
+            # the sequence numbers first (one INCRBY), then every ZADD in one MULTI/EXEC: a crash mid-way
+            # leaves a gap in the sequence, never a partial append
+            self._draw_seq(rec)
+            pipe = self.client.pipeline(transaction=True)
+            for key, members in self._members(rec, user):  # one ZADD per user, not per instance
+                pipe.zadd(key, members)
+            pipe.execute()
+        except redis.RedisError as e:
+            raise StoreError(f"{self.url}: append failed ({type(e).__name__}: {e})") from None
+
+    def _records(self, instance_id, user, ts, payload, responses, known_at) -> tuple[np.ndarray, np.ndarray]:
+        """(checked instances as packed members without their sequence numbers, their users)."""
         iid, user, ts, payload, responses, known_at = check_append(
             self.url, self._meta, instance_id, user, ts, payload, responses, known_at
         )
-        k = len(iid)
-        if k == 0:
-            return
         enc = encode_payload(payload, self._meta["dtype"], self.url)
-        rec = np.zeros(k, self._record)
+        rec = np.zeros(len(iid), self._record)
         rec["ts"], rec["iid"], rec["known_at"], rec["responses"], rec["payload"] = (
             ts,
             iid,
@@ -218,26 +235,29 @@ class RedisTokenStore:
         )
         if "scale" in enc:
             rec["scale"] = enc["scale"]
-        seq_key = f"{self.name}:{self.vid}:seq"
-        import redis
+        return rec, user
 
-        try:
-            self._check_current(self.client.get(f"{self.name}:current"))
-            # the sequence numbers first (one INCRBY), then every ZADD in one MULTI/EXEC: a crash mid-way
-            # leaves a gap in the sequence, never a partial append
-            first = int(self.client.incrby(seq_key, k)) - k
-            rec["seq"] = np.arange(first, first + k, dtype=np.int64)
-            raw = rec.tobytes()
-            size = self._record.itemsize
-            pipe = self.client.pipeline(transaction=True)
-            order = np.argsort(user, kind="stable")
-            bounds = np.flatnonzero(np.r_[True, user[order][1:] != user[order][:-1], True])
-            for s, e in zip(bounds[:-1], bounds[1:], strict=True):  # one ZADD per user, not per instance
-                rows = order[s:e]
-                pipe.zadd(self._key(int(user[rows[0]])), {raw[i * size : (i + 1) * size]: int(ts[i]) for i in rows})
-            pipe.execute()
-        except redis.RedisError as e:
-            raise StoreError(f"{self.url}: append failed ({type(e).__name__}: {e})") from None
+    def _draw_seq(self, rec: np.ndarray) -> None:
+        """Sequence numbers for ``rec`` (one INCRBY; one that is never written leaves a gap, not a reorder)."""
+        k = len(rec)
+        first = int(self.client.incrby(f"{self.name}:{self.vid}:seq", k)) - k
+        rec["seq"] = np.arange(first, first + k, dtype=np.int64)
+
+    def _members(self, rec: np.ndarray, user: np.ndarray) -> list[tuple[str, dict[bytes, int]]]:
+        """(sorted-set key, {member: timestamp}) per user of ``rec``."""
+        raw, size = rec.tobytes(), self._record.itemsize
+        order = np.argsort(user, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, user[order][1:] != user[order][:-1], True])
+        ts = rec["ts"].astype(np.int64)
+        return [
+            (self._key(int(user[order[s]])), {raw[i * size : (i + 1) * size]: int(ts[i]) for i in order[s:e]})
+            for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+
+    def _same_server(self, other: RedisTokenStore) -> bool:
+        keys = ("host", "port", "db", "path")
+        mine, theirs = self.client.connection_pool.connection_kwargs, other.client.connection_pool.connection_kwargs
+        return all(mine.get(k) == theirs.get(k) for k in keys)
 
     # ------------------------------------------------------------------ reads
     def read(self, name: str, seq: np.ndarray | None = None) -> np.ndarray:
@@ -312,6 +332,107 @@ class RedisTokenStore:
         seq = np.full((b, hist_len), -1, np.int64)
         seq[req, pos] = rec["seq"]
         return Fetched(payload=payload, responses=responses, response_mask=response_mask, mask=mask, gap=gap, seq=seq)
+
+
+# One atomic server-side step for an append to several stores (the event and its token): the version checks,
+# the retry check and every ZADD run with no other command in between, and nothing is written unless every
+# check passed. KEYS: the m stores' current keys, the first store's ids hash, the sorted sets. ARGV: m, the m
+# version ids, u, u (instance id, record) pairs, then per sorted set its member count and (score, member)s.
+_APPEND_TOGETHER = """
+local m = tonumber(ARGV[1])
+for i = 1, m do
+  if redis.call('GET', KEYS[i]) ~= ARGV[1 + i] then return {-2, i} end
+end
+local p = m + 2
+local u = tonumber(ARGV[p]); p = p + 1
+local ids = KEYS[m + 1]
+if u > 0 then
+  local hits, same = 0, 0
+  for j = 0, u - 1 do
+    local old = redis.call('HGET', ids, ARGV[p + 2 * j])
+    if old then
+      hits = hits + 1
+      if old == ARGV[p + 2 * j + 1] then same = same + 1 end
+    end
+  end
+  if hits > 0 then
+    if hits == u and same == u then return {0} end
+    return {-1}
+  end
+end
+local first = p
+p = p + 2 * u
+for k = m + 2, #KEYS do
+  local n = tonumber(ARGV[p]); p = p + 1
+  local j = 0
+  while j < n do
+    local args = {}
+    local c = math.min(n - j, 1000)
+    for q = 1, c do
+      args[2 * q - 1] = ARGV[p]; args[2 * q] = ARGV[p + 1]; p = p + 2
+    end
+    redis.call('ZADD', KEYS[k], unpack(args))
+    j = j + c
+  end
+end
+for j = 0, u - 1 do redis.call('HSET', ids, ARGV[first + 2 * j], ARGV[first + 2 * j + 1]) end
+return {1}
+"""
+
+
+def commit_appends(writes: list[tuple[RedisTokenStore, tuple]], unique: bool = False) -> bool:
+    """Append to committed stores on one Redis server in **one atomic step** (a Lua script): every store gets
+    its write or none does, and no reader sees one without the other. Returns False (nothing written) when
+    ``unique`` and the first write's instance ids are stored already with the same content (a retried event:
+    the first store keeps an id → content hash for them); other content under a stored id is a ConflictError."""
+    import redis
+
+    from sampletok.errors import ConflictError
+
+    stores = [w[0] for w in writes]
+    first = stores[0]
+    for st in stores:
+        if st.staged:
+            raise StoreError(f"{st.url}: commit the store before appending to it together with others")
+        if not first._same_server(st):
+            raise StoreError(f"{st.url}: stores appended together must be on one Redis server ({first.url})")
+    built = [(st, *st._records(*arrays)) for st, arrays in zip(stores, [w[1] for w in writes], strict=True)]
+    keys = [f"{st.name}:current" for st in stores] + [f"{first.name}:{first.vid}:ids"]
+    args: list[bytes | str | int] = [len(stores), *[st.vid for st in stores]]
+    rec0, user0 = built[0][1], built[0][2]
+    if unique:  # what a retry must match: the user and the packed instance, without its sequence number
+        plain = rec0.copy()
+        plain["seq"] = 0
+        args.append(len(plain))
+        for i in range(len(plain)):
+            args += [
+                int(plain["iid"][i]).to_bytes(8, "little", signed=True),
+                int(user0[i]).to_bytes(8, "little", signed=True) + plain[i : i + 1].tobytes(),
+            ]
+    else:
+        args.append(0)
+    try:
+        for st, rec, user in built:
+            if len(rec):
+                st._draw_seq(rec)
+                for key, members in st._members(rec, user):
+                    keys.append(key)
+                    args.append(len(members))
+                    for member, score in members.items():
+                        args += [score, member]
+        reply = first.client.eval(_APPEND_TOGETHER, len(keys), *keys, *args)
+    except redis.RedisError as e:
+        raise StoreError(f"{first.url}: append failed ({type(e).__name__}: {e})") from None
+    code = int(reply[0])
+    if code == -2:
+        stores[int(reply[1]) - 1]._check_current(first.client.get(keys[int(reply[1]) - 1]))
+        raise StoreError(f"{stores[int(reply[1]) - 1].url}: the store changed during the append; open it again")
+    if code == -1:
+        raise ConflictError(
+            f"{first.url}: instance id {int(rec0['iid'][0])} is stored already with other content; an event id "
+            "names one event"
+        )
+    return code == 1
 
 
 @contextmanager
