@@ -226,7 +226,7 @@ def _one_request(loader: BatchLoader, rows: np.ndarray):
 
 @pytest.mark.parametrize("params", [dict(base="din"), dict(base="din", seq_model="din", encoder_layers=1)])
 def test_a_shared_history_is_computed_once_with_the_same_scores(synth_prepared, store, params):
-    """The serving path (``Batch.shared_history``: the token pass and the item-ID history embedding run once
+    """The serving path (``Batch.history_group``: the token pass and the item-ID history embedding run once
     and broadcast) scores exactly as the plain per-row path."""
     torch.manual_seed(0)
     layout = FeatureLayout.from_dataset(synth_prepared)
@@ -240,7 +240,7 @@ def test_a_shared_history_is_computed_once_with_the_same_scores(synth_prepared, 
     assert batch.tokens is not None and batch.tokens.mask.any() and batch.hist_mask.any()
     with torch.no_grad():
         plain = model(batch).logits
-        batch.shared_history = True
+        batch.history_group = torch.zeros(len(batch), dtype=torch.int64)
         shared = model(batch).logits
     torch.testing.assert_close(shared, plain)
     assert plain.std() > 0

@@ -262,7 +262,7 @@ def test_isolated_sif_shares_one_history_pass_across_candidates(synth_prepared):
     batch.cat, batch.multi, batch.num = cands.cat, cands.multi, cands.num
     with torch.no_grad():
         each = model(batch).logits
-        batch.shared_history = True
+        batch.history_group = torch.zeros(len(batch), dtype=torch.int64)
         shared = model(batch).logits
     torch.testing.assert_close(shared, each)
     assert each.std() > 0  # the candidates do score differently

@@ -152,8 +152,9 @@ class Batch:
     ``history_samples`` (the distinct history rows of the batch as whole samples, their own features, for
     models that read past samples, e.g. SIF) with ``history_sample_index`` ([B, n] position of each history
     row in it, -1 where padded), and ``tokens`` (what a token store holds for the requests).
-    ``shared_history`` says every row has the same history (a served request's candidates): a model may
-    compute its history pass once."""
+    ``history_group`` ([B], contiguous groups numbered from 0) says which rows share one history (a served
+    request's candidates; a served batch of several requests): a model may compute its history pass once per
+    group, on the group's first row (:meth:`history_heads`), and spread it with :meth:`expand_history`."""
 
     cat: torch.Tensor  # [B, F_c] int64
     multi: torch.Tensor  # [B, F_m, L_m] int64
@@ -172,7 +173,7 @@ class Batch:
     history_samples: Batch | None = None
     history_sample_index: torch.Tensor | None = None  # [B, n] int64
     tokens: HistoryTokens | None = None
-    shared_history: bool = False  # every row has the same history (one request's candidates)
+    history_group: torch.Tensor | None = None  # [B] int64 rows with one value share one history (None: own)
 
     @classmethod
     def example(
@@ -256,6 +257,41 @@ class Batch:
 
     def __len__(self) -> int:
         return self.cat.shape[0]
+
+    @property
+    def grouped_history(self) -> bool:
+        """Whether some rows share one history (so a history pass may run once per group)."""
+        return self.history_group is not None and len(self) > 1
+
+    def history_heads(self) -> torch.Tensor:
+        """[G] the first row of each history group (every row when histories are not grouped).
+
+        Example:
+            >>> b = Batch.example(FeatureLayout.example(), batch_size=4)
+            >>> b.history_group = torch.tensor([0, 0, 1, 1])
+            >>> b.history_heads().tolist(), b.expand_history(torch.tensor([7, 9])).tolist()
+            ([0, 2], [7, 7, 9, 9])
+        """
+        g = self.history_group
+        if g is None:
+            return torch.arange(len(self), device=self.cat.device)
+        starts = torch.ones_like(g, dtype=torch.bool)
+        starts[1:] = g[1:] != g[:-1]
+        return torch.nonzero(starts).squeeze(1)
+
+    def history_group_sizes(self) -> list[int]:
+        """How many consecutive rows share each history (one per row when histories are not grouped)."""
+        if self.history_group is None:
+            return [1] * len(self)
+        return torch.unique_consecutive(self.history_group, return_counts=True)[1].tolist()
+
+    def expand_history(self, x: torch.Tensor) -> torch.Tensor:
+        """[G, ...] one value per history group → [B, ...] one per row (a view when there is one group)."""
+        if self.history_group is None or x.shape[0] == len(self):
+            return x
+        if x.shape[0] == 1:
+            return x.expand(len(self), *x.shape[1:])
+        return x[self.history_group]
 
     def trimmed_history(self) -> Batch:
         """This batch without the history positions that are padding in every row (the oldest: history is

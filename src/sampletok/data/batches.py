@@ -185,7 +185,8 @@ class RequestRows:
 @dataclass
 class FetchedHistory:
     """Each request's last ``hist_len`` past rows, right-aligned, as arrays (sequence fields only). With
-    ``shared`` the leading dimension is 1: one history for every request (a served request's candidates).
+    ``group`` ([B] int64, contiguous, numbered from 0) the leading dimension is one per history group, not per
+    request: rows of one group share one history (a served request's candidates).
 
     ``samples``: each distinct past row once as a sample of its own (every field) with ``sample_index`` [b, n]
     its position there (-1 where padded), and ``samples_history`` the samples' own (empty) history, for models
@@ -198,7 +199,7 @@ class FetchedHistory:
     rows: np.ndarray  # [b, n] int64 past rows' ids (dataset rows offline, store rows online), -1 where padded
     responses: np.ndarray  # [b, n, R] float32, 0 where not yet known
     response_mask: np.ndarray  # [b, n, R] bool
-    shared: bool = False
+    group: np.ndarray | None = None
     samples: RequestRows | None = None
     sample_index: np.ndarray | None = None
     samples_history: FetchedHistory | None = None
@@ -221,16 +222,19 @@ class FetchedHistory:
 
 def build_batch(requests: RequestRows, history: FetchedHistory, tokens: HistoryTokens | None = None) -> Batch:
     """The one way a :class:`Batch` is built, offline (:class:`BatchLoader`) and in serving (the Scorer): from
-    the request rows, their fetched history and their fetched tokens. A shared history (and its tokens) is
-    expanded to every request row as a view, without a copy."""
+    the request rows, their fetched history and their fetched tokens. A grouped history (and its tokens) is
+    spread to the rows of each group (a view, without a copy, when there is one group)."""
     t = torch.from_numpy
     b = len(requests.rows)
+    group = None if history.group is None else t(np.ascontiguousarray(history.group, np.int64))
+
+    def spread(one: torch.Tensor) -> torch.Tensor:
+        if group is None:
+            return one
+        return one.expand(b, *one.shape[1:]) if one.shape[0] == 1 else one[group]
 
     def hist(x: np.ndarray) -> torch.Tensor:
-        if not history.shared:
-            return t(x)
-        one = t(np.ascontiguousarray(x))
-        return one.expand(b, *one.shape[1:])
+        return spread(t(np.ascontiguousarray(x)) if group is not None else t(x))
 
     batch = Batch(
         cat=t(requests.cat.astype(np.int64)),
@@ -247,20 +251,15 @@ def build_batch(requests: RequestRows, history: FetchedHistory, tokens: HistoryT
         user=t(requests.user.astype(np.int64)),
         ts=t(requests.ts.astype(np.int64)),
         rows=t(requests.rows),
-        shared_history=history.shared,
+        history_group=group,
     )
     if history.samples is not None:
         assert history.samples_history is not None and history.sample_index is not None
         batch.history_samples = build_batch(history.samples, history.samples_history)
         batch.history_sample_index = hist(history.sample_index)
     if tokens is not None:
-        if history.shared:
-            tokens = HistoryTokens(
-                **{
-                    x.name: getattr(tokens, x.name).expand(b, *getattr(tokens, x.name).shape[1:])
-                    for x in fields(tokens)
-                }
-            )
+        if group is not None:
+            tokens = HistoryTokens(**{x.name: spread(getattr(tokens, x.name)) for x in fields(tokens)})
         batch.tokens = tokens
     return batch
 

@@ -125,9 +125,8 @@ class IAT(RankingModel):
         if f is None:
             raise ConfigError("IAT reads instance tokens: build its batches with the token source of its store")
         full_mask = f.mask
-        # one history for every row (a served request's candidates): the token pass runs once, on row 0
-        shared = batch.shared_history and len(batch) > 1
-        one = slice(0, 1) if shared else slice(None)
+        # rows sharing a history (a served request's candidates): the token pass runs once per history
+        one = batch.history_heads() if batch.grouped_history else slice(None)
         mask = full_mask[one]
         tokens = self.adapt(f.payload[one])
         if self.side_info:
@@ -141,12 +140,13 @@ class IAT(RankingModel):
             enc = tokens
             for block in self.encoder:
                 enc = block(enc, key_padding_mask(mask, tokens.shape[1]))
-            # a shared context of batch 1 is broadcast over the B queries by the attention
+            # one context per history (a single one is broadcast over the B queries by the attention)
+            if enc.shape[0] not in (1, len(batch)):
+                enc, mask = batch.expand_history(enc), full_mask
             pooled = self.cross(q.unsqueeze(1), key_padding_mask(mask, 1), context=enc)[:, 0]
             pooled = pooled * full_mask.any(1, keepdim=True)  # no history: the branch contributes only a bias
         else:
-            b = len(batch)
-            pooled = self.attention(q, tokens.expand(b, *tokens.shape[1:]), mask.expand(b, -1))
+            pooled = self.attention(q, batch.expand_history(tokens), batch.expand_history(mask))
         return self.out(pooled)
 
     def forward(self, batch: Batch) -> ModelOutput:

@@ -83,12 +83,19 @@ class MixerBlock(nn.Module):
         return (flat + self.token_attn(self.n1(flat))).view(b, r, t, d)
 
     def isolated(
-        self, target: torch.Tensor, hist: torch.Tensor, hist_mask: torch.Tensor, target_only: bool = False
+        self,
+        target: torch.Tensor,
+        hist: torch.Tensor,
+        hist_mask: torch.Tensor,
+        target_only: bool = False,
+        group_sizes: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block with history rows that do not attend to the target row: ``hist`` [B_h, L, T, d] evolves
         on its own (so B_h = 1 serves every candidate of one request), ``target`` [B, 1, T, d] attends to
         itself and the history. Equal to :meth:`forward` with the history→target attention masked out.
-        With ``target_only`` (the last block) the history is returned as it came in, not updated."""
+        ``group_sizes``: with B_h histories for B target rows, how many consecutive target rows read each
+        (a served batch of several requests). With ``target_only`` (the last block) the history is returned
+        as it came in, not updated."""
         b, _, t, d = target.shape
         bh, l = hist.shape[:2]
         target, hist = self._rows(target), self._rows(hist)
@@ -97,6 +104,13 @@ class MixerBlock(nn.Module):
         tcols = target.transpose(1, 2).reshape(b * t, 1, d)
         if bh == 1 and b > 1 and not self.training:  # one shared history: its keys are projected once
             new_target = tcols + self._target_over_shared(self.n2(tcols), self.n2(hcols), hmask)
+        elif group_sizes is not None and bh == len(group_sizes) and bh != b:  # one history per group of rows
+            tq, hk, parts, start = self.n2(tcols), self.n2(hcols), [], 0
+            for g, n in enumerate(group_sizes):  # a loop over requests, not samples
+                rows, own = slice(start * t, (start + n) * t), slice(g * t, (g + 1) * t)
+                parts.append(self._target_over_shared(tq[rows], hk[own], hmask[own]))
+                start += n
+            new_target = tcols + torch.cat(parts)
         else:
             # the plain path: every target row gets its copy of the history
             hk, hm = (hcols.repeat(b, 1, 1), hmask.repeat(b, 1)) if bh != b else (hcols, hmask)
@@ -201,7 +215,7 @@ class SIF(RankingModel):
         )
         self.quantize_history, self.mixer = quantize_history, mixer
         # serving option: history rows do not attend to the target row, so one history pass serves every
-        # candidate of a request (Batch.shared_history); the target row still attends to the whole history
+        # candidate of a request (Batch.history_group); the target row still attends to the whole history
         if isolate_target and mixer == "flat":
             raise ConfigError("isolate_target needs the factored or pool mixer (the flat mixer has no rows)")
         self.isolate_target = isolate_target
@@ -323,8 +337,10 @@ class SIF(RankingModel):
             batch = batch.trimmed_history()
         x = self.tokenizer.project(batch)  # [B, T, d0] the request, never quantized here
         target = torch.einsum("btd,tde->bte", x, self.align)
-        # one history for all rows (one request's candidates): an isolated history pass runs once
-        hb = _first_history(batch) if batch.shared_history and self.isolate_target else batch
+        # rows sharing a history (a served request's candidates): an isolated history pass runs once per history
+        grouped = batch.grouped_history and self.isolate_target
+        hb = _history_heads(batch) if grouped else batch
+        sizes = batch.history_group_sizes() if grouped else None
         cached = self._reads_code_cache(hb)
         if cached:  # the request rows first: the first step's data init and each EMA step precede cached codes
             q_target, _, vq = self.tokenizer.rvq(x)
@@ -354,7 +370,7 @@ class SIF(RankingModel):
         if self.isolate_target:
             for i, block in enumerate(self.blocks):
                 h_target, h_hist = cast(MixerBlock, block).isolated(
-                    h_target, h_hist, hb.hist_mask, target_only=self.target_only_last and i == last
+                    h_target, h_hist, hb.hist_mask, target_only=self.target_only_last and i == last, group_sizes=sizes
                 )
             return ModelOutput(self.head(h_target[:, 0].mean(1)), aux)
         h = torch.cat([h_target, h_hist], dim=1)
@@ -364,14 +380,15 @@ class SIF(RankingModel):
         return ModelOutput(self.head(h[:, 0].mean(1)), aux)
 
 
-def _first_history(batch: Batch) -> Batch:
-    """``batch`` with the history of its first row only (every row has the same one)."""
+def _history_heads(batch: Batch) -> Batch:
+    """``batch`` with one history per history group (its first row's), not one per row."""
+    heads = batch.history_heads()
     first = {
-        name: getattr(batch, name)[:1]
+        name: getattr(batch, name)[heads]
         for name in ("hist_rows", "hist_mask", "hist_gap", "hist_responses", "hist_response_mask")
     }
     index = batch.history_sample_index
     tokens = batch.tokens
     if tokens is not None:
-        tokens = HistoryTokens(**{f.name: getattr(tokens, f.name)[:1] for f in fields(tokens)})
-    return replace(batch, **first, history_sample_index=None if index is None else index[:1], tokens=tokens)
+        tokens = HistoryTokens(**{f.name: getattr(tokens, f.name)[heads] for f in fields(tokens)})
+    return replace(batch, **first, history_sample_index=None if index is None else index[heads], tokens=tokens)

@@ -113,11 +113,12 @@ class FeatureEmbedding(nn.Module):
         return self.embed_items(cat, multi)
 
     def history(self, batch: Batch) -> torch.Tensor:
-        """[B, n, seq_dim] embeddings of the history items (zeros where padded); one history shared by every
-        row (a served request's candidates) is embedded once."""
-        if batch.shared_history and len(batch) > 1:
-            one = self.embed_items(batch.hist_cat[:1], batch.hist_multi[:1]) * batch.hist_mask[:1].unsqueeze(-1)
-            return one.expand(len(batch), *one.shape[1:])
+        """[B, n, seq_dim] embeddings of the history items (zeros where padded); a history shared by several
+        rows (a served request's candidates: ``Batch.history_group``) is embedded once."""
+        if batch.grouped_history:
+            heads = batch.history_heads()
+            one = self.embed_items(batch.hist_cat[heads], batch.hist_multi[heads])
+            return batch.expand_history(one * batch.hist_mask[heads].unsqueeze(-1))
         return self.embed_items(batch.hist_cat, batch.hist_multi) * batch.hist_mask.unsqueeze(-1)
 
 

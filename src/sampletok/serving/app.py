@@ -20,23 +20,28 @@ without the bearer token when one is set (``--token-file``; ``/healthz`` stays o
 answers with a traceback: an unexpected failure is logged and answered ``500 {"error": "internal error
 (<type>)"}``.
 
-Requests are served one at a time (a lock around the scorer): on a CPU host the model's forward already uses
-every core through torch's intra-op threads, and the local store's append must not race its readers.
+Concurrent /score requests are grouped by a dynamic batcher (:mod:`sampletok.serving.batcher`: at most
+``max_batch_candidates`` candidates, waiting at most ``max_wait_us`` for more) into one model forward on one
+worker thread, off the event loop; each request keeps its own history. Appends run on the same thread in
+queue order (the local store's append never races its readers). A full queue (``max_queue``) answers 503
+with ``Retry-After: 1``. Several processes (``workers``) need a Redis store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-import threading
 import time
 from typing import Annotated, Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from sampletok.errors import ConflictError, SampletokError, StoreError, one_line
+from sampletok.serving.batcher import Batcher, Overloaded
 from sampletok.serving.config import ServingConfig
-from sampletok.serving.scorer import Scorer
+from sampletok.serving.scorer import ScoreQuery, Scorer
 
 log = logging.getLogger("sampletok.serve")
 
@@ -103,9 +108,36 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
     )  # fmt: skip
     candidates = Counter("sampletok_candidates", "candidates scored", registry=registry)
     appended = Counter("sampletok_events_appended", "events appended", registry=registry)
+    batch_requests = Histogram(
+        "sampletok_batch_requests", "requests per model forward (dynamic batching)",
+        buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry,
+    )  # fmt: skip
+    queue_wait = Histogram(
+        "sampletok_queue_seconds", "time a batch's oldest request waited in the queue", buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )  # fmt: skip
+    overloaded = Counter("sampletok_overloaded", "requests refused for a full queue (503)", registry=registry)
     scorer.on_fetch = fetch.observe
-    lock = threading.Lock()
-    app = FastAPI(title="sampletok", summary=f"{type(scorer.model).__name__} scoring service")
+
+    def on_batch(n_requests: int, _: int, waited: float) -> None:
+        batch_requests.observe(n_requests)
+        queue_wait.observe(waited)
+
+    batcher = Batcher(
+        scorer.score_many,
+        max_batch_candidates=cfg.max_batch_candidates,
+        max_wait_us=cfg.max_wait_us,
+        max_queue=cfg.max_queue,
+        on_batch=on_batch,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="sampletok", summary=f"{type(scorer.model).__name__} scoring service", lifespan=lifespan)
+    app.state.batcher = batcher
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": one_line(message)}, status_code=status)
@@ -155,6 +187,13 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405, bad JSON bodies
         return error(exc.status_code, str(exc.detail))
 
+    @app.exception_handler(Overloaded)
+    async def full(_: Request, exc: Overloaded) -> JSONResponse:
+        overloaded.inc()
+        reply = error(503, str(exc))
+        reply.headers["Retry-After"] = "1"
+        return reply
+
     @app.exception_handler(StoreError)
     async def store_down(_: Request, exc: StoreError) -> JSONResponse:
         return error(503, str(exc))
@@ -168,30 +207,29 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
         return error(400, str(exc))
 
     @app.post("/score")
-    def score(req: ScoreRequest) -> dict:
+    async def score(req: ScoreRequest) -> dict:
         ts = req.ts if req.ts is not None else int(time.time() * scorer.schema.ticks_per_second)
-        with lock:
-            scores, history = scorer.score_request(req.user, ts, req.context, req.candidates)
+        query = ScoreQuery(req.user, ts, req.context, req.candidates)
+        scores, history = await batcher.score(query, size=len(req.candidates))
         if not cfg.expose_history_gap:
             history.pop("min_gap_s", None)
         candidates.inc(len(scores))
         return {"scores": scores.tolist(), "ts": ts, "history": history}
 
     @app.post("/events")
-    def events(req: EventRequest) -> dict:
-        with lock:
-            iid, stored = scorer.append_event_once(
-                req.user, req.ts, req.fields, req.responses, req.known_at, req.event_id
-            )
+    async def events(req: EventRequest) -> dict:
+        iid, stored = await batcher.run(
+            lambda: scorer.append_event_once(req.user, req.ts, req.fields, req.responses, req.known_at, req.event_id)
+        )
         if stored:
             appended.inc()
         return {"instance_id": iid, "duplicate": not stored}
 
     @app.get("/healthz", response_model=None)  # a Response: no model (and no forward ref to resolve)
-    def healthz() -> Response:
-        try:
-            with lock:
-                scorer.fetch_history(0, 0, 1)  # one store round trip
+    async def healthz() -> Response:
+        one = np.zeros(1, np.int64)
+        try:  # one store round trip, in queue order but never refused for a full queue
+            await batcher.run(lambda: scorer.fetch_history(one, one, 1), bounded=False)
         except StoreError as e:
             return error(503, str(e))
         return JSONResponse({"status": "ok", "model": type(scorer.model).__name__.lower()})

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sampletok.errors import ConfigError
+from sampletok.store.locations import is_redis_url
 
 
 class ServingConfig(BaseModel):
@@ -25,10 +26,25 @@ class ServingConfig(BaseModel):
     max_candidates: int = Field(1000, ge=1, description="the most candidates one request may carry")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body (413 above it)")
     token: str | None = Field(None, min_length=16, description="bearer token /score and /events require (None: open)")
+    max_batch_candidates: int = Field(
+        1000, ge=1, description="the dynamic batcher's most candidates in one model forward (1: no batching)"
+    )
+    max_wait_us: int = Field(500, ge=0, le=1_000_000, description="how long a batch waits for more requests (µs)")
+    max_queue: int = Field(64, ge=1, description="requests waiting beyond this are refused: 503 with Retry-After")
+    workers: int = Field(1, ge=1, le=64, description="service processes (more than one needs a redis:// store)")
     expose_history_gap: bool = Field(
         False,
         description="reply with the age of the most recent history event (it reveals event times: trusted callers)",
     )
+
+    @model_validator(mode="after")
+    def _one_process_for_a_local_store(self) -> ServingConfig:
+        if self.workers > 1 and not is_redis_url(self.store):
+            raise ValueError(
+                "workers > 1 needs a redis:// store: the local store is served by one process (its appends "
+                "and the readers' index live in that process)"
+            )
+        return self
 
 
 def read_token_file(path: str | Path) -> str:

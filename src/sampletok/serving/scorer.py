@@ -4,7 +4,7 @@ A request ``(user, ts, context, candidates)`` is scored in one pass: its N rows 
 each candidate's) are encoded with the dataset's fitted :class:`~sampletok.data.encoder.Encoder`; the user's
 history is fetched **once** from the event store (and the model's token store, for IAT tokens or SIF codes),
 strictly before ``ts``, with responses only once known; the :class:`~sampletok.features.Batch` the model was
-trained on is built with that one history shared by the N rows (``Batch.shared_history``: an isolated SIF runs
+trained on is built with that one history shared by the N rows (``Batch.history_group``: an isolated SIF runs
 its history pass once) and the calibrated probability of the first task label comes back per candidate —
 the same number offline ``evaluate`` gives for the same row (tested on ml-100k's test rows).
 
@@ -94,10 +94,20 @@ def copy_tokens(src: LocalTokenStore, location: str, before_ts: int | None = Non
 
 
 @dataclass
+class ScoreQuery:
+    """One raw /score request: a user at a time, the request's own fields and each candidate's."""
+
+    user: object
+    ts: int
+    context: Mapping[str, Any]
+    candidates: Sequence[Mapping[str, Any]]
+
+
+@dataclass
 class _History:
     """One user's fetched history, as the batch tensors of one row (batch dim 1)."""
 
-    cat: np.ndarray  # [1, n, F_c] every field of the past rows (SIF's history samples)
+    cat: np.ndarray  # [G, n, F_c] every field of the past rows (SIF's history samples), one row per user
     multi: np.ndarray
     num: np.ndarray
     fetched: Fetched
@@ -228,14 +238,10 @@ class Scorer:
         self, user: object, ts: int, context: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]
     ) -> Batch:
         """The batch of one request: N candidate rows sharing one fetched history."""
-        if not candidates:
-            raise DataError("request", "no candidates", "candidates")
-        if len(candidates) > self.max_candidates:
-            raise DataError("request", f"{len(candidates)} candidates, more than the limit {self.max_candidates}")
-        key = self.user_key(user)
-        enc = self.encoder.encode(self.rows(user, ts, context, candidates), origin="request")
+        key, rows = self._checked(ScoreQuery(user, ts, context, candidates))
+        enc = self.encoder.encode(rows, origin="request")
         _check_magnitudes("request", enc)
-        return self._batch(enc, key, int(ts), self.hist_len, self.model.reads_history_samples, with_tokens=True)
+        return self._batch(enc, np.array([key]), np.array([int(ts)]), [len(rows)], self.hist_len, True)
 
     def score(
         self, user: object, ts: int, context: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]
@@ -243,74 +249,141 @@ class Scorer:
         """[N] float64 calibrated probability of the first task label per candidate."""
         return self.score_request(user, ts, context, candidates)[0]
 
-    @torch.no_grad()
     def score_request(
         self, user: object, ts: int, context: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]
     ) -> tuple[np.ndarray, dict]:
         """(scores, what the history held: ``events`` and ``tokens`` read, ``min_gap_s`` the most recent one's
         age — always > 0, as nothing at or after the request time is read; None without history)."""
-        batch = self.batch(user, ts, context, candidates)
-        p = self.model.calibrated(self.model(batch).logits[:, 0].double().numpy())
-        if not np.isfinite(p).all():  # never a null score: inputs are bounded, so this is a bug, not the caller's
-            raise RuntimeError("the model scored a non-finite value")
-        gaps = [batch.hist_gap[0][batch.hist_mask[0]]]
-        info: dict[str, int | float | None] = {"events": int(batch.hist_mask[0].sum())}
-        if batch.tokens is not None:
-            gaps.append(batch.tokens.gap[0][batch.tokens.mask[0]])
-            info["tokens"] = int(batch.tokens.mask[0].sum())
-        gap = torch.cat(gaps)
-        info["min_gap_s"] = float(gap.min()) if len(gap) else None
-        return p, info
+        result = self.score_many([ScoreQuery(user, ts, context, candidates)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-    def fetch_history(self, key: int, ts: int, hist_len: int) -> _History:
-        f = self.events.fetch(np.array([key]), np.array([ts]), hist_len, dequantize=False)
+    @torch.no_grad()
+    def score_many(self, queries: Sequence[ScoreQuery]) -> list[tuple[np.ndarray, dict] | DataError]:
+        """Several requests in one model forward (the service's dynamic batcher): their rows encoded together,
+        their users' histories fetched in one store round trip, each request's candidates sharing its own
+        history (``Batch.history_group``). Per request: (scores, history info) as :meth:`score_request`, or
+        the :class:`~sampletok.errors.DataError` refusing it (a bad request never fails the others)."""
+        results: list[tuple[np.ndarray, dict] | DataError | None] = [None] * len(queries)
+        valid: list[tuple[int, int, list]] = []  # (index, user key, raw rows)
+        for i, q in enumerate(queries):
+            try:
+                valid.append((i, *self._checked(q)))
+            except DataError as e:
+                results[i] = e
+        encoded = self._encode_each(valid, results)
+        if encoded:
+            enc = {k: np.concatenate([e[k] for _, e in encoded]) for k in encoded[0][1]}
+            index = [i for i, _ in encoded]
+            key_of = {i: key for i, key, _ in valid}
+            keys = np.array([key_of[i] for i in index], np.int64)
+            times = np.array([int(queries[i].ts) for i in index], np.int64)
+            sizes = [len(queries[i].candidates) for i in index]
+            batch = self._batch(enc, keys, times, sizes, self.hist_len, self.model.reads_history_samples, True)
+            p = self.model.calibrated(self.model(batch).logits[:, 0].double().numpy())
+            if not np.isfinite(p).all():  # never a null score: inputs are bounded, so this is a bug, not the caller's
+                raise RuntimeError("the model scored a non-finite value")
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+            for i, start, n in zip(index, starts, sizes, strict=True):
+                results[i] = (p[start : start + n], _history_info(batch, int(start)))
+        return [r if r is not None else DataError("request", "not scored") for r in results]
+
+    def _checked(self, q: ScoreQuery) -> tuple[int, list]:
+        """(user key, raw rows) of a request, or the DataError refusing it."""
+        if not q.candidates:
+            raise DataError("request", "no candidates", "candidates")
+        if len(q.candidates) > self.max_candidates:
+            raise DataError("request", f"{len(q.candidates)} candidates, more than the limit {self.max_candidates}")
+        return self.user_key(q.user), self.rows(q.user, q.ts, q.context, q.candidates)
+
+    def _encode_each(
+        self, valid: list[tuple[int, int, list]], results: list
+    ) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """The encoded rows of each valid request: one encoder call for all of them, or — when that call
+        refuses a value — one per request, so the error names the request that holds it."""
+        if not valid:
+            return []
+        try:
+            enc = self.encoder.encode([r for _, _, rows in valid for r in rows], origin="request")
+            _check_magnitudes("request", enc)
+        except DataError:
+            if len(valid) == 1:
+                raise
+        else:
+            out, start = [], 0
+            for i, _, rows in valid:
+                out.append((i, {k: v[start : start + len(rows)] for k, v in enc.items()}))
+                start += len(rows)
+            return out
+        out = []
+        for i, _, rows in valid:
+            try:
+                one = self.encoder.encode(rows, origin="request")
+                _check_magnitudes("request", one)
+                out.append((i, one))
+            except DataError as e:
+                results[i] = e
+        return out
+
+    def fetch_history(self, keys: np.ndarray, ts: np.ndarray, hist_len: int) -> _History:
+        """The last ``hist_len`` events of each user ``keys`` strictly before ``ts`` (one store round trip)."""
+        f = self.events.fetch(np.asarray(keys, np.int64), np.asarray(ts, np.int64), hist_len, dequantize=False)
         cat, multi, num = self.codec.unpack(f.payload)
         return _History(cat, multi, num, f)
 
     def _batch(
-        self, enc: dict[str, np.ndarray], key: int, ts: int, n: int, with_samples: bool, with_tokens: bool = False
+        self,
+        enc: dict[str, np.ndarray],
+        keys: np.ndarray,
+        ts: np.ndarray,
+        sizes: list[int],
+        n: int,
+        with_samples: bool,
+        with_tokens: bool = False,
     ) -> Batch:
-        """The batch of encoded rows ``enc`` of one user at ``ts``: the rows, the user's history fetched once from
-        the event store (and its tokens), assembled by the offline loader's :func:`build_batch`."""
+        """The batch of encoded rows ``enc`` of G requests (``sizes[g]`` consecutive rows of user ``keys[g]`` at
+        ``ts[g]``): each user's history fetched once from the event store (and its tokens), the rows of a
+        request sharing it, assembled by the offline loader's :func:`build_batch`."""
         lay = self.layout
         cat, multi, num = self.codec.unpack(self.codec.pack(enc))
         b, n_labels = len(cat), len(lay.task_labels)
         t0 = time.perf_counter()
-        h = self.fetch_history(key, ts, n)
-        tok = self.tokens.fetch(np.array([key]), np.array([ts])) if self.tokens is not None and with_tokens else None
+        h = self.fetch_history(keys, ts, n)
+        tok = self.tokens.fetch(keys, ts) if self.tokens is not None and with_tokens else None
         if self.on_fetch is not None:
             self.on_fetch(time.perf_counter() - t0)
-        f = h.fetched
+        f, g = h.fetched, len(keys)
         requests = RequestRows(
             cat=cat,
             multi=multi,
             num=num,
             labels=np.zeros((b, n_labels), np.float32),
-            user=np.full(b, key, np.int64),
-            ts=np.full(b, ts, np.int64),
+            user=np.repeat(keys, sizes),
+            ts=np.repeat(ts, sizes),
             rows=np.full(b, -1, np.int64),
         )
         history = FetchedHistory(
-            cat=h.cat[..., self._seq_cat] if len(self._seq_cat) else np.zeros((1, n, 0), np.int64),
-            multi=h.multi[..., self._seq_multi, :] if len(self._seq_multi) else np.zeros((1, n, 0, lay.multi_len)),
+            cat=h.cat[..., self._seq_cat] if len(self._seq_cat) else np.zeros((g, n, 0), np.int64),
+            multi=h.multi[..., self._seq_multi, :] if len(self._seq_multi) else np.zeros((g, n, 0, lay.multi_len)),
             mask=f.mask,
             gap=f.gap,
             rows=np.full_like(f.seq, -1),  # a served history has store tokens, not dataset rows
             responses=f.responses,
             response_mask=f.response_mask,
-            shared=True,
+            group=np.repeat(np.arange(g), sizes),
         )
         if with_samples:  # each past row once, as a sample of its own
-            valid = f.mask[0]
+            valid = f.mask
             k = int(valid.sum())
-            history.sample_index = np.full((1, n), -1, np.int64)
-            history.sample_index[0, valid] = np.arange(k)
+            history.sample_index = np.full((g, n), -1, np.int64)
+            history.sample_index[valid] = np.arange(k)
             history.samples = RequestRows(
-                cat=h.cat[0, valid],
-                multi=h.multi[0, valid],
-                num=h.num[0, valid],
+                cat=h.cat[valid],
+                multi=h.multi[valid],
+                num=h.num[valid],
                 labels=np.zeros((k, n_labels), np.float32),
-                user=np.full(k, key, np.int64),
+                user=np.repeat(keys, valid.sum(1)),
                 ts=np.zeros(k, np.int64),
                 rows=np.full(k, -1, np.int64),
             )
@@ -424,7 +497,20 @@ class Scorer:
         if self.event_tokenizer is None:
             return None
         n = self.event_tokenizer.hist_len
-        return self.event_tokenizer.encode_event(self._batch(feats, key, ts, n, with_samples=False))
+        batch = self._batch(feats, np.array([key]), np.array([ts]), [1], n, with_samples=False)
+        return self.event_tokenizer.encode_event(batch)
+
+
+def _history_info(batch: Batch, row: int) -> dict:
+    """What the history of ``batch``'s row ``row`` held: events and tokens read, the most recent one's age."""
+    gaps = [batch.hist_gap[row][batch.hist_mask[row]]]
+    info: dict[str, int | float | None] = {"events": int(batch.hist_mask[row].sum())}
+    if batch.tokens is not None:
+        gaps.append(batch.tokens.gap[row][batch.tokens.mask[row]])
+        info["tokens"] = int(batch.tokens.mask[row].sum())
+    gap = torch.cat(gaps)
+    info["min_gap_s"] = float(gap.min()) if len(gap) else None
+    return info
 
 
 MAX_EVENT_ID = 128  # characters
