@@ -160,3 +160,49 @@ def test_a_redis_store_lost_in_a_restart_makes_the_service_unhealthy(served, red
     assert "gone from the server" in _one_line_error(c.get("/healthz"), 503)
     _one_line_error(c.post("/score", json=_score()), 503)
     _one_line_error(c.post("/events", json={"user": "u-1", "ts": 20_000, "fields": FIELDS}), 503)
+
+
+def test_a_full_queue_answers_503_with_retry_after(served):
+    """The batcher's queue is bounded: with the scorer busy and ``max_queue`` requests waiting, the next
+    request is refused at once (one line, Retry-After), and the waiting ones are still answered."""
+    import asyncio
+    import threading
+
+    import httpx
+
+    ds, run, store, _ = served
+    scorer = Scorer.from_run(ds, run, store)
+    gate, inner = threading.Event(), scorer.score_many
+
+    def slow(queries):
+        gate.wait(10)
+        return inner(queries)
+
+    scorer.score_many = slow  # type: ignore[method-assign]
+    app = create_app(scorer, ServingConfig(max_queue=1, max_wait_us=0))
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            held = asyncio.ensure_future(c.post("/score", json=_score()))
+            await asyncio.sleep(0.3)  # taken by the worker
+            queued = asyncio.ensure_future(c.post("/score", json=_score("u-2")))
+            await asyncio.sleep(0.3)
+            refused = await c.post("/score", json=_score("u-3"))
+            healthy = asyncio.ensure_future(c.get("/healthz"))  # a health check is never refused for load
+            await asyncio.sleep(0.1)
+            gate.set()
+            return refused, await held, await queued, await healthy
+
+    refused, held, queued, healthy = asyncio.run(main())
+    assert "capacity" in _one_line_error(refused, 503)
+    assert refused.headers["retry-after"] == "1"
+    assert held.status_code == queued.status_code == healthy.status_code == 200
+    app.state.batcher.close()
+
+
+def test_several_workers_need_a_redis_store():
+    from sampletok.errors import ConfigError, validated
+
+    with pytest.raises(ConfigError, match="redis"):
+        validated(ServingConfig, {"workers": 2, "store": "runs/store"}, where="serve")
+    assert ServingConfig(workers=2, store="redis://127.0.0.1:6379/0").workers == 2

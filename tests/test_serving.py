@@ -19,8 +19,9 @@ import pytest
 from sampletok.data.cells import user_keys
 from sampletok.data.prepare import prepare
 from sampletok.errors import DataError
+from sampletok.serving.config import ServingConfig
 from sampletok.serving.events import EventCodec, export_events
-from sampletok.serving.scorer import Scorer, store_location
+from sampletok.serving.scorer import ScoreQuery, Scorer, store_location
 from sampletok.store import open_store
 from sampletok.train.experiment import ModelSpec, load_trained, run_model
 from sampletok.train.trainer import TrainConfig, predict
@@ -391,3 +392,57 @@ def test_schema_describes_the_request_with_an_example_that_scores(ml, runs, tmp_
     r = client.post("/score", json={**info["example"], "ts": 10**10})
     assert r.status_code == 200, r.text
     assert r.json()["history"]["events"] > 0  # the example user is a known one, with history
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_concurrent_requests_batched_into_one_forward_score_as_offline(name, ml, runs, tmp_path):
+    """Concurrent requests of different users, histories and candidate counts, grouped by the dynamic batcher
+    into shared forwards, score each candidate as offline evaluate does."""
+    import asyncio
+
+    import httpx
+
+    frame, schema, ds, _ = ml
+    test = ds.rows("test")
+    anchors = test[np.unique(np.asarray(ds.col("_user_key"))[test], return_index=True)[1][:8]]  # 8 users
+    counts = [1, 3, 7, 12, 2, 20, 5, 9]
+    item = [f.name for f in schema.features if f.group == "item"]
+    bodies, wants = [], []
+    for k, (row, n) in enumerate(zip(anchors.tolist(), counts, strict=True)):
+        cand_rows = test[k * 20 : k * 20 + n]
+        wants.append(_offline_one_request(ds, runs[name], int(row), cand_rows))
+        r = frame.row(int(row), named=True)
+        context = {f.name: r[f.name] for f in schema.features if f.group != "item" and f.name != schema.user}
+        candidates = frame[cand_rows.tolist()].select(item).to_dicts()
+        bodies.append(
+            {"user": r[schema.user], "ts": int(r[schema.timestamp]), "context": context, "candidates": candidates}
+        )
+    config = ServingConfig(max_wait_us=200_000, max_batch_candidates=64)  # long enough for every request to join
+    app = create_app(Scorer.from_run(ds, runs[name], tmp_path / "store"), config)
+
+    async def send() -> list:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await asyncio.gather(*(client.post("/score", json=body) for body in bodies))
+
+    replies = asyncio.run(send())
+    for reply in replies:
+        assert reply.status_code == 200, reply.text
+    assert len({r.json()["history"]["events"] for r in replies}) > 1  # histories of different lengths
+    got = np.concatenate([r.json()["scores"] for r in replies])
+    assert np.abs(got - np.concatenate(wants)).max() < 1e-5
+    batcher = app.state.batcher
+    assert batcher.largest_batch > 1  # requests did share forwards
+    batcher.close()
+
+
+def test_a_bad_request_in_a_batch_fails_alone(ml, runs, tmp_path):
+    frame, schema, ds, _ = ml
+    scorer = Scorer.from_run(ds, runs["din"], tmp_path / "store")
+    (_, good), (_, other) = _requests(frame, schema, ds.rows("test")[:200:50])[:2]
+    bad = {**good, "candidates": [{**good["candidates"][0], "nope": 1}]}
+    q = [ScoreQuery(b["user"], b["ts"], b["context"], b["candidates"]) for b in (good, bad, other)]
+    results = scorer.score_many(q)
+    assert isinstance(results[1], DataError) and "nope" in str(results[1])
+    for i in (0, 2):
+        alone = scorer.score_request(q[i].user, q[i].ts, q[i].context, q[i].candidates)[0]
+        assert np.abs(results[i][0] - alone).max() < 1e-6
