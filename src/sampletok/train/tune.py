@@ -273,7 +273,7 @@ def check_space(spec: ModelSpec, space: dict[str, Space], base_train: dict[str, 
                 try:
                     TrainConfig.model_validate({**(base_train or {}), **spec.train, key: v})
                 except ValidationError as e:
-                    raise ConfigError(f"{where}: {key}: {validation_message(e)}") from None
+                    raise ConfigError(f"{where}: {validation_message(e)}") from None
             continue
         node: Any = full
         for i, part in enumerate(key.split(".")):
@@ -289,7 +289,7 @@ def check_space(spec: ModelSpec, space: dict[str, Space], base_train: dict[str, 
             try:
                 model_config(spec.name, with_values(spec.params, {key: v}))
             except ConfigError as e:
-                raise ConfigError(f"{where}: {key} = {v!r}: {e}") from None
+                raise ConfigError(f"{where}: {key} = {v!r}: {str(e).removeprefix(f'model {spec.name!r}: ')}") from None
 
 
 def with_values(params: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
