@@ -132,6 +132,7 @@ def test_an_interrupted_tune_resumes_to_the_same_trials(tiny, tmp_path, monkeypa
     chosen = search(exp3, tmp_path / "cut", progress=False, ds=tiny)
     assert same_trials(counted(db), once)  # the interrupted trials did not count: run again, the same
     assert chosen[0]["complete"] == 3 and chosen[0]["failed"] == 0
+    assert [s for _, s, _, _ in trials_of(db)] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
     # a finished study runs nothing more
     monkeypatch.setattr(experiment_module, "run_model", interrupted)
     search(exp3, tmp_path / "cut", progress=False, ds=tiny)
@@ -293,3 +294,13 @@ def test_cli_tune_end_to_end(tiny, tmp_path):
     assert (
         r.exit_code == 0 and json.loads((tune_dir / "tuned.json").read_text())["models"][0]["values"] == dnn["values"]
     )
+
+
+def test_every_shipped_experiment_can_be_tuned():
+    """Each model of each experiment under configs/experiments has a valid space (its fixed params removed)."""
+    from tests.conftest import REPO
+
+    for path in sorted((REPO / "configs" / "experiments").glob("*.yaml")):
+        exp = Experiment.from_yaml(path)
+        for spec in exp.models:
+            assert model_space(spec, exp.train.model_dump()), (path.name, spec.display)

@@ -412,7 +412,12 @@ def search_model(
         ]
 
     done = counted()
-    bar = tqdm(total=cfg.trials, initial=min(len(done), cfg.trials), desc=f"tune {spec.display}", disable=not progress)
+    bar = tqdm(
+        total=cfg.trials,
+        initial=min(len(done), cfg.trials),
+        desc=f"tune {spec.display}",
+        disable=None if progress else True,
+    )
     while len(done) < cfg.trials:
         # trial k: sampled with seed + k from the trials before it, so a resumed study samples what one
         # uninterrupted run would have
@@ -552,11 +557,9 @@ def tune(
     out_dir = Path(out_dir)
     for spec in exp.models:  # a bad space or train override fails before the dataset is prepared
         spec.train_config(exp.train)
-    if ds is None:
-        for spec in exp.models:
-            model_space(spec, {**exp.train.model_dump(), "monitor": _monitor(exp)})
-        _optuna()
-        ds = load_dataset(exp.dataset, progress=progress)
+        model_space(spec, {**exp.train.model_dump(), "monitor": _monitor(exp)})
+    _optuna()
+    ds = ds if ds is not None else load_dataset(exp.dataset, progress=progress)
     chosen = search(exp, out_dir, progress, ds=ds)
     table = Table(title=f"{exp.name}: {exp.tune.trials} trials per model, validation split only")
     for h in ("model", "complete/pruned/failed", "best trial", "valid score", "chosen values"):
