@@ -145,6 +145,26 @@ def test_an_interrupted_tune_resumes_to_the_same_trials(tiny, tmp_path, monkeypa
     assert "\n" not in str(e.value)
 
 
+def test_the_pruner_reads_each_epochs_validation_score(tiny, tmp_path):
+    """Every trial reports its validation monitor after each epoch; a complete trial's value is its best epoch's
+    score, a pruned one stopped early, its best score below the median of the earlier complete trials."""
+    exp = experiment(tiny, [DNN], trials=6, tune={"trials": 6, "prune_startup": 1, "prune_warmup": 0})
+    exp = exp.model_copy(update={"train": exp.train.model_copy(update={"max_epochs": 3, "patience": 3})})
+    chosen = search(exp, tmp_path, progress=False, ds=tiny)
+    study = optuna.load_study(study_name="dnn", storage=f"sqlite:///{tmp_path / 'tune' / 'dnn.db'}")
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert chosen[0]["pruned"] == len(pruned) >= 1 and chosen[0]["complete"] + len(pruned) == 6
+    for t in study.trials:
+        if t.state.name == "COMPLETE":
+            assert sorted(t.intermediate_values) == [1, 2, 3]
+            assert t.value == pytest.approx(max(t.intermediate_values.values()))
+        else:
+            step = max(t.intermediate_values)
+            assert step < 3
+            done = [u.intermediate_values[step] for u in study.trials[: t.number] if u.state.name == "COMPLETE"]
+            assert max(t.intermediate_values.values()) < np.median(done)  # its best so far, below the median
+
+
 # ------------------------------------------------------------------ 3. a bad search space is one line
 def _space(space) -> dict:
     return {"name": "din", "tune": {"space": space}}
