@@ -244,10 +244,16 @@ def compare(
     """Run several models × seeds on one dataset: results.json, results.md (mean ± std, paired t-tests), plots.
     Under `torchrun --nproc-per-node N -m sampletok.cli compare ...` every run trains data-parallel."""
     from sampletok import distributed
-    from sampletok.train.experiment import Experiment
     from sampletok.train.experiment import compare as do_compare
 
     distributed.init()
+    exp = _experiment(config, seeds, models, epochs)
+    do_compare(exp, out or Path("runs") / exp.name)
+
+
+def _experiment(config: Path, seeds: int | None, models: str | None, epochs: int | None):
+    """The experiment YAML with the --seeds, --models and --epochs options of compare and tune applied."""
+    from sampletok.train.experiment import Experiment
 
     exp = Experiment.from_yaml(config)
     if seeds is not None:
@@ -269,7 +275,36 @@ def compare(
             type(exp.train), {**exp.train.model_dump(), "max_epochs": epochs}, names={"max_epochs": "--epochs"}
         )
         exp = exp.model_copy(update={"train": train})
-    do_compare(exp, out or Path("runs") / exp.name)
+    return exp
+
+
+@app.command()
+def tune(
+    config: Path = typer.Argument(..., help="experiment YAML (configs/experiments/*.yaml)"),
+    trials: int | None = typer.Option(None, help="trials per model, the same for every model (default: tune.trials)"),
+    out: Path | None = typer.Option(None, help="output directory (default runs/<experiment name>)"),
+    seeds: int | None = typer.Option(None, help="rerun the tuned models with the first N seeds 2021, 2022, ..."),
+    models: str | None = typer.Option(None, help="comma-separated model labels to keep"),
+    epochs: int | None = typer.Option(None, help="override max epochs (trials and reruns)"),
+    restart: bool = typer.Option(False, help="delete the studies in OUT/tune and search afresh"),
+):
+    """Equal-budget tuning: search each model's declared space with Optuna (TPE, median pruning) on the
+    validation split only, the same number of trials for every model, then rerun each model's best
+    configuration with every seed. Studies in OUT/tune/<label>.db (an interrupted tune resumes); writes
+    OUT/tune/report.md, tuned.json, tuned.yaml (rerun it with `sampletok compare`) and OUT/tune/tuned/."""
+    from sampletok.train.tune import study_path
+    from sampletok.train.tune import tune as do_tune
+
+    exp = _experiment(config, seeds, models, epochs)
+    if trials is not None:
+        if trials < 1:
+            raise ConfigError(f"--trials: must be at least 1 (got {trials})")
+        exp = exp.model_copy(update={"tune": exp.tune.model_copy(update={"trials": trials})})
+    out = out or Path("runs") / exp.name
+    if restart:
+        for spec in exp.models:
+            study_path(out, spec.display).unlink(missing_ok=True)
+    do_tune(exp, out)
 
 
 @app.command()

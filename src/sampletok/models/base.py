@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 
 from sampletok.errors import ConfigError, one_line, validation_message
 from sampletok.features import Batch, FeatureLayout, TokenInput
+from sampletok.train.tune import TRAIN_SPACE, Space
 
 
 @dataclass
@@ -28,6 +29,9 @@ class RankingModel(nn.Module):
 
     name: str = ""
     calibration: torch.Tensor  # [2] buffer (a, b), see __init__
+    # what `sampletok tune` searches (sampletok.train.tune): {param or training setting: Space}; every model
+    # declares its own beside its parameters (a test checks each key against the model's config)
+    search_space: ClassVar[dict[str, Space]] = TRAIN_SPACE
 
     def __init__(self, layout: FeatureLayout):
         super().__init__()

@@ -4,6 +4,7 @@ encodings); the target position's output joins the field embeddings in an MLP.""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -12,10 +13,20 @@ from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, FeatureEmbedding, TransformerBlock
 from sampletok.nn.layers import RecencyEncoding, key_padding_mask
+from sampletok.train.tune import TRAIN_SPACE, Space, choice, integer, uniform
 
 
 @register("bst")
 class BST(RankingModel):
+    # searched by `sampletok tune` (sampletok.train.tune): keys are this model's params or training settings
+    search_space: ClassVar[dict[str, Space]] = {
+        **TRAIN_SPACE,
+        "embed_dim": choice(8, 16, 32),
+        "layers": integer(1, 3),
+        "hidden": choice([256, 128, 64], [128, 64], [64]),
+        "dropout": uniform(0.0, 0.5),
+    }
+
     def __init__(
         self,
         layout: FeatureLayout,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -10,10 +11,19 @@ from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, FeatureEmbedding
 from sampletok.nn.layers import masked_mean
+from sampletok.train.tune import TRAIN_SPACE, Space, choice, uniform
 
 
 @register("dnn")
 class DNN(RankingModel):
+    # searched by `sampletok tune` (sampletok.train.tune): keys are this model's params or training settings
+    search_space: ClassVar[dict[str, Space]] = {
+        **TRAIN_SPACE,
+        "embed_dim": choice(8, 16, 32),
+        "hidden": choice([256, 128, 64], [128, 64], [64]),
+        "dropout": uniform(0.0, 0.5),
+    }
+
     def __init__(
         self,
         layout: FeatureLayout,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from sampletok.errors import ConfigError
 from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, FeatureEmbedding, ResponseEncoder
+from sampletok.train.tune import TRAIN_SPACE, Space, choice, integer, uniform
 
 
 class RelativeTimePositionBias(nn.Module):
@@ -83,6 +85,15 @@ class STULayer(nn.Module):
 
 @register("hstu")
 class HSTU(RankingModel):
+    # searched by `sampletok tune` (sampletok.train.tune): keys are this model's params or training settings
+    search_space: ClassVar[dict[str, Space]] = {
+        **TRAIN_SPACE,
+        "embed_dim": choice(8, 16, 32),
+        "width": choice(16, 32, 64),
+        "layers": integer(1, 4),
+        "dropout": uniform(0.0, 0.5),
+    }
+
     def __init__(
         self,
         layout: FeatureLayout,

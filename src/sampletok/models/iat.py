@@ -16,7 +16,7 @@ that saw that request's label or a later one.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, cast
+from typing import Any, ClassVar, Literal, Protocol, cast
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from sampletok.models.base import ModelOutput, RankingModel, build_model, regist
 from sampletok.nn import MLP, FeatureEmbedding, ResponseEncoder, TargetAttention, TransformerBlock
 from sampletok.nn.layers import RecencyEncoding, key_padding_mask
 from sampletok.tokenizers.iat import IATSourceConfig
+from sampletok.train.tune import TRAIN_SPACE, Space, choice, integer
 
 BASES = ("din", "bst", "rankmixer")
 
@@ -43,6 +44,14 @@ class _Base(Protocol):
 
 @register("iat")
 class IAT(RankingModel):
+    # searched by `sampletok tune` (sampletok.train.tune): keys are this model's params or training settings
+    search_space: ClassVar[dict[str, Space]] = {
+        **TRAIN_SPACE,
+        "token_dim": choice(32, 64, 128),
+        "out_dim": choice(16, 32, 64),
+        "encoder_layers": integer(1, 2),
+    }
+
     def __init__(
         self,
         layout: FeatureLayout,

@@ -5,6 +5,7 @@ non-sequential tokens attend to all valid history and to each other. Output: mea
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -13,10 +14,20 @@ from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, FeatureEmbedding, TransformerBlock
 from sampletok.nn.layers import RecencyEncoding
+from sampletok.train.tune import TRAIN_SPACE, Space, choice, integer, uniform
 
 
 @register("onetrans")
 class OneTrans(RankingModel):
+    # searched by `sampletok tune` (sampletok.train.tune): keys are this model's params or training settings
+    search_space: ClassVar[dict[str, Space]] = {
+        **TRAIN_SPACE,
+        "embed_dim": choice(8, 16, 32),
+        "width": choice(16, 32, 64),
+        "layers": integer(1, 4),
+        "dropout": uniform(0.0, 0.5),
+    }
+
     def __init__(
         self,
         layout: FeatureLayout,

@@ -4,6 +4,7 @@ T tokens of width D and mixed by parameter-free token mixing and per-token FFNs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -11,10 +12,20 @@ from torch import nn
 from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, FeatureEmbedding, RankMixerBlock, TargetAttention
+from sampletok.train.tune import TRAIN_SPACE, Space, choice, integer, uniform
 
 
 @register("rankmixer")
 class RankMixer(RankingModel):
+    # searched by `sampletok tune` (sampletok.train.tune): keys are this model's params or training settings
+    search_space: ClassVar[dict[str, Space]] = {
+        **TRAIN_SPACE,
+        "embed_dim": choice(8, 16, 32),
+        "width": choice(32, 64, 128),
+        "layers": integer(1, 4),
+        "dropout": uniform(0.0, 0.5),
+    }
+
     def __init__(
         self,
         layout: FeatureLayout,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import fields, replace
-from typing import Literal, cast
+from typing import ClassVar, Literal, cast
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, ResponseEncoder
 from sampletok.nn.layers import MultiHeadAttention, RecencyEncoding, key_padding_mask
 from sampletok.tokenizers.hgaq import HGAQConfig, SampleTokenizer
+from sampletok.train.tune import TRAIN_SPACE, Space, choice, integer
 
 
 class MixerBlock(nn.Module):
@@ -151,6 +152,15 @@ class FlatBlock(nn.Module):
 
 @register("sif")
 class SIF(RankingModel):
+    # searched by `sampletok tune` (sampletok.train.tune): keys are this model's params or training settings
+    search_space: ClassVar[dict[str, Space]] = {
+        **TRAIN_SPACE,
+        "width": choice(16, 32, 64),
+        "blocks": integer(1, 4),
+        "hgaq.fields_per_token": choice(8, 16, 32),  # B
+        "hgaq.codes": choice(64, 128, 256),  # codebook size V
+    }
+
     history_keep: torch.Tensor | None  # buffer [F] bool: the fields a history row keeps (None: all)
 
     def __init__(

@@ -28,6 +28,7 @@ from sampletok.models.base import model_config
 from sampletok.tokens import open_tokens
 from sampletok.train.metrics import all_metrics
 from sampletok.train.trainer import TrainConfig, evaluate, fit, fit_calibration, predict, set_seed
+from sampletok.train.tune import ModelTune, TuneConfig
 
 if TYPE_CHECKING:
     from sampletok.models.base import RankingModel
@@ -54,6 +55,11 @@ class ModelSpec(BaseModel):
         default_factory=dict,
         description="overrides of the experiment's training "
         "config for this model only, e.g. {hist_len: 50} in a history-length sweep",
+    )
+    tune: ModelTune | None = Field(
+        None,
+        description="`sampletok tune` only: {space: {key: {kind, ...} or null}, only: [keys]} overrides, drops "
+        "or restricts the search space the model declares",
     )
 
     @property
@@ -82,6 +88,9 @@ class Experiment(BaseModel):
         None,
         description="train/evaluate only on request rows whose "
         "fields take these values, e.g. {domain: [1]}; history is unfiltered",
+    )
+    tune: TuneConfig = Field(
+        default_factory=TuneConfig, description="`sampletok tune` only: trials per model, metric, sampler"
     )
 
     @classmethod
@@ -175,11 +184,17 @@ def run_model(
     requests: dict[str, list] | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
     on_mismatch: Literal["error", "restart"] = "error",
+    on_validation: Callable[[int, float], None] | None = None,
+    evaluate_test: bool = True,
 ) -> dict:
     """Train one model with one seed and return its validation/test metrics and speed. A checkpoint in
     ``run_dir`` is resumed only if it was written by the same run (else a one-line error, or a fresh start
     with ``on_mismatch="restart"``); ``resume=False`` trains afresh and first removes the folder's old
-    checkpoint, model and result, so a crash cannot leave another run's model beside the new checkpoint."""
+    checkpoint, model and result, so a crash cannot leave another run's model beside the new checkpoint.
+
+    ``evaluate_test=False`` (hyper-parameter search, :mod:`sampletok.train.tune`) never selects the test
+    split's rows: the result holds the validation figures only, and no model or result file is written.
+    ``on_validation(epoch, score)`` is :func:`~sampletok.train.trainer.fit`'s per-epoch monitor hook."""
     if run_dir is not None and not resume and distributed.is_main():
         for name in ("checkpoint.pt", "model.pt", "result.json"):
             (Path(run_dir) / name).unlink(missing_ok=True)
@@ -227,9 +242,27 @@ def run_model(
         fingerprint=run_fingerprint(ds, spec, train_cfg, seed, requests, producer),
         on_epoch_end=on_epoch_end,
         on_mismatch=on_mismatch,
+        on_validation=on_validation,
     )
     wall = time.time() - t0
     calibration = fit_calibration(model, valid_loader) if train_cfg.calibrate else None
+    if not evaluate_test:  # the search phase of a tune: validation only, the test rows are never selected
+        return {
+            "model": spec.display,
+            "name": spec.name,
+            "params": spec.params,
+            "seed": seed,
+            "valid": result.best_valid,
+            "best_epoch": result.best_epoch,
+            "epochs": len(result.history),
+            "history": result.history,
+            "stopped": result.stopped,
+            "monitor": train_cfg.monitor,
+            "calibration": calibration,
+            "train_samples_per_s": result.train_samples_per_s,
+            "fit_wall_s": wall,
+            "train": train_cfg.model_dump(mode="json"),
+        }
     test_rows, seen_rows = rows("test"), rows("test", True)
     t_inf = time.time()
     p, y, u = predict(model, mk(test_rows, train_cfg.eval_batch_size, False))

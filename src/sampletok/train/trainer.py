@@ -221,12 +221,15 @@ def fit(
     fingerprint: dict | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
     on_mismatch: Literal["error", "restart"] = "error",
+    on_validation: Callable[[int, float], None] | None = None,
 ) -> FitResult:
     """Train ``model`` in place; the best epoch's weights are restored before returning.
 
     ``fingerprint`` describes the run (model, params, train config, dataset, seed); a checkpoint in
     ``run_dir`` is resumed only when it was written under the same one (``resume=False`` starts afresh).
-    ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written."""
+    ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written, then
+    ``on_validation(epoch, score)`` with that epoch's validation monitor score (a tuner's pruner reads it and
+    may stop the run by raising)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = cfg.torch_device()
@@ -335,6 +338,8 @@ def fit(
         distributed.barrier()
         if on_epoch_end is not None:
             on_epoch_end(state["epoch"])
+        if on_validation is not None:
+            on_validation(state["epoch"], score)
     if state["best_state"] is None:
         raise TrainingError(
             f"{model.name}: no epoch had a finite validation monitor "
