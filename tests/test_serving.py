@@ -446,3 +446,47 @@ def test_a_bad_request_in_a_batch_fails_alone(ml, runs, tmp_path):
     for i in (0, 2):
         alone = scorer.score_request(q[i].user, q[i].ts, q[i].context, q[i].candidates)[0]
         assert np.abs(results[i][0] - alone).max() < 1e-6
+
+
+def test_several_worker_processes_serve_one_redis_store(ml, runs, redis_url):
+    """``serve --workers 2`` over Redis: two processes answer, both score as offline, and an event appended
+    through one is read by requests the other answers."""
+    import httpx
+
+    frame, schema, ds, _ = ml
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = f"{redis_url}?store=workers"
+    cmd = [sys.executable, "-m", "sampletok.cli", "serve", "--data", str(ds.root), "--run", str(runs["din"])]
+    cmd += ["--store", store, "--reset", "--port", str(port), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        pids: set[int] = set()
+        deadline = time.time() + 300
+        while len(pids) < 2 and time.time() < deadline:
+            try:  # a new connection each time: the kernel spreads them over the workers
+                r = httpx.get(url + "/healthz", timeout=1, headers={"Connection": "close"})
+                pids.add(r.json()["process"])
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert len(pids) == 2, proc.stdout.read().decode() if proc.poll() is not None and proc.stdout else pids
+        rows = ds.rows("test")[-1:]
+        body = _requests(frame, schema, rows)[0][1]
+        later = {**body, "user": "a-new-user", "ts": body["ts"] + 10}  # no history yet (the history is capped)
+        before = {httpx.post(url + "/score", json=later, timeout=30).json()["history"]["events"] for _ in range(6)}
+        event = {"user": "a-new-user", "ts": body["ts"] + 5, "fields": {**body["context"], **body["candidates"][0]}}
+        assert httpx.post(url + "/events", json=event, timeout=30).status_code == 200
+        seen, answered = set(), set()
+        for _ in range(40):
+            with httpx.Client(base_url=url, timeout=30) as c:
+                seen.add(c.post("/score", json=later).json()["history"]["events"])
+                answered.add(c.get("/healthz").json()["process"])
+        assert before == {0} and seen == {1}  # every worker reads the appended event
+        assert len(answered) == 2
+        r = httpx.post(url + "/score", json=body, timeout=30)
+        assert abs(r.json()["scores"][0] - _offline(ds, runs["din"], rows)[0]) < 1e-5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

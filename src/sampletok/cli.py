@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Literal, cast
@@ -325,12 +326,18 @@ def serve(
     expose_history_gap: bool = typer.Option(
         False, help="reply with the age of each request's most recent history event (trusted callers only)"
     ),
+    max_batch_candidates: int = typer.Option(
+        1000, help="dynamic batching: the most candidates of concurrent requests scored in one forward"
+    ),
+    max_wait_us: int = typer.Option(500, help="dynamic batching: how long a batch waits for more requests (µs)"),
+    max_queue: int = typer.Option(64, help="requests waiting beyond this are refused with 503 and Retry-After"),
+    workers: int = typer.Option(1, help="service processes over one store (more than one needs a redis:// store)"),
 ):
     """Serve a trained model over HTTP: POST /score, POST /events, GET /healthz, GET /metrics (the serve
     extra). The stores are made from the dataset on first start (every prepared row as history)."""
     from sampletok.data.dataset import PreparedDataset
     from sampletok.errors import validated
-    from sampletok.serving.app import create_app
+    from sampletok.serving.app import WORKER_ENV, create_app, worker_spec
     from sampletok.serving.config import ServingConfig, read_token_file
     from sampletok.serving.scorer import Scorer
 
@@ -349,14 +356,34 @@ def serve(
             max_body_bytes=max_body_bytes,
             token=read_token_file(token_file) if token_file else None,
             expose_history_gap=expose_history_gap,
+            max_batch_candidates=max_batch_candidates,
+            max_wait_us=max_wait_us,
+            max_queue=max_queue,
+            workers=workers,
         ),
         where="serve",
     )
     ds = PreparedDataset(data)
     with console.status("opening the stores (made from the dataset on first start)"):
         scorer = Scorer.from_run(ds, run, cfg.store, reset=cfg.reset, max_candidates=cfg.max_candidates)
-    console.print(f"serving {run} from {cfg.store} on http://{cfg.host}:{cfg.port} (POST /score, POST /events)")
-    uvicorn.run(create_app(scorer, cfg), host=cfg.host, port=cfg.port, log_level="warning")
+    console.print(
+        f"serving {run} from {cfg.store} on http://{cfg.host}:{cfg.port} (POST /score, POST /events), "
+        f"{cfg.workers} worker process(es)"
+    )
+    if cfg.workers == 1:
+        uvicorn.run(create_app(scorer, cfg), host=cfg.host, port=cfg.port, log_level="warning")
+        return
+    # several processes over one Redis store: the stores exist now (made once, here); each worker opens them
+    del scorer
+    os.environ[WORKER_ENV] = worker_spec(data, run, cfg.model_copy(update={"reset": False}), token_file)
+    uvicorn.run(
+        "sampletok.serving.app:worker_app",
+        factory=True,
+        workers=cfg.workers,
+        host=cfg.host,
+        port=cfg.port,
+        log_level="warning",
+    )
 
 
 @app.command("models")

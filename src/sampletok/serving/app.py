@@ -30,9 +30,12 @@ with ``Retry-After: 1``. Several processes (``workers``) need a Redis store.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import re
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -83,7 +86,6 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.
 def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
     """The FastAPI app serving ``scorer`` under ``config`` (its limits, token and reply options)."""
     import hmac
-    import json
 
     cfg = config or ServingConfig()
     try:
@@ -232,7 +234,7 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
             await batcher.run(lambda: scorer.fetch_history(one, one, 1), bounded=False)
         except StoreError as e:
             return error(503, str(e))
-        return JSONResponse({"status": "ok", "model": type(scorer.model).__name__.lower()})
+        return JSONResponse({"status": "ok", "model": type(scorer.model).__name__.lower(), "process": os.getpid()})
 
     @app.get("/schema")
     def schema() -> dict:
@@ -243,3 +245,26 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+WORKER_ENV = "SAMPLETOK_SERVE_WORKER"  # what `sampletok serve --workers N` hands each worker process
+
+
+def worker_spec(data: str | Path, run: str | Path, config: ServingConfig, token_file: str | Path | None) -> str:
+    """The JSON a worker process reads to build its app (the token by its file, never in the environment)."""
+    spec: dict[str, Any] = {"data": str(data), "run": str(run), "config": config.model_dump(exclude={"token"})}
+    spec["token_file"] = None if token_file is None else str(Path(token_file).resolve())
+    return json.dumps(spec)
+
+
+def worker_app() -> Any:
+    """The app of one of several service processes (uvicorn's factory): its own scorer over the Redis store
+    the parent made, its own batcher."""
+    from sampletok.data.dataset import PreparedDataset
+    from sampletok.serving.config import read_token_file
+
+    spec = json.loads(os.environ[WORKER_ENV])
+    token = read_token_file(spec["token_file"]) if spec["token_file"] else None
+    cfg = ServingConfig(**{**spec["config"], "token": token})
+    scorer = Scorer.from_run(PreparedDataset(spec["data"]), spec["run"], cfg.store, max_candidates=cfg.max_candidates)
+    return create_app(scorer, cfg)
