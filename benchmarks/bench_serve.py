@@ -1,37 +1,41 @@
-"""Load test of the scoring service on loopback: concurrent clients mixing POST /score (100 candidates,
-history L = 256) and POST /events against `sampletok serve` with a local and a Redis store.
+"""Open-loop load test of the scoring service on loopback: POST /score (100 candidates, history L = 256)
+mixed with POST /events at fixed offered rates against `sampletok serve` with a local and a Redis store.
 
-For each model × backend it starts the service in its own process (a fresh store made from the dataset),
-runs ``--clients`` client threads for ``--requests`` requests or ``--seconds`` (whichever ends first), then
-prints P50/P99 latency per endpoint and throughput, and checks that
+For each model × backend it starts the service in its own process (a fresh store made from the dataset) and,
+for each offered rate, runs the load generator (``benchmarks/loadgen.py``) in another process: Poisson
+arrivals at that rate, whatever the replies do (open loop, so queueing shows), each latency from the
+request's scheduled time. It prints per rate the P50/P99/P99.9 of /score, the throughput answered, refusals
+(503 from the bounded queue) and errors; the saturation point is the highest rate whose answered throughput
+keeps up with the offered one and whose P99 stays within the target. Then it checks that
 
 * every acknowledged event is in the store (a fresh reader counts each user's events: the dataset's rows
   plus the acknowledged appends, nothing lost), and
 * no score read history at or after its request time (each reply reports its history's smallest gap, which
-  must be > 0; requests and events draw their times from one clock, so the events other clients
-  append are in one request's past and another's future; an event and a request often share a timestamp).
-  The exit status is 1 when an event is lost, a score read the future or a request failed.
+  must be > 0; requests and events draw their times from one clock, so an event is in one request's past
+  and another's future; an event and a request often share a timestamp).
+  The exit status is 1 when an event is lost, a score read the future or a request failed (not a 503).
 
-Then the cost per candidate as a request grows (1, 10, 100, 1000 candidates; sequential requests).
+Also printed: the sequential latency of the same 100-candidate request (one client, one at a time) and the
+cost per candidate as a request grows (1, 10, 100, 1000 candidates).
 
 The models are trained briefly here (1 epoch on the latest 2 % of the training requests; cached under
 ``--out``): latency does not depend on how well a model ranks. DIN + IAT (user-order source, 256 tokens,
 item-ID history 256), SIF at L = 256 (``isolate_target``: one history pass per request) and, for contrast,
 SIF as trained by default (its history pass runs once per candidate).
 
-Run: python benchmarks/bench_serve.py --data ../shared/data/ml-100k [--clients 4] [--requests 400]
-     [--seconds 60] [--models iat,sif-isolated,sif] [--backends local,redis]
+Run: python benchmarks/bench_serve.py --data ../shared/data/ml-100k [--rates 10,20,40,80] [--seconds 20]
+     [--models iat,sif-isolated] [--backends local,redis] [--serve-args "--max-wait-us 2000"]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -66,14 +70,15 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-serve")
     ap.add_argument("--models", default="iat,sif-isolated,sif")
     ap.add_argument("--backends", default="local,redis")
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--requests", type=int, default=400, help="per model and backend (all clients together)")
-    ap.add_argument("--seconds", type=float, default=60.0, help="at most this long per model and backend")
+    ap.add_argument("--rates", default="10,20,40,80", help="offered requests per second (all paths together)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="load per rate")
+    ap.add_argument("--target-ms", default="iat=20,sif-isolated=50,sif=50", help="/score P99 targets per model")
+    ap.add_argument("--serve-args", default="", help="extra `sampletok serve` options (batching, workers)")
     ap.add_argument(
         "--users",
         type=int,
         default=16,
-        help="clients act as this many users (so appended events land in later requests' histories)",
+        help="requests act as this many users (so appended events land in later requests' histories)",
     )
     ap.add_argument("--event-share", type=float, default=0.2, help="share of requests that are /events")
     ap.add_argument("--candidates", type=int, default=100)
@@ -87,25 +92,26 @@ def main() -> None:
     out = Path(a.out)
     ds, frame = _dataset(a, out)
     runs = {m: _trained(ds, m, a.hist_len, out) for m in a.models.split(",")}
-    rows: list[str] = []
+    targets = {k: float(v) for k, v in (x.split("=") for x in a.target_ms.split(","))}
+    tables: list[str] = []
     sweep: list[str] = []
     failed = False
     with tempfile.TemporaryDirectory() as tmp, local_redis_server(tmp) as redis_url:
         for m, run in runs.items():
             for backend in a.backends.split(","):
                 store = str(Path(tmp) / f"store-{m}") if backend == "local" else f"{redis_url}?store=bench-{m}"
-                with _service(ds, run, store) as url:
-                    row, ok = _load(a, ds, frame, url, store, MODELS[m][0], backend)
-                    rows.append(row)
+                with _service(ds, run, store, a.serve_args.split()) as url:
+                    seq = _sequential(a, ds, frame, url)
+                    table, ok = _open_loop(a, ds, frame, url, store, MODELS[m][0], backend, seq, targets.get(m))
+                    tables.append(table)
                     failed |= not ok
                     if backend == a.backends.split(",")[0]:
                         sweep.append(_sweep(a, ds, frame, url, MODELS[m][0]))
-    print(f"\n### Load test: {a.clients} clients, {a.candidates} candidates per /score, L = {a.hist_len}, ")
-    print(f"{a.event_share:.0%} /events (loopback, {os.cpu_count()} cores shared by service and clients)\n")
-    print("| model | store | requests | req/s | /score P50 ms | /score P99 ms | /events P50 ms | /events P99 ms "
-          "| errors | events acked / in store | min history gap s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    print(f"\n### Open-loop load: {a.candidates} candidates per /score, L = {a.hist_len}, ", end="")
+    print(f"{a.event_share:.0%} /events, ", end="")
+    print(f"{a.seconds:.0f} s per rate (loopback, {os.cpu_count()} cores shared by service and load generator)")
+    print(f"service options: {a.serve_args or '(defaults)'}\n")
+    print("\n\n".join(tables))
     sizes = a.sweep.split(",")
     print(f"\n### Cost per candidate (sequential /score, L = {a.hist_len}, {a.backends.split(',')[0]} store)\n")
     print("| model | " + " | ".join(f"N = {n}: P50 ms (ms/candidate)" for n in sizes) + " |")
@@ -156,9 +162,10 @@ def _trained(ds, key: str, hist_len: int, out: Path) -> Path:
 class _service:
     """`sampletok serve` in its own process on a free loopback port, with a fresh store."""
 
-    def __init__(self, ds, run: Path, store: str):
+    def __init__(self, ds, run: Path, store: str, extra: list[str] | None = None):
         # the no-future check reads each reply's history gap: a trusted caller
         self.args = ["--data", str(ds.root), "--run", str(run), "--store", store, "--reset", "--expose-history-gap"]
+        self.args += extra or []
 
     def __enter__(self) -> str:
         with socket.socket() as s:
@@ -186,19 +193,6 @@ class _service:
 
 
 # ---------------------------------------------------------------------------------------------- traffic
-class _Clock:
-    """One non-decreasing time for every client, after the log's last event: one tick per two calls, so an
-    event and a request often share a timestamp (a `<=` where `<` belongs would show as a zero gap)."""
-
-    def __init__(self, start: int):
-        self.n, self.start, self.lock = 0, start, threading.Lock()
-
-    def next(self) -> int:
-        with self.lock:
-            self.n += 1
-            return self.start + self.n // 2
-
-
 def _bodies(ds):
     """(schema, item fields, the other request fields but the user): how a raw row splits into a request."""
     s = ds.schema
@@ -207,72 +201,90 @@ def _bodies(ds):
     return s, item_fields, other
 
 
-def _load(a, ds, frame, url: str, store: str, label: str, backend: str) -> tuple[str, bool]:
+def _traffic(a, ds, frame, n: int, seed: int) -> list[dict]:
+    """``n`` request bodies: /score of a random user among ``--users`` with ``--candidates`` random items, and
+    a share of /events (a random logged row's fields and responses, as one of those users)."""
+    s, item_fields, other = _bodies(ds)
+    rng = np.random.default_rng(seed)
+    users = frame[s.user].unique().sort().to_list()[: a.users]
+    items = frame.unique(subset=[s.item], keep="first", maintain_order=True).select(item_fields).to_dicts()
+    out = []
+    for i in range(n):
+        row = frame.row(int(rng.integers(frame.height)), named=True)
+        user, ctx = users[int(rng.integers(len(users)))], {k: row[k] for k in other}
+        if rng.random() < a.event_share:
+            fields = {**ctx, **{k: row[k] for k in item_fields}}
+            body = {"user": user, "ts": 0, "fields": fields, "responses": {r: row[r] for r in s.response_names}}
+            body["event_id"] = f"bench-{seed}-{i}"
+            out.append({"path": "/events", "body": body})
+        else:
+            cands = [items[j] for j in rng.integers(0, len(items), a.candidates)]
+            out.append({"path": "/score", "body": {"user": user, "ts": 0, "context": ctx, "candidates": cands}})
+    return out
+
+
+def _sequential(a, ds, frame, url: str, n: int = 40) -> float:
+    """P50 seconds of one 100-candidate /score at a time (no concurrency): the latency batching is judged by."""
     import httpx
 
+    bodies = [b["body"] for b in _traffic(a, ds, frame, 200, seed=99) if b["path"] == "/score"][:n]
+    ts = int(np.asarray(ds.col("_ts")).max()) + 1
+    times = []
+    with httpx.Client(base_url=url, timeout=120) as http:
+        for body in [bodies[0]] * 3 + bodies:  # three warm-up requests
+            t0 = time.perf_counter()
+            r = http.post("/score", json={**body, "ts": ts})
+            times.append(time.perf_counter() - t0)
+            assert r.status_code == 200, r.text
+    return float(np.median(times[3:]))
+
+
+def _open_loop(a, ds, frame, url, store, label, backend, seq_s, target_ms) -> tuple[str, bool]:
     from sampletok.features import FeatureLayout
     from sampletok.serving.events import EventCodec, open_events
     from sampletok.serving.scorer import Scorer, store_location
 
-    s, item_fields, other = _bodies(ds)
-    rng = np.random.default_rng(0)
-    clock = _Clock(int(np.asarray(ds.col("_ts")).max()) + 1)
-    users = frame[s.user].unique().sort().to_list()[: a.users]
-    items = frame.unique(subset=[s.item], keep="first", maintain_order=True).select(item_fields).to_dicts()
-    picks = rng.integers(0, frame.height, a.requests)
-    kinds = rng.random(a.requests) < a.event_share
-    lat: dict[str, list[float]] = {"/score": [], "/events": []}
+    clock = int(np.asarray(ds.col("_ts")).max()) + 10
     acked: dict[object, int] = {}
-    errors, min_gap = [], [np.inf]
-    lock = threading.Lock()
-    next_i = [0]
-    t_end = time.time() + a.seconds
-
-    def client() -> None:
-        http = httpx.Client(base_url=url, timeout=30)
-        crng = np.random.default_rng(threading.get_ident() % 2**32)
-        while True:
-            with lock:
-                i = next_i[0]
-                next_i[0] += 1
-            if i >= a.requests or time.time() > t_end:
-                return
-            row = frame.row(int(picks[i]), named=True)
-            user = users[int(crng.integers(len(users)))]
-            ctx = {k: row[k] for k in other}
-            if kinds[i]:
-                fields = {**ctx, **{k: row[k] for k in item_fields}}
-                body = {"user": user, "ts": clock.next(), "fields": fields,
-                        "responses": {r: row[r] for r in s.response_names}}  # fmt: skip
-                path = "/events"
-            else:
-                cands = [items[j] for j in crng.integers(0, len(items), a.candidates)]
-                body, path = {"user": user, "ts": clock.next(), "context": ctx, "candidates": cands}, "/score"
-            t0 = time.perf_counter()
-            r = http.post(path, json=body)
-            dt = time.perf_counter() - t0
-            with lock:
-                if r.status_code != 200:
-                    errors.append(f"{path} {r.status_code} {r.text[:200]}")
-                    continue
-                lat[path].append(dt)
-                if path == "/events":
-                    acked[user] = acked.get(user, 0) + 1
-                else:
-                    gap = r.json()["history"]["min_gap_s"]  # the fetched history's own gaps, as the model read it
-                    min_gap[0] = min(min_gap[0], gap if gap is not None else np.inf)
-
-    first = frame.row(0, named=True)
-    warm = {"user": users[0], "context": {k: first[k] for k in other}, "candidates": items[: a.candidates]}
-    for _ in range(3):  # warm-up (first-request allocations)
-        httpx.post(url + "/score", json={**warm, "ts": clock.next()}, timeout=60)
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(a.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    min_gap, errors, lines, ok_rates = np.inf, [], [], []
+    for k, rate in enumerate(float(r) for r in a.rates.split(",")):
+        n = max(int(rate * a.seconds), 1)
+        spec = {"url": url, "rate": rate, "seconds": a.seconds, "ts0": clock, "seed": k}
+        spec["bodies"] = _traffic(a, ds, frame, n, seed=1000 + k)
+        clock += n  # the next rate's times come after this one's
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(spec, f)
+        here = Path(__file__).with_name("loadgen.py")
+        cmd = [sys.executable, str(here), f.name]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.seconds * 10)
+        os.unlink(f.name)
+        if done.returncode != 0:
+            raise SystemExit(f"the load generator failed: {done.stderr[-2000:]}")
+        res = json.loads(done.stdout)
+        score = res["paths"].get("/score", {"latency_s": [], "status": {}, "min_gap_s": []})
+        lat = np.array(score["latency_s"]) * 1e3
+        statuses: dict[str, int] = {}
+        for p in res["paths"].values():
+            for st, c in p["status"].items():
+                statuses[st] = statuses.get(st, 0) + c
+        answered = statuses.get("200", 0)
+        refused = statuses.get("503", 0)
+        failed = sum(c for st, c in statuses.items() if st not in ("200", "503"))
+        if failed:
+            errors.append(f"rate {rate}: {statuses}")
+        for user, _ in res["paths"].get("/events", {}).get("acked", []):
+            acked[user] = acked.get(user, 0) + 1
+        gaps = [g for g in score["min_gap_s"] if g is not None]
+        min_gap = min([min_gap, *gaps])
+        thr = answered / res["wall_s"]
+        p50, p99, p999 = (np.percentile(lat, q) if len(lat) else np.nan for q in (50, 99, 99.9))
+        keeps_up = refused == 0 and failed == 0 and thr >= 0.9 * rate
+        if keeps_up and (target_ms is None or p99 <= target_ms):
+            ok_rates.append(rate)
+        lines.append(
+            f"| {rate:g} | {thr:.1f} | {p50:.1f} | {p99:.1f} | {p999:.1f} | {p99 / (seq_s * 1e3):.1f}× "
+            f"| {refused} | {failed} | {res['late_s'] * 1e3:.0f} |"
+        )
     # nothing lost: a fresh reader counts each user's events
     events = open_events(store_location(store, "events"), ds.fingerprint, EventCodec(FeatureLayout.from_dataset(ds)))
     keys = {u: Scorer.user_key(u) for u in acked}
@@ -283,21 +295,19 @@ def _load(a, ds, frame, url: str, store: str, label: str, backend: str) -> tuple
     in_store = f.mask.sum(1) - np.array([base.get(k, 0) for k in keys.values()])
     n_acked = sum(acked.values())
     lost = int((np.array(list(acked.values())) - in_store).clip(0).sum()) if acked else 0
-    done = len(lat["/score"]) + len(lat["/events"])
-
-    def pct(xs: list[float], q: float) -> str:
-        return f"{np.percentile(xs, q) * 1e3:.1f}" if xs else "-"
-
-    ok = "ok" if lost == 0 else f"LOST {lost}"
-    gap = "ok" if min_gap[0] > 0 else f"LEAK {min_gap[0]}"
     if errors:
         print("errors:", *errors[:5], sep="\n  ")
-    good = lost == 0 and min_gap[0] > 0 and not errors
-    return (
-        f"| {label} | {backend} | {done} | {done / wall:.1f} | {pct(lat['/score'], 50)} | {pct(lat['/score'], 99)} "
-        f"| {pct(lat['/events'], 50)} | {pct(lat['/events'], 99)} | {len(errors)} "
-        f"| {n_acked} / {int(in_store.sum()) if acked else 0} ({ok}) | {min_gap[0]:.0f} ({gap}) |"
-    ), good
+    good = lost == 0 and min_gap > 0 and not errors
+    sat = f"{max(ok_rates):g} req/s" if ok_rates else "below the lowest rate"
+    head = (
+        f"**{label}, {backend} store** — sequential /score P50 {seq_s * 1e3:.1f} ms; saturation (answered ≥ 90 % "
+        f"of offered, no refusal{f', P99 ≤ {target_ms:g} ms' if target_ms else ''}): {sat}; events acked / in "
+        f"store {n_acked} / {int(in_store.sum()) if acked else 0} ({'ok' if lost == 0 else f'LOST {lost}'}); "
+        f"min history gap {min_gap:.0f} s ({'ok' if min_gap > 0 else 'LEAK'})\n\n"
+        "| offered req/s | answered req/s | /score P50 ms | P99 ms | P99.9 ms | P99 / sequential | 503 | errors "
+        "| client late ms |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    return head + "\n" + "\n".join(lines), good
 
 
 def _sweep(a, ds, frame, url: str, label: str) -> str:

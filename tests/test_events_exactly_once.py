@@ -200,3 +200,41 @@ def test_a_local_store_appended_one_event_at_a_time_keeps_few_segments(tmp_path)
     got = events.fetch(np.array([7]), np.array([10**6]), 300)
     np.testing.assert_array_equal(got.payload[0, :, 1], 1000 + np.arange(300))
     np.testing.assert_array_equal(LocalTokenStore.open(tmp_path / "events").read("instance_id"), np.arange(300))
+
+
+def _responses_seen(store, key: int, at: int) -> tuple[list, list]:
+    """(known flags, values) of the user's events visible at ``at``, oldest first."""
+    f = store.fetch(np.array([key]), np.array([at]), 10, dequantize=False)
+    return f.response_mask[0, f.mask[0]].tolist(), f.responses[0, f.mask[0]].tolist()
+
+
+def test_a_late_response_reaches_both_stores_once_known(iat_run, location):
+    """PATCH /events/{id}: an event stored without its response gets it later, with its own known-at time, in
+    the event store and the token store together; requests before that time never see it."""
+    ds, run = iat_run
+    scorer = Scorer.from_run(ds, run, location)
+    client = TestClient(create_app(scorer), raise_server_exceptions=False)
+    label = ds.schema.task_labels[0]
+    key, t = Scorer.user_key("late-user"), 10**9
+    body = {**_event(ds, "late-user", t, "late-1"), "responses": {}}  # the outcome is not known yet
+    assert client.post("/events", json=body).status_code == 200
+    where = ds.schema.response_names.index(label)
+    stores = [scorer.events, scorer.tokens.store]
+    for store in stores:
+        assert not _responses_seen(store, key, t + 10**6)[0][0][where]
+    r = client.patch("/events/late-1", json={"user": "late-user", "responses": {label: 1}, "known_at": {label: t + 50}})
+    assert r.status_code == 200, r.text
+    assert r.json()["instance_id"] == client.post("/events", json=body).json()["instance_id"]  # same event
+    for fresh in (open_store(store_location(location, "events")), open_store(store_location(location, "tokens"))):
+        known_before, _ = _responses_seen(fresh, key, t + 50)  # strictly before its known-at: still unknown
+        known_after, values = _responses_seen(fresh, key, t + 51)
+        assert len(known_after) == 1 and not known_before[0][where] and known_after[0][where]
+        assert values[0][where] == 1.0
+    assert _count(scorer.events, key) == 1  # updated in place, no second row
+    # a response cannot be known before its event; an unknown event or user is 404; one line each
+    early = client.patch("/events/late-1", json={"user": "late-user", "responses": {label: 0}, "known_at": {label: 5}})
+    assert early.status_code == 400 and "before its event" in early.json()["error"]
+    missing = client.patch("/events/nope", json={"user": "late-user", "responses": {label: 1}})
+    other = client.patch("/events/late-1", json={"user": "someone-else", "responses": {label: 1}})
+    assert missing.status_code == other.status_code == 404 and "\n" not in missing.json()["error"]
+    assert client.patch("/events/late-1", json={"user": "late-user", "responses": {"nope": 1}}).status_code == 400

@@ -37,6 +37,10 @@ class ConflictError(SampletokError):
     """A write names an instance (an event id) that is stored already with other content."""
 
 
+class NotFoundError(SampletokError):
+    """What a request names is not stored (the service answers 404)."""
+
+
 class ConfigError(SampletokError):
     """An experiment or model configuration is invalid."""
 

@@ -9,6 +9,10 @@
   the event and its token are in the stores, committed together, when the reply comes (visible to requests
   after ``ts``, its responses once known). With ``event_id`` a retry stores nothing and answers the first
   instance id with ``"duplicate": true``; another event under a used ``event_id`` is 409.
+* ``PATCH /events/{event_id}`` ``{user, responses, known_at?}`` → ``{"instance_id", "updated"}``: responses
+  of a stored event learned later (a purchase days after the click), each visible to requests after its
+  ``known_at`` (default now; never before the event), in the event and token stores together; 404 when the
+  user has no event with that id.
 * ``GET /schema``: the fields a request holds (type, group, frequent values) and a valid example body.
 * ``GET /healthz`` (503 when the store cannot be read), ``GET /metrics`` (Prometheus text: requests and
   errors per endpoint, request latency and store-fetch histograms, appended events).
@@ -41,7 +45,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from sampletok.errors import ConflictError, SampletokError, StoreError, one_line
+from sampletok.errors import ConflictError, NotFoundError, SampletokError, StoreError, one_line
 from sampletok.serving.batcher import Batcher, Overloaded
 from sampletok.serving.config import ServingConfig
 from sampletok.serving.scorer import ScoreQuery, Scorer
@@ -59,6 +63,17 @@ class ScoreRequest(BaseModel):
     )
     context: dict[str, Any] = Field(default_factory=dict, description="the request's own fields")
     candidates: list[dict[str, Any]] = Field(min_length=1, description="each candidate's item fields")
+
+
+class LateResponsesRequest(BaseModel):
+    """The body of PATCH /events/{event_id}: responses of a stored event learned after it."""
+
+    model_config = ConfigDict(extra="forbid")
+    user: StrictStr | StrictInt
+    responses: dict[str, Any] = Field(min_length=1)
+    known_at: dict[str, Annotated[StrictInt, Field(ge=-(2**62), le=2**62)]] = Field(
+        default_factory=dict, description="when each became known (default: now)"
+    )
 
 
 class EventRequest(BaseModel):
@@ -144,12 +159,12 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": one_line(message)}, status_code=status)
 
-    guarded = ("/score", "/events", "/schema")
+    guarded = ("/score", "/events", "/schema")  # and every /events/{id}
     expected = f"Bearer {cfg.token}".encode() if cfg.token else None
 
     async def checked(request: Request) -> JSONResponse | None:
         """The reply refusing a request before it is parsed (token, body size), or None."""
-        if expected is not None and request.url.path in guarded:
+        if expected is not None and (request.url.path in guarded or request.url.path.startswith("/events/")):
             got = request.headers.get("authorization", "").encode("utf-8", "replace")
             if not hmac.compare_digest(got, expected):  # constant time: the token is never guessed bytewise
                 return error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
@@ -200,6 +215,10 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
     async def store_down(_: Request, exc: StoreError) -> JSONResponse:
         return error(503, str(exc))
 
+    @app.exception_handler(NotFoundError)
+    async def not_found(_: Request, exc: NotFoundError) -> JSONResponse:
+        return error(404, str(exc))
+
     @app.exception_handler(ConflictError)
     async def conflict(_: Request, exc: ConflictError) -> JSONResponse:
         return error(409, str(exc))
@@ -226,6 +245,11 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
         if stored:
             appended.inc()
         return {"instance_id": iid, "duplicate": not stored}
+
+    @app.patch("/events/{event_id}")
+    async def late_responses(event_id: str, req: LateResponsesRequest) -> dict:
+        iid = await batcher.run(lambda: scorer.add_late_responses(event_id, req.user, req.responses, req.known_at))
+        return {"instance_id": iid, "updated": True}
 
     @app.get("/healthz", response_model=None)  # a Response: no model (and no forward ref to resolve)
     async def healthz() -> Response:

@@ -40,9 +40,16 @@ from sampletok.errors import ConfigError, DataError, StoreError
 from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import RankingModel
 from sampletok.serving.events import EventCodec, export_events, open_events
-from sampletok.store.base import Fetched, Instances, TokenStore
+from sampletok.store.base import Fetched, Instances, LateResponses, TokenStore
 from sampletok.store.local import LocalTokenStore
-from sampletok.store.locations import append_together, create_store, is_redis_url, open_store, store_exists
+from sampletok.store.locations import (
+    append_together,
+    create_store,
+    is_redis_url,
+    open_store,
+    store_exists,
+    update_responses_together,
+)
 from sampletok.tokens import EventTokenizer, token_method
 
 
@@ -491,6 +498,47 @@ class Scorer:
             writes.append((self.tokens.store, Instances(iid, users, times, token, row_responses, row_known_at)))
         stored = append_together(writes, unique=event_id is not None)
         return int(iid[0]), stored
+
+    def add_late_responses(
+        self,
+        event_id: str,
+        user: object,
+        responses: Mapping[str, Any],
+        known_at: Mapping[str, int] | None = None,
+        now: int | None = None,
+    ) -> int:
+        """Responses of a stored event learned after it (``PATCH /events/{event_id}``): each becomes visible
+        to requests after its ``known_at`` (default ``now``, in the log's unit), in the event store and the
+        token store together. Returns the event's instance id; a NotFoundError when the user has no event
+        with this id; a DataError for a response known before the event happened."""
+        if not responses:
+            raise DataError("event", "no responses to add", "responses")
+        names = self.schema.response_names
+        unknown = sorted(set(responses) - set(names))
+        if unknown:
+            raise DataError("event", f"unknown response(s) {unknown}; the schema has {names}", "responses")
+        bad = sorted(set(known_at or {}) - set(responses))
+        if bad:
+            raise DataError("event", f"known_at for {bad}, which are not among the responses given", "known_at")
+        for name, value in responses.items():
+            _check_cell("event", name, value, multi=False)
+        iid, key = instance_id_of(event_id), self.user_key(user)
+        when = int(time.time() * self.schema.ticks_per_second) if now is None else int(now)
+        # the responses encoded as an event's are (the encoder reads whole rows: other fields at example values)
+        example = self.describe()["example"]
+        row = {self.schema.user: user, self.schema.timestamp: when, **example["context"], **example["candidates"][0]}
+        row.update({r: responses.get(r, _placeholder(self.schema, r)) for r in names})
+        row.update({r.known_at: when for r in self.schema.responses if r.known_at})
+        enc = self.encoder.encode(row, outcomes=True, origin="event")
+        _check_magnitudes("event", {k: v for k, v in enc.items() if k.startswith("resp__")})
+        values = np.array(
+            [enc[label_col(r) if r in self.schema.task_labels else resp_col(r)][0] for r in names], np.float32
+        )
+        given = np.array([r in responses for r in names])
+        known = np.array([int((known_at or {}).get(r, when)) for r in names], np.int64)
+        stores: list[TokenStore] = [self.events] + ([self.tokens.store] if self.tokens is not None else [])
+        update_responses_together(stores, LateResponses(iid, key, given, values, known))
+        return iid
 
     def _token_of(self, feats: dict[str, np.ndarray], key: int, ts: int) -> np.ndarray | None:
         """What the model's token store holds for a new event (its IAT embedding, its SIF codes), or None."""

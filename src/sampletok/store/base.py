@@ -62,6 +62,30 @@ class Instances(NamedTuple):
     known_at: np.ndarray | None = None  # [k, R] int64
 
 
+class LateResponses(NamedTuple):
+    """Responses of one stored instance learned after it was stored (``PATCH /events/{id}``): for the responses
+    where ``given`` [R] is True, the new value (``values`` [R] float32, encoded) and when it became known
+    (``known_at`` [R] int64, never before the instance's own time)."""
+
+    instance_id: int
+    user: int
+    given: np.ndarray
+    values: np.ndarray
+    known_at: np.ndarray
+
+    def applied(
+        self, ts: int, responses: np.ndarray, known_at: np.ndarray, where: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The stored row's (responses, known_at) with these late ones in; a DataError for a response said to
+        be known before the instance happened (it would reach requests that preceded the outcome)."""
+        early = self.given & (self.known_at < ts)
+        if early.any():
+            from sampletok.errors import DataError
+
+            raise DataError(where, f"a response cannot be known before its event (ts {ts})", "known_at")
+        return np.where(self.given, self.values, responses), np.where(self.given, self.known_at, known_at)
+
+
 @runtime_checkable
 class TokenStore(Protocol):
     """What a ranking service, a streaming job and the exports need of a store."""

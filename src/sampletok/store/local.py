@@ -49,11 +49,12 @@ from typing import Any
 import numpy as np
 
 from sampletok.atomic import locked, save_atomic
-from sampletok.errors import ConflictError, DataError, StoreError
+from sampletok.errors import ConflictError, DataError, NotFoundError, StoreError
 from sampletok.history import HistoryIndex
 from sampletok.store.base import (
     PAYLOAD_DTYPES,
     Fetched,
+    LateResponses,
     check_append,
     check_dtype,
     check_format,
@@ -539,6 +540,62 @@ def commit_appends(
         return True
 
 
+def commit_late_responses(stores: Sequence[LocalTokenStore], late: LateResponses) -> int:
+    """Set the late responses of one stored instance in every store holding it (the event store first: it must
+    hold the instance, else a NotFoundError) in **one commit**, as :func:`commit_appends` does: the segment
+    holding the row is rewritten with the new values (copy on write; readers of older versions keep theirs).
+    Returns the instance's timestamp."""
+    if not stores:
+        raise StoreError("commit_late_responses: no store")
+    with ExitStack() as stack:
+        for store in sorted(stores, key=lambda st: str(st.root.resolve())):
+            stack.enter_context(store._locked())
+        staged, dropped, ts = [], [], None
+        for k, store in enumerate(stores):
+            current, manifest = _read_current(store.root)
+            found = _find_instance(store.root, manifest, late.instance_id, late.user)
+            if found is None:
+                if k == 0:
+                    raise NotFoundError(f"no stored event with this id for user {late.user}")
+                continue  # a store that never held it (no token for this event)
+            seg, row = found
+            cols = {key: np.array(v[0]) for key, v in _load_segments(store.root, [seg], manifest["meta"]).items()}
+            ts = int(cols["ts"][row]) if ts is None else ts
+            cols["responses"][row], cols["known_at"][row] = late.applied(
+                int(cols["ts"][row]), cols["responses"][row], cols["known_at"][row], "event"
+            )
+            name = store._write_segment(cols)
+            segments = [name if x == seg else x for x in manifest["segments"]]
+            new = {**manifest, "segments": segments, "version": manifest["version"] + 1}
+            staged.append((store, store._write_manifest(new), new, current))
+            dropped.append((store, seg))
+        if len(staged) == 1:
+            store, name, new, current = staged[0]
+            if store.on_before_commit is not None:
+                store.on_before_commit()
+            store._switch(name, new, replaces=current)
+        else:
+            _commit_together(stores[0].root, staged)
+        for store, seg in dropped:
+            shutil.rmtree(store.root / "segments" / seg, ignore_errors=True)
+        assert ts is not None
+        return ts
+
+
+def _find_instance(root: Path, manifest: dict, instance_id: int, user: int) -> tuple[str, int] | None:
+    """(segment, row) of the user's instance ``instance_id`` in a version, newest segment first, or None."""
+    for seg in reversed(manifest["segments"]):
+        folder = root / "segments" / seg
+        iid = np.load(folder / "instance_id.npy", mmap_mode="r")
+        rows = np.flatnonzero(np.asarray(iid) == instance_id)
+        if len(rows):
+            users = np.load(folder / "user.npy", mmap_mode="r")
+            mine = rows[np.asarray(users)[rows] == user]
+            if len(mine):
+                return seg, int(mine[-1])
+    return None
+
+
 def _merge_plan(root: Path, segments: list[str], new_rows: int) -> tuple[list[str], list[str]]:
     """(segments kept, trailing segments merged into the new one): trailing segments no larger than what
     merges after them, as a binary counter does, so a store appended to one event at a time holds about
@@ -642,6 +699,8 @@ def _stored_already(store: LocalTokenStore, arrays: dict[str, np.ndarray], manif
         raise ConflictError(f"{store.root}: some of these instance ids are stored already, others are not")
     order = np.argsort(ids, kind="stable")
     for col, new in arrays.items():
+        if col in ("responses", "known_at"):  # late responses (PATCH) may have changed them since
+            continue
         old = np.concatenate(current[col])[hit[order]]
         new = new[np.argsort(arrays["instance_id"], kind="stable")]
         if old.shape != new.shape or not np.array_equal(old, new):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sampletok.errors import StoreError
-from sampletok.store.base import Instances, TokenStore
+from sampletok.store.base import Instances, LateResponses, TokenStore
 
 
 def is_redis_url(location: str | Path) -> bool:
@@ -103,3 +103,22 @@ def append_together(writes: list[tuple[TokenStore, Instances]], unique: bool = F
 
         return redis_commit([(st, tuple(rows)) for st, rows in writes], unique=unique)  # type: ignore[misc]
     raise StoreError("stores appended together must share one backend (all local, or all on one Redis server)")
+
+
+def update_responses_together(stores: list[TokenStore], late: LateResponses) -> int:
+    """Set late responses of one stored instance in every store holding it (the event store first, which must
+    hold it: else a NotFoundError), in one commit, as :func:`append_together` appends: a reader sees the new
+    responses in every store or in none. Returns the instance's timestamp."""
+    from sampletok.store.local import LocalTokenStore
+
+    if all(isinstance(st, LocalTokenStore) for st in stores):
+        from sampletok.store.local import commit_late_responses
+
+        return commit_late_responses([st for st in stores if isinstance(st, LocalTokenStore)], late)
+    from sampletok.store.redis import RedisTokenStore
+
+    if all(isinstance(st, RedisTokenStore) for st in stores):
+        from sampletok.store.redis import commit_late_responses as redis_update
+
+        return redis_update([st for st in stores if isinstance(st, RedisTokenStore)], late)
+    raise StoreError("stores updated together must share one backend (all local, or all on one Redis server)")

@@ -42,6 +42,7 @@ from sampletok.errors import StoreError
 from sampletok.store.base import (
     PAYLOAD_DTYPES,
     Fetched,
+    LateResponses,
     check_append,
     check_dtype,
     check_format,
@@ -400,9 +401,9 @@ def commit_appends(writes: list[tuple[RedisTokenStore, tuple]], unique: bool = F
     keys = [f"{st.name}:current" for st in stores] + [f"{first.name}:{first.vid}:ids"]
     args: list[bytes | str | int] = [len(stores), *[st.vid for st in stores]]
     rec0, user0 = built[0][1], built[0][2]
-    if unique:  # what a retry must match: the user and the packed instance, without its sequence number
-        plain = rec0.copy()
-        plain["seq"] = 0
+    if unique:  # what a retry must match: the user and the packed instance, without its sequence number and
+        plain = rec0.copy()  # responses (late responses may change those; the event stays the same)
+        plain["seq"], plain["responses"], plain["known_at"] = 0, 0, 0
         args.append(len(plain))
         for i in range(len(plain)):
             args += [
@@ -433,6 +434,57 @@ def commit_appends(writes: list[tuple[RedisTokenStore, tuple]], unique: bool = F
             "names one event"
         )
     return code == 1
+
+
+def commit_late_responses(stores: list[RedisTokenStore], late: LateResponses) -> int:
+    """Set the late responses of one stored instance in every store holding it (the event store first: it must
+    hold it, else a NotFoundError) in one optimistic transaction (WATCH the users' sets and the stores' current
+    ids, then MULTI/EXEC: one member replaced per store, or nothing when another writer got in first, and then
+    again). Returns the instance's timestamp."""
+    import redis
+
+    from sampletok.errors import NotFoundError
+
+    first = stores[0]
+    for st in stores:
+        if not first._same_server(st):
+            raise StoreError(f"{st.url}: stores updated together must be on one Redis server ({first.url})")
+    keys = [st._key(late.user) for st in stores]
+    currents = [f"{st.name}:current" for st in stores]
+    try:
+        with first.client.pipeline() as pipe:
+            for _ in range(100):  # retried only when a concurrent write touched these keys
+                try:
+                    pipe.watch(*keys, *currents)
+                    for st, cur in zip(stores, currents, strict=True):
+                        st._check_current(pipe.get(cur))
+                    swaps, ts = [], None
+                    for k, (st, key) in enumerate(zip(stores, keys, strict=True)):
+                        members = pipe.zrange(key, 0, -1)
+                        rec = np.frombuffer(b"".join(members), st._record) if members else np.zeros(0, st._record)
+                        hit = np.flatnonzero(rec["iid"] == late.instance_id)
+                        if not len(hit):
+                            if k == 0:
+                                raise NotFoundError(f"no stored event with this id for user {late.user}")
+                            continue
+                        new = rec[hit[-1] : hit[-1] + 1].copy()
+                        ts = int(new["ts"][0]) if ts is None else ts
+                        new["responses"][0], new["known_at"][0] = late.applied(
+                            int(new["ts"][0]), new["responses"][0], new["known_at"][0], "event"
+                        )
+                        swaps.append((key, members[hit[-1]], new.tobytes(), int(new["ts"][0])))
+                    pipe.multi()
+                    for key, old, member, score in swaps:
+                        pipe.zrem(key, old)
+                        pipe.zadd(key, {member: score})
+                    pipe.execute()
+                    assert ts is not None
+                    return ts
+                except redis.WatchError:
+                    continue
+    except redis.RedisError as e:
+        raise StoreError(f"{first.url}: update failed ({type(e).__name__}: {e})") from None
+    raise StoreError(f"{first.url}: the update kept losing to concurrent writers; try again")
 
 
 @contextmanager
