@@ -302,8 +302,9 @@ def _open_loop(a, ds, frame, url, store, label, backend, seq_s, target_ms) -> tu
     sat = f"{max(ok_rates):g} req/s" if ok_rates else "below the lowest rate"
     head = (
         f"**{label}, {backend} store** — sequential /score P50 {seq_s * 1e3:.1f} ms; saturation (the last reply "
-        f"within 1 s of the last send, no refusal{f', P99 ≤ {target_ms:g} ms' if target_ms else ''}): {sat}; events acked / in "
-        f"store {n_acked} / {int(in_store.sum()) if acked else 0} ({'ok' if lost == 0 else f'LOST {lost}'}); "
+        f"within 1 s of the last send, no refusal{f', P99 ≤ {target_ms:g} ms' if target_ms else ''}): {sat}; "
+        f"events acked / in store {n_acked} / {int(in_store.sum()) if acked else 0} "
+        f"({'ok' if lost == 0 else f'LOST {lost}'}); "
         f"min history gap {min_gap:.0f} s ({'ok' if min_gap > 0 else 'LEAK'})\n\n"
         "| offered req/s | answered req/s | /score P50 ms | P99 ms | P99.9 ms | P99 / sequential | 503 | errors "
         "| drain ms | client late ms |\n|---|---|---|---|---|---|---|---|---|---|"
