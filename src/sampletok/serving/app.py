@@ -240,7 +240,7 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
     @app.post("/events")
     async def events(req: EventRequest) -> dict:
         iid, stored = await batcher.run(
-            lambda: scorer.append_event_once(req.user, req.ts, req.fields, req.responses, req.known_at, req.event_id)
+            lambda: scorer.append_event(req.user, req.ts, req.fields, req.responses, req.known_at, req.event_id)
         )
         if stored:
             appended.inc()

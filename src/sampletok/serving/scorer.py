@@ -436,29 +436,15 @@ class Scorer:
         responses: Mapping[str, Any] | None = None,
         known_at: Mapping[str, int] | None = None,
         event_id: str | None = None,
-    ) -> int:
-        """Append one event; returns its instance id. ``responses``: values by name (a response not given is
-        never visible); ``known_at``: when a response became known, for responses whose schema says so with a
-        ``known_at`` column (the others are known ``delay`` seconds after ``ts``).
+    ) -> tuple[int, bool]:
+        """Append one event; returns (its instance id, whether it was stored now). ``responses``: values by name
+        (a response not given is never visible); ``known_at``: when a response became known, for responses
+        whose schema says so with a ``known_at`` column (the others are known ``delay`` seconds after ``ts``).
 
         The event row and its token (IAT embedding, SIF codes) are committed together: a reader sees both or
         neither, whatever fails between them. ``event_id`` (the client's id of the event) makes the append
         idempotent: the instance id is derived from it, and a retry of the same event stores nothing and
-        returns the same id (see :meth:`append_event_once`)."""
-        return self.append_event_once(user, ts, fields_, responses, known_at, event_id)[0]
-
-    @torch.no_grad()
-    def append_event_once(
-        self,
-        user: object,
-        ts: int,
-        fields_: Mapping[str, Any],
-        responses: Mapping[str, Any] | None = None,
-        known_at: Mapping[str, int] | None = None,
-        event_id: str | None = None,
-    ) -> tuple[int, bool]:
-        """:meth:`append_event`, returning (instance id, whether it was stored now: False for a retry of an
-        event with this ``event_id`` already stored). Another event under a stored ``event_id`` is a
+        returns (the same id, False); another event under a stored ``event_id`` is a
         :class:`~sampletok.errors.ConflictError`."""
         responses, known_at = dict(responses or {}), dict(known_at or {})
         names = self.schema.response_names

@@ -701,7 +701,8 @@ def _stored_already(store: LocalTokenStore, arrays: dict[str, np.ndarray], manif
     for col, new in arrays.items():
         if col in ("responses", "known_at"):  # late responses (PATCH) may have changed them since
             continue
-        old = np.concatenate(current[col])[hit[order]]
+        # this reader's memory maps gather just the hit rows; a version it has not mapped is read whole (rare)
+        old = store._take(col, hit[order]) if mapped else np.concatenate(current[col])[hit[order]]
         new = new[np.argsort(arrays["instance_id"], kind="stable")]
         if old.shape != new.shape or not np.array_equal(old, new):
             raise ConflictError(
