@@ -329,7 +329,7 @@ def test_every_option_trains_end_to_end(option):
     assert bool(out.aux_losses) is ("aux_responses" in OPTIONS[option])
 
 
-def test_every_option_trains_on_a_prepared_dataset_and_exports(resp_ds):
+def test_the_full_configuration_trains_on_a_prepared_dataset(resp_ds):
     """The full DLRM-v3 configuration on loader batches: finite loss and gradients, every response an aux loss."""
     lay = FeatureLayout.from_dataset(resp_ds)
     torch.manual_seed(0)
