@@ -40,6 +40,9 @@ class FeatureLayout:
     groups: dict[str, str]
     features: list[FeatureField] | None = None  # every field in schema order (SIF sub-token assignment)
     response_vocab_sizes: dict[str, int] = field(default_factory=dict)  # categorical responses (others: value)
+    # each response's type: "binary" (task labels too), "numeric" or "categorical" (absent: a task label is
+    # binary, any other value response numeric); what a response head (sampletok.nn.ResponseHeads) predicts
+    response_types: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dataset(cls, ds: _FittedDataset) -> FeatureLayout:
@@ -61,6 +64,7 @@ class FeatureLayout:
             groups={f.name: f.group for f in s.features},
             features=list(s.features),
             response_vocab_sizes={r: v for r in s.response_names if (v := ds.response_vocab_size(r))},
+            response_types={**{label: "binary" for label in s.task_labels}, **{r.name: r.type for r in s.responses}},
         )
 
     @classmethod
@@ -94,6 +98,7 @@ class FeatureLayout:
             groups={f.name: f.group for f in fs},
             features=fs,
             response_vocab_sizes={"rating": 7},
+            response_types={"click": "binary", "rating": "categorical"},
         )
 
     @property
@@ -154,7 +159,12 @@ class Batch:
     row in it, -1 where padded), and ``tokens`` (what a token store holds for the requests).
     ``history_group`` ([B], contiguous groups numbered from 0) says which rows share one history (a served
     request's candidates; a served batch of several requests): a model may compute its history pass once per
-    group, on the group's first row (:meth:`history_heads`), and spread it with :meth:`expand_history`."""
+    group, on the group's first row (:meth:`history_heads`), and spread it with :meth:`expand_history`.
+
+    ``responses`` ([B, R], with ``response_mask`` [B, R], True where the row has that outcome) are the request
+    rows' own outcomes, filled by the offline loader only: **targets** of auxiliary response heads
+    (:class:`~sampletok.nn.ResponseHeads`), never a model input (a test checks that no model's score reads
+    them); serving leaves them None, and history samples never carry them."""
 
     cat: torch.Tensor  # [B, F_c] int64
     multi: torch.Tensor  # [B, F_m, L_m] int64
@@ -174,6 +184,8 @@ class Batch:
     history_sample_index: torch.Tensor | None = None  # [B, n] int64
     tokens: HistoryTokens | None = None
     history_group: torch.Tensor | None = None  # [B] int64 rows with one value share one history (None: own)
+    responses: torch.Tensor | None = None  # [B, R] float32 the rows' own outcomes (targets only), offline only
+    response_mask: torch.Tensor | None = None  # [B, R] bool, True where the row has the outcome
 
     @classmethod
     def example(
@@ -233,6 +245,16 @@ class Batch:
             }
 
         batch = cls(**own(b), **history(b, n))
+        # the rows' own outcomes (targets of response heads): the task labels first, then the other responses
+        r_highs = torch.tensor([layout.response_vocab_sizes.get(x, 2) for x in layout.responses], dtype=torch.float32)
+        g_own = torch.Generator().manual_seed(seed + 1)  # its own stream: every other tensor is as before
+        own_responses = (torch.rand(b, len(layout.responses), generator=g_own) * (r_highs - 1)).floor()
+        own_responses += torch.tensor([float(x in layout.response_vocab_sizes) for x in layout.responses])
+        for i, label in enumerate(layout.task_labels):
+            if label in layout.responses:
+                own_responses[:, layout.responses.index(label)] = batch.labels[:, i]
+        batch.responses = own_responses
+        batch.response_mask = torch.ones(b, len(layout.responses), dtype=torch.bool)
         if history_samples:
             valid = batch.hist_mask.reshape(-1)
             index = torch.full((b * n,), -1, dtype=torch.int64)

@@ -21,7 +21,7 @@ import torch
 
 from sampletok import distributed
 from sampletok.atomic import locked
-from sampletok.columns import TIMESTAMP, USER_KEY, cat_col, label_col, multi_col, num_col
+from sampletok.columns import NEVER, TIMESTAMP, USER_KEY, cat_col, label_col, multi_col, num_col
 from sampletok.data.dataset import PreparedDataset
 from sampletok.features import Batch, FeatureLayout, HistoryTokens
 from sampletok.history import HistoryIndex
@@ -81,6 +81,7 @@ class BatchLoader:
         )
         self._multi_oov = np.array([lay.vocab_sizes[f.name] - 1 for f in lay.multi_fields], np.int64)
         self._seq_cat_oov, self._seq_multi_oov = self._cat_oov[seq_cat_idx], self._multi_oov[seq_multi_idx]
+        self._known_at = ds.response_known_at()  # {response index: [N] known-at time}, NEVER: never known
 
     def __len__(self) -> int:
         n = len(self.rows)
@@ -140,8 +141,17 @@ class BatchLoader:
             history.samples, history.sample_index = self._requests(uniq), index
             history.samples_history = self._history(uniq, 0)
         requests = self._requests(rows)
+        # the request rows' own outcomes: targets of response heads only (history samples never get them)
+        requests.responses, requests.response_mask = self._responses[rows], self._own_response_mask(rows)
         tokens = self.tokens.fetch(requests.user, requests.ts) if self.tokens is not None else None
         return build_batch(requests, history, tokens)
+
+    def _own_response_mask(self, rows: np.ndarray) -> np.ndarray:
+        """[B, R] True where the row has the outcome (False: a ``known_at`` response that never became known)."""
+        mask = np.ones((len(rows), len(self.layout.responses)), bool)
+        for k, known in self._known_at.items():
+            mask[:, k] = np.asarray(known[rows]) != NEVER
+        return mask
 
     def _requests(self, rows: np.ndarray) -> RequestRows:
         return RequestRows(
@@ -180,6 +190,8 @@ class RequestRows:
     user: np.ndarray  # [B] user keys
     ts: np.ndarray  # [B] request times
     rows: np.ndarray  # [B] dataset rows (-1: a served request)
+    responses: np.ndarray | None = None  # [B, R] the rows' own outcomes (offline requests only: targets)
+    response_mask: np.ndarray | None = None  # [B, R] bool, True where the row has the outcome
 
 
 @dataclass
@@ -252,6 +264,8 @@ def build_batch(requests: RequestRows, history: FetchedHistory, tokens: HistoryT
         ts=t(requests.ts.astype(np.int64)),
         rows=t(requests.rows),
         history_group=group,
+        responses=None if requests.responses is None else t(np.ascontiguousarray(requests.responses, np.float32)),
+        response_mask=None if requests.response_mask is None else t(requests.response_mask),
     )
     if history.samples is not None:
         assert history.samples_history is not None and history.sample_index is not None

@@ -9,6 +9,10 @@ responses from the value of the method. ``True`` reads every response, a list th
 rows enters the MLP beside the item attention, which then reads item IDs only): past responses can then only
 describe the user, not re-weight items (an ablation for the GAUC question in docs/results.md).
 
+``aux_responses`` (off by default) adds the multitask heads of :class:`~sampletok.nn.ResponseHeads` over the
+MLP's input: each named response of the request (True: every one that is not a task label) is predicted as an
+auxiliary loss (weight ``aux_weight``), its target the row's own outcome, never an input.
+
 Example:
     >>> from sampletok.features import Batch, FeatureLayout
     >>> model = DIN(FeatureLayout.example(), history_responses=True)
@@ -25,7 +29,7 @@ import torch
 
 from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
-from sampletok.nn import MLP, FeatureEmbedding, ResponseEncoder, TargetAttention
+from sampletok.nn import MLP, FeatureEmbedding, ResponseEncoder, ResponseHeads, TargetAttention, aux_losses
 from sampletok.nn.layers import masked_mean
 from sampletok.train.tune import TRAIN_SPACE, Space, choice, uniform
 
@@ -51,6 +55,9 @@ class DIN(RankingModel):
         history_responses: bool | list[str] = False,
         response_dropout: float = 0.0,
         responses_to: Literal["items", "user"] = "items",
+        aux_responses: bool | list[str] = False,
+        aux_weight: float = 0.2,
+        aux_hidden: int = 64,
     ):
         """Build the model; every argument but ``layout`` is a key of its ``params`` in an experiment.
 
@@ -64,6 +71,10 @@ class DIN(RankingModel):
             history_responses: add each history row's responses known at the request: True all, a list the named.
             response_dropout: probability of hiding a history row's responses while training.
             responses_to: ``items`` (responses re-weight history items) or ``user`` (a separate user branch).
+            aux_responses: multitask heads predicting the request's responses (True: every non-task-label one,
+                a list the named; False: none, the default).
+            aux_weight: scale of each auxiliary loss (DLRM-v3: 0.2).
+            aux_hidden: hidden width of the response heads.
         """
         super().__init__(layout)
         self.embed = FeatureEmbedding(layout, embed_dim)
@@ -77,6 +88,7 @@ class DIN(RankingModel):
         user_dim = self.embed.seq_dim if history_responses and responses_to == "user" else 0
         in_dim = self.embed.n_tokens * embed_dim + self.embed.seq_dim + user_dim + extra_dim  # extra: e.g. IAT
         self.mlp = MLP(in_dim, list(hidden), out_dim=self.n_tasks, dropout=dropout)
+        self.aux = ResponseHeads(layout, in_dim, aux_responses, aux_hidden, aux_weight) if aux_responses else None
 
     def interest(self, batch: Batch) -> torch.Tensor:
         """[B, seq_dim] attention-pooled history."""
@@ -98,4 +110,5 @@ class DIN(RankingModel):
         return self.mlp(x)
 
     def forward(self, batch: Batch) -> ModelOutput:
-        return ModelOutput(self.predict_from(self.feature_input(batch)))
+        x = self.feature_input(batch)
+        return ModelOutput(self.predict_from(x), aux_losses(self.aux, x, batch, self.training))

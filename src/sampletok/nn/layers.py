@@ -14,8 +14,30 @@ from sampletok.errors import ConfigError
 from sampletok.nn.attention import attend
 
 
+class SwishLayerNorm(nn.Module):
+    """``x · sigmoid(LayerNorm(x))`` (affine LayerNorm over the last axis): the activation of DLRM-v3's MLPs
+    (meta-recsys/generative-recommenders ``ops/pytorch/pt_layer_norm.py``, ``pytorch_swish_layer_norm``).
+    Pass the class as an :class:`MLP` ``activation``: it is built with the layer's width.
+
+    Example:
+        >>> x = torch.randn(2, 4)
+        >>> torch.allclose(SwishLayerNorm(4)(x), x * torch.sigmoid(F.layer_norm(x, (4,))))
+        True
+    """
+
+    takes_width = True  # MLP builds it as SwishLayerNorm(width)
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.norm(x))
+
+
 class MLP(nn.Sequential):
-    """Linear → activation → dropout stacks; ``out_dim`` adds a final linear layer without activation."""
+    """Linear → activation → dropout stacks; ``out_dim`` adds a final linear layer without activation. An
+    activation class with ``takes_width`` (:class:`SwishLayerNorm`) is built with the layer's width."""
 
     def __init__(
         self,
@@ -32,7 +54,7 @@ class MLP(nn.Sequential):
             layers.append(nn.Linear(d, h))
             if batch_norm:
                 layers.append(nn.BatchNorm1d(h))
-            layers.append(activation())
+            layers.append(activation(h) if getattr(activation, "takes_width", False) else activation())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             d = h
