@@ -332,12 +332,13 @@ def serve(
     max_wait_us: int = typer.Option(500, help="dynamic batching: how long a batch waits for more requests (µs)"),
     max_queue: int = typer.Option(64, help="requests waiting beyond this are refused with 503 and Retry-After"),
     workers: int = typer.Option(1, help="service processes over one store (more than one needs a redis:// store)"),
+    threads: int = typer.Option(1, help="torch threads per process (scale out with --workers)"),
 ):
     """Serve a trained model over HTTP: POST /score, POST /events, GET /healthz, GET /metrics (the serve
     extra). The stores are made from the dataset on first start (every prepared row as history)."""
     from sampletok.data.dataset import PreparedDataset
     from sampletok.errors import validated
-    from sampletok.serving.app import WORKER_ENV, create_app, worker_spec
+    from sampletok.serving.app import WORKER_ENV, create_app, settle_process, worker_spec
     from sampletok.serving.config import ServingConfig, read_token_file
     from sampletok.serving.scorer import Scorer
 
@@ -360,6 +361,7 @@ def serve(
             max_wait_us=max_wait_us,
             max_queue=max_queue,
             workers=workers,
+            threads=threads,
         ),
         where="serve",
     )
@@ -371,6 +373,7 @@ def serve(
         f"{cfg.workers} worker process(es)"
     )
     if cfg.workers == 1:
+        settle_process(cfg)
         uvicorn.run(create_app(scorer, cfg), host=cfg.host, port=cfg.port, log_level="warning")
         return
     # several processes over one Redis store: the stores exist now (made once, here); each worker opens them

@@ -31,6 +31,9 @@ class ServingConfig(BaseModel):
     )
     max_wait_us: int = Field(500, ge=0, le=1_000_000, description="how long a batch waits for more requests (µs)")
     max_queue: int = Field(64, ge=1, description="requests waiting beyond this are refused: 503 with Retry-After")
+    threads: int = Field(
+        1, ge=1, le=256, description="torch intra-op threads per process (scale out with workers, not threads)"
+    )
     workers: int = Field(1, ge=1, le=64, description="service processes (more than one needs a redis:// store)")
     expose_history_gap: bool = Field(
         False,
