@@ -348,8 +348,9 @@ class LocalTokenStore:
 
     def gc(self, min_age_s: float = 600.0) -> None:
         """Remove segment folders and temporaries not named by the current manifest (left by crashes) that are
-        older than ``min_age_s``: a :meth:`create` staging into the same folder writes its segments outside the
-        lock, and must not lose them to a concurrent gc."""
+        older than ``min_age_s``, or at once when they are temporaries of a writer no longer running: a
+        :meth:`create` staging into the same folder writes its segments outside the lock, and must not lose them
+        to a concurrent gc."""
         with self._locked():
             _, latest = _read_current(self.root)
             live = set(latest["segments"])
@@ -358,7 +359,9 @@ class LocalTokenStore:
                 if p.name not in live and (p.stat().st_mtime <= cutoff or _writer_is_gone(p.name)):
                     shutil.rmtree(p, ignore_errors=True)
             for p in self.root.glob(".*tmp-*"):
-                if p.stat().st_mtime <= cutoff:
+                # a dead writer's temporary (.CURRENT/.manifest-…/.PENDING.json.tmp-PID: a kill -9 inside
+                # save_atomic) goes at once, as its segment temporaries do; it used to stay for min_age_s
+                if p.stat().st_mtime <= cutoff or _writer_is_gone(p.name):
                     p.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reads
@@ -727,8 +730,9 @@ def _read_current(root: Path) -> tuple[str, dict]:
 
 
 def _writer_is_gone(name: str) -> bool:
-    """Whether ``name`` is a segment temporary (``.seg-….tmp-PID``) whose writing process no longer runs on this
-    host: a crash mid-append left it, and it can go at once."""
+    """Whether ``name`` is a temporary (a segment's ``.seg-….tmp-PID``, or an atomic file write's, e.g.
+    ``.CURRENT.tmp-PID``) whose writing process no longer runs on this host: a crash mid-append left it, and it
+    can go at once."""
     if ".tmp-" not in name:
         return False
     pid = name.rsplit(".tmp-", 1)[1]
