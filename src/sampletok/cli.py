@@ -330,7 +330,7 @@ def serve(
         1000, help="dynamic batching: the most candidates of concurrent requests scored in one forward"
     ),
     max_wait_us: int = typer.Option(500, help="dynamic batching: how long a batch waits for more requests (µs)"),
-    max_queue: int = typer.Option(64, help="requests waiting beyond this are refused with 503 and Retry-After"),
+    max_queue: int = typer.Option(16, help="requests waiting beyond this are refused with 503 and Retry-After"),
     workers: int = typer.Option(1, help="service processes over one store (more than one needs a redis:// store)"),
     threads: int = typer.Option(1, help="torch threads per process (scale out with --workers)"),
 ):

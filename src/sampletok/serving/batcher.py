@@ -67,7 +67,7 @@ class Batcher(Generic[Q, R]):
         score_many: Callable[[list[Q]], Sequence[R | Exception]],
         max_batch_candidates: int = 1000,
         max_wait_us: int = 500,
-        max_queue: int = 64,
+        max_queue: int = 16,
         on_batch: Callable[[int, int, float], None] | None = None,
     ):
         self.score_many, self.on_batch = score_many, on_batch

@@ -30,7 +30,7 @@ class ServingConfig(BaseModel):
         1000, ge=1, description="the dynamic batcher's most candidates in one model forward (1: no batching)"
     )
     max_wait_us: int = Field(500, ge=0, le=1_000_000, description="how long a batch waits for more requests (µs)")
-    max_queue: int = Field(64, ge=1, description="requests waiting beyond this are refused: 503 with Retry-After")
+    max_queue: int = Field(16, ge=1, description="requests waiting beyond this are refused: 503 with Retry-After")
     threads: int = Field(
         1, ge=1, le=256, description="torch intra-op threads per process (scale out with workers, not threads)"
     )
