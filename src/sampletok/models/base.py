@@ -13,7 +13,7 @@ from torch import nn
 
 from sampletok.errors import ConfigError, one_line, validation_message
 from sampletok.features import Batch, FeatureLayout, TokenInput
-from sampletok.train.tune import TRAIN_SPACE, Space
+from sampletok.search_space import TRAIN_SPACE, Space
 
 
 @dataclass

@@ -13,7 +13,7 @@ from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, FeatureEmbedding, TransformerBlock
 from sampletok.nn.layers import RecencyEncoding, key_padding_mask
-from sampletok.train.tune import TRAIN_SPACE, Space, choice, integer, uniform
+from sampletok.search_space import TRAIN_SPACE, Space, choice, integer, uniform
 
 
 @register("bst")

@@ -12,7 +12,7 @@ from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, CrossNetV2, FeatureEmbedding
 from sampletok.nn.layers import masked_mean
-from sampletok.train.tune import TRAIN_SPACE, Space, choice, integer, uniform
+from sampletok.search_space import TRAIN_SPACE, Space, choice, integer, uniform
 
 
 @register("dcnv2")

@@ -59,7 +59,7 @@ from sampletok.errors import ConfigError
 from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, FeatureEmbedding, ResponseEncoder, ResponseHeads, SwishLayerNorm, aux_losses
-from sampletok.train.tune import TRAIN_SPACE, Space, choice, integer, uniform
+from sampletok.search_space import TRAIN_SPACE, Space, choice, integer, uniform
 
 
 class RelativeTimePositionBias(nn.Module):

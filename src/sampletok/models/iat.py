@@ -26,8 +26,8 @@ from sampletok.features import Batch, FeatureLayout, TokenInput
 from sampletok.models.base import ModelOutput, RankingModel, build_model, register
 from sampletok.nn import MLP, FeatureEmbedding, ResponseEncoder, TargetAttention, TransformerBlock
 from sampletok.nn.layers import RecencyEncoding, key_padding_mask
+from sampletok.search_space import TRAIN_SPACE, Space, choice, integer
 from sampletok.tokenizers.iat import IATSourceConfig
-from sampletok.train.tune import TRAIN_SPACE, Space, choice, integer
 
 BASES = ("din", "bst", "rankmixer")
 

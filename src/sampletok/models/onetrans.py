@@ -14,7 +14,7 @@ from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, FeatureEmbedding, TransformerBlock
 from sampletok.nn.layers import RecencyEncoding
-from sampletok.train.tune import TRAIN_SPACE, Space, choice, integer, uniform
+from sampletok.search_space import TRAIN_SPACE, Space, choice, integer, uniform
 
 
 @register("onetrans")

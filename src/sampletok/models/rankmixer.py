@@ -12,7 +12,7 @@ from torch import nn
 from sampletok.features import Batch, FeatureLayout
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, FeatureEmbedding, RankMixerBlock, TargetAttention
-from sampletok.train.tune import TRAIN_SPACE, Space, choice, integer, uniform
+from sampletok.search_space import TRAIN_SPACE, Space, choice, integer, uniform
 
 
 @register("rankmixer")

@@ -28,8 +28,8 @@ from sampletok.features import Batch, FeatureLayout, HistoryTokens, TokenInput
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, ResponseEncoder
 from sampletok.nn.layers import MultiHeadAttention, RecencyEncoding, key_padding_mask
+from sampletok.search_space import TRAIN_SPACE, Space, choice, integer
 from sampletok.tokenizers.hgaq import HGAQConfig, SampleTokenizer
-from sampletok.train.tune import TRAIN_SPACE, Space, choice, integer
 
 
 class MixerBlock(nn.Module):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sampletok import distributed
 from sampletok.atomic import save_json, save_torch
@@ -25,10 +25,10 @@ from sampletok.errors import validation_message as _errors
 from sampletok.features import FeatureLayout
 from sampletok.models import build_model
 from sampletok.models.base import model_config
+from sampletok.search_space import _space_field
 from sampletok.tokens import open_tokens
 from sampletok.train.metrics import all_metrics
-from sampletok.train.trainer import TrainConfig, evaluate, fit, fit_calibration, predict, set_seed
-from sampletok.train.tune import ModelTune, TuneConfig
+from sampletok.train.trainer import MONITOR_METRICS, TrainConfig, evaluate, fit, fit_calibration, predict, set_seed
 
 if TYPE_CHECKING:
     from sampletok.models.base import RankingModel
@@ -44,6 +44,45 @@ class DatasetConfig(BaseModel):
     synthetic: dict[str, Any] = Field(default_factory=dict, description="SyntheticConfig fields")
     prepared_dir: str | None = None
     split: SplitSpec = SplitSpec()
+
+
+# ------------------------------------------------------------------ `sampletok tune` sections (sampletok.train.tune)
+class ModelTune(BaseModel):
+    """A model spec's ``tune:``: ``space`` overrides or adds dimensions of the declared space (``null`` drops
+    one), ``only`` keeps the listed keys."""
+
+    model_config = ConfigDict(extra="forbid")
+    space: dict[str, Any] = Field(default_factory=dict)
+    only: list[str] | None = Field(None, min_length=1)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _checked(cls, v: Any) -> dict[str, Any]:
+        return _space_field(v)
+
+
+class TuneConfig(BaseModel):
+    """An experiment's ``tune:`` section (every model gets the same budget)."""
+
+    model_config = ConfigDict(extra="forbid")
+    trials: int = Field(20, ge=1, description="trials per model: the same budget for every model")
+    metric: dict[str, float] | None = Field(
+        None,
+        description="validation score to maximize, as TrainConfig.monitor weights (default: the train monitor); "
+        "it is the monitor of the trials and of the tuned reruns",
+    )
+    seed: int = Field(0, description="TPE sampler seed (trial k is sampled with seed + k)")
+    startup_trials: int = Field(10, ge=1, description="random trials before TPE models the space")
+    pruner: Literal["median", "none"] = "median"
+    prune_startup: int = Field(5, ge=0, description="trials that finish before the median pruner stops any")
+    prune_warmup: int = Field(1, ge=0, description="epochs of a trial never pruned")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and (not v or set(v) - set(MONITOR_METRICS)):
+            raise ValueError(f"metric weights must be among {list(MONITOR_METRICS)}, got {sorted(v)}")
+        return v
 
 
 class ModelSpec(BaseModel):

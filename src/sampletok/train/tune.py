@@ -32,9 +32,9 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
 from sampletok.errors import ConfigError, SampletokError, validation_message
 
@@ -43,169 +43,25 @@ if TYPE_CHECKING:
     from sampletok.train.experiment import Experiment, ModelSpec
 
 
-# ------------------------------------------------------------------ the description of a space
-class FloatSpace(BaseModel):
-    """A float in [low, high]; ``log``: sampled log-uniformly (low > 0)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["float"] = "float"
-    low: float
-    high: float
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _ordered(self) -> FloatSpace:
-        _check_bounds(self.low, self.high, self.log)
-        return self
-
-    def corners(self) -> list[Any]:
-        return [self.low, self.high]
-
-
-class IntSpace(BaseModel):
-    """An integer in [low, high] by ``step``; ``log``: sampled log-uniformly (low >= 1, step 1)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["int"] = "int"
-    low: int
-    high: int
-    step: int = Field(1, ge=1)
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _ordered(self) -> IntSpace:
-        _check_bounds(self.low, self.high, self.log)
-        if self.log and self.step != 1:
-            raise ValueError("a log-scaled int space takes step 1")
-        return self
-
-    def corners(self) -> list[Any]:
-        return [self.low, self.high]
-
-
-class CategoricalSpace(BaseModel):
-    """One of ``choices`` (numbers, strings, booleans, or JSON values such as lists of MLP widths)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["categorical"] = "categorical"
-    choices: list[Any] = Field(min_length=1)
-
-    @field_validator("choices")
-    @classmethod
-    def _distinct(cls, v: list[Any]) -> list[Any]:
-        encoded = [json.dumps(c, sort_keys=True) for c in v]
-        if len(set(encoded)) != len(encoded):
-            raise ValueError(f"choices must be distinct, got {v}")
-        return v
-
-    def corners(self) -> list[Any]:
-        return list(self.choices)
-
-
-Space = Annotated[FloatSpace | IntSpace | CategoricalSpace, Field(discriminator="kind")]
-_SPACE: TypeAdapter[dict[str, Space]] = TypeAdapter(dict[str, Space])
-
-
-def _check_bounds(low: float, high: float, log: bool) -> None:
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError(f"low and high must be finite, got {low}, {high}")
-    if low > high:
-        raise ValueError(f"low {low} is above high {high}")
-    if log and low <= 0:
-        raise ValueError(f"a log-scaled space needs low > 0, got {low}")
-
-
-def uniform(low: float, high: float) -> FloatSpace:
-    return FloatSpace(low=low, high=high)
-
-
-def log_uniform(low: float, high: float) -> FloatSpace:
-    return FloatSpace(low=low, high=high, log=True)
-
-
-def integer(low: int, high: int, step: int = 1) -> IntSpace:
-    return IntSpace(low=low, high=high, step=step)
-
-
-def choice(*choices: Any) -> CategoricalSpace:
-    return CategoricalSpace(choices=list(choices))
-
-
-def checked_space(data: Any, where: str = "tune space") -> dict[str, Space]:
-    """A space from plain data (YAML), a bad one a one-line :class:`ConfigError` naming the key."""
-    try:
-        return _SPACE.validate_python(data)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {_space_message(e)}") from None
-
-
-def _space_message(e: ValidationError) -> str:
-    """``key: message`` (pydantic's location of a tagged union, ``key.float.low``, without its tag)."""
-    parts = []
-    for er in e.errors():
-        loc = [str(x) for x in er["loc"] if x not in ("float", "int", "categorical")]
-        msg = er["msg"].removeprefix("Value error, ")
-        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
-    return "; ".join(" ".join(p.split()) for p in parts)
-
-
-def _space_field(v: Any) -> dict[str, Any]:
-    """Validator of a ``space`` field in a config (None values kept: they drop a declared dimension)."""
-    if not isinstance(v, dict):
-        raise ValueError(f"a space is a mapping of key -> {{kind, ...}}, got {type(v).__name__}")
-    try:
-        checked = _SPACE.validate_python({k: s for k, s in v.items() if s is not None})
-    except ValidationError as e:
-        raise ValueError(_space_message(e)) from None
-    return {k: (checked[k] if k in checked else None) for k in v}
-
-
-# The training settings every model searches: Adam's learning rate (log-uniform) and its L2 weight decay, the
-# embedding regularization of FuxiCTR's spaces (log-uniform; 1e-8 is as good as none).
-TRAIN_SPACE: dict[str, Space] = {"lr": log_uniform(1e-4, 1e-2), "weight_decay": log_uniform(1e-8, 1e-4)}
+from sampletok.search_space import (  # noqa: F401 (re-exported: the tune module's public names)
+    _SPACE,
+    TRAIN_SPACE,
+    CategoricalSpace,
+    FloatSpace,
+    IntSpace,
+    Space,
+    _check_bounds,
+    _space_field,
+    _space_message,
+    checked_space,
+    choice,
+    integer,
+    log_uniform,
+    uniform,
+)
 
 
 # ------------------------------------------------------------------ the experiment's tune sections
-class ModelTune(BaseModel):
-    """A model spec's ``tune:``: ``space`` overrides or adds dimensions of the declared space (``null`` drops
-    one), ``only`` keeps the listed keys."""
-
-    model_config = ConfigDict(extra="forbid")
-    space: dict[str, Any] = Field(default_factory=dict)
-    only: list[str] | None = Field(None, min_length=1)
-
-    @field_validator("space", mode="before")
-    @classmethod
-    def _checked(cls, v: Any) -> dict[str, Any]:
-        return _space_field(v)
-
-
-class TuneConfig(BaseModel):
-    """An experiment's ``tune:`` section (every model gets the same budget)."""
-
-    model_config = ConfigDict(extra="forbid")
-    trials: int = Field(20, ge=1, description="trials per model: the same budget for every model")
-    metric: dict[str, float] | None = Field(
-        None,
-        description="validation score to maximize, as TrainConfig.monitor weights (default: the train monitor); "
-        "it is the monitor of the trials and of the tuned reruns",
-    )
-    seed: int = Field(0, description="TPE sampler seed (trial k is sampled with seed + k)")
-    startup_trials: int = Field(10, ge=1, description="random trials before TPE models the space")
-    pruner: Literal["median", "none"] = "median"
-    prune_startup: int = Field(5, ge=0, description="trials that finish before the median pruner stops any")
-    prune_warmup: int = Field(1, ge=0, description="epochs of a trial never pruned")
-
-    @field_validator("metric")
-    @classmethod
-    def _known_metric(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        from sampletok.train.trainer import MONITOR_METRICS
-
-        if v is not None and (not v or set(v) - set(MONITOR_METRICS)):
-            raise ValueError(f"metric weights must be among {list(MONITOR_METRICS)}, got {sorted(v)}")
-        return v
-
-
 # ------------------------------------------------------------------ a model's space
 def _train_keys() -> set[str]:
     from sampletok.train.trainer import TrainConfig
@@ -533,7 +389,7 @@ def tuned_experiment(exp: Experiment, chosen: list[dict[str, Any]]) -> Experimen
             "name": f"{exp.name}-tuned",
             "train": train,
             "models": [ModelSpec.model_validate(c["spec"]) for c in chosen],
-            "tune": TuneConfig(),
+            "tune": _tune_config(),
         }
     )
 
@@ -617,3 +473,9 @@ def tune(
 
 def _values_text(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def _tune_config():
+    from sampletok.train.experiment import TuneConfig
+
+    return TuneConfig()
