@@ -448,11 +448,7 @@ class Scorer:
         :class:`~sampletok.errors.ConflictError`."""
         responses, known_at = dict(responses or {}), dict(known_at or {})
         names = self.schema.response_names
-        unknown = sorted(set(responses) - set(names))
-        if unknown:
-            raise DataError("event", f"unknown response(s) {unknown}; the schema has {names}", "responses")
-        for name, value in responses.items():
-            _check_cell("event", name, value, multi=False)
+        self._check_responses(responses)
         known_cols = {r.name: r.known_at for r in self.schema.responses if r.known_at}
         bad = sorted(set(known_at) - set(known_cols))
         if bad:
@@ -500,14 +496,10 @@ class Scorer:
         if not responses:
             raise DataError("event", "no responses to add", "responses")
         names = self.schema.response_names
-        unknown = sorted(set(responses) - set(names))
-        if unknown:
-            raise DataError("event", f"unknown response(s) {unknown}; the schema has {names}", "responses")
+        self._check_responses(responses)
         bad = sorted(set(known_at or {}) - set(responses))
         if bad:
             raise DataError("event", f"known_at for {bad}, which are not among the responses given", "known_at")
-        for name, value in responses.items():
-            _check_cell("event", name, value, multi=False)
         iid, key = instance_id_of(event_id), self.user_key(user)
         when = int(time.time() * self.schema.ticks_per_second) if now is None else int(now)
         # the responses encoded as an event's are (the encoder reads whole rows: other fields at example values)
@@ -525,6 +517,15 @@ class Scorer:
         stores: list[TokenStore] = [self.events] + ([self.tokens.store] if self.tokens is not None else [])
         update_responses_together(stores, LateResponses(iid, key, given, values, known))
         return iid
+
+    def _check_responses(self, responses: Mapping[str, Any]) -> None:
+        """An event's responses are the schema's, each one value (a DataError naming the field otherwise)."""
+        names = self.schema.response_names
+        unknown = sorted(set(responses) - set(names))
+        if unknown:
+            raise DataError("event", f"unknown response(s) {unknown}; the schema has {names}", "responses")
+        for name, value in responses.items():
+            _check_cell("event", name, value, multi=False)
 
     def _token_of(self, feats: dict[str, np.ndarray], key: int, ts: int) -> np.ndarray | None:
         """What the model's token store holds for a new event (its IAT embedding, its SIF codes), or None."""

@@ -497,20 +497,8 @@ def commit_appends(
     for store in stores:
         if store.staged:
             raise StoreError(f"{store.root}: commit the store before appending to it together with others")
-    with ExitStack() as stack:
-        for store in sorted(stores, key=lambda st: str(st.root.resolve())):  # one lock order: no deadlock
-            stack.enter_context(store._locked())
-        latest: list[tuple[str, dict]] = []
-        for store in stores:
-            # another process may have committed since we opened: build on what is current now, unless the
-            # store was replaced by another one (other producer, shape or labels) since
-            current, manifest = _read_current(store.root)
-            if manifest["meta"] != store.meta:
-                raise StoreError(
-                    f"{store.root}: the store was replaced since it was opened (producer "
-                    f"{manifest['meta'].get('producer')}, was {store.meta.get('producer')}); open it again"
-                )
-            latest.append((current, manifest))
+    with _locked_all(stores):
+        latest = [_current_of(store) for store in stores]
         if unique and _stored_already(stores[0], writes[0][1], latest[0][1]):
             return False
         staged = []
@@ -530,13 +518,7 @@ def commit_appends(
                 "version": manifest["version"] + 1,
             }
             staged.append((store, store._write_manifest(new), new, current))
-        if len(staged) == 1:
-            store, name, new, current = staged[0]
-            if store.on_before_commit is not None:
-                store.on_before_commit()
-            store._switch(name, new, replaces=current)
-        else:
-            _commit_together(stores[0].root, staged)
+        _commit_staged(staged)
         for store, tail in merged:  # readers of older versions keep their memory maps (POSIX)
             for seg in tail:
                 shutil.rmtree(store.root / "segments" / seg, ignore_errors=True)
@@ -550,12 +532,10 @@ def commit_late_responses(stores: Sequence[LocalTokenStore], late: LateResponses
     Returns the instance's timestamp."""
     if not stores:
         raise StoreError("commit_late_responses: no store")
-    with ExitStack() as stack:
-        for store in sorted(stores, key=lambda st: str(st.root.resolve())):
-            stack.enter_context(store._locked())
+    with _locked_all(stores):
         staged, dropped, ts = [], [], None
         for k, store in enumerate(stores):
-            current, manifest = _read_current(store.root)
+            current, manifest = _current_of(store)
             found = _find_instance(store.root, manifest, late.instance_id, late.user)
             if found is None:
                 if k == 0:
@@ -572,17 +552,44 @@ def commit_late_responses(stores: Sequence[LocalTokenStore], late: LateResponses
             new = {**manifest, "segments": segments, "version": manifest["version"] + 1}
             staged.append((store, store._write_manifest(new), new, current))
             dropped.append((store, seg))
-        if len(staged) == 1:
-            store, name, new, current = staged[0]
-            if store.on_before_commit is not None:
-                store.on_before_commit()
-            store._switch(name, new, replaces=current)
-        else:
-            _commit_together(stores[0].root, staged)
+        _commit_staged(staged)
         for store, seg in dropped:
             shutil.rmtree(store.root / "segments" / seg, ignore_errors=True)
         assert ts is not None
         return ts
+
+
+@contextmanager
+def _locked_all(stores: Sequence[LocalTokenStore]) -> Iterator[None]:
+    """Every store's writer lock, taken in one order (by resolved root): two multi-store writers never deadlock."""
+    with ExitStack() as stack:
+        for store in sorted(stores, key=lambda st: str(st.root.resolve())):
+            stack.enter_context(store._locked())
+        yield
+
+
+def _current_of(store: LocalTokenStore) -> tuple[str, dict]:
+    """(name, content) of the store's current manifest (caller holds its lock). Another process may have
+    committed since we opened: a write builds on what is current now, unless the store was replaced by another
+    one (other producer, shape or labels) since, which is a StoreError."""
+    current, manifest = _read_current(store.root)
+    if manifest["meta"] != store.meta:
+        raise StoreError(
+            f"{store.root}: the store was replaced since it was opened (producer "
+            f"{manifest['meta'].get('producer')}, was {store.meta.get('producer')}); open it again"
+        )
+    return current, manifest
+
+
+def _commit_staged(staged: list[tuple[LocalTokenStore, str, dict, str]]) -> None:
+    """Make written manifests current: one store by its ``CURRENT`` alone, several through a commit record."""
+    if len(staged) == 1:
+        store, name, new, current = staged[0]
+        if store.on_before_commit is not None:
+            store.on_before_commit()
+        store._switch(name, new, replaces=current)
+    else:
+        _commit_together(staged[0][0].root, staged)
 
 
 def _find_instance(root: Path, manifest: dict, instance_id: int, user: int) -> tuple[str, int] | None:

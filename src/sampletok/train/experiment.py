@@ -285,23 +285,24 @@ def run_model(
     )
     wall = time.time() - t0
     calibration = fit_calibration(model, valid_loader) if train_cfg.calibrate else None
+    out: dict[str, Any] = {
+        "model": spec.display,
+        "name": spec.name,
+        "params": spec.params,
+        "seed": seed,
+        "valid": result.best_valid,
+        "best_epoch": result.best_epoch,
+        "epochs": len(result.history),
+        "history": result.history,
+        "stopped": result.stopped,
+        "monitor": train_cfg.monitor,
+        "calibration": calibration,
+        "train_samples_per_s": result.train_samples_per_s,
+        "fit_wall_s": wall,
+        "train": train_cfg.model_dump(mode="json"),
+    }
     if not evaluate_test:  # the search phase of a tune: validation only, the test rows are never selected
-        return {
-            "model": spec.display,
-            "name": spec.name,
-            "params": spec.params,
-            "seed": seed,
-            "valid": result.best_valid,
-            "best_epoch": result.best_epoch,
-            "epochs": len(result.history),
-            "history": result.history,
-            "stopped": result.stopped,
-            "monitor": train_cfg.monitor,
-            "calibration": calibration,
-            "train_samples_per_s": result.train_samples_per_s,
-            "fit_wall_s": wall,
-            "train": train_cfg.model_dump(mode="json"),
-        }
+        return out
     test_rows, seen_rows = rows("test"), rows("test", True)
     t_inf = time.time()
     p, y, u = predict(model, mk(test_rows, train_cfg.eval_batch_size, False))
@@ -314,32 +315,18 @@ def run_model(
         if np.array_equal(seen_rows, test_rows)
         else evaluate(model, mk(seen_rows, train_cfg.eval_batch_size, False))
     )
-    out = {
-        "model": spec.display,
-        "name": spec.name,
-        "params": spec.params,
-        "seed": seed,
-        "test": test,
-        "test_seen_users": seen,
-        "test_by_history": by_history,
-        "valid": result.best_valid,
-        "best_epoch": result.best_epoch,
-        "epochs": len(result.history),
-        "history": result.history,
-        "stopped": result.stopped,
-        "monitor": train_cfg.monitor,
-        "producer": producer,
-        "calibration": calibration,
-        "train_samples_per_s": result.train_samples_per_s,
-        "fit_wall_s": wall,
-        "infer_samples_per_s": infer_sps,
-        "n_params": int(sum(p.numel() for p in model.parameters())),  # frozen tables count too
-        "dataset": ds.fingerprint,
-        "torch_threads": torch.get_num_threads(),
-        "world_size": distributed.world_size(),
-        "train": train_cfg.model_dump(mode="json"),
-        "requests": requests,
-    }
+    out.update(
+        test=test,
+        test_seen_users=seen,
+        test_by_history=by_history,
+        producer=producer,
+        infer_samples_per_s=infer_sps,
+        n_params=int(sum(p.numel() for p in model.parameters())),  # frozen tables count too
+        dataset=ds.fingerprint,
+        torch_threads=torch.get_num_threads(),
+        world_size=distributed.world_size(),
+        requests=requests,
+    )
     if run_dir and distributed.is_main():
         # the producer of the tokens/codes the model was trained on: scoring with another store is refused
         save_torch(
