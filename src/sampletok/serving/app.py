@@ -297,9 +297,9 @@ def worker_app() -> Any:
 
 def settle_process(cfg: ServingConfig) -> None:
     """What a service process sets once its model and stores are loaded: ``cfg.threads`` torch threads (the
-    event loop, the batcher and a co-located client share the cores: one intra-op thread served a
-    100-candidate request faster than two on a 2-core host, docs/results.md), and the loaded objects moved
-    out of the garbage collector's reach (``gc.freeze``), so a collection scans only per-request objects."""
+    event loop, the batcher and other processes share the cores; scale out with workers), and the loaded
+    objects moved out of the garbage collector's reach (``gc.freeze``), so a collection scans only
+    per-request objects."""
     import gc
 
     import torch
