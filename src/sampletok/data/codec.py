@@ -4,6 +4,7 @@ rows into prepared codes: prepare's encode pass, its Ray tasks and the serving E
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import cast
 
@@ -96,11 +97,13 @@ def encode_chunk(
     stats: dict[str, FieldStats],
     lookup: dict[str, VocabLookup],
     outcomes: bool = True,
+    features: Collection[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Every column of a chunk of raw rows as prepared codes (``label__``, ``resp__``, ``known__``, ``cat__``,
     ``num__``, ``multi__``), with the fitted vocabularies and statistics: the one encoding function of both
     ``prepare`` and :class:`~sampletok.data.encoder.Encoder`. ``outcomes=False`` encodes features only (a
-    request has no labels yet). Bad cells raise a one-line DataError naming the chunk's origin, column, row."""
+    request has no labels yet); ``features`` encodes only those features (a request's shared fields once, its
+    candidates' apart). Bad cells raise a one-line DataError naming the chunk's origin, column, row."""
     out: dict[str, np.ndarray] = {}
     if outcomes:
         for lab in schema.task_labels:
@@ -124,6 +127,8 @@ def encode_chunk(
                     raise DataError(chunk.origin, msg, r.known_at, row_of(chunk, early))
                 out[known_col(r.name)] = known
     for f in schema.features:
+        if features is not None and f.name not in features:
+            continue
         st = stats[f.name]
         if f.type == FieldType.numeric:
             x = transform_numeric(check_finite(chunk, f, as_float(chunk, f.name, allow_null=True)), f)

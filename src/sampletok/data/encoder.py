@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +65,25 @@ class Encoder:
         return response_vocab_size(self.schema, self.stats, name)
 
     def encode(
-        self, rows: RawRows, *, outcomes: bool = False, strict: bool = True, origin: str = "request"
+        self,
+        rows: RawRows,
+        *,
+        outcomes: bool = False,
+        strict: bool = True,
+        origin: str = "request",
+        fields: Collection[str] | None = None,
     ) -> dict[str, np.ndarray]:
         """Prepared columns (``cat__``, ``num__``, ``multi__``; with ``outcomes`` also ``label__``, ``resp__``,
         ``known__``) of one row (a dict), several (a list of dicts, a JSON object or array, a polars
         DataFrame, a pyarrow Table or RecordBatch). ``strict``: a column the schema does not know is an error
         naming it (serving rejects misspelled fields); a missing feature column is an error, except that
         ``strict=False`` encodes a missing categorical one as null (padding); a missing numeric one stays an
-        error unless its ``nan_policy`` is fill."""
+        error unless its ``nan_policy`` is fill. ``fields``: encode (and require) only these features, as the
+        full-row call would encode them (the served path encodes a request's shared fields once)."""
+        if fields is not None and outcomes:
+            raise ValueError("fields selects features of request rows; an event (outcomes) is encoded whole")
         frame = self._frame(rows, origin)
-        need = [f.name for f in self.schema.features]
+        need = [f.name for f in self.schema.features if fields is None or f.name in fields]
         if outcomes:
             need += self.schema.response_names + [r.known_at for r in self.schema.responses if r.known_at]
             if any(r.known_at for r in self.schema.responses):
@@ -90,7 +99,7 @@ class Encoder:
             frame = frame.with_columns([pl.lit(None, dtype=pl.Utf8).alias(c) for c in missing])
         chunk = RawChunk(origin=origin, first_row=1, frame=frame)
         try:
-            return encode_chunk(chunk, self.schema, self.stats, self._lookup, outcomes=outcomes)
+            return encode_chunk(chunk, self.schema, self.stats, self._lookup, outcomes=outcomes, features=fields)
         except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as e:  # a cell of another shape
             raise DataError(origin, f"cannot encode the rows ({type(e).__name__}: {one_line(e)[:200]})") from None
 
