@@ -490,3 +490,45 @@ def test_several_worker_processes_serve_one_redis_store(ml, runs, redis_url):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_shared_fields_encoded_once_equal_full_row_encoding(ml, runs, tmp_path):
+    """A request's user, time and context fields are encoded once and repeated over its candidates: the codes
+    equal those of encoding every candidate as a full row — when the context is shared, when the candidates
+    override a context field, with unseen values, and when candidates give different fields (encoded as full
+    rows) — and one batch of such requests scores as each request alone."""
+    frame, schema, ds, _ = ml
+    scorer = Scorer.from_run(ds, runs["din"], tmp_path / "store")
+    test = ds.rows("test")
+    item = [f.name for f in schema.features if f.group == "item"]
+    context_fields = [f.name for f in schema.features if f.group != "item" and f.name != schema.user]
+    queries = []
+    for k, row in enumerate(test[:400:50].tolist()):
+        r = frame.row(row, named=True)
+        context = {f: r[f] for f in context_fields}
+        candidates = frame[test[k * 10 : k * 10 + 6].tolist()].select(item).to_dicts()
+        if k == 1:  # every candidate overrides a context field with its own value
+            candidates = [
+                {**c, context_fields[0]: frame.row(int(test[100 + j]), named=True)[context_fields[0]]}
+                for j, c in enumerate(candidates)
+            ]
+        if k == 2:  # values never seen in training, in the context and in a candidate
+            unseen = {f.name: f for f in schema.features if f.type.value == "categorical" and f.group != "item"}
+            name = next(n for n in context_fields if n in unseen)
+            context = {**context, name: 10**9 if isinstance(context[name], int) else "never-seen"}
+            candidates[0] = {**candidates[0], item[0]: 10**9}
+        if k == 3:  # candidates with different fields: the full-row path
+            candidates[1] = {**candidates[1], context_fields[0]: r[context_fields[0]]}
+        queries.append(ScoreQuery(r[schema.user], int(r[schema.timestamp]), context, candidates))
+    checked = [(i, *scorer._checked(q)) for i, q in enumerate(queries)]
+    assert [rr.shared is None for _, _, rr in checked] == [k == 3 for k in range(len(queries))]
+    split = dict(scorer._encode_each(checked, [None] * len(queries)))
+    for i, q in enumerate(queries):
+        full = scorer.encoder.encode(scorer.rows(q.user, q.ts, q.context, q.candidates), origin="request")
+        assert set(split[i]) == set(full)
+        for name, codes in full.items():
+            np.testing.assert_array_equal(split[i][name], codes, err_msg=f"request {i}, {name}")
+    together = scorer.score_many(queries)
+    for i, q in enumerate(queries):
+        alone = scorer.score_request(q.user, q.ts, q.context, q.candidates)[0]
+        assert np.abs(together[i][0] - alone).max() < 1e-6

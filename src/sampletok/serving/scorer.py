@@ -111,6 +111,15 @@ class ScoreQuery:
 
 
 @dataclass
+class _RequestRows:
+    """A request's raw rows: ``shared`` (user, ts and the fields every candidate shares) once and each
+    candidate's own fields, or (``shared`` None) ``candidates`` as full rows."""
+
+    shared: dict[str, Any] | None
+    candidates: list[Mapping[str, Any]]
+
+
+@dataclass
 class _History:
     """One user's fetched history, as the batch tensors of one row (batch dim 1)."""
 
@@ -150,6 +159,7 @@ class Scorer:
             raise ConfigError("a scorer of a model that reads tokens needs the event tokenizer that appends them")
         self.event_tokenizer = event_tokenizer
         self.schema = encoder.schema
+        self._request_fields = [f.name for f in self.schema.features if f.name != self.schema.user]
         self.layout = FeatureLayout.from_dataset(encoder)
         self.codec = EventCodec(self.layout)
         self._seq_cat, self._seq_multi = self.layout.sequence_positions()
@@ -245,10 +255,9 @@ class Scorer:
         self, user: object, ts: int, context: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]
     ) -> Batch:
         """The batch of one request: N candidate rows sharing one fetched history."""
-        key, rows = self._checked(ScoreQuery(user, ts, context, candidates))
-        enc = self.encoder.encode(rows, origin="request")
-        _check_magnitudes("request", enc)
-        return self._batch(enc, np.array([key]), np.array([int(ts)]), [len(rows)], self.hist_len, True)
+        key, rr = self._checked(ScoreQuery(user, ts, context, candidates))
+        ((_, enc),) = self._encode_each([(0, key, rr)], [None])
+        return self._batch(enc, np.array([key]), np.array([int(ts)]), [len(candidates)], self.hist_len, True)
 
     def score(
         self, user: object, ts: int, context: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]
@@ -273,7 +282,7 @@ class Scorer:
         history (``Batch.history_group``). Per request: (scores, history info) as :meth:`score_request`, or
         the :class:`~sampletok.errors.DataError` refusing it (a bad request never fails the others)."""
         results: list[tuple[np.ndarray, dict] | DataError | None] = [None] * len(queries)
-        valid: list[tuple[int, int, list]] = []  # (index, user key, raw rows)
+        valid: list[tuple[int, int, _RequestRows]] = []  # (index, user key, raw rows)
         for i, q in enumerate(queries):
             try:
                 valid.append((i, *self._checked(q)))
@@ -296,42 +305,89 @@ class Scorer:
                 results[i] = (p[start : start + n], _history_info(batch, int(start)))
         return [r if r is not None else DataError("request", "not scored") for r in results]
 
-    def _checked(self, q: ScoreQuery) -> tuple[int, list]:
-        """(user key, raw rows) of a request, or the DataError refusing it."""
+    def _checked(self, q: ScoreQuery) -> tuple[int, _RequestRows]:
+        """(user key, the request's raw rows), or the DataError refusing it."""
         if not q.candidates:
             raise DataError("request", "no candidates", "candidates")
         if len(q.candidates) > self.max_candidates:
             raise DataError("request", f"{len(q.candidates)} candidates, more than the limit {self.max_candidates}")
-        return self.user_key(q.user), self.rows(q.user, q.ts, q.context, q.candidates)
+        key = self.user_key(q.user)
+        split = self._split_rows(q)
+        return key, split if split is not None else _RequestRows(None, self.rows(q.user, q.ts, q.context, q.candidates))
+
+    def _split_rows(self, q: ScoreQuery) -> _RequestRows | None:
+        """A request whose candidates all give the same fields, as one shared row (the user, ts and the context
+        fields no candidate overrides) and the candidates' own fields, each cell checked once: encoded apart,
+        the shared fields cost one row, not one per candidate. None when the candidates differ in their fields
+        or a field is wrong (:meth:`rows` then names the candidate and the field)."""
+        s = self.schema
+        own = set(q.candidates[0])
+        if any(set(c) != own for c in q.candidates[1:]):
+            return None
+        shared = {k: v for k, v in q.context.items() if k not in own}
+        multi = {f.name for f in s.features if f.type.value == "multi_categorical"}
+        if set(shared) | own != set(self._request_fields) or set(shared) & own:
+            return None
+        try:
+            for name, value in shared.items():
+                _check_cell("request", name, value, name in multi)
+            for c in q.candidates:
+                for name, value in c.items():
+                    _check_cell("request", name, value, name in multi)
+        except DataError:
+            return None
+        if not -(2**62) <= int(q.ts) <= 2**62:
+            return None
+        return _RequestRows({s.user: q.user, s.timestamp: q.ts, **shared}, list(q.candidates))
 
     def _encode_each(
-        self, valid: list[tuple[int, int, list]], results: list
+        self, valid: list[tuple[int, int, _RequestRows]], results: list
     ) -> list[tuple[int, dict[str, np.ndarray]]]:
-        """The encoded rows of each valid request: one encoder call for all of them, or — when that call
-        refuses a value — one per request, so the error names the request that holds it."""
+        """The encoded rows of each valid request: one encoder call for every request's shared row and one for
+        their candidates' fields (per set of candidate fields), the shared codes repeated over each request's
+        candidates; requests given as full rows, or all of them when a call refuses a value, one call each, so
+        the error names the request that holds it."""
         if not valid:
             return []
+        out: list[tuple[int, dict[str, np.ndarray]]] = []
+        by_fields: dict[frozenset, list[tuple[int, _RequestRows]]] = {}
+        whole = []
+        for i, _, rr in valid:
+            if rr.shared is None:
+                whole.append((i, rr))
+            else:
+                by_fields.setdefault(frozenset(rr.candidates[0]), []).append((i, rr))
         try:
-            enc = self.encoder.encode([r for _, _, rows in valid for r in rows], origin="request")
-            _check_magnitudes("request", enc)
+            for own, group in by_fields.items():
+                shared_fields = set(self._request_fields) - own | {self.schema.user}
+                shared = self.encoder.encode([rr.shared for _, rr in group], origin="request", fields=shared_fields)
+                sizes = [len(rr.candidates) for _, rr in group]
+                cands = self.encoder.encode([c for _, rr in group for c in rr.candidates], origin="request", fields=own)
+                _check_magnitudes("request", shared)
+                _check_magnitudes("request", cands)
+                starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+                for j, (i, _) in enumerate(group):
+                    enc = {k: np.repeat(v[j : j + 1], sizes[j], axis=0) for k, v in shared.items()}
+                    enc.update({k: v[starts[j] : starts[j + 1]] for k, v in cands.items()})
+                    out.append((i, enc))
         except DataError:
-            if len(valid) == 1:
-                raise
-        else:
-            out, start = [], 0
-            for i, _, rows in valid:
-                out.append((i, {k: v[start : start + len(rows)] for k, v in enc.items()}))
-                start += len(rows)
-            return out
-        out = []
-        for i, _, rows in valid:
+            out = []
+            whole = [(i, rr) for i, _, rr in valid]
+        for i, rr in whole:
             try:
+                rows = rr.candidates if rr.shared is None else self._full_rows(rr)
                 one = self.encoder.encode(rows, origin="request")
                 _check_magnitudes("request", one)
                 out.append((i, one))
             except DataError as e:
+                if len(valid) == 1:
+                    raise
                 results[i] = e
-        return out
+        return sorted(out, key=lambda x: x[0])
+
+    def _full_rows(self, rr: _RequestRows) -> list[dict]:
+        assert rr.shared is not None
+        return [{**rr.shared, **c} for c in rr.candidates]
 
     def fetch_history(self, keys: np.ndarray, ts: np.ndarray, hist_len: int) -> _History:
         """The last ``hist_len`` events of each user ``keys`` strictly before ``ts`` (one store round trip)."""
