@@ -453,3 +453,49 @@ def test_code_export_in_segments_equals_one_segment(trained, synth_prepared, tmp
     a, b = one.columns(), many.columns()
     for name in ("instance_id", "user", "ts", "payload", "responses", "known_at"):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def _scramble_history_items(batch, layout):
+    """``batch`` whose history rows carry other item ids (every other field of theirs unchanged)."""
+    import dataclasses
+
+    item_col = [f.name for f in layout.cat_fields].index("item_id")
+    samples = batch.history_samples
+    cat = samples.cat.clone()
+    cat[:, item_col] = cat[:, item_col].flip(0)
+    assert not torch.equal(cat, samples.cat)
+    return dataclasses.replace(batch, history_samples=dataclasses.replace(samples, cat=cat))
+
+
+@pytest.mark.parametrize("isolate_target", [False, True])
+def test_exact_fields_carry_the_history_item_id_past_the_quantizer(synth_prepared, isolate_target):
+    """With the item id left out of a history row's quantized content (history_fields), a history row's item
+    id still reaches the score through its exact slot, and only through it; the exact tables learn from it."""
+    torch.manual_seed(0)
+    layout = FeatureLayout.from_dataset(synth_prepared)
+    others = [n for n in layout.field_names if n != "item_id"]
+    params = {**SMALL, "history_fields": others, "history_responses": False, "isolate_target": isolate_target}
+    rows = synth_prepared.rows("test")[:64]
+    batch = BatchLoader(synth_prepared, rows, 64, hist_len=8, history_samples=True).build(rows)
+    scrambled = _scramble_history_items(batch, layout)
+    plain = build_model("sif", layout, **params).eval()
+    exact = build_model("sif", layout, **params, exact_fields=["item_id"]).eval()
+    with torch.no_grad():  # the control: without the slot the history item ids are invisible
+        torch.testing.assert_close(plain(scrambled).logits, plain(batch).logits)
+        assert not torch.allclose(exact(scrambled).logits, exact(batch).logits)
+    exact.train()
+    exact(batch).logits.sum().backward()
+    grad = exact.exact[0].weight.grad
+    hist_items = batch.history_samples.cat[:, [f.name for f in layout.cat_fields].index("item_id")].unique()
+    target_items = batch.cat[:, [f.name for f in layout.cat_fields].index("item_id")].unique()
+    only_history = hist_items[~torch.isin(hist_items, target_items)]
+    assert len(only_history) and grad[only_history].abs().sum(1).gt(0).all()
+
+
+def test_exact_fields_must_be_categorical_and_need_past_samples(synth_prepared):
+    layout = FeatureLayout.from_dataset(synth_prepared)
+    numeric = layout.num_fields[0].name
+    with pytest.raises(ConfigError, match=f"exact_fields \\['{numeric}'\\] are not categorical"):
+        build_model("sif", layout, **SMALL, exact_fields=[numeric])
+    with pytest.raises(ConfigError, match="need whole past samples"):
+        build_model("sif", layout, **SMALL, exact_fields=["item_id"], store="some/store")

@@ -180,6 +180,7 @@ class SIF(RankingModel):
         quantize_history: bool = True,
         isolate_target: bool = False,
         code_cache_steps: int = 0,
+        exact_fields: list[str] | None = None,
     ):
         """Build the model; every argument but ``layout`` is a key of its ``params`` in an experiment.
 
@@ -200,6 +201,8 @@ class SIF(RankingModel):
             quantize_history: quantize history rows (False: the dense projection, an ablation).
             isolate_target: history rows do not attend to the target row (one history pass serves all candidates).
             code_cache_steps: training only: reuse a history row's codes for this many steps (0: no cache).
+            exact_fields: categorical fields (e.g. the item ID) that every row, history and target, also carries
+                as one exact, unquantized token beside its quantized sub-tokens (None: none, the paper's SIF).
         """
         super().__init__(layout)
         self.cfg = hgaq if isinstance(hgaq, HGAQConfig) else validated(HGAQConfig, hgaq or {}, prefix="hgaq.")
@@ -242,6 +245,20 @@ class SIF(RankingModel):
         if code_cache_steps and not quantize_history:
             raise ConfigError("code_cache_steps needs quantize_history: a dense history has no codes to cache")
         self.code_cache_steps = code_cache_steps
+        # lever of issue 25: residual quantization keeps a row's content but not an item ID's identity (V^M
+        # codes shared by every field of a sub-token); exact slots give chosen IDs their own embedding, as the
+        # baselines have, in one extra token per row (the task label needs none: it is a response, added
+        # unquantized to every sub-token by the response encoder)
+        cat_names = [f.name for f in layout.cat_fields]
+        bad = sorted(set(exact_fields or []) - set(cat_names))
+        if bad:
+            raise ConfigError(f"exact_fields {bad} are not categorical fields of the schema ({cat_names})")
+        if exact_fields and store:
+            raise ConfigError("exact_fields need whole past samples: a code store holds only codes")
+        self.exact_fields = list(exact_fields or [])
+        self.exact_positions = [cat_names.index(n) for n in self.exact_fields]
+        self.exact = nn.ModuleList(nn.Embedding(layout.vocab_sizes[n], width, padding_idx=0) for n in self.exact_fields)
+        self.exact_proj = nn.Linear(width * len(self.exact_fields), width) if self.exact_fields else None
         # plain attributes, not buffers: per process (DDP must not broadcast them) and never checkpointed
         self._cache_codes: torch.Tensor | None = None  # [R, T, M] codes of dataset row r
         self._cache_step: torch.Tensor | None = None  # [R] the training step that computed them
@@ -342,6 +359,20 @@ class SIF(RankingModel):
             step[fresh] = self._cache_clock
         return self.tokenizer.rvq.decode(codes[rows])
 
+    def _exact_token(self, rows: Batch) -> torch.Tensor:
+        """[N, width] the exact token of each row: its ``exact_fields`` embedded (unquantized) and mixed."""
+        assert self.exact_proj is not None
+        parts = [table(rows.cat[:, i]) for table, i in zip(self.exact, self.exact_positions, strict=True)]
+        return self.exact_proj(torch.cat(parts, dim=-1))  # its bias: the exact token's position
+
+    def _history_exact(self, hb: Batch) -> torch.Tensor:
+        """[B_h, L, width] the exact token of each history row (zeros at padding)."""
+        samples, index = hb.history_samples, hb.history_sample_index
+        if samples is None or index is None:
+            raise ConfigError("exact_fields read whole past samples: BatchLoader(..., history_samples=True)")
+        e = self._exact_token(samples)
+        return torch.cat([e.new_zeros(1, e.shape[-1]), e])[index + 1]
+
     def forward(self, batch: Batch) -> ModelOutput:
         if not torch.compiler.is_compiling():  # padding-only history positions change nothing here: drop them
             batch = batch.trimmed_history()
@@ -372,6 +403,11 @@ class SIF(RankingModel):
             rec = rec + self.responses(*hist_labels) * hb.hist_mask.unsqueeze(-1)
         h_target = self.up(target.unsqueeze(1)) + self.token_pos + self.target_row  # [B, 1, T, width]
         h_hist = self.up(hist) + self.token_pos + rec.unsqueeze(2)  # [B_h, L, T, width]
+        if self.exact_fields:  # one more token per row: T + 1
+            e_target = self._exact_token(batch) + self.target_row
+            e_hist = self._history_exact(hb) + rec
+            h_target = torch.cat([h_target, e_target[:, None, None, :]], dim=2)
+            h_hist = torch.cat([h_hist, e_hist.unsqueeze(2)], dim=2)
         if self.mixer == "pool":  # each row's sub-tokens averaged into one token
             h_target, h_hist = h_target.mean(2, keepdim=True), h_hist.mean(2, keepdim=True)
         # the head reads the target row only, so the last block computes only that row (exact, and it skips
