@@ -1,5 +1,6 @@
 """Where a /score request's time goes, in process: JSON parse, request validation, row checks, encoding, the
-store fetch, batch assembly, the forward, and the reply — for one 100-candidate request, and per request when
+store fetch, batch assembly, the forward, and the reply (and, beside the encoding, the baseline of encoding every
+candidate as a full row, with its ratio) — for one 100-candidate request, and per request when
 G requests share one forward (the dynamic batcher's ``Scorer.score_many``).
 
 It uses the models ``bench_serve.py`` trained (run it first; same ``--out``) over a fresh local store.
@@ -44,8 +45,8 @@ def main() -> None:
     print(f"\n### Where a /score request's time goes (in process, {a.candidates} candidates, L = {a.hist_len}, "
           f"local store, {torch.get_num_threads()} threads)\n")  # fmt: skip
     head = "| model | requests per forward | parse ms | validate ms | row checks ms | encode ms | fetch ms "
-    print(head + "| batch ms | forward ms | reply ms | total ms per request |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(head + "| batch ms | forward ms | reply ms | total ms per request | encode as full rows ms (ratio) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m in a.models.split(","):
         run = Path(a.out) / "runs" / ds.fingerprint / m
         if not (run / "model.pt").exists():
@@ -61,6 +62,7 @@ def _profile(scorer, raw: list[bytes], g: int, repeats: int, label: str, request
     stages: dict[str, list[float]] = {k: [] for k in ("parse", "validate", "rows", "encode", "fetch", "batch")}
     stages.update(forward=[], reply=[])
     fetched: list[float] = []
+    full_encode: list[float] = []
     scorer.on_fetch = fetched.append
     for r in range(repeats + 2):  # two warm-up rounds
         group = [raw[(r * g + i) % len(raw)] for i in range(g)]
@@ -71,8 +73,14 @@ def _profile(scorer, raw: list[bytes], g: int, repeats: int, label: str, request
         t.append(time.perf_counter())
         checked = [scorer._checked(query_type(q.user, q.ts, q.context, q.candidates)) for q in reqs]
         t.append(time.perf_counter())
-        enc = scorer.encoder.encode([row for _, rows in checked for row in rows], origin="request")
+        each = scorer._encode_each([(i, k, rr) for i, (k, rr) in enumerate(checked)], [None] * g)
+        enc = {k: np.concatenate([e[k] for _, e in each]) for k in each[0][1]}
         t.append(time.perf_counter())
+        # the baseline beside it: every candidate encoded as a full row (what the service did before)
+        full = [row for _, rr in checked for row in scorer._full_rows(rr)]
+        t0 = time.perf_counter()
+        scorer.encoder.encode(full, origin="request")
+        full_encode.append((time.perf_counter() - t0) / g)
         keys = np.array([k for k, _ in checked])
         times = np.array([q.ts for q in reqs])
         sizes = [len(q.candidates) for q in reqs]
@@ -97,7 +105,8 @@ def _profile(scorer, raw: list[bytes], g: int, repeats: int, label: str, request
         stages["reply"].append(d[6] / g)
     med = {k: float(np.median(v)) * 1e3 for k, v in stages.items()}
     cells = " | ".join(f"{med[k]:.2f}" for k in stages)
-    return f"| {label} | {g} | {cells} | {sum(med.values()):.1f} |"
+    full_ms = float(np.median(full_encode[2:])) * 1e3
+    return f"| {label} | {g} | {cells} | {sum(med.values()):.1f} | {full_ms:.2f} ({full_ms / med['encode']:.1f}x) |"
 
 
 if __name__ == "__main__":
