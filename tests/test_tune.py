@@ -317,10 +317,18 @@ def test_cli_tune_end_to_end(tiny, tmp_path):
 
 
 def test_every_shipped_experiment_can_be_tuned():
-    """Each model of each experiment under configs/experiments has a valid space (its fixed params removed)."""
+    """Each model of each experiment under configs/experiments has a valid space (its fixed params removed),
+    except in an experiment that fixes every model's values (e.g. ml100k-long, the tuned values at several L):
+    there each model is the one-line "nothing to tune" error, never a partly tunable experiment."""
     from tests.conftest import REPO
 
     for path in sorted((REPO / "configs" / "experiments").glob("*.yaml")):
         exp = Experiment.from_yaml(path)
+        fixed = []
         for spec in exp.models:
-            assert model_space(spec, exp.train.model_dump()), (path.name, spec.display)
+            try:
+                assert model_space(spec, exp.train.model_dump()), (path.name, spec.display)
+            except ConfigError as e:
+                assert "empty search space" in str(e) and "\n" not in str(e), (path.name, str(e))
+                fixed.append(spec.display)
+        assert not fixed or len(fixed) == len(exp.models), (path.name, "fixes only", fixed)
