@@ -22,12 +22,19 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 
-from sampletok.data.codec import FieldStats, encode_chunk, response_vocab_size, vocab_lookups
+from sampletok.data.codec import (
+    FieldStats,
+    VocabLookup,
+    encode_chunk,
+    encode_records,
+    response_vocab_size,
+    vocab_lookups,
+)
 from sampletok.data.dataset import PreparedDataset
 from sampletok.data.sources.files import RawChunk
 from sampletok.errors import DataError, one_line
@@ -44,8 +51,8 @@ class Encoder:
         stats: the fitted state (:attr:`PreparedDataset.stats`).
     """
 
-    def __init__(self, schema: Schema, stats: dict[str, FieldStats]):
-        self.schema, self.stats = schema, stats
+    def __init__(self, schema: Schema, stats: dict[str, FieldStats], kernel: Literal["auto", "polars"] = "auto"):
+        self.schema, self.stats, self.kernel = schema, stats, kernel
         self._lookup = vocab_lookups(stats)
 
     @classmethod
@@ -79,9 +86,19 @@ class Encoder:
         naming it (serving rejects misspelled fields); a missing feature column is an error, except that
         ``strict=False`` encodes a missing categorical one as null (padding); a missing numeric one stays an
         error unless its ``nan_policy`` is fill. ``fields``: encode (and require) only these features, as the
-        full-row call would encode them (the served path encodes a request's shared fields once)."""
+        full-row call would encode them (the served path encodes a request's shared fields once).
+
+        ``kernel`` (the constructor's): ``auto`` encodes the features of at most ``VocabLookup.SMALL`` dict rows
+        in plain Python (:func:`~sampletok.data.codec.encode_records`, no polars call: a served request),
+        falling back to the polars reference for a cell it does not take; ``polars`` always uses the reference."""
         if fields is not None and outcomes:
             raise ValueError("fields selects features of request rows; an event (outcomes) is encoded whole")
+        if self.kernel == "auto" and not outcomes:
+            records = [rows] if isinstance(rows, Mapping) else rows
+            if isinstance(records, list) and 0 < len(records) <= VocabLookup.SMALL:
+                fast = self._encode_records(records, strict, origin, fields)
+                if fast is not None:
+                    return fast
         frame = self._frame(rows, origin)
         need = [f.name for f in self.schema.features if fields is None or f.name in fields]
         if outcomes:
@@ -103,6 +120,23 @@ class Encoder:
         except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as e:  # a cell of another shape
             raise DataError(origin, f"cannot encode the rows ({type(e).__name__}: {one_line(e)[:200]})") from None
 
+    def _encode_records(
+        self, records: list, strict: bool, origin: str, fields: Collection[str] | None
+    ) -> dict[str, np.ndarray] | None:
+        """The plain-Python kernel's codes of dict rows, with the reference's column checks; None: use it."""
+        if not all(isinstance(r, Mapping) for r in records):
+            return None
+        columns = {k for r in records for k in r}
+        known = set(self.schema.raw_columns)
+        unknown = sorted(c for c in columns if c not in known)
+        if unknown and strict and not self.schema.allow_extra_columns:
+            raise DataError(origin, f"unknown field(s) {unknown}; the schema has {sorted(known)}")
+        need = [f.name for f in self.schema.features if fields is None or f.name in fields]
+        missing = [c for c in need if c not in columns]
+        if missing and strict:
+            raise DataError(origin, f"missing field(s) {missing}")
+        return encode_records(records, origin, self.schema, self.stats, self._lookup, features=fields)
+
     def _frame(self, rows: RawRows, origin: str) -> pl.DataFrame:
         if isinstance(rows, pl.DataFrame):
             return rows
@@ -120,7 +154,14 @@ class Encoder:
             # every value as given; cells are typed by the encoding (as CSV cells are), strings stay strings
             columns = sorted({k for r in records for k in r})
             cells = {c: [r.get(c) for r in records] for c in columns}
-            return pl.DataFrame({c: pl.Series(c, v, dtype=_column_dtype(v), strict=False) for c, v in cells.items()})
+            series = []
+            for c, v in cells.items():
+                try:
+                    series.append(pl.Series(c, v, dtype=_column_dtype(v), strict=False))
+                except (TypeError, ValueError, OverflowError, pl.exceptions.PolarsError) as e:  # lists and numbers
+                    why = f"{type(e).__name__}: {one_line(e)[:200]}"
+                    raise DataError(origin, f"cannot read the cells ({why})", c) from None
+            return pl.DataFrame(series)
         try:
             out = pl.from_arrow(rows)  # a pyarrow Table or RecordBatch
         except (TypeError, ValueError) as e:
