@@ -82,3 +82,41 @@ def test_a_failure_reaches_only_its_requests():
     b.close()
     assert one == 1 and isinstance(bad, ValueError) and str(bad) == "bad -1"
     assert isinstance(boom, RuntimeError) and isinstance(three, RuntimeError)  # grouped with the failing request
+
+
+def _timed_score_many(cost_of_group):
+    """A score_many that takes cost_of_group(G) seconds for G requests (a model's measured shape)."""
+    import time
+
+    def score_many(qs):
+        time.sleep(cost_of_group(len(qs)))
+        return qs
+
+    return score_many
+
+
+def test_auto_batching_batches_only_where_a_shared_forward_is_faster():
+    """--max-batch-candidates auto: a model whose forward costs more per request in a group (DIN's per-candidate
+    attention once it leaves the cache) scores one request at a time; one whose fixed cost dominates batches."""
+    from sampletok.serving.batcher import calibrate_batch_candidates
+
+    superlinear = _timed_score_many(lambda g: 0.004 * g * g)  # 2 together: 2× slower each
+    chosen, per_request = calibrate_batch_candidates(superlinear, "probe", 100, groups=(1, 2, 4), repeats=2)
+    assert chosen == 100 and per_request[4] > per_request[1]
+    fixed_cost = _timed_score_many(lambda g: 0.012 + 0.001 * g)  # a fixed 12 ms, 1 ms a request
+    chosen, per_request = calibrate_batch_candidates(fixed_cost, "probe", 100, groups=(1, 2, 4, 8), repeats=2)
+    assert chosen == 800 and per_request[8] < per_request[1] / 3
+    cliff = _timed_score_many({1: 0.010, 2: 0.012, 4: 0.040, 8: 0.160}.__getitem__)  # fastest in pairs
+    chosen, _ = calibrate_batch_candidates(cliff, "probe", 50, groups=(1, 2, 4, 8), repeats=2)
+    assert chosen == 100
+
+
+def test_auto_batching_values_are_checked_in_one_line():
+    from sampletok.errors import ConfigError, validated
+    from sampletok.serving.config import ServingConfig
+
+    assert ServingConfig().max_batch_candidates == "auto"
+    assert validated(ServingConfig, {"max_batch_candidates": "64"}).max_batch_candidates == 64
+    with pytest.raises(ConfigError, match="max_batch_candidates: expected a number of candidates or auto") as e:
+        validated(ServingConfig, {"max_batch_candidates": "lots"}, where="serve")
+    assert "\n" not in str(e.value)

@@ -305,7 +305,9 @@ def test_healthz_and_metrics(ml, runs, tmp_path):
     frame, schema, ds, _ = ml
     with local_redis_server(tmp_path) as url:
         client = TestClient(create_app(Scorer.from_run(ds, runs["din"], url)))
-        assert client.get("/healthz").json()["status"] == "ok"
+        health = client.get("/healthz").json()
+        # auto batching timed the model at start on a 100-candidate probe: a whole number of probe requests
+        assert health["status"] == "ok" and health["max_batch_candidates"] in (100, 200, 400, 800)
         body = _requests(frame, schema, ds.rows("test")[:3])[0][1]
         for _ in range(3):
             assert client.post("/score", json=body).status_code == 200
@@ -315,6 +317,7 @@ def test_healthz_and_metrics(ml, runs, tmp_path):
         assert 'sampletok_requests_total{endpoint="/score",status="422"} 1.0' in text
         assert 'sampletok_request_seconds_count{endpoint="/score"} 4.0' in text
         assert "sampletok_store_fetch_seconds_count 3.0" in text
+        assert f"sampletok_max_batch_candidates {float(health['max_batch_candidates'])}" in text
     # the server is gone: health and scoring say so in one line, as 503
     r = client.get("/healthz")
     assert r.status_code == 503 and ("cannot" in r.json()["error"] or "failed" in r.json()["error"])

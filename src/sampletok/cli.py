@@ -326,8 +326,10 @@ def serve(
     expose_history_gap: bool = typer.Option(
         False, help="reply with the age of each request's most recent history event (trusted callers only)"
     ),
-    max_batch_candidates: int = typer.Option(
-        1000, help="dynamic batching: the most candidates of concurrent requests scored in one forward"
+    max_batch_candidates: str = typer.Option(
+        "auto",
+        help="dynamic batching: the most candidates of concurrent requests scored in one forward, or auto (chosen "
+        "at start by timing the model on a probe request alone and in groups of 2-8)",
     ),
     max_wait_us: int = typer.Option(500, help="dynamic batching: how long a batch waits for more requests (µs)"),
     max_queue: int = typer.Option(16, help="requests waiting beyond this are refused with 503 and Retry-After"),

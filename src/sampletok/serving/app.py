@@ -26,9 +26,11 @@ answers with a traceback: an unexpected failure is logged and answered ``500 {"e
 
 Concurrent /score requests are grouped by a dynamic batcher (:mod:`sampletok.serving.batcher`: at most
 ``max_batch_candidates`` candidates, waiting at most ``max_wait_us`` for more) into one model forward on one
-worker thread, off the event loop; each request keeps its own history. Appends run on the same thread in
-queue order (the local store's append never races its readers). A full queue (``max_queue``) answers 503
-with ``Retry-After: 1``. Several processes (``workers``) need a Redis store.
+worker thread, off the event loop; each request keeps its own history. ``max_batch_candidates="auto"`` (the
+default) times the model at start on a probe request alone and in groups, and batches across requests only
+where a shared forward scores a request faster (GET /healthz and /metrics say what it chose). Appends run on
+the same thread in queue order (the local store's append never races its readers). A full queue
+(``max_queue``) answers 503 with ``Retry-After: 1``. Several processes (``workers``) need a Redis store.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from sampletok.errors import ConflictError, NotFoundError, SampletokError, StoreError, one_line
-from sampletok.serving.batcher import Batcher, Overloaded
+from sampletok.serving.batcher import Batcher, Overloaded, calibrate_batch_candidates
 from sampletok.serving.config import ServingConfig
 from sampletok.serving.scorer import ScoreQuery, Scorer
 
@@ -107,7 +109,14 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
         from fastapi import FastAPI, Request
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse, Response
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+        from prometheus_client import (
+            CONTENT_TYPE_LATEST,
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            generate_latest,
+        )
         from starlette.exceptions import HTTPException as StarletteHTTPException
     except ImportError as e:
         raise SampletokError(f"the service needs the serve extra (pip install 'sampletok[serve]'): {e}") from None
@@ -134,15 +143,25 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
         registry=registry,
     )  # fmt: skip
     overloaded = Counter("sampletok_overloaded", "requests refused for a full queue (503)", registry=registry)
-    scorer.on_fetch = fetch.observe
 
     def on_batch(n_requests: int, _: int, waited: float) -> None:
         batch_requests.observe(n_requests)
         queue_wait.observe(waited)
 
+    max_batch = cfg.max_batch_candidates
+    if max_batch == "auto":  # this model, on this process's threads and store: does a shared forward pay?
+        size = min(cfg.probe_candidates, cfg.max_candidates)
+        max_batch, per_request = calibrate_batch_candidates(scorer.score_many, scorer.probe_query(size), size)
+        timings = ", ".join(f"{g}: {t * 1e3:.1f} ms" for g, t in per_request.items())
+        log.warning("auto batching: max_batch_candidates %d (per %d-candidate request by group: %s)",
+                    max_batch, size, timings)  # fmt: skip
+    Gauge("sampletok_max_batch_candidates", "the batcher's most candidates per forward", registry=registry).set(
+        max_batch
+    )
+    scorer.on_fetch = fetch.observe  # after the probe: the histogram counts requests' fetches only
     batcher = Batcher(
         scorer.score_many,
-        max_batch_candidates=cfg.max_batch_candidates,
+        max_batch_candidates=max_batch,
         max_wait_us=cfg.max_wait_us,
         max_queue=cfg.max_queue,
         on_batch=on_batch,
@@ -258,7 +277,8 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
             await batcher.run(lambda: scorer.fetch_history(one, one, 1), bounded=False)
         except StoreError as e:
             return error(503, str(e))
-        return JSONResponse({"status": "ok", "model": type(scorer.model).__name__.lower(), "process": os.getpid()})
+        model, batch = type(scorer.model).__name__.lower(), batcher.max_batch_candidates
+        return JSONResponse({"status": "ok", "model": model, "process": os.getpid(), "max_batch_candidates": batch})
 
     @app.get("/schema")
     def schema() -> dict:

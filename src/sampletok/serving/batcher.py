@@ -161,6 +161,51 @@ class Batcher(Generic[Q, R]):
                     pass
 
 
+def pick_batch_candidates(per_request_s: dict[int, float], request_size: int, min_gain: float = 0.1) -> int:
+    """The batcher's ``max_batch_candidates`` from measured seconds per request when ``G`` requests of
+    ``request_size`` candidates share one forward (``per_request_s[G]``, ``G = 1`` included): the ``G`` that
+    scores a request fastest, when it beats one request alone by ``min_gain``, else one request's size (a model
+    whose forward grows faster than its rows, as DIN's per-candidate attention does once its working set
+    leaves the cache, gains nothing from cross-request batching; smaller requests still share a forward).
+
+    Example:
+        >>> pick_batch_candidates({1: 0.010, 2: 0.025, 4: 0.030}, 100)  # slower together: no batching
+        100
+        >>> pick_batch_candidates({1: 0.010, 2: 0.007, 4: 0.005, 8: 0.0052}, 100)
+        400
+    """
+    if 1 not in per_request_s:
+        raise ValueError("the timings need G = 1 (one request alone)")
+    best = min(per_request_s, key=lambda g: (per_request_s[g], g))
+    if best == 1 or per_request_s[best] > (1 - min_gain) * per_request_s[1]:
+        best = 1
+    return best * request_size
+
+
+def calibrate_batch_candidates(
+    score_many: Callable[[list[Q]], Sequence[Any]],
+    probe: Q,
+    request_size: int,
+    groups: Sequence[int] = (1, 2, 4, 8),
+    repeats: int = 3,
+) -> tuple[int, dict[int, float]]:
+    """(``max_batch_candidates``, seconds per request by ``G``): ``score_many`` timed on ``G`` copies of a
+    ``probe`` request of ``request_size`` candidates (the best of ``repeats`` after one warm-up), chosen by
+    :func:`pick_batch_candidates`. What ``--max-batch-candidates auto`` runs once at start, on the process's
+    own threads, model and store."""
+    timings: dict[int, float] = {}
+    for g in groups:
+        group = [probe] * g
+        score_many(group)  # warm-up (allocator, caches)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            score_many(group)
+            best = min(best, time.perf_counter() - t0)
+        timings[g] = best / g
+    return pick_batch_candidates(timings, request_size), timings
+
+
 def _deliver(future: asyncio.Future, result: Any) -> None:
     if future.done():  # the client went away (its request was cancelled)
         return

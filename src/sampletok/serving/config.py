@@ -8,8 +8,9 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sampletok.errors import ConfigError
 from sampletok.store.locations import is_redis_url
@@ -26,9 +27,12 @@ class ServingConfig(BaseModel):
     max_candidates: int = Field(1000, ge=1, description="the most candidates one request may carry")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="the largest request body (413 above it)")
     token: str | None = Field(None, min_length=16, description="bearer token /score and /events require (None: open)")
-    max_batch_candidates: int = Field(
-        1000, ge=1, description="the dynamic batcher's most candidates in one model forward (1: no batching)"
+    max_batch_candidates: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="the dynamic batcher's most candidates in one model forward (1: no batching; auto: chosen at "
+        "start by timing this model on a probe request of probe_candidates, alone and in groups)",
     )
+    probe_candidates: int = Field(100, ge=1, description="the probe request's candidates for auto batching")
     max_wait_us: int = Field(500, ge=0, le=1_000_000, description="how long a batch waits for more requests (µs)")
     max_queue: int = Field(16, ge=1, description="requests waiting beyond this are refused: 503 with Retry-After")
     threads: int = Field(
@@ -39,6 +43,13 @@ class ServingConfig(BaseModel):
         False,
         description="reply with the age of the most recent history event (it reveals event times: trusted callers)",
     )
+
+    @field_validator("max_batch_candidates", mode="before")
+    @classmethod
+    def _count_or_auto(cls, v: object) -> object:
+        if isinstance(v, str) and v != "auto" and not v.strip().isdigit():
+            raise ValueError(f"expected a number of candidates or auto, got {v!r}")
+        return int(v) if isinstance(v, str) and v != "auto" else v
 
     @model_validator(mode="after")
     def _one_process_for_a_local_store(self) -> ServingConfig:

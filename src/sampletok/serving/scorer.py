@@ -482,6 +482,14 @@ class Scorer:
             "example": {"user": user, "context": context, "candidates": [item]},
         }
 
+    def probe_query(self, n_candidates: int) -> ScoreQuery:
+        """A valid request of ``n_candidates`` (GET /schema's example: a user with history, now) to time the
+        model with (``--max-batch-candidates auto``)."""
+        example = self.describe()["example"]
+        ts = int(time.time() * self.schema.ticks_per_second)
+        n = min(n_candidates, self.max_candidates)
+        return ScoreQuery(example["user"], ts, example["context"], example["candidates"] * n)
+
     # ------------------------------------------------------------------ events
     @torch.no_grad()
     def append_event(
