@@ -331,6 +331,7 @@ def serve(
         help="dynamic batching: the most candidates of concurrent requests scored in one forward, or auto (chosen "
         "at start by timing the model on a probe request alone and in groups of 2-8)",
     ),
+    probe_candidates: int = typer.Option(100, help="auto batching: the candidates of the probe request it times"),
     max_wait_us: int = typer.Option(500, help="dynamic batching: how long a batch waits for more requests (µs)"),
     max_queue: int = typer.Option(16, help="requests waiting beyond this are refused with 503 and Retry-After"),
     workers: int = typer.Option(1, help="service processes over one store (more than one needs a redis:// store)"),
@@ -360,6 +361,7 @@ def serve(
             token=read_token_file(token_file) if token_file else None,
             expose_history_gap=expose_history_gap,
             max_batch_candidates=max_batch_candidates,
+            probe_candidates=probe_candidates,
             max_wait_us=max_wait_us,
             max_queue=max_queue,
             workers=workers,
