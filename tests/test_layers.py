@@ -119,3 +119,63 @@ def test_unknown_attention_kernel_is_a_config_error():
 
     with pytest.raises(ConfigError, match="unknown attention kernel 'flash'"), use_attention_kernel("flash"):  # type: ignore[arg-type]
         pass
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(1, 6), min_size=1, max_size=5),  # rows per history group (a served request's candidates)
+    st.integers(1, 12),  # keys
+    st.integers(1, 2),  # heads
+    st.booleans(),  # a group without any valid key
+    st.integers(0, 10_000),
+)
+def test_grouped_cross_attention_equals_the_context_spread_to_every_row(sizes, n, heads, empty, seed):
+    """Several requests in one served forward: each history projected once, equal (values and gradients) to
+    the plain path that copies each history to each of its rows."""
+    from sampletok.nn.layers import TransformerBlock, key_padding_mask
+
+    torch.manual_seed(seed)
+    d, g = 4 * heads, len(sizes)
+    block = TransformerBlock(d, heads)
+    group = torch.repeat_interleave(torch.arange(g), torch.tensor(sizes))
+    x = torch.randn(len(group), d, requires_grad=True)
+    context = torch.randn(g, n, d, requires_grad=True)
+    valid = torch.rand(g, n) > 0.3
+    valid[:, -1] = True
+    if empty:
+        valid[0] = False
+    ref = block(x.unsqueeze(1), key_padding_mask(valid[group], 1), context=context[group])[:, 0]
+    out = block.forward_grouped(x, context, valid, group)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    grads = torch.autograd.grad(out.pow(2).sum(), (x, context, *block.parameters()))
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (x, context, *block.parameters()))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(1, 6), min_size=1, max_size=5),  # rows per history group
+    st.integers(1, 12),  # keys
+    st.sampled_from([3, 8]),  # dim
+    st.integers(0, 10_000),
+)
+def test_grouped_target_attention_equals_the_keys_spread_to_every_row(sizes, n, d, seed):
+    """DIN's activation unit over several served requests' histories, each read once: the same values and
+    gradients as the per-row path over the history copied to each of its rows."""
+    from sampletok.nn.layers import TargetAttention
+
+    torch.manual_seed(seed)
+    att = TargetAttention(d, [6, 4])
+    g = len(sizes)
+    group = torch.repeat_interleave(torch.arange(g), torch.tensor(sizes))
+    query = torch.randn(len(group), d, requires_grad=True)
+    keys = torch.randn(g, n, d, requires_grad=True)
+    mask = torch.rand(g, n) > 0.3
+    ref = att(query, keys[group], mask[group])
+    out = att.forward_grouped(query, keys, mask, group)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    grads = torch.autograd.grad(out.pow(2).sum(), (query, keys, *att.parameters()))
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (query, keys, *att.parameters()))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -92,6 +92,15 @@ class DIN(RankingModel):
 
     def interest(self, batch: Batch) -> torch.Tensor:
         """[B, seq_dim] attention-pooled history."""
+        if batch.grouped_history and len(batch.history_heads()) > 1:  # several served requests: each history once
+            heads = batch.history_heads()
+            mask = batch.hist_mask[heads]
+            history = self.embed.group_history(batch)
+            if self.responses is not None and self.responses_to == "items":
+                past = self.responses(batch.hist_responses[heads], batch.hist_response_mask[heads])
+                history = history + past * mask.unsqueeze(-1)
+            assert batch.history_group is not None
+            return self.attention.forward_grouped(self.embed.target_item(batch), history, mask, batch.history_group)
         history = self.embed.history(batch)
         if self.responses is not None and self.responses_to == "items":
             past = self.responses(batch.hist_responses, batch.hist_response_mask)

@@ -149,11 +149,17 @@ class IAT(RankingModel):
             enc = tokens
             for block in self.encoder:
                 enc = block(enc, key_padding_mask(mask, tokens.shape[1]))
-            # one context per history (a single one is broadcast over the B queries by the attention)
-            if enc.shape[0] not in (1, len(batch)):
-                enc, mask = batch.expand_history(enc), full_mask
-            pooled = self.cross(q.unsqueeze(1), key_padding_mask(mask, 1), context=enc)[:, 0]
+            # one context per history: a single one is broadcast over the B queries by the attention; several
+            # (a served batch of requests) are each projected once, their rows' queries batched per history
+            if enc.shape[0] in (1, len(batch)):
+                pooled = self.cross(q.unsqueeze(1), key_padding_mask(mask, 1), context=enc)[:, 0]
+            else:
+                assert batch.history_group is not None
+                pooled = self.cross.forward_grouped(q, enc, mask, batch.history_group)
             pooled = pooled * full_mask.any(1, keepdim=True)  # no history: the branch contributes only a bias
+        elif tokens.shape[0] not in (1, len(batch)):  # several served requests: each history read once
+            assert batch.history_group is not None
+            pooled = self.attention.forward_grouped(q, tokens, mask, batch.history_group)
         else:
             pooled = self.attention(q, batch.expand_history(tokens), batch.expand_history(mask))
         return self.out(pooled)

@@ -116,10 +116,13 @@ class FeatureEmbedding(nn.Module):
         """[B, n, seq_dim] embeddings of the history items (zeros where padded); a history shared by several
         rows (a served request's candidates: ``Batch.history_group``) is embedded once."""
         if batch.grouped_history:
-            heads = batch.history_heads()
-            one = self.embed_items(batch.hist_cat[heads], batch.hist_multi[heads])
-            return batch.expand_history(one * batch.hist_mask[heads].unsqueeze(-1))
+            return batch.expand_history(self.group_history(batch))
         return self.embed_items(batch.hist_cat, batch.hist_multi) * batch.hist_mask.unsqueeze(-1)
+
+    def group_history(self, batch: Batch) -> torch.Tensor:
+        """[G, n, seq_dim] the history of each group of rows that share one (``Batch.history_heads``)."""
+        heads = batch.history_heads()
+        return self.embed_items(batch.hist_cat[heads], batch.hist_multi[heads]) * batch.hist_mask[heads].unsqueeze(-1)
 
 
 class ResponseEncoder(nn.Module):

@@ -91,6 +91,22 @@ class TargetAttention(nn.Module):
         w = h.squeeze(-1) * mask.to(keys.dtype)
         return torch.einsum("bn,bnd->bd", w, keys)
 
+    def forward_grouped(
+        self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, group: torch.Tensor
+    ) -> torch.Tensor:
+        """query [B, d]; row i attends to ``keys[group[i]]`` ([G, n, d], mask [G, n]; ``group`` [B] contiguous,
+        numbered from 0) → [B, d]: :meth:`forward` over the keys spread to every row, one group (a served
+        request's candidates) at a time over a view of its one history. The work is per (row, key) either way;
+        copying each history to its rows and running one [B, n, h] pass instead costs 1.1-2.2× per request at
+        2-8 requests of 100 candidates, L = 256 (the working set leaves the cache; measured on this CPU)."""
+        sizes = torch.bincount(group, minlength=keys.shape[0]).tolist()
+        out, start = [], 0
+        for g, size in enumerate(sizes):  # one step per request, not per row
+            rows = slice(start, start + size)
+            out.append(self(query[rows], keys[g : g + 1].expand(size, -1, -1), mask[g : g + 1].expand(size, -1)))
+            start += size
+        return torch.cat(out)
+
     def forward_reference(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q = query.unsqueeze(1).expand_as(keys)
         w = self.score(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
@@ -128,6 +144,28 @@ class MultiHeadAttention(nn.Module):
         y = attend(q, k, v, attn_mask, self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, lq, d))
 
+    def forward_grouped(
+        self, x: torch.Tensor, context: torch.Tensor, context_valid: torch.Tensor, group: torch.Tensor
+    ) -> torch.Tensor:
+        """x [B, d] one query per row; row i attends to ``context[group[i]]`` ([G, n, d], valid keys [G, n];
+        ``group`` [B] contiguous, numbered from 0): the same as :meth:`forward` over the context spread to every
+        row, but each context is projected once and a group's queries are its query rows (padded to the largest
+        group), not G·B·n projected keys (a served batch of several requests' candidates)."""
+        b, d = x.shape
+        g, n, _ = context.shape
+        h = self.heads
+        sizes = torch.bincount(group, minlength=g)
+        pos = torch.arange(b, device=x.device) - (torch.cumsum(sizes, 0) - sizes)[group]
+        rows = x.new_zeros(g, int(sizes.max()), d)
+        rows[group, pos] = x
+        q = self.q(rows).view(g, rows.shape[1], h, d // h).transpose(1, 2)
+        k, v = self.kv(context).view(g, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        mask: torch.Tensor | None = key_padding_mask(context_valid, rows.shape[1]).unsqueeze(1)  # [G, 1, 1, n]
+        if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
+            mask = None  # as forward: SDPA's unmasked kernels
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(g, rows.shape[1], d))[group, pos]
+
 
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm Transformer block: attention, then a 4× FFN, both residual.
@@ -148,6 +186,15 @@ class TransformerBlock(nn.Module):
     ) -> torch.Tensor:
         h = self.norm1(x)
         x = x + self.attn(h, None if context is None else self.norm1(context), attn_mask)
+        return x + self.ffn(self.norm2(x))
+
+    def forward_grouped(
+        self, x: torch.Tensor, context: torch.Tensor, context_valid: torch.Tensor, group: torch.Tensor
+    ) -> torch.Tensor:
+        """x [B, d] one query row each over its group's context ([G, n, d]): :meth:`forward` with ``x[:, None]``
+        and the context spread to every row, each context normalized and projected once
+        (:meth:`MultiHeadAttention.forward_grouped`)."""
+        x = x + self.attn.forward_grouped(self.norm1(x), self.norm1(context), context_valid, group)
         return x + self.ffn(self.norm2(x))
 
 
