@@ -421,7 +421,8 @@ def test_concurrent_requests_batched_into_one_forward_score_as_offline(name, ml,
             {"user": r[schema.user], "ts": int(r[schema.timestamp]), "context": context, "candidates": candidates}
         )
     config = ServingConfig(max_wait_us=200_000, max_batch_candidates=64)  # long enough for every request to join
-    app = create_app(Scorer.from_run(ds, runs[name], tmp_path / "store"), config)
+    scorer = Scorer.from_run(ds, runs[name], tmp_path / "store")
+    app = create_app(scorer, config)
 
     async def send() -> list:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
@@ -433,6 +434,9 @@ def test_concurrent_requests_batched_into_one_forward_score_as_offline(name, ml,
     assert len({r.json()["history"]["events"] for r in replies}) > 1  # histories of different lengths
     got = np.concatenate([r.json()["scores"] for r in replies])
     assert np.abs(got - np.concatenate(wants)).max() < 1e-5
+    for body, reply in zip(bodies, replies, strict=True):  # what each history held, as when scored alone
+        _, alone = scorer.score_request(body["user"], body["ts"], body["context"], body["candidates"])
+        assert reply.json()["history"] == {k: v for k, v in alone.items() if k != "min_gap_s"}
     batcher = app.state.batcher
     assert batcher.largest_batch > 1  # requests did share forwards
     batcher.close()

@@ -234,8 +234,9 @@ class FetchedHistory:
 
 def build_batch(requests: RequestRows, history: FetchedHistory, tokens: HistoryTokens | None = None) -> Batch:
     """The one way a :class:`Batch` is built, offline (:class:`BatchLoader`) and in serving (the Scorer): from
-    the request rows, their fetched history and their fetched tokens. A grouped history (and its tokens) is
-    spread to the rows of each group (a view, without a copy, when there is one group)."""
+    the request rows, their fetched history and their fetched tokens. A grouped history is spread to the rows
+    of each group (a view, without a copy, when there is one group); its tokens too when there is one group,
+    else they stay one per group (``Batch.tokens_by_group``)."""
     t = torch.from_numpy
     b = len(requests.rows)
     group = None if history.group is None else t(np.ascontiguousarray(history.group, np.int64))
@@ -272,8 +273,10 @@ def build_batch(requests: RequestRows, history: FetchedHistory, tokens: HistoryT
         batch.history_samples = build_batch(history.samples, history.samples_history)
         batch.history_sample_index = hist(history.sample_index)
     if tokens is not None:
-        if group is not None:
-            tokens = HistoryTokens(**{x.name: spread(getattr(tokens, x.name)) for x in fields(tokens)})
+        if group is not None and tokens.mask.shape[0] == 1:
+            tokens = HistoryTokens(**{x.name: spread(getattr(tokens, x.name)) for x in fields(tokens)})  # views
+        elif group is not None:  # several histories: kept one per group (Batch.group_tokens), never copied per row
+            batch.tokens_by_group = True
         batch.tokens = tokens
     return batch
 

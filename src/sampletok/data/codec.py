@@ -148,6 +148,7 @@ def _numeric_codes(chunk: RawChunk, f: FeatureField, st: FieldStats, x: np.ndarr
     return {num_col(f.name): x if f.normalize == "none" else (x - st.mean) / st.std}
 
 
+RECORDS_MAX_ROWS = 4096  # the plain-Python kernel is faster than polars' fixed costs up to ~3,000 ml-100k rows
 _EXACT_INT = 2**53  # |v| below it: a float's integer value is exact, and str(int(v)) is what polars writes
 
 

@@ -28,8 +28,8 @@ import numpy as np
 import polars as pl
 
 from sampletok.data.codec import (
+    RECORDS_MAX_ROWS,
     FieldStats,
-    VocabLookup,
     encode_chunk,
     encode_records,
     response_vocab_size,
@@ -88,14 +88,14 @@ class Encoder:
         error unless its ``nan_policy`` is fill. ``fields``: encode (and require) only these features, as the
         full-row call would encode them (the served path encodes a request's shared fields once).
 
-        ``kernel`` (the constructor's): ``auto`` encodes the features of at most ``VocabLookup.SMALL`` dict rows
+        ``kernel`` (the constructor's): ``auto`` encodes the features of at most ``RECORDS_MAX_ROWS`` dict rows
         in plain Python (:func:`~sampletok.data.codec.encode_records`, no polars call: a served request),
         falling back to the polars reference for a cell it does not take; ``polars`` always uses the reference."""
         if fields is not None and outcomes:
             raise ValueError("fields selects features of request rows; an event (outcomes) is encoded whole")
         if self.kernel == "auto" and not outcomes:
             records = [rows] if isinstance(rows, Mapping) else rows
-            if isinstance(records, list) and 0 < len(records) <= VocabLookup.SMALL:
+            if isinstance(records, list) and 0 < len(records) <= RECORDS_MAX_ROWS:
                 fast = self._encode_records(records, strict, origin, fields)
                 if fast is not None:
                     return fast

@@ -130,16 +130,15 @@ class IAT(RankingModel):
 
     def iat_vector(self, batch: Batch) -> torch.Tensor:
         """[B, out_dim] the IAT branch's output for a batch."""
-        f = batch.tokens
+        # rows sharing a history (a served request's candidates): the token pass runs once per history
+        f = batch.group_tokens()
         if f is None:
             raise ConfigError("IAT reads instance tokens: build its batches with the token source of its store")
-        full_mask = f.mask
-        # rows sharing a history (a served request's candidates): the token pass runs once per history
-        one = batch.history_heads() if batch.grouped_history else slice(None)
-        mask = full_mask[one]
-        tokens = self.adapt(f.payload[one])
+        mask = f.mask
+        full_mask = batch.expand_history(mask)
+        tokens = self.adapt(f.payload)
         if self.side_info:
-            side = self.side(f.responses[one], f.response_mask[one]) + self.recency(f.gap[one], mask)
+            side = self.side(f.responses, f.response_mask) + self.recency(f.gap, mask)
             tokens = torch.cat([tokens, side], dim=-1)
         tokens = tokens * mask.unsqueeze(-1)
         emb = self.base.embed

@@ -16,7 +16,7 @@ have 8 dimensions each (8 heads on d0 = 16 would leave 2-dim heads).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import ClassVar, Literal, cast
 
 import numpy as np
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from sampletok.errors import ConfigError, validated
-from sampletok.features import Batch, FeatureLayout, HistoryTokens, TokenInput
+from sampletok.features import Batch, FeatureLayout, TokenInput
 from sampletok.models.base import ModelOutput, RankingModel, register
 from sampletok.nn import MLP, ResponseEncoder
 from sampletok.nn.layers import MultiHeadAttention, RecencyEncoding, key_padding_mask
@@ -309,11 +309,12 @@ class SIF(RankingModel):
         eager = not torch.compiler.is_compiling()  # data-dependent checks only outside torch.export/compile
         if eager and not mask.any():
             return out, labels, {}
-        if batch.tokens is not None:  # exported codes, fetched by the loader
-            if eager and not torch.equal(batch.tokens.mask, mask):
+        codes = batch.row_tokens()
+        if codes is not None:  # exported codes, fetched by the loader
+            if eager and not torch.equal(codes.mask, mask):
                 raise ConfigError("the code store does not hold the same history rows as the dataset")
-            decoded = self.tokenizer.rvq.decode(batch.tokens.payload)  # [B, L, T, d0]
-            return decoded * mask[..., None, None], (batch.tokens.responses, batch.tokens.response_mask), {}
+            decoded = self.tokenizer.rvq.decode(codes.payload)  # [B, L, T, d0]
+            return decoded * mask[..., None, None], (codes.responses, codes.response_mask), {}
         samples, index = batch.history_samples, batch.history_sample_index
         if samples is None or index is None:
             raise ConfigError(
@@ -434,7 +435,10 @@ def _history_heads(batch: Batch) -> Batch:
         for name in ("hist_rows", "hist_mask", "hist_gap", "hist_responses", "hist_response_mask")
     }
     index = batch.history_sample_index
-    tokens = batch.tokens
-    if tokens is not None:
-        tokens = HistoryTokens(**{f.name: getattr(tokens, f.name)[heads] for f in fields(tokens)})
-    return replace(batch, **first, history_sample_index=None if index is None else index[heads], tokens=tokens)
+    return replace(
+        batch,
+        **first,
+        history_sample_index=None if index is None else index[heads],
+        tokens=batch.group_tokens(),
+        tokens_by_group=False,  # here the history rows are the groups' too
+    )

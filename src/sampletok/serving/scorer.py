@@ -605,8 +605,9 @@ def _history_info(batch: Batch, row: int) -> dict:
     gaps = [batch.hist_gap[row][batch.hist_mask[row]]]
     info: dict[str, int | float | None] = {"events": int(batch.hist_mask[row].sum())}
     if batch.tokens is not None:
-        gaps.append(batch.tokens.gap[row][batch.tokens.mask[row]])
-        info["tokens"] = int(batch.tokens.mask[row].sum())
+        at = int(batch.history_group[row]) if batch.tokens_by_group and batch.history_group is not None else row
+        gaps.append(batch.tokens.gap[at][batch.tokens.mask[at]])
+        info["tokens"] = int(batch.tokens.mask[at].sum())
     gap = torch.cat(gaps)
     info["min_gap_s"] = float(gap.min()) if len(gap) else None
     return info
