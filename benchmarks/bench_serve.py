@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="load per rate")
     ap.add_argument("--target-ms", default="iat=20,sif-isolated=50,sif=50", help="/score P99 targets per model")
     ap.add_argument("--serve-args", default="", help="extra `sampletok serve` options (batching, workers)")
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured /score load before each rate")
     ap.add_argument(
         "--users",
         type=int,
@@ -109,7 +110,10 @@ def main() -> None:
                         sweep.append(_sweep(a, ds, frame, url, MODELS[m][0]))
     print(f"\n### Open-loop load: {a.candidates} candidates per /score, L = {a.hist_len}, ", end="")
     print(f"{a.event_share:.0%} /events, ", end="")
-    print(f"{a.seconds:.0f} s per rate (loopback, {os.cpu_count()} cores shared by service and load generator)")
+    print(
+        f"{a.seconds:.0f} s per rate after {a.warmup:g} s of unmeasured /score at the same rate (loopback, "
+        f"{os.cpu_count()} cores shared by service and load generator)"
+    )
     print(f"service options: {a.serve_args or '(defaults)'}\n")
     print("\n\n".join(tables))
     sizes = a.sweep.split(",")
@@ -249,7 +253,7 @@ def _open_loop(a, ds, frame, url, store, label, backend, seq_s, target_ms) -> tu
     min_gap, errors, lines, ok_rates = np.inf, [], [], []
     for k, rate in enumerate(float(r) for r in a.rates.split(",")):
         n = max(int(rate * a.seconds), 1)
-        spec = {"url": url, "rate": rate, "seconds": a.seconds, "ts0": clock, "seed": k}
+        spec = {"url": url, "rate": rate, "seconds": a.seconds, "ts0": clock, "seed": k, "warmup_s": a.warmup}
         spec["bodies"] = _traffic(a, ds, frame, n, seed=1000 + k)
         clock += n  # the next rate's times come after this one's
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
