@@ -102,8 +102,12 @@ def main() -> None:
             for backend in a.backends.split(","):
                 store = str(Path(tmp) / f"store-{m}") if backend == "local" else f"{redis_url}?store=bench-{m}"
                 with _service(ds, run, store, a.serve_args.split()) as url:
+                    import httpx
+
+                    batch = httpx.get(url + "/healthz", timeout=10).json().get("max_batch_candidates")
+                    label = f"{MODELS[m][0]} (max_batch_candidates {batch})"
                     seq = _sequential(a, ds, frame, url)
-                    table, ok = _open_loop(a, ds, frame, url, store, MODELS[m][0], backend, seq, targets.get(m))
+                    table, ok = _open_loop(a, ds, frame, url, store, label, backend, seq, targets.get(m))
                     tables.append(table)
                     failed |= not ok
                     if backend == a.backends.split(",")[0]:

@@ -73,8 +73,7 @@ def _profile(scorer, raw: list[bytes], g: int, repeats: int, label: str, request
         t.append(time.perf_counter())
         checked = [scorer._checked(query_type(q.user, q.ts, q.context, q.candidates)) for q in reqs]
         t.append(time.perf_counter())
-        each = scorer._encode_each([(i, k, rr) for i, (k, rr) in enumerate(checked)], [None] * g)
-        enc = {k: np.concatenate([e[k] for _, e in each]) for k in each[0][1]}
+        _, enc = scorer.encode_together([(i, k, rr) for i, (k, rr) in enumerate(checked)], [None] * g)
         t.append(time.perf_counter())
         # the baseline beside it: every candidate encoded as a full row (what the service did before)
         full = [row for _, rr in checked for row in scorer._full_rows(rr)]

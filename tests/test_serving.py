@@ -539,3 +539,21 @@ def test_shared_fields_encoded_once_equal_full_row_encoding(ml, runs, tmp_path):
     for i, q in enumerate(queries):
         alone = scorer.score_request(q.user, q.ts, q.context, q.candidates)[0]
         assert np.abs(together[i][0] - alone).max() < 1e-6
+
+
+def test_warm_up_runs_an_event_path_and_stores_nothing(ml, runs, tmp_path):
+    """The service warms an event's path at start (its first event was ~250 ms cold), writing nothing."""
+    _, _, ds, _ = ml
+    scorer = Scorer.from_run(ds, runs["iat"], tmp_path / "store")
+    user = scorer.user_key(scorer.describe()["example"]["user"])
+    far = np.array([np.iinfo(np.int64).max // 2])
+
+    def held() -> tuple[int, int]:
+        events = scorer.events.fetch(np.array([user]), far, 10_000, dequantize=False).mask.sum()
+        assert scorer.tokens is not None
+        return int(events), int(scorer.tokens.store.fetch(np.array([user]), far, 10_000).mask.sum())
+
+    before = held()
+    assert before[0] > 0
+    scorer.warm_up()
+    assert held() == before

@@ -148,6 +148,7 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
         batch_requests.observe(n_requests)
         queue_wait.observe(waited)
 
+    scorer.warm_up()  # an event's one-time costs now, not in the first client's latency
     max_batch = cfg.max_batch_candidates
     if max_batch == "auto":  # this model, on this process's threads and store: does a shared forward pay?
         size = min(cfg.probe_candidates, cfg.max_candidates)

@@ -288,10 +288,8 @@ class Scorer:
                 valid.append((i, *self._checked(q)))
             except DataError as e:
                 results[i] = e
-        encoded = self._encode_each(valid, results)
-        if encoded:
-            enc = {k: np.concatenate([e[k] for _, e in encoded]) for k in encoded[0][1]}
-            index = [i for i, _ in encoded]
+        index, enc = self.encode_together(valid, results)
+        if index:
             key_of = {i: key for i, key, _ in valid}
             keys = np.array([key_of[i] for i in index], np.int64)
             times = np.array([int(queries[i].ts) for i in index], np.int64)
@@ -339,6 +337,16 @@ class Scorer:
         if not -(2**62) <= int(q.ts) <= 2**62:
             return None
         return _RequestRows({s.user: q.user, s.timestamp: q.ts, **shared}, list(q.candidates))
+
+    def encode_together(
+        self, valid: list[tuple[int, int, _RequestRows]], results: list
+    ) -> tuple[list[int], dict[str, np.ndarray]]:
+        """(the indices of the requests encoded, their rows' codes concatenated in that order): what one
+        forward of :meth:`score_many` reads; a request refused here gets its DataError in ``results``."""
+        encoded = self._encode_each(valid, results)
+        if not encoded:
+            return [], {}
+        return [i for i, _ in encoded], {k: np.concatenate([e[k] for _, e in encoded]) for k in encoded[0][1]}
 
     def _encode_each(
         self, valid: list[tuple[int, int, _RequestRows]], results: list
@@ -489,6 +497,21 @@ class Scorer:
         ts = int(time.time() * self.schema.ticks_per_second)
         n = min(n_candidates, self.max_candidates)
         return ScoreQuery(example["user"], ts, example["context"], example["candidates"] * n)
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Run an event's whole path once (encoding with outcomes, its token), storing nothing: the first
+        event otherwise pays one-time costs (imports pulled in by the encoder's Arrow path, first-shape
+        kernels: ~250 ms measured), and every request queued behind it on the worker thread with it."""
+        example = self.describe()["example"]
+        ts = int(time.time() * self.schema.ticks_per_second)
+        row = {self.schema.user: example["user"], self.schema.timestamp: ts}
+        row.update({**example["context"], **example["candidates"][0]})
+        row.update({r: _placeholder(self.schema, r) for r in self.schema.response_names})
+        row.update({r.known_at: ts for r in self.schema.responses if r.known_at})
+        enc = self.encoder.encode(row, outcomes=True, origin="event")
+        feats = {k: v for k, v in enc.items() if k.split("__")[0] in ("cat", "multi", "num")}
+        self._token_of(feats, self.user_key(example["user"]), ts)
 
     # ------------------------------------------------------------------ events
     @torch.no_grad()
