@@ -244,3 +244,21 @@ def test_a_shared_history_is_computed_once_with_the_same_scores(synth_prepared, 
         shared = model(batch).logits
     torch.testing.assert_close(shared, plain)
     assert plain.std() > 0
+
+
+@pytest.mark.parametrize("scheme", ["user", "temporal"])
+def test_source_quality_measures_the_source_model_on_the_validation_split(synth_prepared, scheme, tmp_path):
+    """What IAT's report prints: the source model's own validation AUC. A trained source model predicts the
+    synthetic log's clicks; its untrained start does not; the measure reads validation rows only."""
+    from sampletok.tokens.iat import build_store
+    from sampletok.tokens.iat_source import source_quality
+
+    ds = synth_prepared
+    cfg = IATSourceConfig(scheme=scheme, epochs=6, hidden=[32], emb_dim=8, folds=2, window=16, batch_size=256)
+    valid = ds.rows("valid")
+    untrained = source_quality(SourceModel(FeatureLayout.from_dataset(ds), cfg), ds, valid)
+    trained = source_quality(train_source(ds, cfg, seed=0, progress=False), ds, valid)
+    assert trained["rows"] == untrained["rows"] == len(valid)
+    assert trained["auc"] > max(untrained["auc"], 0.55) and trained["logloss"] < untrained["logloss"]
+    meta = build_store(ds, cfg, 0, tmp_path / "tokens", progress=False).meta["source_valid"]
+    assert meta["rows"] == len(valid) and 0.5 < meta["auc"] < 1.0

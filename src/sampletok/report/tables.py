@@ -324,6 +324,35 @@ def plot_results(runs: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def source_table(runs: list[dict]) -> str:
+    """The IAT source models' own validation quality beside what the ranking model made of their tokens (test
+    AUC), mean over seeds; empty when no run read IAT tokens.
+
+    Example:
+        >>> runs = [{"model": "iat", "seed": s, "source_valid": {"auc": 0.70 + s / 100, "logloss": 0.6, "rows": 9},
+        ...          "test": {"auc": 0.74}} for s in (1, 2)]
+        >>> print(source_table(runs).splitlines()[-1])
+        | iat | 2 | 0.7150 | 0.6000 | 0.7400 |
+    """
+    rows = []
+    for model, by_seed in _by_model(runs).items():
+        got = [r for r in by_seed.values() if r.get("source_valid")]
+        if not got:
+            continue
+        src_auc = float(np.mean([r["source_valid"]["auc"] for r in got]))
+        src_ll = float(np.mean([r["source_valid"]["logloss"] for r in got]))
+        test = [r["test"]["auc"] for r in got if "test" in r]
+        test_auc = f"{np.mean(test):.4f}" if test else "-"
+        rows.append(f"| {model} | {len(got)} | {src_auc:.4f} | {src_ll:.4f} | {test_auc} |")
+    if not rows:
+        return ""
+    head = (
+        "IAT source models (their own first-label prediction on the validation split, mean over seeds):\n\n"
+        "| model | seeds | source valid AUC | source valid LogLoss | ranking test AUC |\n|---|---|---|---|---|"
+    )
+    return head + "\n" + "\n".join(rows)
+
+
 def write_report(runs: list[dict], out_dir: Path, reference: str, title: str = "") -> Table:
     md = markdown_table(runs, reference)
     seeds = sorted({r["seed"] for r in runs})
@@ -334,6 +363,9 @@ def write_report(runs: list[dict], out_dir: Path, reference: str, title: str = "
         f"metric column, the best mean of the column).\n\n"
         f"{md}\n\n![results](results.png)\n"
     )
+    source = source_table(runs)
+    if source:
+        text += f"\n{source}\n"
     (out_dir / "results.md").write_text(text)
     plot_results(runs, out_dir / "results.png", title)
     return rich_table(runs, reference, title)

@@ -36,7 +36,7 @@ from sampletok.store import LocalTokenStore
 from sampletok.store.base import TokenStore
 from sampletok.tokenizers.iat import IATSourceConfig, SourceModel
 from sampletok.tokens.base import register_method
-from sampletok.tokens.iat_source import SourceTrainer, train_source, user_windows
+from sampletok.tokens.iat_source import SourceTrainer, source_quality, train_source, user_windows
 
 
 @register_method("iat")
@@ -268,10 +268,12 @@ def export_to_store(
     chunk: int = 1 << 20,
     embeddings: np.ndarray | None = None,
     engine: Literal["local", "ray"] = "local",
+    source_valid: dict[str, float] | None = None,
 ) -> LocalTokenStore:
     """Write every instance's token, with its labels and their availability times, to a token store.
     ``embeddings`` [N, emb_dim] are the tokens (the causal export's); by default ``model`` embeds every
-    instance (in-sample)."""
+    instance (in-sample). ``source_valid``: the source model's own validation quality, kept in the store's
+    meta (:func:`~sampletok.tokens.iat_source.source_quality`; reports print it)."""
     t0 = time.time()
     emb = embed_all(model, ds, progress=progress, engine=engine) if embeddings is None else embeddings
     seconds = time.time() - t0
@@ -291,6 +293,7 @@ def export_to_store(
             "export_order": "causal" if embeddings is not None else "in_sample",
             "export_seconds": seconds,
             "export_instances_per_s": ds.n_rows / max(seconds, 1e-9),
+            "source_valid": source_valid,
         },
     )
     ts = np.asarray(ds.col(TIMESTAMP))[keep]
@@ -346,7 +349,8 @@ def build_store(
         emb, model = causal_embeddings(ds, cfg, seed, progress, engine)
     else:
         model, emb = train_source(ds, cfg, seed, progress), None
-    store = export_to_store(model, ds, path, progress, embeddings=emb, engine=engine)
+    quality = source_quality(model, ds, ds.rows("valid", where=cfg.rows_where))  # never the test split
+    store = export_to_store(model, ds, path, progress, embeddings=emb, engine=engine, source_valid=quality)
     saved = {"config": cfg.model_dump(), "state_dict": model.state_dict(), "dataset": ds.fingerprint}
     save_torch(saved, source_model_path(path))
     return store

@@ -129,7 +129,8 @@ class SourceTrainer:
         model.eval()
 
 
-def _window_loss(model: SourceModel, loader: BatchLoader, w: np.ndarray) -> torch.Tensor:
+def _window_logits(model: SourceModel, loader: BatchLoader, w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of the instances of user windows ``w`` (each position sees the window's earlier ones)."""
     valid = w >= 0
     batch = loader.build(w[valid])
     z_flat = model.compress(batch)
@@ -137,7 +138,56 @@ def _window_loss(model: SourceModel, loader: BatchLoader, w: np.ndarray) -> torc
     vm = torch.from_numpy(valid)
     z[vm] = z_flat
     ctx = model.run_sit(z, vm)[vm]
-    return _bce(model.predict(z_flat, ctx), batch.labels)
+    return model.predict(z_flat, ctx), batch.labels
+
+
+def _window_loss(model: SourceModel, loader: BatchLoader, w: np.ndarray) -> torch.Tensor:
+    return _bce(*_window_logits(model, loader, w))
+
+
+@torch.no_grad()
+def source_quality(model: SourceModel, ds: PreparedDataset, rows: np.ndarray) -> dict[str, float]:
+    """The source model's own prediction of the first task label on ``rows`` (the validation split: rows it
+    never trained on), as AUC and LogLoss: how much a token can carry. The user-order schemes read each
+    instance's earlier instances in its user window of ``rows`` through the SIT, as in training.
+
+    Example:
+        >>> from sampletok.data.sources.synthetic import SyntheticConfig, generate_source
+        >>> from sampletok.data.prepare import prepare
+        >>> import tempfile
+        >>> src, schema = generate_source(SyntheticConfig(n_users=30, events_per_user=12, n_items=40))
+        >>> ds = prepare(src, schema, tempfile.mkdtemp(), progress=False)
+        >>> cfg = IATSourceConfig(epochs=1, hidden=[16], emb_dim=8)
+        >>> q = source_quality(train_source(ds, cfg, seed=0, progress=False), ds, ds.rows("valid"))
+        >>> sorted(q), 0.0 <= q["auc"] <= 1.0
+        (['auc', 'logloss', 'rows'], True)
+    """
+    from sampletok.train.metrics import auc, logloss
+
+    cfg = model.cfg
+    loader = BatchLoader(
+        ds, np.zeros(0, np.int64), cfg.batch_size, index=history_index(ds), layout=FeatureLayout.from_dataset(ds),
+        hist_len=cfg.hist_len,
+    )  # fmt: skip
+    model.eval()
+    logits, labels = [], []
+    if cfg.scheme == "temporal":
+        for i in range(0, len(rows), cfg.batch_size):
+            batch = loader.build(rows[i : i + cfg.batch_size])
+            logits.append(model.predict(model.compress(batch), None))
+            labels.append(batch.labels)
+    else:
+        wins = user_windows(np.asarray(ds.col(USER_KEY)), np.asarray(ds.col(TIMESTAMP)), rows, cfg.window)
+        per_step = max(1, cfg.batch_size // cfg.window)
+        for i in range(0, len(wins), per_step):
+            out, target = _window_logits(model, loader, wins[i : i + per_step])
+            logits.append(out)
+            labels.append(target)
+    if not logits:
+        return {"auc": float("nan"), "logloss": float("nan"), "rows": 0}
+    p = torch.sigmoid(torch.cat(logits)[:, 0]).double().numpy()
+    y = torch.cat(labels)[:, 0].double().numpy()
+    return {"auc": float(auc(y, p)), "logloss": float(logloss(y, p)), "rows": int(len(y))}
 
 
 def _train_stream_epoch(

@@ -301,6 +301,8 @@ def run_model(
         "fit_wall_s": wall,
         "train": train_cfg.model_dump(mode="json"),
     }
+    if tokens is not None and tokens.store.meta.get("source_valid"):  # an IAT source model's own quality
+        out["source_valid"] = tokens.store.meta["source_valid"]
     if not evaluate_test:  # the search phase of a tune: validation only, the test rows are never selected
         return out
     test_rows, seen_rows = rows("test"), rows("test", True)
