@@ -132,7 +132,7 @@ _SCALAR = st.one_of(
     st.none(),
     _TEXT,
     st.integers(-3, 35),
-    st.sampled_from([2**53, 2**63, -(2**63) - 1, 10**30]),
+    st.sampled_from([2**53, 2**53 + 1, 2**63, -(2**63) - 1, 10**30]),
     st.floats(allow_nan=True, allow_infinity=True, width=64),
     st.sampled_from([3.0, -0.0, 1e16, 2.5, 0.5]),
     st.booleans(),
@@ -174,7 +174,7 @@ def test_plain_python_kernel_encodes_dict_rows_like_polars(kernel_encoders, data
     columns = {n: data.draw(st.sampled_from(["tidy", "any"]), label=f"{n} kind") for n in names}
     n = data.draw(st.integers(1, 5), label="rows")
     tidy = {  # values of the field's own kind (what a client sends): the fast path's domain
-        "uid": st.one_of(st.none(), st.integers(0, 40), st.sampled_from([3.0, 7.0])),
+        "uid": st.one_of(st.none(), st.integers(0, 40), st.sampled_from([3.0, 7.0, 2**53 + 1])),
         "iid": st.integers(0, 35),
         "tags": st.one_of(st.none(), st.sampled_from(["1|2", "", "4", "x||y"]), st.lists(_TEXT, max_size=4)),
         "price": st.one_of(st.none(), st.floats(-50, 50), st.integers(-5, 5)),

@@ -555,5 +555,9 @@ def test_warm_up_runs_an_event_path_and_stores_nothing(ml, runs, tmp_path):
 
     before = held()
     assert before[0] > 0
+    tokenized = []
+    original = scorer._token_of
+    scorer._token_of = lambda *a: tokenized.append(original(*a))  # the event's token is computed, not stored
     scorer.warm_up()
     assert held() == before
+    assert len(tokenized) == 1 and tokenized[0] is not None and np.isfinite(tokenized[0]).all()

@@ -213,6 +213,8 @@ def _categorical_text(values: list) -> list[str | None] | None:
         return values
     if not all(type(v) is int or type(v) is float for v in present):
         return None
+    if any(type(v) is float for v in present) and any(type(v) is int and abs(v) >= _EXACT_INT for v in present):
+        return None  # polars makes the column Float64: such an int is rounded first
     out: list[str | None] = []
     for v in values:
         if v is None or (type(v) is float and v != v):  # NaN: as_str's integer cast makes it null

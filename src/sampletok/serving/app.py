@@ -151,11 +151,22 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
     scorer.warm_up()  # an event's one-time costs now, not in the first client's latency
     max_batch = cfg.max_batch_candidates
     if max_batch == "auto":  # this model, on this process's threads and store: does a shared forward pay?
-        size = min(cfg.probe_candidates, cfg.max_candidates)
-        max_batch, per_request = calibrate_batch_candidates(scorer.score_many, scorer.probe_query(size), size)
+        size = min(cfg.probe_candidates, scorer.max_candidates)
+        probe = scorer.probe_query(size)
+        try:
+            max_batch, per_request = calibrate_batch_candidates(scorer.score_many, probe, size)
+        except ValueError as e:  # a schema whose example request is refused: no cross-request batching
+            max_batch, per_request = size, {}
+            log.warning("auto batching: %s; max_batch_candidates %d (one request's)", one_line(str(e)), size)
         timings = ", ".join(f"{g}: {t * 1e3:.1f} ms" for g, t in per_request.items())
-        log.warning("auto batching: max_batch_candidates %d (per %d-candidate request by group: %s)",
-                    max_batch, size, timings)  # fmt: skip
+        if per_request:
+            log.warning("auto batching: max_batch_candidates %d (per %d-candidate request by group: %s)",
+                        max_batch, size, timings)  # fmt: skip
+        if (
+            per_request
+            and scorer.score_request(probe.user, probe.ts, probe.context, probe.candidates)[1]["events"] == 0
+        ):
+            log.warning("auto batching: the probe user has no history, so the timing read none (set a number)")
     Gauge("sampletok_max_batch_candidates", "the batcher's most candidates per forward", registry=registry).set(
         max_batch
     )

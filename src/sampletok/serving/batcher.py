@@ -196,7 +196,9 @@ def calibrate_batch_candidates(
     timings: dict[int, float] = {}
     for g in groups:
         group = [probe] * g
-        score_many(group)  # warm-up (allocator, caches)
+        refused = [r for r in score_many(group) if isinstance(r, Exception)]  # warm-up (allocator, caches)
+        if refused:
+            raise ValueError(f"the probe request was refused: {refused[0]}")
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
