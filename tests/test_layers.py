@@ -121,6 +121,14 @@ def test_unknown_attention_kernel_is_a_config_error():
         pass
 
 
+def _assert_same_values_and_gradients(out: torch.Tensor, ref: torch.Tensor, inputs: tuple) -> None:
+    """A grouped path against its spread reference: equal values, and equal gradients of every input."""
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    grads = torch.autograd.grad(out.pow(2).sum(), inputs)
+    for a, b in zip(grads, torch.autograd.grad(ref.pow(2).sum(), inputs), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.integers(1, 6), min_size=1, max_size=5),  # rows per history group (a served request's candidates)
@@ -146,11 +154,7 @@ def test_grouped_cross_attention_equals_the_context_spread_to_every_row(sizes, n
         valid[0] = False
     ref = block(x.unsqueeze(1), key_padding_mask(valid[group], 1), context=context[group])[:, 0]
     out = block.forward_grouped(x, context, valid, group)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    grads = torch.autograd.grad(out.pow(2).sum(), (x, context, *block.parameters()))
-    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (x, context, *block.parameters()))
-    for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    _assert_same_values_and_gradients(out, ref, (x, context, *block.parameters()))
 
 
 @settings(max_examples=60, deadline=None)
@@ -174,8 +178,4 @@ def test_grouped_target_attention_equals_the_keys_spread_to_every_row(sizes, n, 
     mask = torch.rand(g, n) > 0.3
     ref = att(query, keys[group], mask[group])
     out = att.forward_grouped(query, keys, mask, group)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    grads = torch.autograd.grad(out.pow(2).sum(), (query, keys, *att.parameters()))
-    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (query, keys, *att.parameters()))
-    for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    _assert_same_values_and_gradients(out, ref, (query, keys, *att.parameters()))

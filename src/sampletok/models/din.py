@@ -91,21 +91,19 @@ class DIN(RankingModel):
         self.aux = ResponseHeads(layout, in_dim, aux_responses, aux_hidden, aux_weight) if aux_responses else None
 
     def interest(self, batch: Batch) -> torch.Tensor:
-        """[B, seq_dim] attention-pooled history."""
-        if batch.grouped_history and len(batch.history_heads()) > 1:  # several served requests: each history once
-            heads = batch.history_heads()
-            mask = batch.hist_mask[heads]
-            history = self.embed.group_history(batch)
-            if self.responses is not None and self.responses_to == "items":
-                past = self.responses(batch.hist_responses[heads], batch.hist_response_mask[heads])
-                history = history + past * mask.unsqueeze(-1)
-            assert batch.history_group is not None
-            return self.attention.forward_grouped(self.embed.target_item(batch), history, mask, batch.history_group)
-        history = self.embed.history(batch)
+        """[B, seq_dim] attention-pooled history; several served requests' histories are each read once."""
+        grouped = batch.grouped_history and len(batch.history_heads()) > 1
+        rows = batch.history_heads() if grouped else slice(None)  # one history per group, or per row
+        history = self.embed.group_history(batch) if grouped else self.embed.history(batch)
+        mask = batch.hist_mask[rows]
         if self.responses is not None and self.responses_to == "items":
-            past = self.responses(batch.hist_responses, batch.hist_response_mask)
-            history = history + past * batch.hist_mask.unsqueeze(-1)
-        return self.attention(self.embed.target_item(batch), history, batch.hist_mask)
+            past = self.responses(batch.hist_responses[rows], batch.hist_response_mask[rows])
+            history = history + past * mask.unsqueeze(-1)
+        target = self.embed.target_item(batch)
+        if not grouped:
+            return self.attention(target, history, mask)
+        assert batch.history_group is not None
+        return self.attention.forward_grouped(target, history, mask, batch.history_group)
 
     def feature_input(self, batch: Batch) -> torch.Tensor:
         """The vector the interaction MLP reads."""

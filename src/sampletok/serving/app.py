@@ -153,20 +153,18 @@ def create_app(scorer: Scorer, config: ServingConfig | None = None) -> Any:
     if max_batch == "auto":  # this model, on this process's threads and store: does a shared forward pay?
         size = min(cfg.probe_candidates, scorer.max_candidates)
         probe = scorer.probe_query(size)
-        try:
+        first = scorer.score_many([probe])[0]
+        if isinstance(first, Exception):  # a schema whose example request is refused: no cross-request batching
+            max_batch = size
+            log.warning("auto batching: the probe request was refused (%s); max_batch_candidates %d (one "
+                        "request's)", one_line(str(first)), size)  # fmt: skip
+        else:
+            if first[1]["events"] == 0:
+                log.warning("auto batching: the probe user has no history, so the timing reads none (set a number)")
             max_batch, per_request = calibrate_batch_candidates(scorer.score_many, probe, size)
-        except ValueError as e:  # a schema whose example request is refused: no cross-request batching
-            max_batch, per_request = size, {}
-            log.warning("auto batching: %s; max_batch_candidates %d (one request's)", one_line(str(e)), size)
-        timings = ", ".join(f"{g}: {t * 1e3:.1f} ms" for g, t in per_request.items())
-        if per_request:
+            timings = ", ".join(f"{g}: {t * 1e3:.1f} ms" for g, t in per_request.items())
             log.warning("auto batching: max_batch_candidates %d (per %d-candidate request by group: %s)",
                         max_batch, size, timings)  # fmt: skip
-        if (
-            per_request
-            and scorer.score_request(probe.user, probe.ts, probe.context, probe.candidates)[1]["events"] == 0
-        ):
-            log.warning("auto batching: the probe user has no history, so the timing read none (set a number)")
     Gauge("sampletok_max_batch_candidates", "the batcher's most candidates per forward", registry=registry).set(
         max_batch
     )

@@ -503,15 +503,20 @@ class Scorer:
         """Run an event's whole path once (encoding with outcomes, its token), storing nothing: the first
         event otherwise pays one-time costs (imports pulled in by the encoder's Arrow path, first-shape
         kernels: ~250 ms measured), and every request queued behind it on the worker thread with it."""
-        example = self.describe()["example"]
+        user = self.describe()["example"]["user"]
         ts = int(time.time() * self.schema.ticks_per_second)
-        row = {self.schema.user: example["user"], self.schema.timestamp: ts}
-        row.update({**example["context"], **example["candidates"][0]})
-        row.update({r: _placeholder(self.schema, r) for r in self.schema.response_names})
-        row.update({r.known_at: ts for r in self.schema.responses if r.known_at})
-        enc = self.encoder.encode(row, outcomes=True, origin="event")
+        enc = self.encoder.encode(self._example_event_row(user, ts, {}), outcomes=True, origin="event")
         feats = {k: v for k, v in enc.items() if k.split("__")[0] in ("cat", "multi", "num")}
-        self._token_of(feats, self.user_key(example["user"]), ts)
+        self._token_of(feats, self.user_key(user), ts)
+
+    def _example_event_row(self, user: object, ts: int, responses: Mapping[str, Any]) -> dict[str, Any]:
+        """A whole raw event row of ``user`` at ``ts`` (the encoder reads whole rows): the example request's
+        fields, ``responses`` and placeholders for the others, every known-at at ``ts``."""
+        example = self.describe()["example"]
+        row = {self.schema.user: user, self.schema.timestamp: ts, **example["context"], **example["candidates"][0]}
+        row.update({r: responses.get(r, _placeholder(self.schema, r)) for r in self.schema.response_names})
+        row.update({r.known_at: ts for r in self.schema.responses if r.known_at})
+        return row
 
     # ------------------------------------------------------------------ events
     @torch.no_grad()
@@ -590,11 +595,7 @@ class Scorer:
         iid, key = instance_id_of(event_id), self.user_key(user)
         when = int(time.time() * self.schema.ticks_per_second) if now is None else int(now)
         # the responses encoded as an event's are (the encoder reads whole rows: other fields at example values)
-        example = self.describe()["example"]
-        row = {self.schema.user: user, self.schema.timestamp: when, **example["context"], **example["candidates"][0]}
-        row.update({r: responses.get(r, _placeholder(self.schema, r)) for r in names})
-        row.update({r.known_at: when for r in self.schema.responses if r.known_at})
-        enc = self.encoder.encode(row, outcomes=True, origin="event")
+        enc = self.encoder.encode(self._example_event_row(user, when, responses), outcomes=True, origin="event")
         _check_magnitudes("event", {k: v for k, v in enc.items() if k.startswith("resp__")})
         values = np.array(
             [enc[label_col(r) if r in self.schema.task_labels else resp_col(r)][0] for r in names], np.float32
