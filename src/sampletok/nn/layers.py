@@ -97,8 +97,9 @@ class TargetAttention(nn.Module):
         """query [B, d]; row i attends to ``keys[group[i]]`` ([G, n, d], mask [G, n]; ``group`` [B] contiguous,
         numbered from 0) → [B, d]: :meth:`forward` over the keys spread to every row, one group (a served
         request's candidates) at a time over a view of its one history. The work is per (row, key) either way;
-        copying each history to its rows and running one [B, n, h] pass instead costs 1.1-2.2× per request at
-        2-8 requests of 100 candidates, L = 256 (the working set leaves the cache; measured on this CPU)."""
+        copying each history to its rows and running one [B, n, h] pass instead was slower per request at 2-8
+        requests of 100 candidates, L = 256, in an ad-hoc timing on the 2-core development CPU (its working set
+        leaves the cache); ``benchmarks/profile_serve.py --groups 1,2,4,8`` times the served forward with it."""
         sizes = torch.bincount(group, minlength=keys.shape[0]).tolist()
         out, start = [], 0
         for g, size in enumerate(sizes):  # one step per request, not per row
