@@ -25,6 +25,7 @@ OPTIONS = {
     "mlp": {"encoders": "mlp"},
     "per_feature": {"context_tokens": "per_feature"},
     "time": {"time_embeddings": True},
+    "no_bias": {"relative_bias": False},
     "aux": {"aux_responses": True},
     "all": {
         "concat_ux": True,
@@ -178,6 +179,29 @@ def test_time_embeddings_change_the_score_by_bucket_and_ignore_padding():
         cat = torch.where(batch.hist_mask.unsqueeze(-1), batch.hist_cat, 3)
         torch.testing.assert_close(model(dataclasses.replace(batch, hist_gap=gaps, hist_cat=cat)).logits, base)
     assert HSTU(lay).time is None
+
+
+def test_without_the_relative_bias_time_gaps_reach_the_score_only_through_time_embeddings():
+    lay = FeatureLayout.example()
+    batch = Batch.example(lay, batch_size=6, hist_len=6)
+    has = batch.hist_mask.any(1)
+    later = dataclasses.replace(batch, hist_gap=torch.where(batch.hist_mask, batch.hist_gap * 37.0 + 5e4, 0.0))
+    scores = {}
+    for bias, time in ((True, False), (False, False), (False, True)):
+        torch.manual_seed(0)
+        model = HSTU(lay, relative_bias=bias, time_embeddings=time, dropout=0.0).eval()
+        if bias:  # a fresh bias is all zeros: give it values, as training would
+            with torch.no_grad():
+                model.bias.time_w.normal_()
+        with torch.no_grad():
+            scores[bias, time] = (model(batch).logits, model(later).logits)
+    base, moved = scores[True, False]
+    assert (moved - base)[has].abs().min() > 0  # the bias reads the gaps
+    base, moved = scores[False, False]
+    torch.testing.assert_close(moved, base)  # nothing else does
+    base, moved = scores[False, True]
+    assert (moved - base)[has].abs().min() > 0  # the time embeddings still do
+    assert HSTU(lay, relative_bias=False).bias is None
 
 
 # ------------------------------------------------------------------------------------------ multitask heads

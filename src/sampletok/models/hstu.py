@@ -29,6 +29,9 @@ saved model (whose config predates them) rebuilds as it was trained; DLRM-v3 its
   contextual weights), instead of one token from every field.
 - ``time_embeddings``: a learned embedding of each token's time gap bucket, ``int(ln(gap / 60 s))`` clamped
   to [0, 32], added to the event and candidate tokens (HSTUPositionalEncoder's timestamp embeddings).
+- ``relative_bias`` (on by default, as DLRM-v3): the relative attention bias above; off, the STU layers see
+  time gaps only through ``time_embeddings`` and order only through the causal mask (an ablation: what HSTU
+  gains from the bias).
 - ``aux_responses``: multitask heads (:class:`~sampletok.nn.ResponseHeads`: ``Linear → SwishLayerNorm →
   Linear``) over ``user ⊙ item`` (the candidate's output and its content embedding, as DLRM-v3's multitask
   module) predict the request's responses as auxiliary losses, weight ``aux_weight`` (DLRM-v3: 0.2).
@@ -173,6 +176,7 @@ class HSTU(RankingModel):
         encoder_hidden: int = 64,
         context_tokens: Literal["one", "per_feature"] = "one",
         time_embeddings: bool = False,
+        relative_bias: bool = True,
         aux_responses: bool | list[str] = False,
         aux_weight: float = 0.2,
         aux_hidden: int = 64,
@@ -198,6 +202,9 @@ class HSTU(RankingModel):
                 contextual feature, DLRM-v3's).
             time_embeddings: add log-bucketed time-gap embeddings to the event and candidate tokens (DLRM-v3: on;
                 default off).
+            relative_bias: add the relative attention bias of time gaps and positions to every layer's scores
+                (default on, as DLRM-v3; off: the layers see time gaps only through ``time_embeddings``, and order
+                only through the causal mask).
             aux_responses: multitask heads predicting the request's responses (True: every non-task-label one,
                 a list the named; False: none, the default). DLRM-v3 trains every action type this way.
             aux_weight: scale of each auxiliary loss (DLRM-v3's causal_multitask_weights: 0.2).
@@ -235,7 +242,7 @@ class HSTU(RankingModel):
             n_context = len(index)
         self.n_context = n_context
         self.time = TimestampBucketEmbedding(width) if time_embeddings else None
-        self.bias = RelativeTimePositionBias(max_len + 1 + n_context)
+        self.bias = RelativeTimePositionBias(max_len + 1 + n_context) if relative_bias else None
         self.layers = nn.ModuleList(STULayer(width, heads, dropout, concat_ux) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         activation = SwishLayerNorm if encoders == "mlp" else nn.ReLU
@@ -272,7 +279,7 @@ class HSTU(RankingModel):
         causal = torch.ones(n + k + 1, n + k + 1, dtype=torch.bool, device=x.device).tril()
         mask = causal.unsqueeze(0) & valid.unsqueeze(1) & valid.unsqueeze(2)
         n_valid = valid.sum(1)
-        bias = self.bias(t)
+        bias = self.bias(t) if self.bias is not None else x.new_zeros(b, n + k + 1, n + k + 1)
         for layer in self.layers:
             x = layer(x, bias, mask, n_valid)
         user = self.norm(x[:, -1])
