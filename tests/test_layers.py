@@ -8,10 +8,12 @@ from sampletok.nn.layers import RankMixerBlock, TargetAttention
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(1, 6), st.integers(1, 12), st.integers(1, 9), st.integers(0, 10_000))
-def test_target_attention_fast_path_equals_reference(b, n, d, seed):
+@given(
+    st.integers(1, 6), st.integers(1, 12), st.integers(1, 9), st.integers(0, 10_000), st.sampled_from(["sum", "mean"])
+)
+def test_target_attention_fast_path_equals_reference(b, n, d, seed, pooling):
     torch.manual_seed(seed)
-    att = TargetAttention(d, [7, 5])
+    att = TargetAttention(d, [7, 5], pooling=pooling)
     q, k = torch.randn(b, d), torch.randn(b, n, d)
     mask = torch.rand(b, n) > 0.3
     q.requires_grad_(True)
@@ -22,6 +24,23 @@ def test_target_attention_fast_path_equals_reference(b, n, d, seed):
         torch.autograd.grad(fast.pow(2).sum(), params), torch.autograd.grad(ref.pow(2).sum(), params), strict=True
     ):
         torch.testing.assert_close(g_fast, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_mean_pooling_is_the_sum_over_the_valid_rows_and_does_not_grow_with_repeated_history():
+    torch.manual_seed(0)
+    d = 5
+    summed, mean = TargetAttention(d, [6]), TargetAttention(d, [6], pooling="mean")
+    mean.load_state_dict(summed.state_dict())
+    q, k = torch.randn(4, d), torch.randn(4, 7, d)
+    mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4, [False] * 7, [True, False] * 3 + [True]])
+    count = mask.sum(1, keepdim=True).clamp(min=1).float()
+    torch.testing.assert_close(mean(q, k, mask), summed(q, k, mask) / count)
+    assert mean(q, k, mask)[2].abs().max() == 0  # no history: zeros, not NaN
+    twice, twice_mask = torch.cat([k, k], dim=1), torch.cat([mask, mask], dim=1)  # every row read twice
+    torch.testing.assert_close(summed(q, twice, twice_mask), 2 * summed(q, k, mask))
+    torch.testing.assert_close(mean(q, twice, twice_mask), mean(q, k, mask))
+    with pytest.raises(Exception, match="pooling must be 'sum' or 'mean'"):
+        TargetAttention(d, pooling="max")  # type: ignore[arg-type]
 
 
 def _token_mixing_reference(x: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,25 @@ def test_din_history_responses_count_only_once_known(synth_prepared):
         assert torch.allclose(changed, base) is not with_labels
 
 
+def test_din_mean_pooling_divides_the_interest_by_the_history_rows(synth_prepared):
+    """``attention_pooling: mean`` reaches DIN's activation unit: the same weights give the summed interest
+    over the request's number of history rows (zeros without history), and a bad value is a config error."""
+    torch.manual_seed(0)
+    layout = FeatureLayout.from_dataset(synth_prepared)
+    rows = synth_prepared.rows("test")[:64]
+    batch = BatchLoader(synth_prepared, rows, 64, hist_len=10).build(rows)
+    summed = build_model("din", layout, history_responses=True).eval()
+    mean = build_model("din", layout, history_responses=True, attention_pooling="mean").eval()
+    mean.load_state_dict(summed.state_dict())
+    count = batch.hist_mask.sum(1, keepdim=True).clamp(min=1).float()
+    assert (count > 1).any()
+    with torch.no_grad():
+        torch.testing.assert_close(mean.interest(batch), summed.interest(batch) / count)
+        assert not torch.allclose(mean(batch).logits, summed(batch).logits)
+    with pytest.raises(ConfigError, match="pooling"):
+        build_model("din", layout, attention_pooling="max")
+
+
 @pytest.mark.parametrize("name", BASELINES)
 def test_long_history_and_empty_history(name, synth_prepared):
     layout = FeatureLayout.from_dataset(synth_prepared)
@@ -117,6 +136,7 @@ def _unflat(tensors: dict, like, prefix: str = ""):
         ("dnn", {}),
         ("dcnv2", {}),
         ("din", {"history_responses": True}),
+        ("din", {"attention_pooling": "mean"}),
         ("bst", {}),
         ("rankmixer", {}),
         ("onetrans", {}),

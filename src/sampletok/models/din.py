@@ -50,6 +50,7 @@ class DIN(RankingModel):
         embed_dim: int = 16,
         hidden: Sequence[int] = (256, 128, 64),
         attention_hidden: Sequence[int] = (64, 32),
+        attention_pooling: Literal["sum", "mean"] = "sum",
         dropout: float = 0.1,
         extra_dim: int = 0,
         history_responses: bool | list[str] = False,
@@ -66,6 +67,8 @@ class DIN(RankingModel):
             embed_dim: width of each field embedding (a field's ``embed_dim`` in the schema overrides it).
             hidden: MLP widths of the prediction head.
             attention_hidden: MLP widths of the target-attention unit.
+            attention_pooling: ``sum`` (DIN's un-normalized weighted sum, the default) or ``mean`` (that sum over
+                the request's number of history rows, so its scale does not grow with the history length).
             dropout: dropout rate of the MLP.
             extra_dim: width of an extra input vector (IAT's branch before interaction); 0 for none.
             history_responses: add each history row's responses known at the request: True all, a list the named.
@@ -84,7 +87,7 @@ class DIN(RankingModel):
             else None
         )
         self.responses_to = responses_to
-        self.attention = TargetAttention(self.embed.seq_dim, list(attention_hidden))
+        self.attention = TargetAttention(self.embed.seq_dim, list(attention_hidden), attention_pooling)
         user_dim = self.embed.seq_dim if history_responses and responses_to == "user" else 0
         in_dim = self.embed.n_tokens * embed_dim + self.embed.seq_dim + user_dim + extra_dim  # extra: e.g. IAT
         self.mlp = MLP(in_dim, list(hidden), out_dim=self.n_tasks, dropout=dropout)

@@ -4,7 +4,7 @@ kernel on CPU)."""
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -68,16 +68,28 @@ class MLP(nn.Sequential):
 class TargetAttention(nn.Module):
     """DIN's activation unit: weights w(q, k) = MLP([q, k, q-k, q*k]), un-normalized weighted sum of values.
 
+    ``pooling="mean"`` divides that sum by the request's number of valid history rows, so the pooled vector's
+    scale no longer grows with the history length (DIN's paper keeps the sum to preserve interest intensity).
+
     Fast path: the first linear layer is split by input block, W·[q, k, q−k, q∘k] = (W_q+W_d)q +
     (W_k − W_d + W_p·diag(q))k, so the query part is computed once per request, the key part is one batched
     matmul with a per-request [d, h] weight, and neither the [B, n, 4d] concatenation nor q∘k is built (3×
     fewer passes over [B, n, h] activations). ``forward_reference`` is the literal formula (tests compare them).
     """
 
-    def __init__(self, dim: int, hidden: list[int] | None = None):
+    def __init__(self, dim: int, hidden: list[int] | None = None, pooling: Literal["sum", "mean"] = "sum"):
         super().__init__()
-        self.dim = dim
+        if pooling not in ("sum", "mean"):
+            raise ConfigError(f"attention pooling must be 'sum' or 'mean', got '{pooling}'")
+        self.dim, self.pooling = dim, pooling
         self.score = MLP(4 * dim, hidden or [64, 32], out_dim=1, activation=nn.Sigmoid)
+
+    def _pool(self, w: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked weights w [B, n] · keys [B, n, d] → [B, d]: their sum, or that sum over the valid rows."""
+        pooled = torch.einsum("bn,bnd->bd", w, keys)
+        if self.pooling == "mean":
+            pooled = pooled / mask.sum(1, keepdim=True).clamp(min=1).to(pooled.dtype)
+        return pooled
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """query [B, d], keys [B, n, d], mask [B, n] → [B, d]."""
@@ -89,7 +101,7 @@ class TargetAttention(nn.Module):
             # in place: h is a fresh [B, n, h] buffer that no backward needs (sigmoid's backward uses its output)
             h = h.sigmoid_() if isinstance(layer, nn.Sigmoid) else layer(h)
         w = h.squeeze(-1) * mask.to(keys.dtype)
-        return torch.einsum("bn,bnd->bd", w, keys)
+        return self._pool(w, keys, mask)
 
     def forward_grouped(
         self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, group: torch.Tensor
@@ -112,7 +124,7 @@ class TargetAttention(nn.Module):
         q = query.unsqueeze(1).expand_as(keys)
         w = self.score(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
         w = w * mask.to(w.dtype)
-        return torch.einsum("bn,bnd->bd", w, keys)
+        return self._pool(w, keys, mask)
 
 
 class MultiHeadAttention(nn.Module):
