@@ -119,6 +119,30 @@ def test_pairwise_against_and_metric_order():
     assert aucs == sorted(aucs, reverse=True)
 
 
+def test_pairwise_on_the_validation_split_reads_only_validation_figures(tmp_path):
+    """``split="valid"`` (``report --split valid``): the same paired table over each run's best-epoch
+    validation figures, so options are chosen without the test split; the test figures never enter it."""
+    rng = np.random.default_rng(3)
+    runs = _random_runs()
+    for r in runs:
+        r["valid"] = dict(zip(("auc", "gauc", "logloss"), rng.uniform([0.6, 0.6, 0.5], [0.8, 0.8, 0.7]), strict=True))
+    value = {(r["model"], r["seed"]): r["valid"]["auc"] for r in runs}
+    rows = {r["model"]: r for r in pairwise_rows(runs, "ref", split="valid")}
+    a = np.array([value["a", s] for s in (1, 2, 3, 4)]) - np.array([value["ref", s] for s in (1, 2, 3, 4)])
+    assert rows["a"]["AUC"][0] == pytest.approx(float(a.mean()), abs=1e-12)
+    assert rows["a"]["AUC"][0] != pytest.approx(pairwise_rows(runs, "ref")[0]["AUC"][0], abs=1e-6)
+    for r in runs:
+        r["test"] = {k: float("nan") for k in r["test"]}
+    assert pairwise_rows(runs, "ref", split="valid") == list(rows.values())
+    with pytest.raises(ConfigError, match="unknown split 'train'"):
+        pairwise_rows(runs, "ref", split="train")
+    d = _write(tmp_path / "v", runs)
+    r = _cli("report", str(d), "--reference", "ref", "--split", "valid")
+    assert r.returncode == 0, r.stderr
+    text = (d / "pairwise-ref-valid.md").read_text()
+    assert text.startswith("Validation metrics") and pairwise_table(runs, "ref", split="valid") in text
+
+
 @pytest.mark.parametrize("reference,against", [("nope", None), ("ref", ["a", "nope"])])
 def test_pairwise_unknown_label_is_a_config_error(reference, against):
     with pytest.raises(ConfigError, match="no runs labelled 'nope'"):

@@ -617,23 +617,27 @@ def report(
     by_history: bool = typer.Option(
         False, help="also ΔAUC per history-length bucket of the test requests (TrainConfig.history_buckets)"
     ),
+    split: str = typer.Option(
+        "test", help="test, or valid: the best epochs' validation figures (choose options by these, not by test)"
+    ),
 ):
-    """Each model vs the reference, paired over the seeds both ran: n, mean Δ and paired-t p of test AUC, GAUC
-    and LogLoss (rows with fewer than 3 paired seeds are marked as indicative)."""
+    """Each model vs the reference, paired over the seeds both ran: n, mean Δ and paired-t p of test (or
+    validation) AUC, GAUC and LogLoss (rows with fewer than 3 paired seeds are marked as indicative)."""
     import re
 
     from sampletok.report.tables import history_bucket_table, load_results, pairwise_rich, pairwise_table
 
     runs = load_results(results)
-    md = pairwise_table(runs, reference, against or None, metric)
-    console.print(
-        pairwise_rich(runs, reference, against or None, metric, title=f"paired over shared seeds, vs {reference}")
-    )
+    md = pairwise_table(runs, reference, against or None, metric, split)
+    title = f"paired over shared seeds, vs {reference}" + (" (validation split)" if split == "valid" else "")
+    console.print(pairwise_rich(runs, reference, against or None, metric, title=title, split=split))
     first = results[0] if results[0].is_dir() else results[0].parent
-    path = out or first / f"pairwise-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', reference)}.md"
+    suffix = "-valid" if split == "valid" else ""
+    path = out or first / f"pairwise-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', reference)}{suffix}.md"
     sources = ", ".join(f"`{r}`" for r in results)
     text = (
-        f"Test metrics paired over the seeds both models ran (`sampletok report`, from {sources}); "
+        f"{'Validation' if split == 'valid' else 'Test'} metrics paired over the seeds both models ran "
+        f"(`sampletok report`, from {sources}); "
         f"Δ = model − {reference}, p: two-sided paired t-test.\n\n{md}\n"
     )
     if by_history:

@@ -190,12 +190,22 @@ def _same_results(a: dict, b: dict) -> bool:
     return all(a.get(part) == b.get(part) for part in ("test", "test_seen_users", "valid"))
 
 
+SPLITS = ("test", "valid")
+
+
 def pairwise_rows(
-    runs: list[dict], reference: str, against: list[str] | None = None, metric: str | None = None
+    runs: list[dict],
+    reference: str,
+    against: list[str] | None = None,
+    metric: str | None = None,
+    split: str = "test",
 ) -> list[dict]:
     """Each model (``against``, default every other) vs ``reference``, paired over their shared seeds: n and,
     per metric, (mean Δ model − reference, two-sided paired-t p). ``metric`` orders the rows by its Δ, best
-    first (default: the order of the runs)."""
+    first (default: the order of the runs). ``split``: ``test`` or ``valid`` (the best epoch's validation
+    figures: what to choose a model or an option by, without reading the test split)."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split '{split}'; use test or valid")
     labels = list(_by_model(runs))
     unknown = [m for m in [reference, *(against or [])] if m not in labels]
     if unknown:
@@ -208,7 +218,7 @@ def pairwise_rows(
     for model in against or [m for m in labels if m != reference]:
         row: dict = {"model": model}
         for key, label, _ in PAIRWISE_METRICS:
-            d, p, n = paired_ttest(runs, model, reference, "test", key)
+            d, p, n = paired_ttest(runs, model, reference, split, key)
             row[label], row["n"] = (d, p), n
         rows.append(row)
     if metric is not None:
@@ -218,11 +228,15 @@ def pairwise_rows(
 
 
 def pairwise_table(
-    runs: list[dict], reference: str, against: list[str] | None = None, metric: str | None = None
+    runs: list[dict],
+    reference: str,
+    against: list[str] | None = None,
+    metric: str | None = None,
+    split: str = "test",
 ) -> str:
     """Markdown of :func:`pairwise_rows`: Δ and p bold when significant (p < 0.05 over >= 3 paired seeds);
     rows with fewer paired seeds are marked † after every p and explained under the table."""
-    rows = pairwise_rows(runs, reference, against, metric)
+    rows = pairwise_rows(runs, reference, against, metric, split)
     heads = ["comparison", "seeds"] + [h for _, lab, _ in PAIRWISE_METRICS for h in (f"Δ{lab}", "p")]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
@@ -242,13 +256,18 @@ def pairwise_table(
 
 
 def pairwise_rich(
-    runs: list[dict], reference: str, against: list[str] | None = None, metric: str | None = None, title: str = ""
+    runs: list[dict],
+    reference: str,
+    against: list[str] | None = None,
+    metric: str | None = None,
+    title: str = "",
+    split: str = "test",
 ) -> Table:
     """The same comparison as :func:`pairwise_table`, as a rich table for the terminal."""
     t = Table(title=title)
     for h in ["comparison", "seeds"] + [h for _, lab, _ in PAIRWISE_METRICS for h in (f"Δ{lab}", "p")]:
         t.add_column(h, justify="left" if h == "comparison" else "right")
-    rows = pairwise_rows(runs, reference, against, metric)
+    rows = pairwise_rows(runs, reference, against, metric, split)
     for r in rows:
         few = INDICATIVE if r["n"] < MIN_SEEDS else ""
         cells = [f"{r['model']} − {reference}", str(r["n"])]
