@@ -143,6 +143,7 @@ def _unflat(tensors: dict, like, prefix: str = ""):
         ("hstu", {"history_responses": True}),
         ("sif", {"hgaq": {"fields_per_token": 4, "codes": 32}, "width": 16, "blocks": 1, "heads": 2}),
         ("sif", {"hgaq": {"fields_per_token": 4, "codes": 32}, "width": 16, "blocks": 1, "isolate_target": True}),
+        ("sif", {"hgaq": {"fields_per_token": 4, "codes": 32}, "width": 16, "blocks": 1, "head_fields": True}),
     ],
 )
 def test_models_export_with_torch_export(name, params, synth_prepared):

@@ -1,3 +1,5 @@
+from typing import cast
+
 import numpy as np
 import pytest
 import torch
@@ -499,3 +501,31 @@ def test_exact_fields_must_be_categorical_and_need_past_samples(synth_prepared):
         build_model("sif", layout, **SMALL, exact_fields=[numeric])
     with pytest.raises(ConfigError, match="need whole past samples"):
         build_model("sif", layout, **SMALL, exact_fields=["item_id"], store="some/store")
+
+
+@pytest.mark.parametrize("isolate_target", [False, True])
+def test_head_fields_feed_the_request_field_embeddings_beside_the_target_row(synth_prepared, isolate_target):
+    """``head_fields``: the head reads [the mixed target row's mean, the request's field embeddings]; the first
+    part is what the paper's head reads from the same weights, the second the tokenizer's embeddings."""
+    torch.manual_seed(0)
+    layout = FeatureLayout.from_dataset(synth_prepared)
+    rows = synth_prepared.rows("test")[:32]
+    batch = BatchLoader(synth_prepared, rows, 32, hist_len=8, history_samples=True).build(rows)
+    params = {**SMALL, "isolate_target": isolate_target}
+    paper = build_model("sif", layout, **params).eval()
+    wide = build_model("sif", layout, **params, head_fields=True).eval()
+    wide.load_state_dict({k: v for k, v in paper.state_dict().items() if not k.startswith("head.")}, strict=False)
+    seen: dict[str, torch.Tensor] = {}
+    for name, model in (("paper", paper), ("wide", wide)):
+        model.head.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0]))
+        with torch.no_grad():
+            model(batch)
+    width = seen["paper"].shape[1]
+    assert seen["wide"].shape[1] == width + layout.n_fields * wide.cfg.field_dim
+    torch.testing.assert_close(seen["wide"][:, :width], seen["paper"])
+    with torch.no_grad():
+        torch.testing.assert_close(seen["wide"][:, width:], wide.tokenizer.embed(batch).flatten(1))
+    wide.train()
+    wide(batch).logits.sum().backward()
+    first = cast(torch.nn.Linear, wide.head[0])
+    assert first.weight.grad is not None and first.weight.grad[:, width:].abs().sum() > 0

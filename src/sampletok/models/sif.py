@@ -181,6 +181,7 @@ class SIF(RankingModel):
         isolate_target: bool = False,
         code_cache_steps: int = 0,
         exact_fields: list[str] | None = None,
+        head_fields: bool = False,
     ):
         """Build the model; every argument but ``layout`` is a key of its ``params`` in an experiment.
 
@@ -203,6 +204,8 @@ class SIF(RankingModel):
             code_cache_steps: training only: reuse a history row's codes for this many steps (0: no cache).
             exact_fields: categorical fields (e.g. the item ID) that every row, history and target, also carries
                 as one exact, unquantized token beside its quantized sub-tokens (None: none, the paper's SIF).
+            head_fields: the head also reads the request's field embeddings (the tokenizer's, concatenated),
+                as DIN's and HSTU's heads do (False: the target row's mean only, the paper's head).
         """
         super().__init__(layout)
         self.cfg = hgaq if isinstance(hgaq, HGAQConfig) else validated(HGAQConfig, hgaq or {}, prefix="hgaq.")
@@ -234,7 +237,11 @@ class SIF(RankingModel):
         self.isolate_target = isolate_target
         block = FlatBlock if mixer == "flat" else MixerBlock
         self.blocks = nn.ModuleList(block(width, heads) for _ in range(blocks))
-        self.head = MLP(width, list(hidden), out_dim=self.n_tasks)
+        # lever of issue 25: the baselines' heads read every request field's embedding beside their sequence
+        # output; the paper's SIF head reads only the mixed target row's mean (width numbers)
+        self.head_fields = head_fields
+        head_in = width + (layout.n_fields * self.cfg.field_dim if head_fields else 0)
+        self.head = MLP(head_in, list(hidden), out_dim=self.n_tasks)
         self.vq_weight, self.align_weight, self.store_path = vq_weight, align_weight, store
         self.target_only_last = True  # False: every block computes every row (the reference; tests compare)
         # training lever: a past row is read as history by up to L later requests; with a cache its codes are
@@ -377,7 +384,8 @@ class SIF(RankingModel):
     def forward(self, batch: Batch) -> ModelOutput:
         if not torch.compiler.is_compiling():  # padding-only history positions change nothing here: drop them
             batch = batch.trimmed_history()
-        x = self.tokenizer.project(batch)  # [B, T, d0] the request, never quantized here
+        fields = self.tokenizer.embed(batch)  # [B, F, d_e]
+        x = self.tokenizer.project(batch, embedded=fields)  # [B, T, d0] the request, never quantized here
         target = torch.einsum("btd,tde->bte", x, self.align)
         # rows sharing a history (a served request's candidates): an isolated history pass runs once per history
         grouped = batch.grouped_history and self.isolate_target
@@ -419,12 +427,18 @@ class SIF(RankingModel):
                 h_target, h_hist = cast(MixerBlock, block).isolated(
                     h_target, h_hist, hb.hist_mask, target_only=self.target_only_last and i == last, group_sizes=sizes
                 )
-            return ModelOutput(self.head(h_target[:, 0].mean(1)), aux)
+            return ModelOutput(self.head(self._head_input(h_target[:, 0], fields)), aux)
         h = torch.cat([h_target, h_hist], dim=1)
         row_mask = torch.cat([batch.hist_mask.new_ones(len(batch), 1), batch.hist_mask], dim=1)
         for i, block in enumerate(self.blocks):
             h = block(h, row_mask, target_only=self.target_only_last and i == last)
-        return ModelOutput(self.head(h[:, 0].mean(1)), aux)
+        return ModelOutput(self.head(self._head_input(h[:, 0], fields)), aux)
+
+    def _head_input(self, target: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        """The mixed target row [B, T, width] → its mean over sub-tokens (and, with ``head_fields``, the
+        request's field embeddings [B, F, d_e] flattened beside it)."""
+        pooled = target.mean(1)
+        return torch.cat([pooled, fields.flatten(1)], dim=1) if self.head_fields else pooled
 
 
 def _history_heads(batch: Batch) -> Batch:

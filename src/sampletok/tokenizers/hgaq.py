@@ -327,10 +327,13 @@ class SampleTokenizer(nn.Module):
     def n_tokens(self) -> int:
         return len(self.sub_tokens)
 
-    def project(self, batch: Batch, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def project(
+        self, batch: Batch, keep: torch.Tensor | None = None, embedded: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[N, T, d0] unquantized sub-token vectors P x; ``keep`` [F] bool zeroes the other fields' embeddings
-        (the history-content ablations: item ID only, item ID + key fields)."""
-        e = self.embed(batch)  # [N, F, d_e]
+        (the history-content ablations: item ID only, item ID + key fields); ``embedded``: ``self.embed(batch)``
+        when the caller has it already."""
+        e = self.embed(batch) if embedded is None else embedded  # [N, F, d_e]
         if keep is not None:
             e = e * keep.to(e.dtype)[None, :, None]
         e = torch.cat([e, e.new_zeros(len(e), 1, e.shape[-1])], dim=1)
