@@ -127,13 +127,18 @@ class STULayer(nn.Module):
         # concat_ux: the projection reads [u, attn, u ⊙ LN(attn)] (DLRM-v3's STULayer, concat_u and concat_x)
         self.out = nn.Linear(3 * width if concat_ux else width, width)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
-        """x [B, N, d], bias [B, N, N], mask [B, N, N] bool (True = may attend), n_valid [B] → [B, N, d]."""
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor, n_valid: torch.Tensor
+    ) -> torch.Tensor:
+        """x [B, N, d], bias [B, N, N] (None: none), mask [B, N, N] bool (True = may attend), n_valid [B] →
+        [B, N, d]."""
         b, n, d = x.shape
         h, dh = self.heads, d // self.heads
         u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).split(d, dim=-1)
         q, k, v = (z.view(b, n, h, dh).transpose(1, 2) for z in (q, k, v))
-        scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(dh) + bias.unsqueeze(1)
+        scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(dh)
+        if bias is not None:
+            scores = scores + bias.unsqueeze(1)
         attn = F.silu(scores) * mask.unsqueeze(1).to(x.dtype) / n_valid.view(b, 1, 1, 1).to(x.dtype)
         y = torch.einsum("bhij,bhjd->bhid", attn, v).transpose(1, 2).reshape(b, n, d)
         gated = self.norm_attn(y) * u
@@ -279,7 +284,7 @@ class HSTU(RankingModel):
         causal = torch.ones(n + k + 1, n + k + 1, dtype=torch.bool, device=x.device).tril()
         mask = causal.unsqueeze(0) & valid.unsqueeze(1) & valid.unsqueeze(2)
         n_valid = valid.sum(1)
-        bias = self.bias(t) if self.bias is not None else x.new_zeros(b, n + k + 1, n + k + 1)
+        bias = self.bias(t) if self.bias is not None else None  # off: no [B, N, N] of zeros either
         for layer in self.layers:
             x = layer(x, bias, mask, n_valid)
         user = self.norm(x[:, -1])
