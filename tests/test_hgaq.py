@@ -164,3 +164,61 @@ def test_every_kernel_encodes_like_the_cpu_reference(kernel, device):
     # all M codes equal but for near-ties (the packed kernel breaks ties within 3e-5 relative by index; a
     # different first-level code changes the residual of the levels after it)
     assert (got == ref).all(-1).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("kernel", ["reference", "packed", "matmul"])
+def test_cardinality_sized_codebooks_use_only_their_codes_and_fit_few_values_exactly(kernel):
+    """Sub-token 0 takes 3 distinct values and gets 3 codes; its codes never leave 0..2 under training (EMA,
+    dead-code restart, entropy), and (with the exact kernel: k-means from this seed's initialization) one level
+    reconstructs it exactly; the others keep their sizes."""
+    torch.manual_seed(0)
+    n, sizes = 2000, [3, 16, 5]
+    x = torch.randn(n, 3, 4)
+    x[:, 0] = torch.randn(3, 4)[torch.randint(0, 3, (n,))]
+    # a fast EMA so that a code lost to a duplicate initialization is restarted within the test's steps
+    cfg = HGAQConfig(levels=2, codes=16, d0=4, kernel=kernel, entropy_weight=0.01, ema_decay=0.8)
+    rvq = ResidualVQ(3, cfg, sizes).train()
+    for _ in range(150):
+        q, codes, losses = rvq(x.clone().requires_grad_(True))
+        sum(losses.values()).backward()
+        assert (codes < torch.tensor(sizes)[None, :, None]).all()
+    rvq.eval()
+    _, codes, _ = rvq(x, update=False)
+    assert torch.equal(rvq.encode(x), codes)
+    assert (codes.amax(dim=(0, 2)) < torch.tensor(sizes)).all() and codes[:, 1].amax() > 5  # sizes bind
+    if kernel == "reference":
+        level_one = rvq.codebook[0, 0, codes[:, 0, 0]]  # sub-token 0 through its first level alone
+        assert float((level_one - x[:, 0]).pow(2).mean()) < 1e-6
+    dead = rvq.utilization(codes)["dead_codes"]
+    assert (dead <= torch.tensor(sizes).numpy()[:, None]).all()
+    with pytest.raises(ConfigError, match="codebook sizes"):
+        ResidualVQ(3, HGAQConfig(codes=16), [3, 17, 5])
+
+
+def test_tokenizer_sizes_codebooks_from_the_fields_cardinality(synth_prepared):
+    layout = FeatureLayout.from_dataset(synth_prepared)
+    fixed = SampleTokenizer(layout, HGAQConfig(fields_per_token=2, codes=64))
+    tok = SampleTokenizer(layout, HGAQConfig(fields_per_token=2, codes=64, codebook_sizes="cardinality"))
+    assert fixed.rvq.sizes == [64] * fixed.n_tokens
+    multi = {f.name for f in layout.multi_fields}
+    for names, size in zip(tok.sub_tokens, tok.rvq.sizes, strict=True):
+        if all(n in layout.vocab_sizes and n not in multi for n in names):
+            assert size == min(64, int(np.prod([layout.vocab_sizes[n] for n in names])))
+        else:
+            assert size == 64
+    assert min(tok.rvq.sizes) < 64  # the synthetic schema has small joint vocabularies
+    rows = synth_prepared.rows("train")[:512]
+    batch = BatchLoader(synth_prepared, rows, 512).build(rows)
+    for _ in range(3):
+        tok(batch)
+    assert (tok.encode(batch) < np.asarray(tok.rvq.sizes)[None, :, None]).all()
+
+
+def test_codebook_utilization_counts_unused_codes_within_each_size():
+    from sampletok.report.codebooks import codebook_utilization
+
+    codes = np.zeros((10, 2, 1), dtype=np.int64)
+    codes[:, 0, 0] = np.arange(10) % 3  # sub-token 0 uses all of its 3 codes; sub-token 1 one of its 8
+    u = codebook_utilization(codes, 8, sizes=[3, 8])
+    assert u["dead_codes"].tolist() == [[0], [7]]
+    assert codebook_utilization(codes, 8)["dead_codes"].tolist() == [[5], [7]]

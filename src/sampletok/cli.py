@@ -592,7 +592,11 @@ def sif_export(
     from sampletok.report.codebooks import write_codebook_report
 
     u = write_codebook_report(
-        np.asarray(st.load_into_memory().columns()["payload"]), sif.cfg.codes, run, sif.tokenizer.sub_tokens
+        np.asarray(st.load_into_memory().columns()["payload"]),
+        sif.cfg.codes,
+        run,
+        sif.tokenizer.sub_tokens,
+        sif.tokenizer.rvq.sizes,
     )
     console.print(
         f"codebook utilization: mean perplexity {u['mean_perplexity']:.1f} of {sif.cfg.codes}, "

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 
-def codebook_utilization(codes: np.ndarray, n_codes: int) -> dict[str, np.ndarray]:
+def codebook_utilization(codes: np.ndarray, n_codes: int, sizes: list[int] | None = None) -> dict[str, np.ndarray]:
     """codes [N, T, M] → perplexity [T, M] (exp of the usage entropy; n_codes = uniform use) and the number of
-    codes never used [T, M]. One bincount over (sub-token, level, code) ids, no per-codebook loop."""
+    codes never used [T, M] among each sub-token's ``sizes`` (default n_codes each: ``hgaq.codebook_sizes``).
+    One bincount over (sub-token, level, code) ids, no per-codebook loop."""
     n, t, m = codes.shape
     cell = (np.arange(t)[:, None] * m + np.arange(m)[None, :])[None]  # [1, T, M] codebook id
     counts = np.bincount((cell * n_codes + codes.astype(np.int64)).ravel(), minlength=t * m * n_codes)
@@ -31,11 +32,16 @@ def codebook_utilization(codes: np.ndarray, n_codes: int) -> dict[str, np.ndarra
     p = counts / np.maximum(counts.sum(-1, keepdims=True), 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
-    return {"perplexity": np.exp(entropy), "dead_codes": (counts == 0).sum(-1)}
+    in_size = np.arange(n_codes)[None, None, :] < np.asarray(sizes or [n_codes] * t)[:, None, None]
+    return {"perplexity": np.exp(entropy), "dead_codes": ((counts == 0) & in_size).sum(-1)}
 
 
 def write_codebook_report(
-    codes: np.ndarray, n_codes: int, out_dir: Path, sub_tokens: list[list[str]] | None = None
+    codes: np.ndarray,
+    n_codes: int,
+    out_dir: Path,
+    sub_tokens: list[list[str]] | None = None,
+    sizes: list[int] | None = None,
 ) -> dict:
     """Write ``codebooks.json`` and ``codebooks.png`` (perplexity and dead codes per sub-token and level)."""
     import matplotlib
@@ -43,16 +49,18 @@ def write_codebook_report(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    u = codebook_utilization(codes, n_codes)
+    u = codebook_utilization(codes, n_codes, sizes)
     t, m = u["perplexity"].shape
+    sizes = sizes or [n_codes] * t
     summary = {
         "n_codes": n_codes,
         "n_samples": int(len(codes)),
         "perplexity": u["perplexity"].round(2).tolist(),
         "dead_codes": u["dead_codes"].tolist(),
         "mean_perplexity": float(u["perplexity"].mean()),
-        "dead_fraction": float(u["dead_codes"].sum() / (t * m * n_codes)),
+        "dead_fraction": float(u["dead_codes"].sum() / (m * sum(sizes))),
         "sub_tokens": sub_tokens,
+        "codebook_sizes": list(sizes),
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

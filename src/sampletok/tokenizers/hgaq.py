@@ -44,7 +44,13 @@ class HGAQConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     fields_per_token: int = Field(32, ge=1, description="B: fields per sub-token")
     levels: int = Field(3, ge=1, description="M: residual VQ levels")
-    codes: int = Field(256, ge=2, description="V: codes per codebook")
+    codes: int = Field(256, ge=2, description="V: codes per codebook (with codebook_sizes: cardinality, the most)")
+    codebook_sizes: Literal["fixed", "cardinality"] = Field(
+        "fixed",
+        description="fixed: every sub-token has V codes per level (the paper); cardinality: a sub-token whose "
+        "fields are all categorical has min(V, the product of their vocabulary sizes) codes, as many as the "
+        "distinct values it can take, the others V (so a large V buys codes only where values need them)",
+    )
     d0: int = Field(16, ge=1)
     field_dim: int = Field(8, ge=1, description="d_e: per-field embedding width")
     commitment: float = 0.25
@@ -88,23 +94,71 @@ def assign_sub_tokens(schema: Schema | list, fields_per_token: int) -> list[list
     return tokens
 
 
+def sub_token_codebook_sizes(sub_tokens: list[list[str]], layout: FeatureLayout, cfg: HGAQConfig) -> list[int]:
+    """Codes per codebook of each sub-token: V, or with ``codebook_sizes: cardinality`` min(V, the product of
+    its fields' vocabulary sizes) when every field is categorical (a numeric or multi-hot field: V).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> layout = SimpleNamespace(vocab_sizes={"gender": 4, "age": 9, "item": 1700})
+        >>> sub_token_codebook_sizes([["gender", "age"], ["item"], ["score"]], layout,
+        ...                          HGAQConfig(codes=1024, codebook_sizes="cardinality"))
+        [36, 1024, 1024]
+    """
+    if cfg.codebook_sizes == "fixed":
+        return [cfg.codes] * len(sub_tokens)
+    multi = {f.name for f in getattr(layout, "multi_fields", [])}
+    sizes = []
+    for names in sub_tokens:
+        if any(n not in layout.vocab_sizes or n in multi for n in names):
+            sizes.append(cfg.codes)
+        else:
+            sizes.append(max(2, min(cfg.codes, math.prod(layout.vocab_sizes[n] for n in names))))
+    return sizes
+
+
 class ResidualVQ(nn.Module):
-    """T independent M-level residual quantizers with EMA codebooks, data init and dead-code restart."""
+    """T independent M-level residual quantizers with EMA codebooks, data init and dead-code restart.
+
+    ``sizes`` [T] (default V each) gives each sub-token's codes per codebook: the codebooks stay one [T, M, V, d]
+    tensor, and a sub-token's codes past its size are parked at a point no residual comes near (``_PARKED``
+    in every coordinate), so every nearest-code kernel skips them unchanged; the EMA update, the data
+    initialization and the dead-code restart keep them parked."""
+
+    _PARKED = 1e4  # squared distance ≈ d·1e8 to any residual of sane scale, far below float32's range
 
     # buffers (registered in __init__)
     codebook: torch.Tensor
     ema_count: torch.Tensor
     ema_sum: torch.Tensor
     initialized: torch.Tensor
+    code_valid: torch.Tensor  # [T, V] bool: the codes each sub-token uses (not saved: the layout rebuilds it)
 
-    def __init__(self, n_tokens: int, cfg: HGAQConfig):
+    def __init__(self, n_tokens: int, cfg: HGAQConfig, sizes: list[int] | None = None):
         super().__init__()
         t, m, v, d = n_tokens, cfg.levels, cfg.codes, cfg.d0
         self.cfg = cfg
+        sizes = [v] * t if sizes is None else sizes
+        if len(sizes) != t or not all(2 <= s <= v for s in sizes):
+            raise ConfigError(f"hgaq codebook sizes {sizes}: need {t} sizes between 2 and codes ({v})")
+        self.sizes = list(sizes)
+        self._all_codes_used = all(s == v for s in sizes)
+        self.register_buffer("code_valid", torch.arange(v).unsqueeze(0) < torch.tensor(sizes).unsqueeze(1), False)
         self.register_buffer("codebook", torch.randn(t, m, v, d) * 0.1)
         self.register_buffer("ema_count", torch.ones(t, m, v))
         self.register_buffer("ema_sum", self.codebook.clone())
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._park()
+
+    @torch.no_grad()
+    def _park(self, level: int | None = None) -> None:
+        """Keep the codes past each sub-token's size parked (a no-op when every sub-token has V codes)."""
+        if self._all_codes_used:
+            return
+        levels = range(self.cfg.levels) if level is None else [level]
+        parked = ~self.code_valid
+        for lv in levels:
+            self.codebook[:, lv][parked] = self._PARKED
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -246,6 +300,7 @@ class ResidualVQ(nn.Module):
             self.codebook[:, level] = init
             self.ema_sum[:, level] = init
             self.ema_count[:, level] = 1.0
+            self._park(level)
             code = self._nearest(r, level)
             r = r - self.codebook[t_idx.unsqueeze(0), level, code]
         # data-parallel: every rank starts from rank 0's codebooks (its first batch)
@@ -267,8 +322,9 @@ class ResidualVQ(nn.Module):
         total = self.ema_count[:, level].sum(-1, keepdim=True)
         smoothed = (self.ema_count[:, level] + 1e-5) / (total + v * 1e-5) * total  # Laplace smoothing
         self.codebook[:, level] = self.ema_sum[:, level] / smoothed.unsqueeze(-1)
+        self._park(level)
         # dead-code restart: codes whose EMA usage fell below the threshold take a random current residual
-        dead = self.ema_count[:, level] < self.cfg.dead_threshold
+        dead = (self.ema_count[:, level] < self.cfg.dead_threshold) & self.code_valid
         if dead.any():  # the same codes are dead on every rank (same state): rank 0's residuals restart them
             tok, idx = dead.nonzero(as_tuple=True)
             pick = torch.randint(0, n, (len(tok),), device=dev)
@@ -287,7 +343,8 @@ class ResidualVQ(nn.Module):
 
     @torch.no_grad()
     def utilization(self, codes: torch.Tensor) -> dict[str, np.ndarray]:
-        """Per (sub-token, level): perplexity of code usage and the count of unused codes in ``codes``."""
+        """Per (sub-token, level): perplexity of code usage and the count of unused codes in ``codes`` (of the
+        sub-token's own codebook size)."""
         t, m = codes.shape[-2], codes.shape[-1]
         flat = codes.reshape(-1, t, m)
         perp = np.zeros((t, m))
@@ -297,7 +354,7 @@ class ResidualVQ(nn.Module):
                 c = torch.bincount(flat[:, ti, li].long(), minlength=self.cfg.codes).float()
                 p = c / c.sum()
                 perp[ti, li] = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
-                dead[ti, li] = int((c == 0).sum())
+                dead[ti, li] = int((c[: self.sizes[ti]] == 0).sum())
         return {"perplexity": perp, "dead_codes": dead}
 
 
@@ -320,7 +377,7 @@ class SampleTokenizer(nn.Module):
         self.register_buffer("field_index", idx)
         self.proj = nn.Parameter(torch.randn(t, fmax * cfg.field_dim, cfg.d0) / math.sqrt(fmax * cfg.field_dim))
         self.proj_bias = nn.Parameter(torch.zeros(t, cfg.d0))
-        self.rvq = ResidualVQ(t, cfg)
+        self.rvq = ResidualVQ(t, cfg, sub_token_codebook_sizes(self.sub_tokens, layout, cfg))
         self.aux_head = MLP(t * cfg.d0, [64], out_dim=len(layout.task_labels))
 
     @property
