@@ -117,7 +117,15 @@ def test_history_responses_count_only_once_known(trained, synth_prepared):
         assert not torch.allclose(trained(dataclasses.replace(batch, hist_responses=flipped)).logits, base)
 
 
-@pytest.mark.parametrize("variant", [{"mixer": "pool"}, {"quantize_history": False}, {"history_fields": ["item_id"]}])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"mixer": "pool"},
+        {"quantize_history": False},
+        {"history_fields": ["item_id"]},
+        {"hgaq": {"fields_per_token": 4, "codes": 32, "codebook_sizes": "cardinality"}},
+    ],
+)
 def test_ablation_variants_train(variant, synth_prepared):
     model = build_model("sif", FeatureLayout.from_dataset(synth_prepared), **{**SMALL, **variant})
     rows = synth_prepared.rows("train")[:64]
