@@ -570,7 +570,7 @@ def sif_export(
     run: Path = typer.Option(..., help="run directory of `sampletok sif fit`"),
     store: Path = typer.Option(..., help="token store directory to (re)write"),
 ):
-    """Frozen export of every instance's HGAQ codes (uint8 T × M) to a token store."""
+    """Frozen export of every instance's HGAQ codes (T × M, uint8 for V ≤ 256, else uint16) to a token store."""
     from sampletok.data.dataset import IN_MEMORY_MAX_ROWS, PreparedDataset
     from sampletok.models.sif import SIF
     from sampletok.tokens.sif import export_codes
@@ -599,7 +599,7 @@ def sif_export(
         sif.tokenizer.rvq.sizes,
     )
     console.print(
-        f"codebook utilization: mean perplexity {u['mean_perplexity']:.1f} of {sif.cfg.codes}, "
+        f"codebook utilization: mean perplexity {u['mean_perplexity']:.1f} of at most {sif.cfg.codes}, "
         f"{u['dead_fraction']:.1%} codes unused → {run / 'codebooks.png'}"
     )
 

@@ -32,7 +32,10 @@ def codebook_utilization(codes: np.ndarray, n_codes: int, sizes: list[int] | Non
     p = counts / np.maximum(counts.sum(-1, keepdims=True), 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
-    in_size = np.arange(n_codes)[None, None, :] < np.asarray(sizes or [n_codes] * t)[:, None, None]
+    size = np.full(t, n_codes) if sizes is None else np.asarray(sizes)
+    if size.shape != (t,):
+        raise ValueError(f"codebook sizes {list(size)}: need one per sub-token ({t})")
+    in_size = np.arange(n_codes)[None, None, :] < size[:, None, None]
     return {"perplexity": np.exp(entropy), "dead_codes": ((counts == 0) & in_size).sum(-1)}
 
 
@@ -51,7 +54,7 @@ def write_codebook_report(
 
     u = codebook_utilization(codes, n_codes, sizes)
     t, m = u["perplexity"].shape
-    sizes = sizes or [n_codes] * t
+    sizes = [n_codes] * t if sizes is None else [int(x) for x in sizes]
     summary = {
         "n_codes": n_codes,
         "n_samples": int(len(codes)),

@@ -48,8 +48,9 @@ class HGAQConfig(BaseModel):
     codebook_sizes: Literal["fixed", "cardinality"] = Field(
         "fixed",
         description="fixed: every sub-token has V codes per level (the paper); cardinality: a sub-token whose "
-        "fields are all categorical has min(V, the product of their vocabulary sizes) codes, as many as the "
-        "distinct values it can take, the others V (so a large V buys codes only where values need them)",
+        "fields are all categorical (or bucketized numerics) has min(V, the product of their vocabulary sizes) "
+        "codes, as many as the distinct values it can take, the others V (so a large V buys codes only where "
+        "values need them)",
     )
     d0: int = Field(16, ge=1)
     field_dim: int = Field(8, ge=1, description="d_e: per-field embedding width")
@@ -96,7 +97,8 @@ def assign_sub_tokens(schema: Schema | list, fields_per_token: int) -> list[list
 
 def sub_token_codebook_sizes(sub_tokens: list[list[str]], layout: FeatureLayout, cfg: HGAQConfig) -> list[int]:
     """Codes per codebook of each sub-token: V, or with ``codebook_sizes: cardinality`` min(V, the product of
-    its fields' vocabulary sizes) when every field is categorical (a numeric or multi-hot field: V).
+    its fields' vocabulary sizes) when every field is categorical or a bucketized numeric (a raw numeric or
+    multi-hot field: V). Parked codes stay out of reach while residuals stay well below 1e4 per coordinate.
 
     Example:
         >>> from types import SimpleNamespace
