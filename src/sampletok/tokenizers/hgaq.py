@@ -102,14 +102,14 @@ def sub_token_codebook_sizes(sub_tokens: list[list[str]], layout: FeatureLayout,
 
     Example:
         >>> from types import SimpleNamespace
-        >>> layout = SimpleNamespace(vocab_sizes={"gender": 4, "age": 9, "item": 1700})
+        >>> layout = SimpleNamespace(vocab_sizes={"gender": 4, "age": 9, "item": 1700}, multi_fields=[])
         >>> sub_token_codebook_sizes([["gender", "age"], ["item"], ["score"]], layout,
         ...                          HGAQConfig(codes=1024, codebook_sizes="cardinality"))
         [36, 1024, 1024]
     """
     if cfg.codebook_sizes == "fixed":
         return [cfg.codes] * len(sub_tokens)
-    multi = {f.name for f in getattr(layout, "multi_fields", [])}
+    multi = {f.name for f in layout.multi_fields}
     sizes = []
     for names in sub_tokens:
         if any(n not in layout.vocab_sizes or n in multi for n in names):
@@ -346,18 +346,11 @@ class ResidualVQ(nn.Module):
     @torch.no_grad()
     def utilization(self, codes: torch.Tensor) -> dict[str, np.ndarray]:
         """Per (sub-token, level): perplexity of code usage and the count of unused codes in ``codes`` (of the
-        sub-token's own codebook size)."""
+        sub-token's own codebook size); ``sampletok.report.codebooks.codebook_utilization`` on these sizes."""
+        from sampletok.report.codebooks import codebook_utilization  # numpy only: no import cycle
+
         t, m = codes.shape[-2], codes.shape[-1]
-        flat = codes.reshape(-1, t, m)
-        perp = np.zeros((t, m))
-        dead = np.zeros((t, m), dtype=np.int64)
-        for ti in range(t):  # T·M tiny histograms: not a hot path
-            for li in range(m):
-                c = torch.bincount(flat[:, ti, li].long(), minlength=self.cfg.codes).float()
-                p = c / c.sum()
-                perp[ti, li] = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
-                dead[ti, li] = int((c[: self.sizes[ti]] == 0).sum())
-        return {"perplexity": perp, "dead_codes": dead}
+        return codebook_utilization(codes.reshape(-1, t, m).cpu().numpy(), self.cfg.codes, self.sizes)
 
 
 class SampleTokenizer(nn.Module):
