@@ -46,7 +46,10 @@ def test_same_seed_same_result_and_training_learns(synth_prepared, tmp_path):
     assert a["test"]["auc"] > 0.55  # above chance (0.5) on the planted signal (Bayes optimum 0.84)
 
 
-def test_killed_run_resumes_to_the_same_result(synth_prepared, tmp_path):
+@pytest.mark.parametrize("validations", [1, 3])
+def test_killed_run_resumes_to_the_same_result(synth_prepared, tmp_path, validations):
+    """Killed after epoch 2's checkpoint, a run resumes to the same result (with validations inside each
+    epoch too: the resumed run redoes them from the epoch's checkpoint)."""
     ds_dir = str(synth_prepared.root)
     script = textwrap.dedent(f"""
         import json, os, sys
@@ -54,7 +57,7 @@ def test_killed_run_resumes_to_the_same_result(synth_prepared, tmp_path):
         from sampletok.train.experiment import ModelSpec, run_model
         from sampletok.train.trainer import TrainConfig
         ds = PreparedDataset({ds_dir!r}).load_into_memory()
-        cfg = TrainConfig(max_epochs=3, batch_size=256, patience=5)
+        cfg = TrainConfig(max_epochs=3, batch_size=256, patience=5, validations_per_epoch={validations})
         kill_after = int(sys.argv[2]) if len(sys.argv) > 2 else 0
         crash = lambda epoch: os._exit(137) if epoch == kill_after else None  # a real crash, after a checkpoint
         r = run_model(ds, ModelSpec(name="din"), cfg, seed=7, run_dir=sys.argv[1], progress=False,
@@ -71,7 +74,11 @@ def test_killed_run_resumes_to_the_same_result(synth_prepared, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout) == json.loads(full.stdout)
     hist = json.loads((tmp_path / "killed" / "result.json").read_text())["history"]
-    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    full_hist = json.loads((tmp_path / "full" / "result.json").read_text())["history"]
+    epochs = [h["epoch"] for h in hist]
+    assert epochs == [h["epoch"] for h in full_hist] and len(epochs) == 3 * validations
+    assert epochs[validations - 1 :: validations] == [1, 2, 3] and epochs == sorted(epochs)
+    assert [h["valid_monitor"] for h in hist] == [h["valid_monitor"] for h in full_hist]
 
 
 def test_early_stopping_and_lr_decay(synth_prepared):
@@ -142,8 +149,8 @@ def test_checkpoint_of_another_run_is_refused_or_restarted(synth_prepared, tmp_p
     assert not list(tmp_path.glob(".*tmp-*"))  # atomic writes leave no temporaries
 
 
-def _fit_with_scores(synth_prepared, scores, monitor):
-    """fit() with the validation metrics of each epoch scripted (the model still trains for real)."""
+def _fit_with_scores(synth_prepared, scores, monitor, rows=512, run_dir=None, **train):
+    """fit() with the validation metrics of each validation scripted (the model still trains for real)."""
     from unittest import mock
 
     from sampletok.features import FeatureLayout
@@ -152,17 +159,24 @@ def _fit_with_scores(synth_prepared, scores, monitor):
 
     ds = synth_prepared
     model = build_model("dnn", FeatureLayout.from_dataset(ds))
-    loader = BatchLoader(ds, ds.rows("train")[:512], 512)
+    loader = BatchLoader(ds, ds.rows("train")[:rows], 512)
     it = iter(scores)
+    steps: list[int] = []
+    cfg = TrainConfig(**{"max_epochs": len(scores), "patience": 10, "monitor": monitor, **train})
     with mock.patch.object(trainer, "evaluate", lambda m, l: dict(next(it), n=1)):
-        return trainer.fit(
+        r = trainer.fit(
             model,
             loader,
             loader,
-            TrainConfig(max_epochs=len(scores), patience=10, monitor=monitor),
+            cfg,
             seed=0,
             progress=False,
+            run_dir=run_dir,
+            fingerprint={"run": "scripted"} if run_dir else None,
+            on_validation=lambda step, score: steps.append(step),
         )
+    r.steps = steps  # type: ignore[attr-defined]
+    return r
 
 
 def test_combined_monitor_keeps_the_calibrated_epoch(synth_prepared):
@@ -315,3 +329,30 @@ def test_a_saved_model_carries_its_full_config_and_an_older_one_names_the_fix(sy
     save_torch(old, tmp_path / "model.pt")
     with pytest.raises(ConfigError, match="older sampletok, without the model's config; train the model again"):
         load_trained(synth_prepared, tmp_path)
+
+
+def test_validations_within_an_epoch_stop_where_the_first_pass_peaks(synth_prepared, tmp_path):
+    """4 batches an epoch, 4 validations: the peak after the first batch is kept, the run stops inside epoch 1
+    once patience (counted in validations) runs out, the lr decays per bad validation, and a resume from the
+    checkpoint written at the stop trains no further."""
+    s = lambda auc: {"auc": auc, "gauc": 0.5, "logloss": 0.5}  # noqa: E731
+    scores = [s(0.70), s(0.69), s(0.68), s(0.9)]  # the last would be better, but patience ends the run first
+    r = _fit_with_scores(
+        synth_prepared, scores, {"auc": 1.0}, rows=2048, run_dir=tmp_path, patience=2, validations_per_epoch=4
+    )
+    assert [h["epoch"] for h in r.history] == [0.25, 0.5, 0.75]
+    assert r.best_epoch == 0.25 and r.best_valid["auc"] == 0.70 and r.steps == [1, 2, 3]
+    assert [h["lr"] for h in r.history] == pytest.approx([1e-3, 1e-3, 1e-4])  # lr logged before each decay
+    again = _fit_with_scores(
+        synth_prepared, [], {"auc": 1.0}, rows=2048, run_dir=tmp_path, patience=2, validations_per_epoch=4, max_epochs=1
+    )
+    assert again.history == r.history and again.best_epoch == 0.25 and again.steps == []
+    # no stop: every epoch ends on a validation at its last batch, the pruner's steps count validations
+    full = _fit_with_scores(synth_prepared, [s(0.6 + i / 100) for i in range(4)], {"auc": 1.0}, rows=2048,
+                            validations_per_epoch=2, max_epochs=2)  # fmt: skip
+    assert (
+        [h["epoch"] for h in full.history] == [0.5, 1, 1.5, 2] and full.best_epoch == 2 and full.steps == [1, 2, 3, 4]
+    )
+    # more validations than batches: one per batch
+    few = _fit_with_scores(synth_prepared, [s(0.6)] * 4, {"auc": 1.0}, rows=1024, validations_per_epoch=5, max_epochs=2)
+    assert [h["epoch"] for h in few.history] == [0.5, 1, 1.5, 2]

@@ -191,7 +191,13 @@ def run_fingerprint(
         "model": spec.name,
         "producer": producer,
         "params": json.loads(json.dumps(spec.params, default=str)),
-        "train": train_cfg.model_dump(mode="json", exclude={"history_buckets"}),  # evaluation only
+        # history_buckets is evaluation only; validations_per_epoch at its default is left out so that
+        # checkpoints written before the option existed still resume
+        "train": train_cfg.model_dump(
+            mode="json",
+            exclude={"history_buckets"}
+            | ({"validations_per_epoch"} if train_cfg.validations_per_epoch == 1 else set()),
+        ),
         "dataset": ds.fingerprint,
         "seed": seed,
         "requests": requests,
@@ -233,7 +239,7 @@ def run_model(
 
     ``evaluate_test=False`` (hyper-parameter search, :mod:`sampletok.train.tune`) never selects the test
     split's rows: the result holds the validation figures only, and no model or result file is written.
-    ``on_validation(epoch, score)`` is :func:`~sampletok.train.trainer.fit`'s per-epoch monitor hook."""
+    ``on_validation(step, score)`` is :func:`~sampletok.train.trainer.fit`'s per-validation monitor hook."""
     if run_dir is not None and not resume and distributed.is_main():
         for name in ("checkpoint.pt", "model.pt", "result.json"):
             (Path(run_dir) / name).unlink(missing_ok=True)
@@ -292,7 +298,7 @@ def run_model(
         "seed": seed,
         "valid": result.best_valid,
         "best_epoch": result.best_epoch,
-        "epochs": len(result.history),
+        "epochs": result.history[-1]["epoch"] if result.history else 0,  # trained, fractional if stopped inside one
         "history": result.history,
         "stopped": result.stopped,
         "monitor": train_cfg.monitor,

@@ -1,6 +1,6 @@
-"""Trainer: Adam, early stopping on a validation monitor, learning-rate decay on plateau, checkpoint every
-epoch and resume (a killed run resumes and ends with the same result: every epoch reseeds its shuffle and
-dropout from ``seed`` and the epoch number).
+"""Trainer: Adam, early stopping on a validation monitor (once an epoch, or ``validations_per_epoch`` times
+within it), learning-rate decay on plateau, checkpoint every epoch and resume (a killed run resumes and ends
+with the same result: every epoch reseeds its shuffle and dropout from ``seed`` and the epoch number).
 
 The monitor is a weighted sum of validation metrics, FuxiCTR-style. The default ``{auc: 1, logloss: -1}``
 stops where AUC stops improving *or* the model's probabilities fall apart: CTR models with ID embeddings
@@ -48,7 +48,9 @@ class TrainConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_epochs: int = Field(20, ge=1)
-    patience: int = Field(2, ge=1, description="epochs without a better monitor score before stopping")
+    patience: int = Field(
+        2, ge=1, description="validations (epochs, by default) without a better monitor score before stopping"
+    )
     monitor: dict[str, float] = Field(
         default_factory=lambda: {"auc": 1.0, "logloss": -1.0},
         description="validation score to maximize: weights of auc, gauc, logloss (FuxiCTR's {AUC: 1, logloss: -1})",
@@ -61,7 +63,14 @@ class TrainConfig(BaseModel):
         "history) is replaced by the field's OOV code with this probability, so the OOV row is trained and "
         "unseen users/items at test time get a learned embedding instead of an untouched random one",
     )
-    lr_decay: float = Field(0.1, gt=0, le=1, description="lr factor after an epoch without improvement")
+    lr_decay: float = Field(0.1, gt=0, le=1, description="lr factor after a validation without improvement")
+    validations_per_epoch: int = Field(
+        1,
+        ge=1,
+        description="validations within each epoch, after evenly spaced batches (the last at the epoch's end); "
+        "patience and lr_decay count validations, and the best point is reported in epochs (0.25, 0.5, ...). "
+        "For logs whose models peak within their first pass, where an epoch-level stop only sees epoch 1",
+    )
     hist_len: int | None = Field(None, ge=0, description="history positions (default: schema sequence max_len)")
     train_recent_fraction: float | None = Field(
         None,
@@ -141,7 +150,7 @@ def monitor_score(metrics: dict[str, float], weights: dict[str, float]) -> float
 
 @dataclass
 class FitResult:
-    best_epoch: int
+    best_epoch: float  # epochs trained at the best validation (an int at an epoch's end)
     best_valid: dict[str, float]
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
@@ -223,13 +232,15 @@ def fit(
     on_mismatch: Literal["error", "restart"] = "error",
     on_validation: Callable[[int, float], None] | None = None,
 ) -> FitResult:
-    """Train ``model`` in place; the best epoch's weights are restored before returning.
+    """Train ``model`` in place; the best validation's weights are restored before returning.
 
     ``fingerprint`` describes the run (model, params, train config, dataset, seed); a checkpoint in
     ``run_dir`` is resumed only when it was written under the same one (``resume=False`` starts afresh).
-    ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written, then
-    ``on_validation(epoch, score)`` with that epoch's validation monitor score (a tuner's pruner reads it and
-    may stop the run by raising)."""
+    A checkpoint is written at each epoch's end (and where early stopping ends a run inside an epoch), so a
+    killed run redoes its current epoch, validations inside it included, and ends with the same result.
+    ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written; ``on_validation(step, score)``
+    after every validation (``step``: validations so far, the epoch when ``validations_per_epoch`` is 1) with
+    its monitor score (a tuner's pruner reads it and may stop the run by raising)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = cfg.torch_device()
@@ -274,6 +285,45 @@ def fit(
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
         state = ck["state"]
+
+    def validate(epoch_done: float) -> float:
+        """One validation: record it, keep the best weights, decay the lr on no improvement."""
+        metrics = evaluate(model, valid)
+        score = monitor_score(metrics, cfg.monitor)
+        state["history"].append(
+            {
+                "epoch": epoch_done,
+                "train_loss": loss_sum / max(n_seen, 1),
+                **{f"valid_{k}": v for k, v in metrics.items()},
+                "lr": opt.param_groups[0]["lr"],
+                "valid_monitor": score,
+            }
+        )
+        if math.isnan(score):
+            # a NaN score is never "no better": stop here and keep the best finite point (or fail below)
+            state["stopped"] = f"validation monitor is NaN at epoch {epoch_done} ({metrics})"
+        elif score > state["best_score"]:
+            state.update(
+                best_score=score,
+                best_epoch=epoch_done,
+                best_valid=metrics,
+                bad=0,
+                best_state=copy.deepcopy(model.state_dict()),
+            )
+        else:
+            state["bad"] += 1
+            for g in opt.param_groups:
+                g["lr"] *= cfg.lr_decay
+        return score
+
+    def checkpoint() -> None:
+        if ckpt_path and distributed.is_main():
+            save_torch(
+                {"model": model.state_dict(), "optim": opt.state_dict(), "state": state, "fingerprint": fingerprint},
+                ckpt_path,
+            )
+        distributed.barrier()
+
     while state["epoch"] < cfg.max_epochs and state["bad"] < cfg.patience and not state["stopped"]:
         epoch = state["epoch"]
         if cfg.freeze_embeddings_after is not None and epoch >= cfg.freeze_embeddings_after:
@@ -283,7 +333,11 @@ def fit(
         torch.manual_seed(seed * 1000 + epoch)
         train.set_epoch(epoch)
         model.train()
-        t0, n_seen, loss_sum = time.time(), 0, 0.0
+        n_batches = len(train)
+        # the batch counts after which to validate: evenly spaced, the last at the epoch's end
+        k = cfg.validations_per_epoch
+        ends = {max(1, round(n_batches * (i + 1) / k)) for i in range(k)}
+        t0, n_seen, loss_sum, done = time.time(), 0, 0.0, 0
         bar = tqdm(
             train, desc=f"{model.name} seed {seed} epoch {epoch + 1}", leave=False, disable=None if progress else True
         )
@@ -301,45 +355,29 @@ def fit(
             n_seen += len(batch)
             loss_sum += loss.item() * len(batch)
             bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
-        state["seconds"] += time.time() - t0
-        state["samples"] += n_seen
-        metrics = evaluate(model, valid)
-        score = monitor_score(metrics, cfg.monitor)
-        state["history"].append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / max(n_seen, 1),
-                **{f"valid_{k}": v for k, v in metrics.items()},
-                "lr": opt.param_groups[0]["lr"],
-                "valid_monitor": score,
-            }
-        )
-        if math.isnan(score):
-            # a NaN score is never "no better": stop here and keep the best finite epoch (or fail below)
-            state["stopped"] = f"validation monitor is NaN at epoch {epoch + 1} ({metrics})"
-        elif score > state["best_score"]:
-            state.update(
-                best_score=score,
-                best_epoch=epoch + 1,
-                best_valid=metrics,
-                bad=0,
-                best_state=copy.deepcopy(model.state_dict()),
-            )
+            done += 1
+            if done < n_batches and done in ends:  # a validation inside the epoch
+                state["seconds"] += time.time() - t0
+                score = validate(round(epoch + done / n_batches, 3))
+                if on_validation is not None:
+                    on_validation(len(state["history"]), score)
+                if state["bad"] >= cfg.patience or state["stopped"]:
+                    break  # stopped inside the epoch: the checkpoint below ends the run on resume
+                model.train()
+                t0 = time.time()
         else:
-            state["bad"] += 1
-            for g in opt.param_groups:
-                g["lr"] *= cfg.lr_decay
-        state["epoch"] = epoch + 1
-        if ckpt_path and distributed.is_main():
-            save_torch(
-                {"model": model.state_dict(), "optim": opt.state_dict(), "state": state, "fingerprint": fingerprint},
-                ckpt_path,
-            )
-        distributed.barrier()
-        if on_epoch_end is not None:
-            on_epoch_end(state["epoch"])
-        if on_validation is not None:
-            on_validation(state["epoch"], score)
+            state["seconds"] += time.time() - t0
+            state["samples"] += n_seen
+            score = validate(epoch + 1)
+            state["epoch"] = epoch + 1
+            checkpoint()
+            if on_epoch_end is not None:
+                on_epoch_end(state["epoch"])
+            if on_validation is not None:
+                on_validation(len(state["history"]), score)
+            continue
+        state["samples"] += n_seen
+        checkpoint()
     if state["best_state"] is None:
         raise TrainingError(
             f"{model.name}: no epoch had a finite validation monitor "
