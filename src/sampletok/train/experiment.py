@@ -75,7 +75,7 @@ class TuneConfig(BaseModel):
     startup_trials: int = Field(10, ge=1, description="random trials before TPE models the space")
     pruner: Literal["median", "none"] = "median"
     prune_startup: int = Field(5, ge=0, description="trials that finish before the median pruner stops any")
-    prune_warmup: int = Field(1, ge=0, description="epochs of a trial never pruned")
+    prune_warmup: int = Field(1, ge=0, description="validations (epochs, by default) of a trial never pruned")
 
     @field_validator("metric")
     @classmethod
