@@ -149,6 +149,38 @@ def test_checkpoint_of_another_run_is_refused_or_restarted(synth_prepared, tmp_p
     assert not list(tmp_path.glob(".*tmp-*"))  # atomic writes leave no temporaries
 
 
+def test_a_checkpoint_written_before_a_new_train_option_resumes(synth_prepared, tmp_path):
+    """A checkpoint whose fingerprint lacks a training option added since matches a run at that option's
+    default (the field is compared validated), and a run that sets the option otherwise is refused."""
+    cfg = TrainConfig(max_epochs=2, batch_size=512)
+    run_model(synth_prepared, ModelSpec(name="dnn"), cfg, seed=1, run_dir=tmp_path, progress=False)
+    ckpt = tmp_path / "checkpoint.pt"
+    saved = torch.load(ckpt, weights_only=False)
+    for field in ("validations_per_epoch", "train_recent_fraction"):
+        del saved["fingerprint"]["train"][field]
+    torch.save(saved, ckpt)
+    trained: list[int] = []
+    again = run_model(
+        synth_prepared,
+        ModelSpec(name="dnn"),
+        cfg,
+        seed=1,
+        run_dir=tmp_path,
+        progress=False,
+        on_epoch_end=trained.append,
+    )
+    assert again["epochs"] == 2 and trained == []  # resumed at its end: nothing trained again
+    with pytest.raises(ConfigError, match="checkpoint of another run .*validations_per_epoch"):
+        run_model(
+            synth_prepared,
+            ModelSpec(name="dnn"),
+            cfg.model_copy(update={"validations_per_epoch": 2}),
+            seed=1,
+            run_dir=tmp_path,
+            progress=False,
+        )
+
+
 def _fit_with_scores(synth_prepared, scores, monitor, rows=512, run_dir=None, **train):
     """fit() with the validation metrics of each validation scripted (the model still trains for real)."""
     from unittest import mock

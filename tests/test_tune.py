@@ -138,6 +138,14 @@ def test_an_interrupted_tune_resumes_to_the_same_trials(tiny, tmp_path, monkeypa
     search(exp3, tmp_path / "cut", progress=False, ds=tiny)
     assert len(calls) == 2
 
+    # a study written before a training option existed is the same study (the option at its default)
+    study = optuna.load_study(study_name="dnn", storage=f"sqlite:///{db}")
+    fingerprint = study.user_attrs["fingerprint"]
+    del fingerprint["train"]["validations_per_epoch"]
+    study.set_user_attr("fingerprint", fingerprint)
+    search(exp3, tmp_path / "cut", progress=False, ds=tiny)
+    assert len(calls) == 2
+
     # a study of another configuration is refused in one line, not mixed in
     other = experiment(tiny, [{**DNN, "params": {"hidden": [8]}}], trials=3)
     with pytest.raises(ConfigError, match="a study of another configuration.*params") as e:

@@ -191,13 +191,8 @@ def run_fingerprint(
         "model": spec.name,
         "producer": producer,
         "params": json.loads(json.dumps(spec.params, default=str)),
-        # history_buckets is evaluation only; validations_per_epoch at its default is left out so that
-        # checkpoints written before the option existed still resume
-        "train": train_cfg.model_dump(
-            mode="json",
-            exclude={"history_buckets"}
-            | ({"validations_per_epoch"} if train_cfg.validations_per_epoch == 1 else set()),
-        ),
+        # history_buckets is evaluation only; fields added later compare at their default (same_fingerprint)
+        "train": train_cfg.model_dump(mode="json", exclude={"history_buckets"}),
         "dataset": ds.fingerprint,
         "seed": seed,
         "requests": requests,

@@ -274,7 +274,7 @@ def fit(
         if ckpt_path and resume and ckpt_path.exists()
         else None
     )
-    if ck is not None and ck.get("fingerprint") != fingerprint:
+    if ck is not None and not same_fingerprint(ck.get("fingerprint"), fingerprint):
         if on_mismatch == "error":
             raise ConfigError(
                 f"{ckpt_path}: checkpoint of another run ({_fingerprint_diff(ck.get('fingerprint'), fingerprint)}); "
@@ -394,9 +394,44 @@ def fit(
     )
 
 
+def _normalized_train(train: Any) -> Any:
+    """A fingerprint's training config validated and dumped again, so that a field added since it was written
+    reads at its default; a config that no longer validates is left as it is (and so differs)."""
+    if not isinstance(train, dict):
+        return train
+    try:
+        return TrainConfig.model_validate(train).model_dump(mode="json")
+    except ValueError:
+        return train
+
+
+def same_fingerprint(old: dict | None, new: dict | None) -> bool:
+    """Whether two fingerprints (of a run, or of a tuning study) describe the same work. Their ``train`` parts
+    are compared validated, so checkpoints and studies written before a training option existed still match a
+    run that leaves it at its default, and only a change that matters refuses them.
+
+    >>> old = {"seed": 1, "train": {"lr": 0.01}}
+    >>> same_fingerprint(old, {"seed": 1, "train": TrainConfig(lr=0.01).model_dump(mode="json")})
+    True
+    >>> same_fingerprint(old, {"seed": 1, "train": {"lr": 0.02}})
+    False
+    """
+    if not old or not new:
+        return old == new
+    return set(old) == set(new) and all(
+        (_normalized_train(v) == _normalized_train(new[k])) if k == "train" else v == new[k] for k, v in old.items()
+    )
+
+
 def _fingerprint_diff(old: dict | None, new: dict | None) -> str:
     """Which parts of two run fingerprints differ, in a few words."""
     if not old or not new:
         return "written without a run fingerprint" if not old else "this run has no fingerprint"
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)[:400]
+    there, now = dict(old), dict(new)
+    train_there, train_now = _normalized_train(old.get("train")), _normalized_train(new.get("train"))
+    if isinstance(train_there, dict) and isinstance(train_now, dict):  # name the training fields that differ
+        del there["train"], now["train"]
+        there |= {f"train.{k}": v for k, v in train_there.items()}
+        now |= {f"train.{k}": v for k, v in train_now.items()}
+    keys = sorted(k for k in set(there) | set(now) if there.get(k) != now.get(k))
+    return "; ".join(f"{k}: {there.get(k)!r} there, {now.get(k)!r} now" for k in keys)[:400]

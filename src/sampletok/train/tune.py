@@ -218,7 +218,7 @@ def search_model(
     from tqdm.auto import tqdm
 
     from sampletok.train.experiment import run_model
-    from sampletok.train.trainer import _fingerprint_diff, monitor_score
+    from sampletok.train.trainer import _fingerprint_diff, monitor_score, same_fingerprint
 
     optuna = _optuna()
     from optuna.trial import TrialState
@@ -250,7 +250,7 @@ def search_model(
     old = study.user_attrs.get("fingerprint")
     if old is None:
         study.set_user_attr("fingerprint", fingerprint)
-    elif old != fingerprint:
+    elif not same_fingerprint(old, fingerprint):
         raise ConfigError(
             f"{db}: a study of another configuration ({_fingerprint_diff(old, fingerprint)}); "
             "pass --restart to tune afresh or choose another --out"
