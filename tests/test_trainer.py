@@ -388,3 +388,17 @@ def test_validations_within_an_epoch_stop_where_the_first_pass_peaks(synth_prepa
     # more validations than batches: one per batch
     few = _fit_with_scores(synth_prepared, [s(0.6)] * 4, {"auc": 1.0}, rows=1024, validations_per_epoch=5, max_epochs=2)
     assert [h["epoch"] for h in few.history] == [0.5, 1, 1.5, 2]
+
+
+def test_a_training_split_without_batches_is_one_error_not_an_endless_loop(synth_prepared):
+    from sampletok.errors import TrainingError
+    from sampletok.features import FeatureLayout
+    from sampletok.models import build_model
+    from sampletok.train import trainer
+
+    ds = synth_prepared
+    model = build_model("dnn", FeatureLayout.from_dataset(ds))
+    empty = BatchLoader(ds, ds.rows("train")[:0], 512)
+    valid = BatchLoader(ds, ds.rows("valid")[:512], 512)
+    with pytest.raises(TrainingError, match="no batch"):
+        trainer.fit(model, empty, valid, TrainConfig(max_epochs=2), seed=0, progress=False)

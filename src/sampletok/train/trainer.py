@@ -334,10 +334,12 @@ def fit(
         train.set_epoch(epoch)
         model.train()
         n_batches = len(train)
+        if n_batches == 0:
+            raise TrainingError(f"{model.name}: the training split has no batch (no training request selected)")
         # the batch counts after which to validate: evenly spaced, the last at the epoch's end
         k = cfg.validations_per_epoch
         ends = {max(1, round(n_batches * (i + 1) / k)) for i in range(k)}
-        t0, n_seen, loss_sum, done = time.time(), 0, 0.0, 0
+        t0, n_seen, loss_sum, done, stop = time.time(), 0, 0.0, 0, False
         bar = tqdm(
             train, desc=f"{model.name} seed {seed} epoch {epoch + 1}", leave=False, disable=None if progress else True
         )
@@ -356,28 +358,28 @@ def fit(
             loss_sum += loss.item() * len(batch)
             bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
             done += 1
-            if done < n_batches and done in ends:  # a validation inside the epoch
-                state["seconds"] += time.time() - t0
-                score = validate(round(epoch + done / n_batches, 3))
-                if on_validation is not None:
-                    on_validation(len(state["history"]), score)
-                if state["bad"] >= cfg.patience or state["stopped"]:
-                    break  # stopped inside the epoch: the checkpoint below ends the run on resume
-                model.train()
-                t0 = time.time()
-        else:
+            if done not in ends:
+                continue
+            # a validation, inside the epoch or at its end; a checkpoint at the end and at a stop
             state["seconds"] += time.time() - t0
-            state["samples"] += n_seen
-            score = validate(epoch + 1)
-            state["epoch"] = epoch + 1
-            checkpoint()
-            if on_epoch_end is not None:
+            at_end = done == n_batches
+            score = validate(epoch + 1 if at_end else round(epoch + done / n_batches, 3))
+            stop = state["bad"] >= cfg.patience or bool(state["stopped"])
+            if at_end:
+                state["epoch"] = epoch + 1
+            if at_end or stop:  # a stop inside the epoch ends the run on resume (patience is in the checkpoint)
+                state["samples"] += n_seen
+                checkpoint()
+            if at_end and on_epoch_end is not None:
                 on_epoch_end(state["epoch"])
             if on_validation is not None:
                 on_validation(len(state["history"]), score)
-            continue
-        state["samples"] += n_seen
-        checkpoint()
+            if stop:
+                break
+            model.train()
+            t0 = time.time()
+        if done < n_batches and not stop:  # a loader that yields fewer batches than its len would loop forever
+            raise TrainingError(f"{model.name}: the training loader gave {done} batches of the {n_batches} it counts")
     if state["best_state"] is None:
         raise TrainingError(
             f"{model.name}: no epoch had a finite validation monitor "
