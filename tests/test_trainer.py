@@ -402,3 +402,34 @@ def test_a_training_split_without_batches_is_one_error_not_an_endless_loop(synth
     valid = BatchLoader(ds, ds.rows("valid")[:512], 512)
     with pytest.raises(TrainingError, match="no batch"):
         trainer.fit(model, empty, valid, TrainConfig(max_epochs=2), seed=0, progress=False)
+
+
+def test_compare_reuses_a_linked_run_folder_and_never_replaces_it(synth_prepared, tmp_path):
+    """Pairing with another experiment's runs by linking its run folder: the runs are reused when the
+    configurations agree, and a configuration that differs is one error, not a retrain over the other's runs."""
+    from sampletok.train.experiment import Experiment, compare
+
+    def exp(lr: float) -> Experiment:
+        return Experiment.model_validate(
+            {
+                "dataset": {"kind": "synthetic"},
+                "models": [{"name": "dnn"}],
+                "seeds": [1],
+                "train": {"max_epochs": 1, "batch_size": 512, "lr": lr},
+            }  # fmt: skip
+        )
+
+    first = compare(exp(1e-3), tmp_path / "a", progress=False, ds=synth_prepared)
+    theirs = tmp_path / "a" / "runs" / "dnn" / "1" / "result.json"
+    before = theirs.read_text()
+    (tmp_path / "b" / "runs").mkdir(parents=True)
+    (tmp_path / "b" / "runs" / "dnn").symlink_to(tmp_path / "a" / "runs" / "dnn")
+    again = compare(exp(1e-3), tmp_path / "b", progress=False, ds=synth_prepared)
+    assert again[0]["test"] == first[0]["test"]
+    with pytest.raises(ConfigError, match="linked to .*another configuration") as e:
+        compare(exp(2e-3), tmp_path / "b", progress=False, ds=synth_prepared)
+    assert "\n" not in str(e.value) and theirs.read_text() == before
+    # a folder of its own is retrained under a new configuration, as before
+    compare(exp(1e-3), tmp_path / "c", progress=False, ds=synth_prepared)
+    changed = compare(exp(2e-3), tmp_path / "c", progress=False, ds=synth_prepared)
+    assert changed[0]["train"]["lr"] == 2e-3

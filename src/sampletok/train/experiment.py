@@ -440,12 +440,19 @@ def compare(
         for seed in exp.seeds:
             run_dir = out_dir / "runs" / run_folder_name(spec.display) / str(seed)
             done = run_dir / "result.json"
+            # a run folder linked in from another experiment (to pair with its runs) is reused, never replaced
+            linked = not run_dir.resolve().is_relative_to(out_dir.resolve())
             distributed.barrier()  # every rank decides on the same files: reuse or train, together
             if done.exists():
                 cached = json.loads(done.read_text())
                 if _same_run(cached, spec, train_cfgs[spec.display], exp, ds):
                     runs.append(cached)
                     continue
+                if linked:
+                    raise ConfigError(
+                        f"{run_dir}: linked to {run_dir.resolve()}, whose run was made with another configuration "
+                        f"than model '{spec.display}' here; make the two configurations equal or remove the link"
+                    )
                 console.print(
                     f"[yellow]{run_dir}: finished with another configuration, training again[/]", soft_wrap=True
                 )
@@ -463,7 +470,7 @@ def compare(
                 run_dir=run_dir,
                 progress=progress,
                 requests=exp.requests,
-                on_mismatch="restart",
+                on_mismatch="error" if linked else "restart",
             )
             if distributed.is_main():
                 console.print(
