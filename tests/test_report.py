@@ -189,6 +189,11 @@ def test_report_command_prints_and_writes_markdown_and_errors_in_one_line(tmp_pa
     assert "a − ref" in r.stdout and "b − ref" in r.stdout
     md = (d1 / "pairwise-ref.md").read_text()
     assert pairwise_table(load_results([d1, d2]), "ref", metric="gauc") in md
+    # chosen rows go to a file of their own: the reference's full table stays
+    r = _cli("report", str(d1), str(d2), "--reference", "ref", "--against", "b")
+    assert r.returncode == 0, r.stderr
+    assert "b − ref" in (d1 / "pairwise-ref-vs-b.md").read_text()
+    assert (d1 / "pairwise-ref.md").read_text() == md
     for args, message in [
         (["--reference", "nope"], "no runs labelled 'nope'"),
         (["--reference", "ref", "--against", "zz"], "no runs labelled 'zz'"),

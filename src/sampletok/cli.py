@@ -616,7 +616,8 @@ def report(
         help="order the rows by this metric's Δ, best first: auc, gauc or logloss (default: the order of the results)",
     ),
     out: Path | None = typer.Option(
-        None, help="markdown file to write (default: pairwise-REFERENCE.md in the first results folder)"
+        None,
+        help="markdown file to write (default, in the first results folder: pairwise-REFERENCE[-vs-AGAINST…].md)",
     ),
     by_history: bool = typer.Option(
         False, help="also ΔAUC per history-length bucket of the test requests (TrainConfig.history_buckets)"
@@ -636,8 +637,9 @@ def report(
     title = f"paired over shared seeds, vs {reference}" + (" (validation split)" if split == "valid" else "")
     console.print(pairwise_rich(runs, reference, against or None, metric, title=title, split=split))
     first = results[0] if results[0].is_dir() else results[0].parent
-    suffix = "-valid" if split == "valid" else ""
-    path = out or first / f"pairwise-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', reference)}{suffix}.md"
+    # a report of chosen rows gets a file of its own, so it never replaces the reference's full table
+    name = "-vs-".join(re.sub(r"[^A-Za-z0-9_.+-]+", "_", label) for label in [reference, *(against or [])])
+    path = out or first / f"pairwise-{name}{'-valid' if split == 'valid' else ''}.md"
     sources = ", ".join(f"`{r}`" for r in results)
     text = (
         f"{'Validation' if split == 'valid' else 'Test'} metrics paired over the seeds both models ran "
